@@ -1,0 +1,136 @@
+"""Admin listener: metrics, health, status, and the token-protected actions."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from tornado.web import Application, RequestHandler
+
+from ebbcast import frames
+from ebbcast.context import DaemonContext
+from ebbcast.lifecycle import State
+
+log = logging.getLogger(__name__)
+
+#: Largest request body the admin listener reads (POST /broadcast).
+ADMIN_MAX_BODY_BYTES = 1024 * 1024
+
+
+class AdminHandler(RequestHandler):
+    def initialize(self, ctx: DaemonContext) -> None:
+        self.ctx = ctx
+
+    def write_json(self, status: int, body: dict[str, Any]) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(body))
+
+    def authorized(self) -> bool:
+        """Check the bearer token; on failure the response is already written.
+
+        404 when no token is configured (the actions are disabled), 401 when the
+        token is missing or wrong. Compared in constant time; never logged.
+        """
+        token = self.ctx.config.admin.token
+        if not token:
+            self.write_json(404, {"error": "disabled: admin.token is not set"})
+            return False
+        scheme, _, given = self.request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                 token.encode()):
+            self.set_header("WWW-Authenticate", 'Bearer realm="ebbcast"')
+            self.write_json(401, {"error": "missing or wrong bearer token"})
+            return False
+        return True
+
+
+class MetricsHandler(AdminHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(self.ctx.metrics.exposition())
+
+
+class HealthzHandler(AdminHandler):
+    def get(self) -> None:
+        self.write_json(200, {"status": "ok"})
+
+
+class ReadyzHandler(AdminHandler):
+    def get(self) -> None:
+        state = self.ctx.lifecycle.state
+        self.write_json(200 if state is State.SERVING else 503, {"status": state.value})
+
+
+class StatusHandler(AdminHandler):
+    def get(self) -> None:
+        self.write_json(200, status_report(self.ctx, time.monotonic()))
+
+
+def status_report(ctx: DaemonContext, now_mono: float) -> dict[str, Any]:
+    """The ``/status`` document (SPEC section 3) at monotonic time ``now_mono``."""
+    connections = len(ctx.registry)
+    report: dict[str, Any] = {
+        "state": ctx.lifecycle.state.value,
+        "connections": connections,
+        "workers": [{"pid": os.getpid(), "connections": connections}],
+        "uptime_seconds": round(now_mono - ctx.started_mono, 3),
+    }
+    plan = ctx.lifecycle.drain
+    if plan is not None:
+        report["drain"] = {
+            "started_at": round(plan.started_unix, 3),
+            "deadline": round(plan.deadline_unix, 3),
+            "remaining": connections,
+            "seconds_left": round(plan.seconds_left(now_mono), 3),
+        }
+    return report
+
+
+class BroadcastHandler(AdminHandler):
+    def post(self) -> None:
+        if not self.authorized():
+            return
+        try:
+            text = self.request.body.decode("utf-8")
+        except UnicodeDecodeError:
+            self.write_json(400, {"error": "body must be UTF-8 text"})
+            return
+        payload = text
+        if self.ctx.config.broadcast.envelope == "json":
+            payload = frames.message("admin", text, time.time())
+        recipients = self.ctx.fanout.broadcast(payload, "admin")
+        self.write_json(202, {"recipients": recipients})
+
+
+class DrainHandler(AdminHandler):
+    def post(self) -> None:
+        if not self.authorized():
+            return
+        log.info("drain requested through the admin API by %s", self.request.remote_ip)
+        self.ctx.request_drain("admin")
+        self.write_json(202, {"state": self.ctx.lifecycle.state.value})
+
+
+def admin_application(ctx: DaemonContext) -> Application:
+    args = {"ctx": ctx}
+    return Application([
+        (r"/metrics", MetricsHandler, args),
+        (r"/healthz", HealthzHandler, args),
+        (r"/readyz", ReadyzHandler, args),
+        (r"/status", StatusHandler, args),
+        (r"/broadcast", BroadcastHandler, args),
+        (r"/drain", DrainHandler, args),
+    ], log_function=log_request)
+
+
+def log_request(handler: RequestHandler) -> None:
+    """Access log at DEBUG (scrapes and page loads are not lifecycle events)."""
+    request = handler.request
+    log.debug("%s %s %s %d %.1fms", request.remote_ip, request.method, request.uri,
+              handler.get_status(), 1000.0 * request.request_time())

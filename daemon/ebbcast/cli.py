@@ -1,0 +1,136 @@
+"""The ``ebbcast`` command (SPEC section 1); the only place that picks exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import enum
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from ebbcast import __version__
+from ebbcast.config import ConfigError, load_config, render_toml
+
+log = logging.getLogger(__name__)
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0             # a normal stop, or a drain however it ended
+    FAILURE = 1        # an unexpected failure
+    USAGE = 2          # invalid usage or configuration
+    BIND = 3           # a listener could not be bound
+
+
+#: Command-line flags of ``serve`` and the config keys they override.
+SERVE_FLAGS = {
+    "host": "server.host", "port": "server.port",
+    "admin_host": "admin.host", "admin_port": "admin.port",
+    "workers": "server.workers", "drain_timeout": "shutdown.drain_timeout",
+    "log_level": "logging.level", "log_format": "logging.format",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ebbcast", description="WebSocket broadcast daemon that drains "
+                     "gracefully on SIGTERM.")
+    parser.add_argument("--version", action="version", version=f"ebbcast {__version__}")
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
+    serve = commands.add_parser("serve", help="run the daemon in the foreground (default)")
+    add_serve_arguments(serve)
+    check = commands.add_parser("check-config", help="validate a config file and print "
+                                "the effective configuration")
+    check.add_argument("path", help="the TOML config file")
+    client = commands.add_parser("client", help="connect, send, print received frames as "
+                                 "JSON lines")
+    client.add_argument("url", help="WebSocket URL, e.g. ws://127.0.0.1:8000/ws")
+    client.add_argument("--send", action="append", default=[], metavar="TEXT",
+                        help="a text frame to send after connecting (repeatable)")
+    client.add_argument("--listen", metavar="DURATION", help="stop after this long "
+                        "(default: when the server closes, or --count is reached)")
+    client.add_argument("--count", type=int, metavar="N", help="stop after N frames")
+    client.add_argument("--quiet", action="store_true", help="print no frames")
+    return parser
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="PATH", help="TOML config file")
+    parser.add_argument("--host", help="public listener address (server.host)")
+    parser.add_argument("--port", help="public listener port (server.port)")
+    parser.add_argument("--admin-host", help="admin listener address (admin.host)")
+    parser.add_argument("--admin-port", help="admin listener port (admin.port)")
+    parser.add_argument("--workers", help="worker processes (server.workers)")
+    parser.add_argument("--drain-timeout", metavar="DURATION",
+                        help="drain deadline (shutdown.drain_timeout)")
+    parser.add_argument("--log-level", help="debug, info, warning or error (logging.level)")
+    parser.add_argument("--log-format", help="text or json (logging.format)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if not words or (words[0].startswith("-") and words[0] not in ("-h", "--help",
+                                                                     "--version")):
+        words.insert(0, "serve")  # plain ``ebbcast [flags]`` is ``ebbcast serve [flags]``
+    args = build_parser().parse_args(words)
+    if args.command == "check-config":
+        return check_config(args.path)
+    if args.command == "client":
+        from ebbcast.client import run_client
+
+        return run_client(args)
+    return serve(args)
+
+
+def _print_problems(error: ConfigError) -> None:
+    for key, reason in error.problems:
+        print(f"ebbcast: config error: {key}: {reason}", file=sys.stderr)
+
+
+def check_config(path: str) -> int:
+    try:
+        config = load_config(path, os.environ)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return ExitCode.USAGE
+    sys.stdout.write(f"# effective configuration from {path}\n" + render_toml(config))
+    return ExitCode.OK
+
+
+def serve(args: argparse.Namespace) -> int:
+    from ebbcast.daemon import BindError, Daemon
+    from ebbcast.logs import configure_logging
+
+    path = getattr(args, "config", None)
+    overrides = {key: value for flag, key in SERVE_FLAGS.items()
+                 if (value := getattr(args, flag, None)) is not None}
+
+    def reload():  # type: ignore[no-untyped-def]
+        return load_config(path, os.environ, overrides)
+
+    try:
+        config = reload()
+        configure_logging(config.logging.level, config.logging.format)
+        daemon = Daemon(config, reload)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return ExitCode.USAGE
+    try:
+        reason = asyncio.run(daemon.run())
+    except BindError as exc:
+        log.error("%s", exc)
+        return ExitCode.BIND
+    except ConfigError as exc:
+        _print_problems(exc)
+        return ExitCode.USAGE
+    except Exception:
+        log.exception("unexpected failure")
+        return ExitCode.FAILURE
+    log.debug("exit after %s", reason.value)
+    return ExitCode.OK

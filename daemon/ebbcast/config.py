@@ -1,0 +1,473 @@
+"""Configuration: schema, loading, layering and validation.
+
+The configuration is a TOML file (SPEC section 2) with a fixed set of sections and
+keys. Values are layered, highest first: command-line flag, environment variable
+``EBBCAST_<SECTION>_<KEY>``, config file, built-in default. Every value is validated
+at load time and every problem is reported at once, each naming its key, so that
+``ebbcast check-config`` can list them all and a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+from urllib.parse import urlsplit
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+ENV_PREFIX = "EBBCAST_"
+
+#: Keys whose new value a SIGHUP applies to the running daemon (SPEC section 5).
+#: A whole section is named by its name followed by ``.*``.
+RELOADABLE = (
+    "broadcast.*",
+    "limits.*",
+    "keepalive.*",
+    "logging.level",
+    "admin.token",
+    "shutdown.progress_interval",
+)
+
+#: WebSocket close codes a server may send (RFC 6455 section 7.4).
+SENDABLE_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011,
+                                  1012, 1013, 1014} | set(range(3000, 5000)))
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_LEVELS = ("debug", "info", "warning", "error")
+
+Value = Union[str, int, float, bool, list[str]]
+Check = Callable[[Any], Union[str, None]]
+
+
+class ConfigError(Exception):
+    """One or more problems with a configuration; each names its key."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(f"{key}: {reason}" for key, reason in problems))
+
+
+# -- value kinds ------------------------------------------------------------------
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number of seconds or a string such as ``"250ms"``, ``"30m"``.
+
+    Raises ValueError with a reason for anything else, negatives included.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 10, \"250ms\", \"10s\", \"30m\" or \"1h\"")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if not match:
+            raise ValueError(f"invalid duration {value!r}: use a number of seconds or "
+                             "a number with ms, s, m or h, e.g. \"10s\"")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    else:
+        raise ValueError("expected a duration such as 10, \"250ms\", \"10s\", \"30m\" or \"1h\"")
+    if seconds < 0 or not math.isfinite(seconds):
+        raise ValueError(f"duration must be a finite number of seconds >= 0, got {value!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact unit string for a duration, e.g. 1800.0 -> ``"30m"``."""
+    if seconds == 0:
+        return "0s"
+    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{int(seconds / size)}{unit}"
+    millis = seconds * 1000
+    if millis.is_integer():
+        return f"{int(millis)}ms"
+    return f"{seconds}s"
+
+
+def _parse_bool_text(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _parse_list_text(text: str) -> list[str]:
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            parsed = json.loads(stripped)
+        except ValueError as exc:
+            raise ValueError(f"invalid JSON list: {exc}") from None
+        return parsed  # type checked by _coerce
+    return [item.strip() for item in stripped.split(",") if item.strip()]
+
+
+def _coerce(kind: str, value: object, from_text: bool) -> Value:
+    """Convert a file value (or, with from_text, an env/CLI string) to ``kind``."""
+    if from_text and isinstance(value, str):
+        text = value
+        if kind == "int":
+            try:
+                return int(text.strip())
+            except ValueError:
+                raise ValueError(f"expected an integer, got {text!r}") from None
+        if kind == "float":
+            try:
+                value = float(text.strip())
+            except ValueError:
+                raise ValueError(f"expected a number, got {text!r}") from None
+        elif kind == "bool":
+            return _parse_bool_text(text)
+        elif kind == "list":
+            value = _parse_list_text(text)
+    if kind == "duration":
+        return parse_duration(value)
+    if kind == "str" and isinstance(value, str):
+        return value
+    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        return float(value)
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "list" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    expected = {"str": "a string", "int": "an integer", "float": "a number",
+                "bool": "true or false", "list": "a list of strings"}[kind]
+    raise ValueError(f"expected {expected}, got {type(value).__name__} {value!r}")
+
+
+# -- checks -----------------------------------------------------------------------
+
+def _at_least(low: float) -> Check:
+    return lambda v: None if v >= low else f"must be >= {low:g}, got {v!r}"
+
+
+def _one_of(*choices: str) -> Check:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}; got {v!r}"
+
+
+def _check_port(v: int) -> str | None:
+    return None if 0 <= v <= 65535 else f"must be a port number 0-65535, got {v}"
+
+
+def _check_ws_path(v: str) -> str | None:
+    if not re.fullmatch(r"/[A-Za-z0-9_.~-]+(/[A-Za-z0-9_.~-]+)*", v):
+        return f"must be a path like \"/ws\" (not \"/\", no trailing slash), got {v!r}"
+    return None
+
+
+def _check_origins(v: list[str]) -> str | None:
+    for origin in v:
+        if origin == "*":
+            continue
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+            return f"each origin must be \"*\" or like \"https://example.com\", got {origin!r}"
+    return None
+
+
+def _check_close_code(v: int) -> str | None:
+    if v not in SENDABLE_CLOSE_CODES:
+        return f"must be a close code a server may send (1000-1003, 1007-1014, 3000-4999), got {v}"
+    return None
+
+
+def _check_backplane(v: str) -> str | None:
+    if v == "memory://":
+        return None
+    parts = urlsplit(v)
+    if parts.scheme in ("redis", "rediss") and parts.hostname:
+        return None
+    return f"must be \"memory://\" or \"redis://host:port/db\", got {v!r}"
+
+
+def _key(kind: str, default: Value, doc: str, check: Check | None = None) -> Any:
+    meta = {"kind": kind, "doc": doc, "check": check}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)  # type: ignore[arg-type]
+    return field(default=default, metadata=meta)
+
+
+# -- schema -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = _key("str", "127.0.0.1", "address of the public listener (page and WebSocket)")
+    port: int = _key("int", 8000, "port of the public listener; 0 = any free port", _check_port)
+    ws_path: str = _key("str", "/ws", "WebSocket path; /ws/{client_id} is accepted too",
+                        _check_ws_path)
+    workers: int = _key("int", 1, "worker processes; 0 = one per CPU", _at_least(0))
+    max_connections: int = _key("int", 0, "WebSocket connections per process; 0 = unlimited "
+                                "(over it: HTTP 503)", _at_least(0))
+    max_message_bytes: int = _key("int", 65536, "largest inbound frame; larger: close 1009",
+                                  _at_least(1))
+    allowed_origins: list[str] = _key("list", [], "[] = same origin only; list of origins; "
+                                      "[\"*\"] = any", _check_origins)
+    tls_cert: str = _key("str", "", "PEM certificate path; with tls_key: wss and https")
+    tls_key: str = _key("str", "", "PEM private key path")
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    host: str = _key("str", "127.0.0.1", "address of the admin listener "
+                     "(metrics, health, status, publish)")
+    port: int = _key("int", 8001, "port of the admin listener; 0 = any free port", _check_port)
+    token: str = _key("str", "", "bearer token for POST /broadcast and POST /drain; "
+                      "\"\" disables them")
+
+
+@dataclass(frozen=True)
+class BroadcastConfig:
+    periodic_interval: float = _key("duration", 10.0, "periodic message cadence; 0 disables")
+    periodic_text: str = _key("str", "periodic update", "text of the periodic message")
+    echo_to_sender: bool = _key("bool", True, "whether a sender receives its own message")
+    envelope: str = _key("str", "json", "\"json\" envelope, or \"raw\": frames relayed "
+                         "verbatim, no welcome or shutdown frames", _one_of("json", "raw"))
+
+
+@dataclass(frozen=True)
+class KeepaliveConfig:
+    ping_interval: float = _key("duration", 20.0, "WebSocket ping cadence; 0 disables pings")
+    ping_timeout: float = _key("duration", 20.0, "no pong within this: connection closed")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    client_queue_bytes: int = _key("int", 1048576, "bytes allowed to wait unsent for one "
+                                   "client; over it: disconnected as a slow consumer",
+                                   _at_least(1024))
+    messages_per_second: float = _key("float", 20.0, "per-connection inbound rate; 0 = "
+                                      "unlimited", _at_least(0))
+    burst: int = _key("int", 40, "per-connection inbound burst (token bucket size)",
+                      _at_least(1))
+
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    drain_timeout: float = _key("duration", 1800.0, "the drain deadline",
+                                lambda v: None if v > 0 else "must be > 0")
+    progress_interval: float = _key("duration", 10.0, "cadence of drain progress logs and "
+                                    "systemd STATUS", lambda v: None if v > 0 else "must be > 0")
+    close_code: int = _key("int", 1001, "close code sent to clients still connected at the "
+                           "deadline", _check_close_code)
+
+
+@dataclass(frozen=True)
+class BackplaneConfig:
+    url: str = _key("str", "memory://", "\"memory://\" or \"redis://host:port/db\" for "
+                    "several hosts", _check_backplane)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = _key("str", "info", "debug, info, warning or error", _one_of(*_LEVELS))
+    format: str = _key("str", "text", "\"text\" or \"json\" (one object per line)",
+                       _one_of("text", "json"))
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole, validated configuration. Durations are float seconds."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    broadcast: BroadcastConfig = field(default_factory=BroadcastConfig)
+    keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    backplane: BackplaneConfig = field(default_factory=BackplaneConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def value(self, key: str) -> Value:
+        """The value of ``"section.key"``."""
+        section, name = key.split(".", 1)
+        return getattr(getattr(self, section), name)  # type: ignore[no-any-return]
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.server.tls_cert and self.server.tls_key)
+
+
+SECTIONS: dict[str, type] = {
+    "server": ServerConfig, "admin": AdminConfig, "broadcast": BroadcastConfig,
+    "keepalive": KeepaliveConfig, "limits": LimitsConfig, "shutdown": ShutdownConfig,
+    "backplane": BackplaneConfig, "logging": LoggingConfig,
+}
+
+
+def iter_keys() -> Iterator[tuple[str, dataclasses.Field[Any]]]:
+    """Every ``("section.key", field)`` of the schema, in file order."""
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            yield f"{section}.{f.name}", f
+
+
+def is_reloadable(key: str) -> bool:
+    section = key.split(".", 1)[0]
+    return key in RELOADABLE or f"{section}.*" in RELOADABLE
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """The keys whose value differs between two configurations."""
+    return [key for key, _ in iter_keys() if old.value(key) != new.value(key)]
+
+
+# -- loading ----------------------------------------------------------------------
+
+@dataclass
+class _Layer:
+    """Values from one source: ``{"section.key": (value, from_text, label)}``."""
+
+    values: dict[str, tuple[object, bool, str]] = field(default_factory=dict)
+
+
+def _file_layer(path: str, problems: list[tuple[str, str]]) -> _Layer:
+    layer = _Layer()
+    try:
+        with open(path, "rb") as fh:
+            document = tomllib.load(fh)
+    except OSError as exc:
+        problems.append((path, f"cannot read config file: {exc.strerror or exc}"))
+        return layer
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        problems.append((path, f"invalid TOML: {exc}"))
+        return layer
+    for section, body in document.items():
+        if section not in SECTIONS:
+            problems.append((section, f"unknown section [{section}] (known: "
+                             f"{', '.join(SECTIONS)})"))
+            continue
+        if not isinstance(body, dict):
+            problems.append((section, "must be a table, e.g. [" + section + "]"))
+            continue
+        known = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        for name, value in body.items():
+            key = f"{section}.{name}"
+            if name not in known:
+                problems.append((key, f"unknown key in [{section}] (known: "
+                                 f"{', '.join(sorted(known))})"))
+            else:
+                layer.values[key] = (value, False, "")
+    return layer
+
+
+def _env_layer(env: Mapping[str, str], problems: list[tuple[str, str]]) -> _Layer:
+    layer = _Layer()
+    known = {key: f"{ENV_PREFIX}{key.replace('.', '_').upper()}" for key, _ in iter_keys()}
+    by_var = {var: key for key, var in known.items()}
+    for var, text in env.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        key = by_var.get(var)
+        if key is None:
+            problems.append((var, "unknown ebbcast environment variable (expected "
+                             "EBBCAST_<SECTION>_<KEY>, e.g. EBBCAST_SERVER_PORT)"))
+        else:
+            layer.values[key] = (text, True, f" (from {var})")
+    return layer
+
+
+def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, str] | None = None) -> Config:
+    """Build a validated Config from a file, environment variables and CLI overrides.
+
+    ``overrides`` maps ``"section.key"`` to the text given on the command line.
+    Raises ConfigError listing every problem found.
+    """
+    problems: list[tuple[str, str]] = []
+    layers = [_file_layer(path, problems) if path else _Layer(),
+              _env_layer(os.environ if env is None else env, problems),
+              _Layer({k: (v, True, " (from the command line)")
+                      for k, v in (overrides or {}).items()})]
+    sections: dict[str, dict[str, Value]] = {name: {} for name in SECTIONS}
+    for key, spec in iter_keys():
+        section, name = key.split(".", 1)
+        for layer in reversed(layers):
+            if key not in layer.values:
+                continue
+            raw, from_text, label = layer.values[key]
+            try:
+                value = _coerce(spec.metadata["kind"], raw, from_text)
+                check = spec.metadata["check"]
+                reason = check(value) if check else None
+            except ValueError as exc:
+                reason = str(exc)
+            if reason:
+                problems.append((key, reason + label))
+            else:
+                sections[section][name] = value
+            break
+    if not problems:
+        problems.extend(_cross_checks(sections))
+    if problems:
+        raise ConfigError(problems)
+    return Config(**{name: SECTIONS[name](**values) for name, values in sections.items()})
+
+
+def _cross_checks(sections: dict[str, dict[str, Value]]) -> list[tuple[str, str]]:
+    problems = []
+    cert = str(sections["server"].get("tls_cert", ""))
+    key = str(sections["server"].get("tls_key", ""))
+    if bool(cert) != bool(key):
+        problems.append(("server.tls_cert" if not cert else "server.tls_key",
+                         "tls_cert and tls_key must be set together"))
+    for name, path in (("server.tls_cert", cert), ("server.tls_key", key)):
+        if path and not os.path.isfile(path):
+            problems.append((name, f"no such file: {path}"))
+    return problems
+
+
+# -- rendering --------------------------------------------------------------------
+
+def _toml_value(kind: str, value: Value) -> str:
+    if kind == "duration":
+        assert isinstance(value, float)
+        return json.dumps(format_duration(value))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return json.dumps(value)
+
+
+def render_toml(config: Config, mask_secrets: bool = True) -> str:
+    """The configuration as a commented TOML document that loads back to it."""
+    lines: list[str] = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(cls):
+            value = config.value(f"{section}.{f.name}")
+            if mask_secrets and f.name == "token" and value:
+                value = "********"
+            lines.append(f"# {f.metadata['doc']}")
+            lines.append(f"{f.name} = {_toml_value(f.metadata['kind'], value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def merge_reloadable(running: Config, loaded: Config) -> Config:
+    """``running`` with the reloadable keys taken from ``loaded`` (SIGHUP)."""
+    sections = {}
+    for section, cls in SECTIONS.items():
+        values = {}
+        for f in dataclasses.fields(cls):
+            key = f"{section}.{f.name}"
+            values[f.name] = (loaded if is_reloadable(key) else running).value(key)
+        sections[section] = cls(**values)
+    return Config(**sections)

@@ -1,0 +1,37 @@
+"""What the handlers of one daemon process share, passed to them explicitly."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ebbcast.config import Config
+from ebbcast.fanout import Fanout
+from ebbcast.lifecycle import Lifecycle
+from ebbcast.metrics import Metrics
+from ebbcast.registry import ConnectionRegistry
+
+if TYPE_CHECKING:
+    from ebbcast.handlers import BroadcastSocket
+
+
+@dataclass
+class DaemonContext:
+    """The collaborators handlers receive through ``initialize()``.
+
+    ``config`` is replaced (never mutated) when a SIGHUP reload applies new values,
+    so handlers read it at the moment they need a setting. ``request_drain`` starts
+    the drain exactly as SIGTERM does.
+    """
+
+    config: Config
+    lifecycle: Lifecycle
+    registry: ConnectionRegistry[BroadcastSocket]
+    fanout: Fanout
+    metrics: Metrics
+    node_id: str
+    request_drain: Callable[[str], None]
+    started_mono: float
+    rng: random.Random = field(default_factory=random.Random)

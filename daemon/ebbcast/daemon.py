@@ -1,0 +1,328 @@
+"""One serving process: listeners, signals, and the drain (SPEC sections 1, 5, 7).
+
+Signal handlers only record the signal in a queue; the supervising coroutine acts
+on it, as gunicorn's arbiter does. The drain, in order: the state becomes DRAINING
+(``/readyz`` answers 503), the public listener stops accepting, every client gets
+the shutdown frame, and the clients keep being served until the last one leaves
+(exit at once), the deadline passes (close with shutdown.close_code), or a second
+stop signal arrives (close with 1001 now).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import PeriodicCallback
+from tornado.netutil import bind_sockets
+from tornado.web import Application
+
+from ebbcast import __version__
+from ebbcast.admin import ADMIN_MAX_BODY_BYTES, admin_application, log_request
+from ebbcast.config import Config, ConfigError, changed_keys, is_reloadable, merge_reloadable
+from ebbcast.context import DaemonContext
+from ebbcast.fanout import Fanout
+from ebbcast.handlers import CLIENT_ID_PATTERN, BroadcastSocket, PageHandler, load_page
+from ebbcast.lifecycle import Lifecycle, State, StopReason
+from ebbcast.logs import set_level
+from ebbcast.metrics import Metrics
+from ebbcast.notify import SystemdNotifier
+from ebbcast.periodic import PeriodicBroadcaster
+from ebbcast.registry import ConnectionRegistry
+
+log = logging.getLogger(__name__)
+
+#: How long clients closed at the deadline get to finish their close handshake.
+DEADLINE_CLOSE_GRACE = 5.0
+#: The same after a second stop signal, which asks for a prompt exit.
+FORCED_CLOSE_GRACE = 2.0
+LISTEN_BACKLOG = 2048
+#: Caps on what the public listener reads before a handshake.
+MAX_HEADER_BYTES = 16 * 1024
+MAX_PUBLIC_BODY_BYTES = 64 * 1024
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
+
+
+class BindError(Exception):
+    """A listener's address could not be bound."""
+
+    def __init__(self, address: str, error: OSError) -> None:
+        self.address = address
+        self.error = error
+        super().__init__(f"cannot bind {address}: {error.strerror or error}")
+
+
+def _url(scheme: str, sock: socket.socket, path: str = "") -> str:
+    host, port = sock.getsockname()[:2]
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}{path}"
+
+
+def _bind(name: str, host: str, port: int) -> list[socket.socket]:
+    try:
+        return bind_sockets(port, host or None, backlog=LISTEN_BACKLOG)
+    except OSError as exc:
+        raise BindError(f"{name} {host}:{port}", exc) from exc
+
+
+def check_supported(config: Config) -> None:
+    """Refuse, as a configuration error, what this version cannot run yet."""
+    problems = []
+    if config.server.workers != 1:
+        problems.append(("server.workers", "only 1 is supported by this version"))
+    if config.backplane.url != "memory://":
+        problems.append(("backplane.url", "only \"memory://\" is supported by this version"))
+    if problems:
+        raise ConfigError(problems)
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    if not config.tls_enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.server.tls_cert, config.server.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError([("server.tls_cert", f"cannot load certificate/key: {exc}")]) \
+            from exc
+    return context
+
+
+class Daemon:
+    """Runs one process until it has stopped; ``run()`` returns the StopReason."""
+
+    def __init__(self, config: Config, reload: Callable[[], Config],
+                 notifier: SystemdNotifier | None = None, handle_signals: bool = True) -> None:
+        check_supported(config)
+        self._handle_signals = handle_signals
+        self.serving = asyncio.Event()
+        self._tls = tls_context(config)
+        self._reload_config = reload
+        self._notifier = notifier or SystemdNotifier()
+        self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.lifecycle = Lifecycle()
+        self.metrics = Metrics()
+        self.metrics.backplane_up.set(1)
+        registry: ConnectionRegistry[BroadcastSocket] = ConnectionRegistry(self._on_count)
+        self.ctx = DaemonContext(
+            config=config, lifecycle=self.lifecycle, registry=registry,
+            fanout=Fanout(registry, self.metrics),  # type: ignore[arg-type]
+            metrics=self.metrics, node_id=f"{socket.gethostname()}:{os.getpid()}",
+            request_drain=self._request_drain, started_mono=time.monotonic())
+        self._periodic = PeriodicBroadcaster(self.ctx)
+        self._servers: dict[str, HTTPServer] = {}
+        self._watchdog: PeriodicCallback | None = None
+        self._next_tick = 0.0
+        self.urls: dict[str, str] = {}
+
+    # -- start-up ----------------------------------------------------------------
+
+    async def run(self) -> StopReason:
+        loop = asyncio.get_running_loop()
+        if self._handle_signals:
+            for sig in HANDLED_SIGNALS:
+                loop.add_signal_handler(sig, self.record_signal, sig)
+        try:
+            self._start()
+            await self._supervise()
+        finally:
+            self._teardown(loop)
+        assert self.lifecycle.stop_reason is not None
+        return self.lifecycle.stop_reason
+
+    def _start(self) -> None:
+        config = self.ctx.config
+        public = _bind("public listener", config.server.host, config.server.port)
+        admin = _bind("admin listener", config.admin.host, config.admin.port)
+        self._servers["public"] = HTTPServer(
+            self._public_application(), ssl_options=self._tls, xheaders=False,
+            max_header_size=MAX_HEADER_BYTES, max_body_size=MAX_PUBLIC_BODY_BYTES,
+            idle_connection_timeout=60)
+        self._servers["admin"] = HTTPServer(admin_application(self.ctx),
+                                            max_body_size=ADMIN_MAX_BODY_BYTES)
+        self._servers["public"].add_sockets(public)
+        self._servers["admin"].add_sockets(admin)
+        scheme = "https" if self._tls else "http"
+        self.urls = {"ws": _url(scheme, public[0], config.server.ws_path),
+                     "page": _url(scheme, public[0], "/"), "admin": _url("http", admin[0])}
+        self.lifecycle.serve()
+        self.serving.set()
+        self._periodic.start()
+        log.info("ebbcast %s (pid %d) started", __version__, os.getpid())
+        log.info("serving ws=%s admin=%s", self.urls["ws"], self.urls["admin"])
+        self._notifier.ready(f"serving on {self.urls['ws']}")
+        if self._notifier.watchdog_interval:
+            self._watchdog = PeriodicCallback(self._notifier.watchdog,
+                                              self._notifier.watchdog_interval * 1000)
+            self._watchdog.start()
+
+    def _public_application(self) -> Application:
+        path = re.escape(self.ctx.config.server.ws_path)
+        ws_args = {"ctx": self.ctx}
+        return Application([
+            (r"/", PageHandler, {"page": load_page(self.ctx.config.server.ws_path)}),
+            (path, BroadcastSocket, ws_args),
+            (rf"{path}/({CLIENT_ID_PATTERN})", BroadcastSocket, ws_args),
+        ], log_function=log_request)
+
+    # -- events ------------------------------------------------------------------
+
+    def record_signal(self, signum: int) -> None:
+        """The signal handler: it records only; ``_supervise`` acts."""
+        self._events.put_nowait(("signal", signum))
+
+    def _request_drain(self, source: str) -> None:
+        self._events.put_nowait(("drain", source))
+
+    def _on_count(self, count: int) -> None:
+        self.metrics.connections.set(count)
+        if count == 0 and self.lifecycle.state is State.DRAINING:
+            self._events.put_nowait(("empty", None))
+
+    async def _supervise(self) -> None:
+        while self.lifecycle.state is not State.STOPPING:
+            timeout = None
+            if self.lifecycle.state is State.DRAINING:
+                timeout = max(0.0, self._next_tick - time.monotonic())
+            try:
+                kind, detail = await asyncio.wait_for(self._events.get(), timeout)
+            except asyncio.TimeoutError:
+                kind, detail = "tick", None
+            self._act(kind, detail)
+        await self._await_closed()
+
+    def _act(self, kind: str, detail: Any) -> None:
+        state = self.lifecycle.state
+        if kind == "signal" and detail == signal.SIGHUP:
+            self.reload()
+        elif kind == "signal" and state is State.DRAINING:
+            log.info("%s during the drain: closing the remaining clients now",
+                     signal.Signals(detail).name)
+            self._close_all("forced", 1001, "server stopping")
+            self.lifecycle.stop(StopReason.FORCED)
+        elif kind in ("signal", "drain") and state is State.SERVING:
+            source = signal.Signals(detail).name if kind == "signal" else "admin API"
+            self._begin_drain(source)
+        if self.lifecycle.state is State.DRAINING:
+            self._drain_step(time.monotonic())
+
+    # -- the drain ---------------------------------------------------------------
+
+    def _begin_drain(self, source: str) -> None:
+        now_mono, now_unix = time.monotonic(), time.time()
+        plan = self.lifecycle.begin_drain(now_mono, now_unix,
+                                          self.ctx.config.shutdown.drain_timeout)
+        if plan is None:
+            return
+        self._servers["public"].stop()
+        self.metrics.drain_started_at(plan.started_unix, plan.deadline_unix)
+        remaining = len(self.ctx.registry)
+        log.info("drain started by %s: %d connections, deadline in %ds (at %s)", source,
+                 remaining, round(plan.timeout),
+                 time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(plan.deadline_unix)))
+        status = self._drain_status(now_mono)
+        self._notifier.stopping(status)
+        self._notifier.progress(status, self._extend_seconds())
+        if self.ctx.config.broadcast.envelope == "json":
+            for conn in self.ctx.registry.snapshot():
+                conn.send_shutdown()
+        self._next_tick = plan.next_tick(now_mono, self.ctx.config.shutdown.progress_interval)
+
+    def _drain_status(self, now_mono: float) -> str:
+        plan = self.lifecycle.drain
+        assert plan is not None
+        return (f"draining: {len(self.ctx.registry)} connections remain, "
+                f"{int(plan.seconds_left(now_mono))}s left")
+
+    def _extend_seconds(self) -> float:
+        """How long systemd should wait beyond now: past the next tick, with margin."""
+        return 3 * self.ctx.config.shutdown.progress_interval + DEADLINE_CLOSE_GRACE
+
+    def _drain_step(self, now_mono: float) -> None:
+        plan = self.lifecycle.drain
+        assert plan is not None
+        if len(self.ctx.registry) == 0:
+            log.info("drain complete: no connections remain")
+            self.lifecycle.stop(StopReason.DRAINED)
+        elif plan.expired(now_mono):
+            log.info("drain deadline reached: closing %d connections with code %d",
+                     len(self.ctx.registry), self.ctx.config.shutdown.close_code)
+            self._close_all("drain_deadline", self.ctx.config.shutdown.close_code,
+                            "drain deadline")
+            self.lifecycle.stop(StopReason.DEADLINE)
+        elif now_mono >= self._next_tick:
+            status = self._drain_status(now_mono)
+            log.info("%s", status)
+            self._notifier.progress(status, self._extend_seconds())
+            self._next_tick = plan.next_tick(now_mono,
+                                             self.ctx.config.shutdown.progress_interval)
+
+    def _close_all(self, reason: str, code: int, text: str) -> None:
+        for conn in self.ctx.registry.snapshot():
+            conn.end(reason, code, text)
+
+    async def _await_closed(self) -> None:
+        """Give closing clients a few seconds for their close handshake, then abort."""
+        registry = self.ctx.registry
+        if len(registry):
+            grace = FORCED_CLOSE_GRACE if self.lifecycle.stop_reason is StopReason.FORCED \
+                else DEADLINE_CLOSE_GRACE
+            try:
+                await asyncio.wait_for(registry.wait_empty(), grace)
+            except asyncio.TimeoutError:
+                log.info("aborting %d connections that did not finish closing", len(registry))
+                for conn in registry.snapshot():
+                    conn.on_connection_close()
+        log.info("stopped (%s)", self.lifecycle.stop_reason.value
+                 if self.lifecycle.stop_reason else "normal")
+
+    # -- reload ------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the configuration and apply the reloadable keys."""
+        log.info("SIGHUP: reloading the configuration")
+        try:
+            loaded = self._reload_config()
+        except ConfigError as exc:
+            for key, reason in exc.problems:
+                log.error("config reload: %s: %s", key, reason)
+            log.error("config reload failed: keeping the running configuration")
+            return
+        running = self.ctx.config
+        changed = changed_keys(running, loaded)
+        for key in changed:
+            if not is_reloadable(key):
+                log.warning("config reload: %s changed; it needs a restart to apply", key)
+        self.ctx.config = merge_reloadable(running, loaded)
+        set_level(self.ctx.config.logging.level)
+        if "broadcast.periodic_interval" in changed:
+            self._periodic.restart()
+        applied = [key for key in changed if is_reloadable(key)]
+        log.info("config reloaded: %s", ", ".join(applied) if applied else "no change")
+
+    # -- teardown ----------------------------------------------------------------
+
+    def _teardown(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.lifecycle.stop(StopReason.NORMAL)
+        if self._handle_signals:
+            for sig in HANDLED_SIGNALS:
+                loop.remove_signal_handler(sig)
+        self._periodic.stop()
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        for server in self._servers.values():
+            server.stop()
+        self._notifier.notify("STATUS=stopped")
+        self._notifier.close()

@@ -1,0 +1,37 @@
+"""The JSON envelope: server-to-client frames of SPEC section 4.
+
+Each function returns the text of one frame. Compact separators keep frames small,
+since a broadcast frame is copied to every client.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _frame(**fields: Any) -> str:
+    return _dumps(fields)
+
+
+def welcome(client_id: str, server: str, connections: int) -> str:
+    return _frame(type="welcome", client_id=client_id, server=server, connections=connections)
+
+
+def message(sender: str, text: str, ts: float) -> str:
+    return _frame(type="message", **{"from": sender}, text=text, ts=round(ts, 3))
+
+
+def periodic(seq: int, text: str, ts: float, connections: int) -> str:
+    return _frame(type="periodic", seq=seq, text=text, ts=round(ts, 3), connections=connections)
+
+
+def shutdown(deadline: float, reconnect_after_ms: int) -> str:
+    return _frame(type="shutdown", reason="draining", deadline=round(deadline, 3),
+                  reconnect_after_ms=reconnect_after_ms)
+
+
+def error(code: str) -> str:
+    return _frame(type="error", error=code)

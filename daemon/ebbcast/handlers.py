@@ -1,0 +1,201 @@
+"""Public listener: the test page at ``/`` and the WebSocket endpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from importlib import resources
+from typing import Any
+
+from tornado.web import RequestHandler
+from tornado.websocket import WebSocketHandler, WebSocketProtocol
+
+from ebbcast import frames
+from ebbcast.context import DaemonContext
+from ebbcast.lifecycle import State
+from ebbcast.ratelimit import TokenBucket
+from ebbcast.wire import (EbbcastProtocol, SlowConsumer, configure_stream, encode_frame,
+                          write_frame)
+
+log = logging.getLogger(__name__)
+
+#: Consecutive frames over the rate limit after which a client is closed with 1008.
+RATE_LIMIT_STRIKES = 10
+#: The placeholder in static/index.html that the page handler fills in.
+WS_PATH_TOKEN = "__EBBCAST_WS_PATH__"
+#: Ids a client may choose in /ws/{client_id}.
+CLIENT_ID_PATTERN = r"[A-Za-z0-9_.~-]{1,64}"
+
+
+def load_page(ws_path: str) -> bytes:
+    """The test page with its WebSocket path filled in."""
+    html = resources.files("ebbcast").joinpath("static/index.html").read_text("utf-8")
+    return html.replace(WS_PATH_TOKEN, json.dumps(ws_path)).encode()
+
+
+class PageHandler(RequestHandler):
+    """``GET /``: the HTML test client."""
+
+    def initialize(self, page: bytes) -> None:
+        self.page = page
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.write(self.page)
+
+
+class BroadcastSocket(WebSocketHandler):
+    """One WebSocket client (RFC 6455): every frame it sends is broadcast."""
+
+    def initialize(self, ctx: DaemonContext) -> None:
+        self.ctx = ctx
+        self.client_id = ""
+        self._protocol: EbbcastProtocol | None = None
+        self._bucket: TokenBucket | None = None
+        self._strikes = 0
+        self._disconnect_reason: str | None = None
+
+    # -- handshake ---------------------------------------------------------------
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        ctx = self.ctx
+        limit = ctx.config.server.max_connections
+        if not ctx.lifecycle.accepting:
+            self._refuse(503, "draining", "server is draining")
+            return
+        if limit and len(ctx.registry) >= limit:
+            self._refuse(503, "max_connections", "too many connections")
+            return
+        await super().get(*args, **kwargs)
+        if self.get_status() == 403:
+            ctx.metrics.rejected.labels("origin").inc()
+
+    def _refuse(self, status: int, reason: str, text: str) -> None:
+        self.ctx.metrics.rejected.labels(reason).inc()
+        log.debug("refused WebSocket handshake from %s: %s", self.request.remote_ip, reason)
+        self.set_status(status)
+        self.set_header("Retry-After", "1")
+        self.finish(text)
+
+    def check_origin(self, origin: str) -> bool:
+        """Called only for cross-origin handshakes (same origin is always allowed)."""
+        allowed = self.ctx.config.server.allowed_origins
+        return "*" in allowed or origin.lower().rstrip("/") in (a.lower() for a in allowed)
+
+    def get_websocket_protocol(self) -> WebSocketProtocol | None:
+        protocol = super().get_websocket_protocol()
+        if protocol is None:
+            return None
+        return EbbcastProtocol(self, False, protocol.params)  # type: ignore[attr-defined]
+
+    @property
+    def ping_interval(self) -> float | None:
+        return self.ctx.config.keepalive.ping_interval
+
+    @property
+    def ping_timeout(self) -> float | None:
+        keepalive = self.ctx.config.keepalive
+        return min(keepalive.ping_timeout, keepalive.ping_interval or keepalive.ping_timeout)
+
+    @property
+    def max_message_size(self) -> int:
+        return self.ctx.config.server.max_message_bytes
+
+    # -- connection --------------------------------------------------------------
+
+    def open(self, client_id: str | None = None) -> None:
+        ctx = self.ctx
+        assert isinstance(self.ws_connection, EbbcastProtocol)
+        self._protocol = self.ws_connection
+        self.client_id = client_id or secrets.token_hex(8)
+        configure_stream(self._protocol, ctx.config.limits.client_queue_bytes)
+        self._bucket = TokenBucket(ctx.config.limits.burst, time.monotonic())
+        ctx.registry.add(self)
+        ctx.metrics.accepted.inc()
+        log.debug("client %s connected from %s", self.client_id, self.request.remote_ip)
+        if ctx.config.broadcast.envelope == "json":
+            self.send_text(frames.welcome(self.client_id, ctx.node_id, len(ctx.registry)))
+            if ctx.lifecycle.state is State.DRAINING:
+                self.send_shutdown()
+
+    def send_frame(self, frame: bytes) -> bool:
+        """Queue an encoded frame (see ebbcast.wire); False if not sent."""
+        try:
+            return write_frame(self._protocol, frame)
+        except SlowConsumer:
+            log.debug("client %s is a slow consumer: aborted", self.client_id)
+            self._disconnect_reason = "slow_consumer"
+            self.on_connection_close()
+            return False
+
+    def send_text(self, text: str) -> bool:
+        sent = self.send_frame(encode_frame(text.encode()))
+        if sent:
+            self.ctx.metrics.sent.inc()
+        return sent
+
+    def send_shutdown(self) -> bool:
+        """The shutdown frame, with a per-client reconnect delay to spread reconnects."""
+        plan = self.ctx.lifecycle.drain
+        assert plan is not None
+        return self.send_text(frames.shutdown(plan.deadline_unix,
+                                              self.ctx.rng.randint(500, 5000)))
+
+    def end(self, reason: str, code: int, text: str | None = None) -> None:
+        """Close this connection with ``code``, counting it under ``reason``."""
+        if self._disconnect_reason is None:
+            self._disconnect_reason = reason
+        self.close(code, text)
+
+    def on_message(self, message: str | bytes) -> None:
+        ctx = self.ctx
+        ctx.metrics.received.inc()
+        try:
+            if not self._within_rate():
+                return
+            raw = ctx.config.broadcast.envelope == "raw"
+            if isinstance(message, bytes) and not raw:
+                self.send_text(frames.error("binary_not_supported"))
+                return
+            payload: str | bytes = message
+            if not raw:
+                assert isinstance(message, str)
+                payload = frames.message(self.client_id, message, time.time())
+            exclude = None if ctx.config.broadcast.echo_to_sender else self
+            ctx.fanout.broadcast(payload, "client", exclude=exclude)
+        except Exception:
+            log.exception("error handling a frame from client %s", self.client_id)
+            self.end("error", 1011, "internal error")
+
+    def _within_rate(self) -> bool:
+        limits = self.ctx.config.limits
+        assert self._bucket is not None
+        if self._bucket.allow(time.monotonic(), limits.messages_per_second, limits.burst):
+            self._strikes = 0
+            return True
+        self._strikes += 1
+        if self._strikes >= RATE_LIMIT_STRIKES:
+            log.debug("client %s closed: rate limit exceeded", self.client_id)
+            self.end("policy", 1008, "rate limit exceeded")
+        elif self.ctx.config.broadcast.envelope == "json":
+            self.send_text(frames.error("rate_limited"))
+        return False
+
+    def on_close(self) -> None:
+        reason = self._disconnect_reason or self._reason_from_protocol()
+        if self.ctx.registry.discard(self):
+            self.ctx.metrics.disconnections.labels(reason).inc()
+            log.debug("client %s disconnected: %s (close code %s)", self.client_id, reason,
+                      self.close_code)
+
+    def _reason_from_protocol(self) -> str:
+        protocol = self._protocol
+        if protocol is not None and protocol.server_close_code == 1009:
+            return "too_big"
+        if protocol is not None and protocol.server_close_reason == "ping timed out":
+            return "ping_timeout"
+        return "client"

@@ -1,0 +1,73 @@
+"""Prometheus metrics of SPEC section 6, on an explicit registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ebbcast import __version__
+
+REJECT_REASONS = ("draining", "max_connections", "origin")
+DISCONNECT_REASONS = ("client", "ping_timeout", "slow_consumer", "too_big", "policy",
+                      "drain_deadline", "forced", "error")
+BROADCAST_SOURCES = ("client", "periodic", "admin")
+
+#: Fan-out to one process's clients takes microseconds to tens of milliseconds.
+_DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                     0.1, 0.25, 0.5, 1.0)
+
+
+class Metrics:
+    """Every ebbcast metric, registered on ``registry`` (a fresh one by default).
+
+    Labelled series are created up front for every known label value, so a scrape
+    shows each of them at 0 before the first event.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge("ebbcast_connections", "Open WebSocket connections.",
+                                 registry=r)
+        self.accepted = Counter("ebbcast_connections_accepted_total",
+                                "WebSocket handshakes completed.", registry=r)
+        self.rejected = Counter("ebbcast_connections_rejected_total",
+                                "WebSocket handshakes refused, by reason.", ["reason"],
+                                registry=r)
+        self.disconnections = Counter("ebbcast_disconnections_total",
+                                      "WebSocket connections ended, by reason.", ["reason"],
+                                      registry=r)
+        self.received = Counter("ebbcast_messages_received_total",
+                                "Frames received from clients.", registry=r)
+        self.sent = Counter("ebbcast_messages_sent_total", "Frames written to clients.",
+                            registry=r)
+        self.broadcasts = Counter("ebbcast_broadcasts_total", "Broadcasts, by source.",
+                                  ["source"], registry=r)
+        self.broadcast_duration = Histogram(
+            "ebbcast_broadcast_duration_seconds",
+            "Time to hand one broadcast to every local connection.",
+            buckets=_DURATION_BUCKETS, registry=r)
+        self.draining = Gauge("ebbcast_draining", "1 while draining, else 0.", registry=r)
+        self.drain_started = Gauge("ebbcast_drain_started_timestamp_seconds",
+                                   "Unix time the drain began; 0 before.", registry=r)
+        self.drain_deadline = Gauge("ebbcast_drain_deadline_timestamp_seconds",
+                                    "Unix time of the drain deadline; 0 before.", registry=r)
+        self.backplane_up = Gauge("ebbcast_backplane_up",
+                                  "1 when the backplane is connected.", registry=r)
+        self.build_info = Gauge("ebbcast_build_info", "Build information; always 1.",
+                                ["version"], registry=r)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+        for reason in DISCONNECT_REASONS:
+            self.disconnections.labels(reason)
+        for source in BROADCAST_SOURCES:
+            self.broadcasts.labels(source)
+        self.build_info.labels(__version__).set(1)
+
+    def drain_started_at(self, started_unix: float, deadline_unix: float) -> None:
+        self.draining.set(1)
+        self.drain_started.set(started_unix)
+        self.drain_deadline.set(deadline_unix)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

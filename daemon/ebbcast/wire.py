@@ -1,0 +1,118 @@
+"""Where ebbcast goes under Tornado's public WebSocket API, kept in one place.
+
+Why: a broadcast copies one message to many connections. Tornado's
+``write_message`` frames (and possibly compresses) the message again for every
+connection and wraps every write in an asyncio Task. ebbcast never negotiates
+permessage-deflate, so a server frame (RFC 6455 section 5.2: unmasked) is the same
+bytes for every client: it is built once by :func:`encode_frame` and written
+straight to each connection's IOStream by :func:`write_frame`.
+
+This relies on ``WebSocketProtocol13.stream`` and ``is_closing()`` and on
+``IOStream.write``/``max_write_buffer_size`` (public attributes in Tornado 6, but
+outside the documented WebSocketHandler API), hence the pinned Tornado range in
+setup.py. The protocol subclass also fixes one conformance gap: Tornado echoes
+whatever close code a client sends, where RFC 6455 section 7.4 requires a server
+to fail the connection with 1002 when the code is not one a peer may send.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from typing import Any
+
+from tornado.iostream import StreamBufferFullError, StreamClosedError
+from tornado.websocket import WebSocketProtocol13
+
+log = logging.getLogger(__name__)
+
+OPCODE_TEXT = 0x1
+OPCODE_BINARY = 0x2
+_FIN = 0x80
+
+#: Kernel send buffer asked for per client socket. Linux doubles it; kept modest so
+#: that what waits for a slow client is mostly in the daemon, where
+#: limits.client_queue_bytes bounds it, rather than hidden in the kernel.
+CLIENT_SNDBUF_BYTES = 32 * 1024
+
+
+def encode_frame(payload: bytes, binary: bool = False) -> bytes:
+    """One unfragmented, unmasked server-to-client data frame (RFC 6455 section 5.2)."""
+    head = _FIN | (OPCODE_BINARY if binary else OPCODE_TEXT)
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", head, length)
+    elif length <= 0xFFFF:
+        header = struct.pack("!BBH", head, 126, length)
+    else:
+        header = struct.pack("!BBQ", head, 127, length)
+    return header + payload
+
+
+def valid_close_code(code: int) -> bool:
+    """Whether a peer may send ``code`` in a close frame (RFC 6455 section 7.4)."""
+    return code in (1000, 1001, 1002, 1003) or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+class SlowConsumer(Exception):
+    """The client's unsent backlog would exceed limits.client_queue_bytes."""
+
+
+class EbbcastProtocol(WebSocketProtocol13):
+    """Tornado's RFC 6455 protocol, with close codes validated and recorded.
+
+    ``server_close_code`` / ``server_close_reason`` remember what this side sent
+    first, so the handler can tell a ping timeout or an oversized frame (both closed
+    inside Tornado) from a client's own close.
+    """
+
+    server_close_code: int | None = None
+    server_close_reason: str | None = None
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        if self.client_terminated and code is not None and code == self.close_code \
+                and not valid_close_code(code):
+            # Tornado is echoing a client's close code; refuse an invalid one.
+            code, reason = 1002, "invalid close code"
+        if not self.server_terminated and self.server_close_code is None:
+            self.server_close_code = code
+            self.server_close_reason = reason
+        try:
+            super().close(code, reason)
+        except StreamBufferFullError:
+            # No room even for the close frame: the client is not reading at all.
+            self._abort()
+
+    def write_ping(self, data: bytes) -> None:
+        try:
+            super().write_ping(data)
+        except StreamBufferFullError:
+            self._abort()
+
+
+def configure_stream(protocol: Any, queue_bytes: int) -> None:
+    """Bound what may wait unsent for this client (daemon side and kernel side)."""
+    stream = protocol.stream
+    stream.max_write_buffer_size = queue_bytes
+    try:
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CLIENT_SNDBUF_BYTES)
+    except OSError as exc:  # not fatal: only the kernel-side bound is lost
+        log.debug("could not set SO_SNDBUF: %s", exc)
+
+
+def write_frame(protocol: Any, frame: bytes) -> bool:
+    """Queue an encoded frame on the connection; False if it is closing or closed.
+
+    Raises SlowConsumer when the frame would push the unsent backlog over the
+    stream's max_write_buffer_size.
+    """
+    if protocol is None or protocol.is_closing():
+        return False
+    try:
+        protocol.stream.write(frame)
+    except StreamBufferFullError:
+        raise SlowConsumer() from None
+    except StreamClosedError:
+        return False
+    return True

@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ebbcast",
+    version="0.1.0",
+    description="A Tornado WebSocket broadcast daemon that drains gracefully on SIGTERM",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    package_dir={"": "daemon"},
+    packages=find_packages("daemon"),
+    package_data={"ebbcast": ["static/*.html", "py.typed"]},
+    python_requires=">=3.10",
+    install_requires=[
+        # ebbcast.wire writes frames to the connection's IOStream directly: keep
+        # Tornado within the major version that code was written and tested against.
+        "tornado>=6.5,<7",
+        "prometheus-client>=0.20",
+        'tomli>=2.0; python_version < "3.11"',
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8,<10",
+            "pytest-tornasync==0.6.0.post2",
+            "websockets>=13",
+            "mypy>=1.10",
+        ],
+    },
+    entry_points={"console_scripts": ["ebbcast = ebbcast.cli:main"]},
+)

@@ -1,0 +1,198 @@
+"""Integration: real WebSocket clients against an in-process daemon on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from tornado.httpclient import HTTPClientError
+from tornado.websocket import WebSocketClosedError
+
+from conftest import (STEP_TIMEOUT, never_reading_client, recv, recv_json, recv_until,
+                      wait_until)
+
+
+async def test_welcome_names_client_server_and_count(start_daemon):
+    d = await start_daemon()
+    first, welcome1 = await d.connect_welcomed()
+    second, welcome2 = await d.connect_welcomed("/alice.1")
+    assert welcome1["connections"] == 1 and welcome2["connections"] == 2
+    assert welcome2["client_id"] == "alice.1"
+    assert len(welcome1["client_id"]) >= 8 and welcome1["client_id"] != "alice.1"
+    assert welcome1["server"] == d.daemon.ctx.node_id
+    first.close()
+    second.close()
+
+
+async def test_text_frame_is_broadcast_to_everyone_with_sender_id(start_daemon):
+    d = await start_daemon()
+    alice, _ = await d.connect_welcomed("/alice")
+    bob, _ = await d.connect_welcomed("/bob")
+    before = time.time()
+    await alice.write_message("hello ☃")
+    for conn in (alice, bob):
+        frame = await recv_json(conn)
+        assert frame["type"] == "message" and frame["from"] == "alice"
+        assert frame["text"] == "hello ☃"
+        assert before - 1 <= frame["ts"] <= time.time() + 1
+    await wait_until(lambda: d.daemon.metrics.received._value.get() == 1)
+
+
+async def test_echo_to_sender_false_skips_the_sender(start_daemon):
+    d = await start_daemon(broadcast__echo_to_sender="false")
+    alice, _ = await d.connect_welcomed("/alice")
+    bob, _ = await d.connect_welcomed("/bob")
+    await alice.write_message("one")
+    await bob.write_message("two")
+    got = await recv_json(alice)
+    assert (got["from"], got["text"]) == ("bob", "two")  # never its own "one"
+    assert (await recv_json(bob))["text"] == "one"
+
+
+async def test_periodic_frames_count_up_and_report_connections(start_daemon):
+    d = await start_daemon(broadcast__periodic_interval="50ms",
+                           broadcast__periodic_text="tick")
+    conn, _ = await d.connect_welcomed()
+    first = await recv_until(conn, "periodic")
+    second = await recv_until(conn, "periodic")
+    assert first["text"] == "tick" and first["connections"] == 1
+    assert second["seq"] == first["seq"] + 1
+    assert 0 <= second["ts"] - first["ts"] < 1
+
+
+async def test_binary_frame_in_json_mode_gets_error_frame_and_stays_open(start_daemon):
+    d = await start_daemon()
+    conn, _ = await d.connect_welcomed()
+    await conn.write_message(b"\x00\x01", binary=True)
+    assert await recv_json(conn) == {"type": "error", "error": "binary_not_supported"}
+    await conn.write_message("still here")
+    assert (await recv_json(conn))["text"] == "still here"
+
+
+async def test_raw_envelope_relays_text_and_binary_verbatim(start_daemon):
+    d = await start_daemon(broadcast__envelope="raw")
+    a = await d.connect()
+    b = await d.connect()
+    await wait_until(lambda: len(d.daemon.ctx.registry) == 2)
+    await a.write_message("not json {")
+    await a.write_message(b"\xff\x00binary", binary=True)
+    for conn in (a, b):  # no welcome frame in raw mode: the first frame is the relay
+        assert await recv(conn) == "not json {"
+        assert await recv(conn) == b"\xff\x00binary"
+
+
+async def test_oversized_frame_is_closed_with_1009_and_counted(start_daemon):
+    d = await start_daemon(server__max_message_bytes="100")
+    conn, _ = await d.connect_welcomed()
+    other, _ = await d.connect_welcomed()
+    await conn.write_message("x" * 101)
+    assert await recv(conn) is None
+    assert conn.close_code == 1009
+    await wait_until(lambda: len(d.daemon.ctx.registry) == 1)
+    assert d.daemon.metrics.disconnections.labels("too_big")._value.get() == 1
+    await other.write_message("x" * 100)  # exactly the limit is fine
+    assert (await recv_json(other))["text"] == "x" * 100
+
+
+async def test_rate_limit_sends_error_then_closes_1008(start_daemon):
+    d = await start_daemon(limits__messages_per_second="1", limits__burst="2")
+    conn, _ = await d.connect_welcomed()
+    for i in range(20):
+        try:
+            await conn.write_message(f"m{i}")
+        except WebSocketClosedError:
+            break
+    frames = []
+    while (frame := await recv(conn)) is not None:
+        frames.append(json.loads(frame))
+    assert [f["text"] for f in frames if f["type"] == "message"] == ["m0", "m1"]
+    assert {"type": "error", "error": "rate_limited"} in frames
+    assert conn.close_code == 1008
+    await wait_until(lambda: d.daemon.metrics.disconnections.labels("policy")._value.get()
+                     == 1)
+
+
+async def test_max_connections_answers_503_and_counts(start_daemon):
+    d = await start_daemon(server__max_connections="1")
+    conn, _ = await d.connect_welcomed()
+    with pytest.raises(HTTPClientError) as refused:
+        await d.connect()
+    assert refused.value.code == 503
+    assert d.daemon.metrics.rejected.labels("max_connections")._value.get() == 1
+    conn.close()
+    await wait_until(lambda: len(d.daemon.ctx.registry) == 0)
+    again, _ = await d.connect_welcomed()
+    again.close()
+
+
+async def test_foreign_origin_is_refused_403_same_origin_allowed(start_daemon):
+    d = await start_daemon()
+    with pytest.raises(HTTPClientError) as refused:
+        await d.connect(headers={"Origin": "https://evil.example"})
+    assert refused.value.code == 403
+    assert d.daemon.metrics.rejected.labels("origin")._value.get() == 1
+    host = d.ws_url.split("/")[2]
+    conn = await d.connect(headers={"Origin": f"http://{host}"})
+    assert (await recv_json(conn))["type"] == "welcome"
+
+
+async def test_allowed_origins_opens_named_origins(start_daemon):
+    d = await start_daemon(server__allowed_origins="https://app.example")
+    conn = await d.connect(headers={"Origin": "https://app.example"})
+    assert (await recv_json(conn))["type"] == "welcome"
+    with pytest.raises(HTTPClientError):
+        await d.connect(headers={"Origin": "https://other.example"})
+
+
+async def test_slow_consumer_is_aborted_and_others_keep_receiving(start_daemon):
+    """A client that never reads is cut off once client_queue_bytes is exceeded."""
+    d = await start_daemon(limits__client_queue_bytes="65536")
+    reader, _ = await d.connect_welcomed()
+    sleeper = await never_reading_client(d.ws_url)
+    try:
+        await wait_until(lambda: len(d.daemon.ctx.registry) == 2)
+        payload = "y" * 8000
+        sent = 0
+        while len(d.daemon.ctx.registry) == 2:
+            assert sent < 1000, "the never-reading client was not aborted"
+            d.daemon.ctx.fanout.broadcast(payload, "admin")
+            sent += 1
+            assert await recv(reader) == payload  # the reader gets each one, on time
+        assert d.daemon.metrics.disconnections.labels("slow_consumer")._value.get() == 1
+        # it was cut off once the cap and the modest kernel buffers were full
+        assert 65536 < sent * 8004 < 65536 + 1024 * 1024
+    finally:
+        sleeper.close()
+
+
+async def test_closing_connections_are_skipped_by_the_fanout(start_daemon):
+    d = await start_daemon()
+    a, _ = await d.connect_welcomed()
+    b, _ = await d.connect_welcomed()
+    server_side = d.daemon.ctx.registry.snapshot()
+    server_side[0].close(1000)  # closing, but still registered until the handshake ends
+    recipients = d.daemon.ctx.fanout.broadcast("x", "admin")
+    assert recipients == 1
+    assert await recv(b) == "x"
+
+
+async def test_ping_timeout_closes_a_silent_client(start_daemon):
+    d = await start_daemon(keepalive__ping_interval="100ms", keepalive__ping_timeout="100ms")
+    conn, _ = await d.connect_welcomed()
+    conn.protocol._send_pong = lambda data: None  # this client never answers pings
+    assert await asyncio.wait_for(conn.read_message(), STEP_TIMEOUT) is None
+    await wait_until(lambda: d.daemon.metrics.disconnections.labels("ping_timeout")
+                     ._value.get() == 1)
+
+
+async def test_page_is_served_with_ws_path(start_daemon):
+    d = await start_daemon(server__ws_path="/live")
+    response = await d.http.fetch(d.daemon.urls["page"])
+    html = response.body.decode()
+    assert response.headers["Content-Type"].startswith("text/html")
+    assert 'const WS_PATH = "/live";' in html
+    assert "__EBBCAST_WS_PATH__" not in html
+    conn = await d.connect()
+    assert "/live" in d.ws_url and (await recv_json(conn))["type"] == "welcome"
