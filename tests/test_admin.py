@@ -1,0 +1,164 @@
+"""Integration: the admin listener and the drain, in process, over real sockets."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+from conftest import recv, recv_json, recv_until, wait_until
+from ebbcast.lifecycle import StopReason
+
+TOKEN = "secret-token"
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample line ``name value`` in an exposition."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no sample {name}")
+
+
+async def test_healthz_readyz_status_while_serving(start_daemon):
+    d = await start_daemon()
+    conn, _ = await d.connect_welcomed()
+    health = await d.admin("/healthz")
+    assert (health.code, json.loads(health.body)) == (200, {"status": "ok"})
+    ready = await d.admin("/readyz")
+    assert ready.code == 200
+    status = json.loads((await d.admin("/status")).body)
+    assert status["state"] == "serving" and status["connections"] == 1
+    assert status["workers"] == [{"pid": status["workers"][0]["pid"], "connections": 1}]
+    assert status["uptime_seconds"] >= 0 and "drain" not in status
+
+
+async def test_metrics_exposes_every_spec_metric(start_daemon):
+    d = await start_daemon()
+    conn, _ = await d.connect_welcomed()
+    await conn.write_message("hi")
+    await recv_json(conn)
+    response = await d.admin("/metrics")
+    text = response.body.decode()
+    assert response.headers["Content-Type"].startswith("text/plain")
+    for name in ("ebbcast_connections 1.0", "ebbcast_connections_accepted_total 1.0",
+                 'ebbcast_connections_rejected_total{reason="draining"} 0.0',
+                 'ebbcast_disconnections_total{reason="slow_consumer"} 0.0',
+                 "ebbcast_messages_received_total 1.0",
+                 "ebbcast_messages_sent_total 2.0",  # the welcome and the echo
+                 'ebbcast_broadcasts_total{source="client"} 1.0',
+                 "ebbcast_broadcast_duration_seconds_count 1.0",
+                 "ebbcast_draining 0.0", "ebbcast_drain_started_timestamp_seconds 0.0",
+                 "ebbcast_drain_deadline_timestamp_seconds 0.0", "ebbcast_backplane_up 1.0",
+                 'ebbcast_build_info{version="'):
+        assert name in text, name
+
+
+async def test_post_broadcast_reaches_every_client_with_token_only(start_daemon):
+    d = await start_daemon()
+    a, _ = await d.connect_welcomed()
+    b, _ = await d.connect_welcomed()
+    assert (await d.admin("/broadcast", "POST", "x")).code == 401
+    assert (await d.admin("/broadcast", "POST", "x", token="wrong")).code == 401
+    accepted = await d.admin("/broadcast", "POST", "deploy at 5", token=TOKEN)
+    assert (accepted.code, json.loads(accepted.body)) == (202, {"recipients": 2})
+    for conn in (a, b):
+        frame = await recv_json(conn)
+        assert (frame["type"], frame["from"], frame["text"]) == ("message", "admin",
+                                                                 "deploy at 5")
+    assert d.daemon.metrics.broadcasts.labels("admin")._value.get() == 1
+
+
+async def test_admin_actions_are_404_without_a_token(start_daemon):
+    d = await start_daemon(admin__token="")
+    assert (await d.admin("/broadcast", "POST", "x", token="")).code == 404
+    assert (await d.admin("/drain", "POST", "", token="anything")).code == 404
+    assert (await d.admin("/readyz")).code == 200  # still serving
+
+
+async def test_drain_refuses_new_clients_notifies_and_keeps_serving(start_daemon):
+    d = await start_daemon(shutdown__drain_timeout="60s")
+    a, _ = await d.connect_welcomed("/a")
+    b, _ = await d.connect_welcomed("/b")
+    before = time.time()
+    accepted = await d.admin("/drain", "POST", "", token=TOKEN)
+    assert accepted.code == 202
+    for conn in (a, b):
+        frame = await recv_json(conn)
+        assert frame["type"] == "shutdown" and frame["reason"] == "draining"
+        assert before + 59 <= frame["deadline"] <= time.time() + 61
+        assert 0 < frame["reconnect_after_ms"] <= 60000
+    assert (await d.admin("/readyz")).code == 503
+    status = json.loads((await d.admin("/status")).body)
+    assert status["state"] == "draining"
+    assert status["drain"]["remaining"] == 2 and 0 < status["drain"]["seconds_left"] <= 60
+    assert (await d.admin("/drain", "POST", "", token=TOKEN)).code == 202  # idempotent
+    metrics = (await d.admin("/metrics")).body.decode()
+    assert metric(metrics, "ebbcast_draining") == 1
+    deadline = metric(metrics, "ebbcast_drain_deadline_timestamp_seconds")
+    assert abs(deadline - status["drain"]["deadline"]) < 0.01
+    try:
+        await d.connect()
+        raise AssertionError("a new connection was accepted while draining")
+    except OSError:
+        pass  # the listener is closed: connection refused
+    await a.write_message("still chatting")  # the clients keep being served
+    assert (await recv_json(b))["text"] == "still chatting"
+    a.close()
+    assert not d.task.done()
+    b.close()
+    assert await d.stopped() is StopReason.DRAINED
+
+
+async def test_drain_deadline_closes_clients_with_close_code(start_daemon):
+    d = await start_daemon(shutdown__drain_timeout="300ms", shutdown__close_code="4000")
+    conn, _ = await d.connect_welcomed()
+    d.daemon.record_signal(signal.SIGTERM)
+    await recv_until(conn, "shutdown")
+    assert await recv(conn) is None
+    assert conn.close_code == 4000
+    assert await d.stopped() is StopReason.DEADLINE
+    assert d.daemon.metrics.disconnections.labels("drain_deadline")._value.get() == 1
+
+
+async def test_second_signal_closes_clients_now_with_1001(start_daemon):
+    d = await start_daemon(shutdown__drain_timeout="60s")
+    conn, _ = await d.connect_welcomed()
+    d.daemon.record_signal(signal.SIGINT)
+    await recv_until(conn, "shutdown")
+    d.daemon.record_signal(signal.SIGTERM)
+    assert await recv(conn) is None
+    assert conn.close_code == 1001
+    assert await d.stopped() is StopReason.FORCED
+    assert d.daemon.metrics.disconnections.labels("forced")._value.get() == 1
+
+
+async def test_periodic_continues_during_drain(start_daemon):
+    d = await start_daemon(broadcast__periodic_interval="50ms")
+    conn, _ = await d.connect_welcomed()
+    d.daemon.record_signal(signal.SIGTERM)
+    await recv_until(conn, "shutdown")
+    frame = await recv_until(conn, "periodic")
+    assert frame["connections"] == 1
+    await wait_until(lambda: d.daemon.lifecycle.drain is not None)
+
+
+async def test_upgrade_on_a_kept_alive_connection_is_refused_503_while_draining(start_daemon):
+    """The listener is closed, but an HTTP/1.1 connection opened before may still ask."""
+    import asyncio
+
+    d = await start_daemon(shutdown__drain_timeout="60s")
+    host, port = d.ws_url.split("/")[2].rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+    assert (await d.admin("/drain", "POST", "", token=TOKEN)).code == 202
+    writer.write((f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                  "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert answer.startswith(b"HTTP/1.1 503")
+    assert d.daemon.metrics.rejected.labels("draining")._value.get() == 1
+    writer.close()

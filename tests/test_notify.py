@@ -1,0 +1,85 @@
+"""sd_notify over a real AF_UNIX datagram socket set as NOTIFY_SOCKET."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+
+import pytest
+from websockets.sync.client import connect
+
+from conftest import STEP_TIMEOUT
+from ebbcast.notify import SystemdNotifier
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(STEP_TIMEOUT)
+    with sock:
+        yield sock
+
+
+def messages_until(sock: socket.socket, wanted: str) -> list[dict[str, str]]:
+    """Datagrams (as dicts of assignments) up to the first that contains ``wanted``."""
+    got = []
+    while True:
+        datagram = sock.recv(4096).decode()
+        fields = dict(line.split("=", 1) for line in datagram.splitlines())
+        got.append(fields)
+        if wanted in datagram.splitlines():
+            return got
+
+
+def test_daemon_notifies_ready_stopping_status_extend_and_watchdog(spawn, notify_socket):
+    env = {"NOTIFY_SOCKET": notify_socket.getsockname(), "WATCHDOG_USEC": "200000",
+           "EBBCAST_SHUTDOWN_PROGRESS_INTERVAL": "200ms",
+           "EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0"}
+    d = spawn("--port", "0", "--admin-port", "0", "--drain-timeout", "60s", env=env)
+    ready = messages_until(notify_socket, "READY=1")[-1]
+    assert ready["STATUS"].startswith("serving") and ready["MAINPID"] == str(d.proc.pid)
+    messages_until(notify_socket, "WATCHDOG=1")  # every WATCHDOG_USEC/2 = 100 ms
+    messages_until(notify_socket, "WATCHDOG=1")
+    with connect(d.ws_url) as ws:
+        ws.recv(timeout=STEP_TIMEOUT)
+        d.signal(signal.SIGTERM)
+        stopping = messages_until(notify_socket, "STOPPING=1")[-1]
+        assert stopping["STATUS"] in ("draining: 1 connections remain, 60s left",
+                                      "draining: 1 connections remain, 59s left")
+        progress = [m for m in messages_until(notify_socket, "EXTEND_TIMEOUT_USEC=5600000")
+                    if "EXTEND_TIMEOUT_USEC" in m]
+        assert progress[-1]["STATUS"].startswith("draining: 1 connections remain")
+        # at every tick, a fresh extension beyond the next tick (3 x 200 ms + 5 s grace)
+        assert int(progress[-1]["EXTEND_TIMEOUT_USEC"]) == 5_600_000
+        tick = messages_until(notify_socket, "EXTEND_TIMEOUT_USEC=5600000")[-1]
+        assert tick["STATUS"].startswith("draining: 1 connections remain")
+    assert d.wait_exit() == 0
+
+
+def test_notifier_is_silent_without_notify_socket():
+    notifier = SystemdNotifier(env={})
+    assert not notifier.enabled and not notifier.ready("x") and notifier.watchdog_interval is None
+
+
+def test_notifier_supports_abstract_sockets_and_watchdog_pid():
+    name = f"ebbcast-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(STEP_TIMEOUT)
+        notifier = SystemdNotifier(env={"NOTIFY_SOCKET": "@" + name,
+                                        "WATCHDOG_USEC": "30000000",
+                                        "WATCHDOG_PID": str(os.getpid())})
+        assert notifier.watchdog_interval == 15.0
+        assert notifier.stopping("bye")
+        assert sock.recv(100) == b"STOPPING=1\nSTATUS=bye"
+        notifier.close()
+    other = SystemdNotifier(env={"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"})
+    assert other.watchdog_interval is None  # the watchdog is meant for another process
+
+
+def test_notifier_survives_a_vanished_socket(tmp_path):
+    notifier = SystemdNotifier(env={"NOTIFY_SOCKET": str(tmp_path / "gone.sock")})
+    assert notifier.enabled and not notifier.ready("x") and not notifier.watchdog()
+    notifier.close()

@@ -1,0 +1,220 @@
+"""Process tests: ``python -m ebbcast`` as a subprocess, real signals, real clients.
+
+The WebSocket clients here are the independent ``websockets`` package (sync API).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as ws_connect
+
+from conftest import REPO, STEP_TIMEOUT, http_json
+
+FAST = ("--port", "0", "--admin-port", "0")
+QUICK_PROGRESS = {"EBBCAST_SHUTDOWN_PROGRESS_INTERVAL": "200ms",
+                  "EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0",
+                  "EBBCAST_ADMIN_TOKEN": "tok"}
+
+
+@pytest.fixture
+def connect():
+    """Open websockets-package clients; each is closed at the end of the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda url, **kw: stack.enter_context(ws_connect(url, **kw))
+
+
+def recv_json(ws) -> dict:
+    return json.loads(ws.recv(timeout=STEP_TIMEOUT))
+
+
+def recv_type(ws, frame_type: str) -> dict:
+    while True:
+        frame = recv_json(ws)
+        if frame["type"] == frame_type:
+            return frame
+
+
+def closed_code(ws) -> int:
+    """Read until the server closes the connection; its close code."""
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            ws.recv(timeout=STEP_TIMEOUT)
+    assert closed.value.rcvd is not None, "closed without a close frame"
+    return closed.value.rcvd.code
+
+
+def test_sigterm_drain_story_end_to_end(connect, spawn):
+    d = spawn(*FAST, "--drain-timeout", "60s", env=QUICK_PROGRESS)
+    a = connect(d.ws_url + "/a")
+    b = connect(d.ws_url + "/b")
+    assert recv_json(a)["type"] == recv_json(b)["type"] == "welcome"
+    assert d.admin_json("/readyz")[0] == 200
+    start = len(d.lines)
+    d.signal(signal.SIGTERM)
+    for ws in (a, b):
+        shutdown = recv_json(ws)
+        assert shutdown["type"] == "shutdown" and shutdown["deadline"] > time.time() + 50
+    assert d.admin_json("/readyz")[0] == 503
+    with pytest.raises(OSError):  # the public listener is closed: refused at once
+        connect(d.ws_url, open_timeout=STEP_TIMEOUT)
+    a.send("during the drain")
+    assert recv_json(b)["text"] == "during the drain"
+    d.wait_for_log(r"draining: 2 connections remain, (59|60)s left", start=start)
+    a.close()
+    mark = len(d.lines)
+    d.wait_for_log(r"draining: 1 connections remain, \d+s left", start=mark)
+    status = d.admin_json("/status")[1]
+    assert status["state"] == "draining" and status["drain"]["remaining"] == 1
+    b.close()
+    left = time.monotonic()
+    assert d.wait_exit() == 0
+    assert time.monotonic() - left < 1.0, "did not exit within a second of the last client"
+    d.wait_for_log(r"drain complete")
+    assert "Traceback" not in d.log_text()
+
+
+def test_sigint_twice_closes_clients_now_with_1001(connect, spawn):
+    d = spawn(*FAST, "--drain-timeout", "60s", env=QUICK_PROGRESS)
+    ws = connect(d.ws_url)
+    recv_type(ws, "welcome")
+    d.signal(signal.SIGINT)
+    recv_type(ws, "shutdown")
+    d.signal(signal.SIGINT)
+    assert closed_code(ws) == 1001
+    assert d.wait_exit() == 0
+
+
+def test_deadline_closes_remaining_clients_and_exits_0(connect, spawn):
+    d = spawn(*FAST, "--drain-timeout", "1s", env=QUICK_PROGRESS)
+    ws = connect(d.ws_url)
+    recv_type(ws, "welcome")
+    d.signal(signal.SIGTERM)
+    recv_type(ws, "shutdown")
+    assert closed_code(ws) == 1001
+    assert d.wait_exit() == 0
+    d.wait_for_log(r"drain deadline reached: closing 1 connections with code 1001")
+
+
+def test_sigterm_with_no_clients_exits_at_once(spawn):
+    d = spawn(*FAST)
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+
+
+def test_sighup_applies_reloadable_keys_without_dropping_clients(connect, spawn, tmp_path):
+    path = tmp_path / "ebbcast.toml"
+    path.write_text('[broadcast]\nperiodic_interval = "100ms"\nperiodic_text = "before"\n')
+    d = spawn("--config", str(path), *FAST)
+    ws = connect(d.ws_url)
+    recv_type(ws, "welcome")
+    assert recv_type(ws, "periodic")["text"] == "before"
+    path.write_text('[broadcast]\nperiodic_interval = "100ms"\nperiodic_text = "after"\n'
+                    '[server]\nmax_connections = 5\n')
+    mark = len(d.lines)
+    d.signal(signal.SIGHUP)
+    d.wait_for_log(r"server.max_connections changed; it needs a restart", start=mark)
+    d.wait_for_log(r"config reloaded: broadcast.periodic_text", start=mark)
+    while recv_type(ws, "periodic")["text"] != "after":
+        pass
+    path.write_text('[broadcast]\nperiodic_text = 5\nperiod = "1s"\n')
+    mark = len(d.lines)
+    d.signal(signal.SIGHUP)
+    d.wait_for_log(r"config reload: broadcast.periodic_text: expected a string", start=mark)
+    d.wait_for_log(r"config reload: broadcast.period: unknown key", start=mark)
+    d.wait_for_log(r"keeping the running configuration", start=mark)
+    assert recv_type(ws, "periodic")["text"] == "after"  # same client, still served
+    ws.close()
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+
+
+def test_invalid_config_exits_2_naming_each_key(spawn, tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[server]\nprot = 1\n[shutdown]\ndrain_timeout = "soon"\n')
+    d = spawn("--config", str(path), wait=False)
+    assert d.wait_exit() == 2
+    text = d.log_text()
+    assert "server.prot" in text and "shutdown.drain_timeout" in text
+
+
+def test_bad_flag_value_exits_2(spawn):
+    d = spawn("--port", "eighty", wait=False)
+    assert d.wait_exit() == 2
+    assert "server.port" in d.log_text()
+
+
+def test_port_in_use_exits_3_naming_the_address(spawn):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        d = spawn("--port", str(port), "--admin-port", "0", wait=False)
+        assert d.wait_exit() == 3
+    assert f"127.0.0.1:{port}" in d.log_text() and "in use" in d.log_text()
+
+
+def run_cli(*args: str, timeout: float = STEP_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ebbcast", *args], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_check_config_accepts_the_shipped_file_and_prints_it():
+    done = run_cli("check-config", str(REPO / "config" / "ebbcast.toml"))
+    assert done.returncode == 0, done.stderr
+    assert 'drain_timeout = "30m"' in done.stdout and "[backplane]" in done.stdout
+
+
+def test_check_config_rejects_one_line_per_problem(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[server]\nprot = 9000\n[broadcast]\nperiodic_interval = "10 sec"\n')
+    done = run_cli("check-config", str(path))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2
+    assert any("server.prot" in line for line in lines)
+    assert any("broadcast.periodic_interval" in line for line in lines)
+
+
+def test_console_script_and_usage_errors():
+    assert run_cli("--version").stdout.startswith("ebbcast ")
+    assert run_cli("frobnicate").returncode == 2
+    assert run_cli("serve", "--no-such-flag").returncode == 2
+
+
+def test_client_command_sends_and_prints_json_lines(spawn):
+    d = spawn(*FAST, env=QUICK_PROGRESS)
+    done = run_cli("client", d.ws_url + "/cli", "--send", "hello", "--count", "2")
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert lines[0]["type"] == "welcome" and lines[0]["client_id"] == "cli"
+    assert (lines[1]["type"], lines[1]["text"]) == ("message", "hello")
+    done = run_cli("client", d.ws_url, "--listen", "200ms", "--quiet")
+    assert done.returncode == 0 and done.stdout == ""
+
+
+def test_json_log_format_is_one_object_per_line(spawn):
+    d = spawn(*FAST, "--log-format", "json")
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    entries = [json.loads(line) for line in d.lines if line != "<EOF>"]
+    assert any(e["msg"].startswith("serving ws=") and e["level"] == "info" for e in entries)
+
+
+def test_admin_drain_endpoint_behaves_like_sigterm(connect, spawn):
+    d = spawn(*FAST, env=QUICK_PROGRESS)
+    ws = connect(d.ws_url)
+    recv_type(ws, "welcome")
+    assert http_json(d.admin_url + "/drain", "POST", b"", token="wrong")[0] == 401
+    assert http_json(d.admin_url + "/drain", "POST", b"", token="tok")[0] == 202
+    recv_type(ws, "shutdown")
+    ws.close()
+    assert d.wait_exit() == 0
