@@ -162,3 +162,25 @@ async def test_upgrade_on_a_kept_alive_connection_is_refused_503_while_draining(
     assert answer.startswith(b"HTTP/1.1 503")
     assert d.daemon.metrics.rejected.labels("draining")._value.get() == 1
     writer.close()
+
+
+async def test_metrics_pass_promtool_check(start_daemon):
+    """The exposition is valid for Prometheus, including during a drain."""
+    import asyncio
+    import shutil
+
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: install Debian's prometheus package (make test-deps)"
+    d = await start_daemon(shutdown__drain_timeout="60s")
+    conn, _ = await d.connect_welcomed()
+    await conn.write_message("x")
+    await recv_json(conn)
+    d.daemon.record_signal(signal.SIGTERM)
+    await recv_until(conn, "shutdown")
+    exposition = (await d.admin("/metrics")).body
+    assert b"ebbcast_draining 1.0" in exposition
+    check = await asyncio.create_subprocess_exec(
+        promtool, "check", "metrics", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output, _ = await asyncio.wait_for(check.communicate(exposition), 30)
+    assert check.returncode == 0 and output == b"", output.decode()

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from ebbcast import __version__
-from ebbcast.config import ConfigError, load_config, render_toml
+from ebbcast.config import Config, ConfigError, load_config, render_toml
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def serve(args: argparse.Namespace) -> int:
     overrides = {key: value for flag, key in SERVE_FLAGS.items()
                  if (value := getattr(args, flag, None)) is not None}
 
-    def reload():  # type: ignore[no-untyped-def]
+    def reload() -> Config:
         return load_config(path, os.environ, overrides)
 
     try:

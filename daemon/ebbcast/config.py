@@ -111,7 +111,9 @@ def _parse_list_text(text: str) -> list[str]:
             parsed = json.loads(stripped)
         except ValueError as exc:
             raise ValueError(f"invalid JSON list: {exc}") from None
-        return parsed  # type checked by _coerce
+        if not isinstance(parsed, list):
+            raise ValueError("expected a JSON list of strings")
+        return parsed
     return [item.strip() for item in stripped.split(",") if item.strip()]
 
 
@@ -200,7 +202,7 @@ def _check_backplane(v: str) -> str | None:
 def _key(kind: str, default: Value, doc: str, check: Check | None = None) -> Any:
     meta = {"kind": kind, "doc": doc, "check": check}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)  # type: ignore[arg-type]
+        return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 

@@ -164,9 +164,12 @@ class Daemon:
         log.info("serving ws=%s admin=%s", self.urls["ws"], self.urls["admin"])
         self._notifier.ready(f"serving on {self.urls['ws']}")
         if self._notifier.watchdog_interval:
-            self._watchdog = PeriodicCallback(self._notifier.watchdog,
+            self._watchdog = PeriodicCallback(self._send_watchdog,
                                               self._notifier.watchdog_interval * 1000)
             self._watchdog.start()
+
+    def _send_watchdog(self) -> None:
+        self._notifier.watchdog()
 
     def _public_application(self) -> Application:
         path = re.escape(self.ctx.config.server.ws_path)

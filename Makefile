@@ -1,0 +1,59 @@
+# ebbcast: `make run` serves on the defaults; `make test` runs every test.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Debian packages the test suite needs: systemd-analyze for the unit checks,
+# promtool (package prometheus) to validate the metrics exposition.
+TEST_DEBS := python3-venv systemd prometheus
+# Other CPython versions for the unit tests (pyenv, where present).
+OTHER_PYTHONS ?= 3.10 3.12 3.13
+
+.PHONY: run test test-deps typecheck unit-versions install-systemd verify-installed-unit clean
+
+$(BIN)/ebbcast: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+run: $(BIN)/ebbcast
+	$(BIN)/ebbcast serve
+
+typecheck: $(BIN)/ebbcast
+	$(BIN)/mypy
+
+test: $(BIN)/ebbcast typecheck
+	$(BIN)/python -m pytest
+
+# Root only: the system packages the tests use (fails, never skips, without them).
+test-deps:
+	@missing=""; for p in $(TEST_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+# The unit tests (no sockets needed beyond loopback) on every other supported CPython.
+unit-versions:
+	@for v in $(OTHER_PYTHONS); do \
+	  py=$$(ls -d $$HOME/.pyenv/versions/$$v.*/bin/python3 2>/dev/null | tail -n 1); \
+	  if [ -z "$$py" ]; then echo "no Python $$v found under ~/.pyenv" >&2; exit 1; fi; \
+	  echo "== unit tests on $$($$py --version)"; \
+	  $$py -m venv .venv-$$v && .venv-$$v/bin/pip install --quiet -e ".[test]" && \
+	  .venv-$$v/bin/python -m pytest -q tests/test_config.py tests/test_units.py || exit 1; \
+	done
+
+# Root only: install as README "Running under systemd" says (venv under /opt).
+install-systemd:
+	$(PYTHON) -m venv /opt/ebbcast
+	/opt/ebbcast/bin/pip install --quiet .
+	install -d -m 0755 /etc/ebbcast
+	[ -f /etc/ebbcast/ebbcast.toml ] || install -m 0644 config/ebbcast.toml /etc/ebbcast/ebbcast.toml
+	install -m 0644 systemd/ebbcast.service /etc/systemd/system/ebbcast.service
+
+verify-installed-unit:
+	@out=$$(systemd-analyze verify /etc/systemd/system/ebbcast.service 2>&1); \
+	if [ -n "$$out" ]; then echo "$$out"; echo "systemd-analyze verify printed the above" >&2; exit 1; fi
+	systemd-analyze security --offline=true /etc/systemd/system/ebbcast.service | tail -n 1
+
+clean:
+	rm -rf $(VENV) .venv-3.* build dist daemon/*.egg-info
