@@ -180,6 +180,31 @@ def _never_reading_client(ws_url: str) -> socket.socket:
     return sock
 
 
+def read_server_frames(sock: socket.socket) -> list[tuple[int, bytes]]:
+    """Read unmasked server frames (RFC 6455 5.2) until a close frame; return them all."""
+    frames: list[tuple[int, bytes]] = []
+    buffer = b""
+
+    def take(n: int) -> bytes:
+        nonlocal buffer
+        while len(buffer) < n:
+            chunk = sock.recv(65536)
+            assert chunk, "connection ended without a close frame"
+            buffer += chunk
+        data, buffer = buffer[:n], buffer[n:]
+        return data
+
+    while True:
+        head, length = take(2)
+        if length == 126:
+            length = int.from_bytes(take(2), "big")
+        elif length == 127:
+            length = int.from_bytes(take(8), "big")
+        frames.append((head & 0x0F, take(length)))
+        if head & 0x0F == 0x8:
+            return frames
+
+
 # -- the daemon as a subprocess ---------------------------------------------------
 
 SERVING_RE = re.compile(r"serving ws=(\S+) admin=(\S+)")

@@ -10,7 +10,7 @@ import pytest
 from tornado.httpclient import HTTPClientError
 from tornado.websocket import WebSocketClosedError
 
-from conftest import (STEP_TIMEOUT, never_reading_client, recv, recv_json, recv_until,
+from conftest import (never_reading_client, read_server_frames, recv, recv_json, recv_until,
                       wait_until)
 
 
@@ -178,11 +178,16 @@ async def test_closing_connections_are_skipped_by_the_fanout(start_daemon):
     assert await recv(b) == "x"
 
 
-async def test_ping_timeout_closes_a_silent_client(start_daemon):
+async def test_ping_timeout_closes_a_client_that_never_pongs(start_daemon):
     d = await start_daemon(keepalive__ping_interval="100ms", keepalive__ping_timeout="100ms")
-    conn, _ = await d.connect_welcomed()
-    conn.protocol._send_pong = lambda data: None  # this client never answers pings
-    assert await asyncio.wait_for(conn.read_message(), STEP_TIMEOUT) is None
+    silent = await never_reading_client(d.ws_url)  # reads, but never answers a ping
+    try:
+        frames = await asyncio.to_thread(read_server_frames, silent)
+    finally:
+        silent.close()
+    opcodes = [opcode for opcode, _ in frames]
+    assert 0x9 in opcodes, "no ping was sent"
+    assert frames[-1] == (0x8, b"\x03\xe8ping timed out")  # close 1000, with the reason
     await wait_until(lambda: d.daemon.metrics.disconnections.labels("ping_timeout")
                      ._value.get() == 1)
 

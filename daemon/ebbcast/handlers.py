@@ -8,6 +8,7 @@ import secrets
 import time
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 from tornado.web import RequestHandler
 from tornado.websocket import WebSocketHandler, WebSocketProtocol
@@ -82,9 +83,16 @@ class BroadcastSocket(WebSocketHandler):
         self.finish(text)
 
     def check_origin(self, origin: str) -> bool:
-        """Called only for cross-origin handshakes (same origin is always allowed)."""
+        """Same origin, or one that server.allowed_origins names ("*": any).
+
+        Tornado 6.6 asks only for handshakes that look cross-origin; 6.5 asks for
+        every handshake with an Origin header, hence the same-origin test here.
+        """
         allowed = self.ctx.config.server.allowed_origins
-        return "*" in allowed or origin.lower().rstrip("/") in (a.lower() for a in allowed)
+        if "*" in allowed or origin.lower().rstrip("/") in (a.lower() for a in allowed):
+            return True
+        host = self.request.headers.get("Host", "").lower()
+        return bool(host) and urlsplit(origin).netloc.lower() == host
 
     def get_websocket_protocol(self) -> WebSocketProtocol | None:
         protocol = super().get_websocket_protocol()
