@@ -22,6 +22,7 @@ setup(
             "pytest>=8,<10",
             "pytest-tornasync==0.6.0.post2",
             "websockets>=13",
+            "trustme>=1.0",
             "mypy>=1.10",
         ],
     },

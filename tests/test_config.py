@@ -168,3 +168,23 @@ def test_reloadable_keys_and_merge():
     assert changed_keys(running, loaded) == ["server.port", "limits.burst"]
     merged = merge_reloadable(running, loaded)
     assert merged.server.port == 8000 and merged.limits.burst == 5
+
+
+def test_unloadable_tls_files_are_a_config_error_naming_the_key(tmp_path):
+    from ebbcast.daemon import tls_context
+
+    (tmp_path / "c.pem").write_text("not a certificate")
+    config = load_config(env={}, overrides={"server.tls_cert": str(tmp_path / "c.pem"),
+                                            "server.tls_key": str(tmp_path / "c.pem")})
+    with pytest.raises(ConfigError) as caught:
+        tls_context(config)
+    assert caught.value.problems[0][0] == "server.tls_cert"
+
+
+def test_workers_and_redis_are_refused_until_supported():
+    from ebbcast.daemon import check_supported
+
+    with pytest.raises(ConfigError) as caught:
+        check_supported(load_config(env={"EBBCAST_SERVER_WORKERS": "2",
+                                         "EBBCAST_BACKPLANE_URL": "redis://127.0.0.1:6379/0"}))
+    assert [key for key, _ in caught.value.problems] == ["server.workers", "backplane.url"]

@@ -201,3 +201,28 @@ async def test_page_is_served_with_ws_path(start_daemon):
     assert "__EBBCAST_WS_PATH__" not in html
     conn = await d.connect()
     assert "/live" in d.ws_url and (await recv_json(conn))["type"] == "welcome"
+
+
+async def test_tls_serves_wss_and_https(start_daemon, tmp_path):
+    import ssl
+
+    import trustme
+    from tornado.httpclient import HTTPRequest
+    from tornado.websocket import websocket_connect
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    d = await start_daemon(server__tls_cert=str(tmp_path / "server.pem"),
+                           server__tls_key=str(tmp_path / "server.pem"))
+    assert d.daemon.urls["ws"].startswith("https://")
+    client_ssl = ssl.create_default_context()
+    ca.configure_trust(client_ssl)
+    page = await d.http.fetch(HTTPRequest(d.daemon.urls["page"], ssl_options=client_ssl))
+    assert b"ebbcast" in page.body
+    url = d.daemon.urls["ws"].replace("https", "wss", 1)
+    conn = await websocket_connect(HTTPRequest(url, ssl_options=client_ssl))
+    d.clients.append(conn)
+    assert (await recv_json(conn))["type"] == "welcome"
+    await conn.write_message("over tls")
+    assert (await recv_json(conn))["text"] == "over tls"
