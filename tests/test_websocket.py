@@ -173,9 +173,11 @@ async def test_closing_connections_are_skipped_by_the_fanout(start_daemon):
     b, _ = await d.connect_welcomed()
     server_side = d.daemon.ctx.registry.snapshot()
     server_side[0].close(1000)  # closing, but still registered until the handshake ends
-    recipients = d.daemon.ctx.fanout.broadcast("x", "admin")
-    assert recipients == 1
+    sent_before = d.daemon.metrics.sent._value.get()
+    d.daemon.ctx.fanout.broadcast("x", "admin")
     assert await recv(b) == "x"
+    assert d.daemon.metrics.sent._value.get() == sent_before + 1
+    assert await recv(a) is None  # the closing one got its close frame and nothing more
 
 
 async def test_ping_timeout_closes_a_client_that_never_pongs(start_daemon):

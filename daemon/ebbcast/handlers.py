@@ -123,6 +123,7 @@ class BroadcastSocket(WebSocketHandler):
         configure_stream(self._protocol, ctx.config.limits.client_queue_bytes)
         self._bucket = TokenBucket(ctx.config.limits.burst, time.monotonic())
         ctx.registry.add(self)
+        ctx.fanout.joined(self)
         ctx.metrics.accepted.inc()
         log.debug("client %s connected from %s", self.client_id, self.request.remote_ip)
         if ctx.config.broadcast.envelope == "json":
@@ -131,7 +132,7 @@ class BroadcastSocket(WebSocketHandler):
                 self.send_shutdown()
 
     def send_frame(self, frame: bytes) -> bool:
-        """Queue an encoded frame (see ebbcast.wire); False if not sent."""
+        """Write encoded frames now (the fan-out's flush calls this); False if not sent."""
         try:
             return write_frame(self._protocol, frame)
         except SlowConsumer:
@@ -140,18 +141,15 @@ class BroadcastSocket(WebSocketHandler):
             self.on_connection_close()
             return False
 
-    def send_text(self, text: str) -> bool:
-        sent = self.send_frame(encode_frame(text.encode()))
-        if sent:
-            self.ctx.metrics.sent.inc()
-        return sent
+    def send_text(self, text: str) -> None:
+        """Queue a text frame for this client alone, in order with the broadcasts."""
+        self.ctx.fanout.send_private(self, encode_frame(text.encode()))
 
-    def send_shutdown(self) -> bool:
+    def send_shutdown(self) -> None:
         """The shutdown frame, with a per-client reconnect delay to spread reconnects."""
         plan = self.ctx.lifecycle.drain
         assert plan is not None
-        return self.send_text(frames.shutdown(plan.deadline_unix,
-                                              self.ctx.rng.randint(500, 5000)))
+        self.send_text(frames.shutdown(plan.deadline_unix, self.ctx.rng.randint(500, 5000)))
 
     def end(self, reason: str, code: int, text: str | None = None) -> None:
         """Close this connection with ``code``, counting it under ``reason``."""

@@ -1,0 +1,108 @@
+"""The coalescing fan-out: order, exclusions, private frames, one write per pass."""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import CollectorRegistry
+
+from ebbcast.fanout import Fanout
+from ebbcast.metrics import Metrics
+from ebbcast.registry import ConnectionRegistry
+from ebbcast.wire import encode_frame
+
+
+class Recorder:
+    """Stands in for a connection: records each write (a real one is a socket write)."""
+
+    def __init__(self, name: str, closing: bool = False) -> None:
+        self.name = name
+        self.closing = closing
+        self.writes: list[bytes] = []
+
+    def send_frame(self, frame: bytes) -> bool:
+        if self.closing:
+            return False
+        self.writes.append(frame)
+        return True
+
+    def received(self) -> bytes:
+        return b"".join(self.writes)
+
+
+def setup(*names: str) -> tuple[Fanout, Metrics, list[Recorder]]:
+    registry: ConnectionRegistry[Recorder] = ConnectionRegistry()
+    metrics = Metrics(CollectorRegistry())
+    fanout = Fanout(registry, metrics)  # type: ignore[arg-type]
+    conns = [Recorder(name) for name in names]
+    for conn in conns:
+        registry.add(conn)
+    return fanout, metrics, conns
+
+
+def frames(*texts: str) -> bytes:
+    return b"".join(encode_frame(t.encode()) for t in texts)
+
+
+async def next_pass() -> None:
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
+async def test_broadcasts_in_one_pass_go_out_as_one_write_per_connection(io_loop):
+    fanout, metrics, (a, b) = setup("a", "b")
+    for text in ("1", "2", "3"):
+        assert fanout.broadcast(text, "client") == 2
+    assert a.writes == [] and b.writes == []  # nothing written before the pass ends
+    await next_pass()
+    assert a.writes == [frames("1", "2", "3")] and b.writes == a.writes
+    assert a.writes[0] is b.writes[0]  # joined once, shared
+    assert metrics.sent._value.get() == 6
+    assert metrics.broadcast_duration._sum.get() > 0
+    fanout.broadcast("4", "client")
+    await next_pass()
+    assert a.writes[1] == frames("4")
+
+
+async def test_private_frames_and_exclusions_keep_order(io_loop):
+    fanout, metrics, (a, b, c) = setup("a", "b", "c")
+    fanout.broadcast("1", "client")
+    fanout.send_private(b, encode_frame(b"private-b"))
+    fanout.broadcast("2", "client", exclude=c)
+    fanout.broadcast("3", "client")
+    await next_pass()
+    assert a.received() == frames("1", "2", "3")
+    assert b.received() == frames("1", "private-b", "2", "3")
+    assert c.received() == frames("1", "3")
+    assert all(len(conn.writes) == 1 for conn in (a, b, c))
+    assert metrics.sent._value.get() == 3 + 4 + 2
+
+
+async def test_a_connection_joining_mid_pass_gets_only_later_frames(io_loop):
+    fanout, _, (a,) = setup("a")
+    fanout.broadcast("before", "client")
+    late = Recorder("late")
+    fanout._registry.add(late)  # type: ignore[arg-type]
+    fanout.joined(late)
+    fanout.send_private(late, encode_frame(b"welcome"))
+    fanout.broadcast("after", "client")
+    await next_pass()
+    assert a.received() == frames("before", "after")
+    assert late.received() == frames("welcome", "after")
+
+
+async def test_closing_connections_are_skipped(io_loop):
+    fanout, metrics, (a, b) = setup("a", "b")
+    b.closing = True
+    fanout.broadcast("x", "admin")
+    await next_pass()
+    assert a.received() == frames("x") and b.writes == []
+    assert metrics.sent._value.get() == 1
+    assert metrics.broadcasts.labels("admin")._value.get() == 1
+
+
+async def test_binary_payloads_become_binary_frames(io_loop):
+    fanout, _, (a,) = setup("a")
+    fanout.broadcast(b"\x00\x01", "client")
+    await next_pass()
+    assert a.received() == b"\x82\x02\x00\x01"
