@@ -30,10 +30,10 @@ class Recorder:
         return b"".join(self.writes)
 
 
-def setup(*names: str) -> tuple[Fanout, Metrics, list[Recorder]]:
+def setup(*names: str, slice_size: int = 500) -> tuple[Fanout, Metrics, list[Recorder]]:
     registry: ConnectionRegistry[Recorder] = ConnectionRegistry()
     metrics = Metrics(CollectorRegistry())
-    fanout = Fanout(registry, metrics)  # type: ignore[arg-type]
+    fanout = Fanout(registry, metrics, slice_size)  # type: ignore[arg-type]
     conns = [Recorder(name) for name in names]
     for conn in conns:
         registry.add(conn)
@@ -47,6 +47,14 @@ def frames(*texts: str) -> bytes:
 async def next_pass() -> None:
     await asyncio.sleep(0)
     await asyncio.sleep(0)
+
+
+async def all_written(fanout: Fanout) -> None:
+    for _ in range(100):
+        if fanout.idle:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the fan-out did not finish")
 
 
 async def test_broadcasts_in_one_pass_go_out_as_one_write_per_connection(io_loop):
@@ -106,3 +114,17 @@ async def test_binary_payloads_become_binary_frames(io_loop):
     fanout.broadcast(b"\x00\x01", "client")
     await next_pass()
     assert a.received() == b"\x82\x02\x00\x01"
+
+
+async def test_flush_is_sliced_and_later_broadcasts_wait_for_the_next_batch(io_loop):
+    fanout, metrics, conns = setup(*"abcde", slice_size=2)
+    fanout.broadcast("1", "client")
+    fanout.broadcast("2", "client")
+    await asyncio.sleep(0)  # one pass: two connections written
+    assert sum(1 for c in conns if c.writes) == 2
+    fanout.broadcast("3", "client")  # arrives while batch 1 is being written
+    await all_written(fanout)
+    for conn in conns:
+        assert conn.writes == [frames("1", "2"), frames("3")]
+    assert metrics.sent._value.get() == 15
+    assert metrics.broadcast_duration._sum.get() > 0

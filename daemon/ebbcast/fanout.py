@@ -1,23 +1,29 @@
-"""Fan-out: hand every broadcast to every local connection, coalesced per loop pass.
+"""Fan-out: hand every broadcast to every local connection, coalesced and sliced.
 
-A broadcast is encoded once (:func:`ebbcast.wire.encode_frame`) and appended to a
-shared batch; nothing is written yet. At the end of the event-loop iteration a
-single flush writes, to each connection, everything it is owed as one buffer: the
-batch joined once and shared by every connection that is owed exactly the batch,
-so N broadcasts to C connections cost C writes (C send() calls), not N x C.
+Coalescing. A broadcast is encoded once (:func:`ebbcast.wire.encode_frame`) and
+appended to the pending batch; nothing is written yet. A flush then writes, to
+each connection, everything it is owed as one buffer: the batch joined once and
+shared by every connection owed exactly the batch. N broadcasts to C connections
+cost C writes (C send() calls), not N x C.
 
-A connection owed something else this iteration (a private frame such as its
-welcome or an error, a broadcast that excludes it, or a join mid-iteration) gets
-its own list, kept in order with the broadcasts. Connections that are closing are
-skipped at the flush, never written to. A slow client costs the others nothing:
-its stream buffers what it cannot take yet, up to limits.client_queue_bytes, and
-it is aborted as a slow consumer beyond that (see the handler's ``send_frame``).
+Slicing. One loop pass writes to at most ``slice_size`` connections, then yields,
+so timers (periodic frames, pings), handshakes and reads run between slices and a
+fan-out to many thousands of clients never stalls the loop for long. Broadcasts
+made while a flush is under way join the next batch, which is written once the
+current one has reached every connection; so the busier the daemon, the more
+frames each write carries, and every connection still sees frames in order.
+
+Private frames. A connection owed something else (its welcome, an error frame, a
+broadcast that excludes it, or frames from after it joined) has its own list for
+that batch, kept in order with the broadcasts. Connections that are closing are
+skipped, never written to. A slow client costs the others nothing: its stream
+buffers what it cannot take yet, up to limits.client_queue_bytes, and it is
+aborted as a slow consumer beyond that (see the handler's ``send_frame``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import Protocol
 
@@ -25,7 +31,8 @@ from ebbcast.metrics import Metrics
 from ebbcast.registry import ConnectionRegistry
 from ebbcast.wire import encode_frame
 
-log = logging.getLogger(__name__)
+#: Connections written per loop pass (about 10-20 ms of send() calls here).
+DEFAULT_SLICE_SIZE = 500
 
 
 class Recipient(Protocol):
@@ -33,14 +40,43 @@ class Recipient(Protocol):
         """Write encoded frames now; False if the connection is closing or was dropped."""
 
 
+class _Batch:
+    """What is owed for one flush: shared frames, and per-connection exceptions."""
+
+    __slots__ = ("frames", "queued_at", "owed")
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.queued_at: list[float] = []
+        self.owed: dict[Recipient, list[bytes]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.frames or self.owed)
+
+
+class _Flush:
+    """A batch being written, slice by slice."""
+
+    __slots__ = ("batch", "private", "shared", "targets", "index", "sent")
+
+    def __init__(self, batch: _Batch, targets: tuple[Recipient, ...]) -> None:
+        self.batch = batch
+        self.private = list(batch.owed.items())
+        self.shared = b"".join(batch.frames)
+        self.targets = targets if batch.frames else ()
+        self.index = 0
+        self.sent = 0
+
+
 class Fanout:
-    def __init__(self, registry: ConnectionRegistry[Recipient], metrics: Metrics) -> None:
+    def __init__(self, registry: ConnectionRegistry[Recipient], metrics: Metrics,
+                 slice_size: int = DEFAULT_SLICE_SIZE) -> None:
         self._registry = registry
         self._metrics = metrics
-        self._batch: list[bytes] = []
-        self._queued_at: list[float] = []
-        self._owed: dict[Recipient, list[bytes]] = {}
-        self._flush_scheduled = False
+        self._slice_size = slice_size
+        self._pending = _Batch()
+        self._flush: _Flush | None = None
+        self._scheduled = False
 
     def broadcast(self, payload: str | bytes, source: str,
                   exclude: Recipient | None = None) -> int:
@@ -50,54 +86,80 @@ class Fanout:
             frame = encode_frame(payload, binary=True)
         else:
             frame = encode_frame(payload.encode())
+        pending = self._pending
         if exclude is not None:
             self._owed_list(exclude)  # from now on it follows its own list
-        self._batch.append(frame)
-        self._queued_at.append(time.perf_counter())
-        for conn, owed in self._owed.items():
+        pending.frames.append(frame)
+        pending.queued_at.append(time.perf_counter())
+        for conn, owed in pending.owed.items():
             if conn is not exclude:
                 owed.append(frame)
         self._metrics.broadcasts.labels(source).inc()
-        self._schedule_flush()
+        self._schedule()
         return len(self._registry) - (exclude is not None and exclude in self._registry)
 
     def send_private(self, conn: Recipient, frame: bytes) -> None:
         """Queue an encoded frame for one connection, in order with the broadcasts."""
         self._owed_list(conn).append(frame)
-        self._schedule_flush()
+        self._schedule()
 
     def joined(self, conn: Recipient) -> None:
-        """A connection joined: it is owed only what is broadcast from now on."""
-        self._owed.setdefault(conn, [])
+        """A connection joined: it is owed only what is queued from now on."""
+        self._pending.owed.setdefault(conn, [])
+
+    @property
+    def idle(self) -> bool:
+        """Nothing is queued or being written."""
+        return self._flush is None and not self._pending
 
     def _owed_list(self, conn: Recipient) -> list[bytes]:
-        owed = self._owed.get(conn)
+        owed = self._pending.owed.get(conn)
         if owed is None:
-            owed = self._owed[conn] = list(self._batch)
+            owed = self._pending.owed[conn] = list(self._pending.frames)
         return owed
 
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._run)
 
-    def flush(self) -> None:
-        """Write what every connection is owed; one write per connection."""
-        self._flush_scheduled = False
-        batch, queued_at, owed = self._batch, self._queued_at, self._owed
-        self._batch, self._queued_at, self._owed = [], [], {}
-        sent = 0
-        for conn, frames in owed.items():
+    def _run(self) -> None:
+        self._scheduled = False
+        if self._flush is None:
+            if not self._pending:
+                return
+            self._flush = _Flush(self._pending, self._registry.snapshot())
+            self._pending = _Batch()
+        if self._write_slice(self._flush):
+            self._finish(self._flush)
+            self._flush = None
+            if not self._pending:
+                return
+        self._schedule()
+
+    def _write_slice(self, flush: _Flush) -> bool:
+        """Write to up to slice_size connections; True when the batch is done."""
+        budget = self._slice_size
+        private, owed = flush.private, flush.batch.owed
+        while budget and private:
+            conn, frames = private.pop()
+            budget -= 1
             if frames and conn.send_frame(b"".join(frames)):
-                sent += len(frames)
-        if batch:
-            shared = b"".join(batch)
-            written = 0
-            for conn in self._registry.snapshot():
-                if conn not in owed and conn.send_frame(shared):
-                    written += 1
-            sent += written * len(batch)
-            finished = time.perf_counter()
-            for started in queued_at:
-                self._metrics.broadcast_duration.observe(finished - started)
-        self._metrics.sent.inc(sent)
+                flush.sent += len(frames)
+        targets, shared, frames_per_write = flush.targets, flush.shared, len(flush.batch.frames)
+        index, end = flush.index, len(targets)
+        while budget and index < end:
+            conn = targets[index]
+            index += 1
+            if conn not in owed:
+                budget -= 1
+                if conn.send_frame(shared):
+                    flush.sent += frames_per_write
+        flush.index = index
+        return not private and index >= end
+
+    def _finish(self, flush: _Flush) -> None:
+        finished = time.perf_counter()
+        for started in flush.batch.queued_at:
+            self._metrics.broadcast_duration.observe(finished - started)
+        self._metrics.sent.inc(flush.sent)
