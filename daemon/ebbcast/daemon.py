@@ -32,6 +32,7 @@ from ebbcast.config import Config, ConfigError, changed_keys, is_reloadable, mer
 from ebbcast.context import DaemonContext
 from ebbcast.fanout import Fanout
 from ebbcast.handlers import CLIENT_ID_PATTERN, BroadcastSocket, PageHandler, load_page
+from ebbcast.keepalive import Keepalive
 from ebbcast.lifecycle import Lifecycle, State, StopReason
 from ebbcast.logs import set_level
 from ebbcast.metrics import Metrics
@@ -122,6 +123,7 @@ class Daemon:
             metrics=self.metrics, node_id=f"{socket.gethostname()}:{os.getpid()}",
             request_drain=self._request_drain, started_mono=time.monotonic())
         self._periodic = PeriodicBroadcaster(self.ctx)
+        self._keepalive = Keepalive(registry, self.ctx.fanout, lambda: self.ctx.config)
         self._servers: dict[str, HTTPServer] = {}
         self._watchdog: PeriodicCallback | None = None
         self._next_tick = 0.0
@@ -160,6 +162,7 @@ class Daemon:
         self.lifecycle.serve()
         self.serving.set()
         self._periodic.start()
+        self._keepalive.start()
         log.info("ebbcast %s (pid %d) started", __version__, os.getpid())
         log.info("serving ws=%s admin=%s", self.urls["ws"], self.urls["admin"])
         self._notifier.ready(f"serving on {self.urls['ws']}")
@@ -312,6 +315,8 @@ class Daemon:
         set_level(self.ctx.config.logging.level)
         if "broadcast.periodic_interval" in changed:
             self._periodic.restart()
+        if "keepalive.ping_interval" in changed:
+            self._keepalive.start()
         applied = [key for key in changed if is_reloadable(key)]
         log.info("config reloaded: %s", ", ".join(applied) if applied else "no change")
 
@@ -323,6 +328,7 @@ class Daemon:
             for sig in HANDLED_SIGNALS:
                 loop.remove_signal_handler(sig)
         self._periodic.stop()
+        self._keepalive.stop()
         if self._watchdog is not None:
             self._watchdog.stop()
         for server in self._servers.values():

@@ -43,15 +43,17 @@ class Recipient(Protocol):
 class _Batch:
     """What is owed for one flush: shared frames, and per-connection exceptions."""
 
-    __slots__ = ("frames", "queued_at", "owed")
+    __slots__ = ("frames", "queued_at", "owed", "control")
 
     def __init__(self) -> None:
         self.frames: list[bytes] = []
         self.queued_at: list[float] = []
         self.owed: dict[Recipient, list[bytes]] = {}
+        #: A control frame (a ping) for every connection, written after the data.
+        self.control = b""
 
     def __bool__(self) -> bool:
-        return bool(self.frames or self.owed)
+        return bool(self.frames or self.owed or self.control)
 
 
 class _Flush:
@@ -62,8 +64,8 @@ class _Flush:
     def __init__(self, batch: _Batch, targets: tuple[Recipient, ...]) -> None:
         self.batch = batch
         self.private = list(batch.owed.items())
-        self.shared = b"".join(batch.frames)
-        self.targets = targets if batch.frames else ()
+        self.shared = b"".join(batch.frames) + batch.control
+        self.targets = targets if self.shared else ()
         self.index = 0
         self.sent = 0
 
@@ -101,6 +103,16 @@ class Fanout:
     def send_private(self, conn: Recipient, frame: bytes) -> None:
         """Queue an encoded frame for one connection, in order with the broadcasts."""
         self._owed_list(conn).append(frame)
+        self._schedule()
+
+    def send_control(self, frame: bytes) -> None:
+        """Queue a control frame (RFC 6455 5.5) for every connection.
+
+        Control frames may be sent between any two messages, so it goes at the end
+        of each connection's next write: with traffic, it costs no extra send().
+        It is not counted as a message.
+        """
+        self._pending.control = frame
         self._schedule()
 
     def joined(self, conn: Recipient) -> None:
@@ -141,10 +153,11 @@ class Fanout:
         """Write to up to slice_size connections; True when the batch is done."""
         budget = self._slice_size
         private, owed = flush.private, flush.batch.owed
+        control = flush.batch.control
         while budget and private:
             conn, frames = private.pop()
             budget -= 1
-            if frames and conn.send_frame(b"".join(frames)):
+            if (frames or control) and conn.send_frame(b"".join(frames) + control):
                 flush.sent += len(frames)
         targets, shared, frames_per_write = flush.targets, flush.shared, len(flush.batch.frames)
         index, end = flush.index, len(targets)

@@ -59,6 +59,7 @@ class BroadcastSocket(WebSocketHandler):
         self._bucket: TokenBucket | None = None
         self._strikes = 0
         self._disconnect_reason: str | None = None
+        self.opened_at = self.last_pong = 0.0
 
     # -- handshake ---------------------------------------------------------------
 
@@ -102,12 +103,8 @@ class BroadcastSocket(WebSocketHandler):
 
     @property
     def ping_interval(self) -> float | None:
-        return self.ctx.config.keepalive.ping_interval
-
-    @property
-    def ping_timeout(self) -> float | None:
-        keepalive = self.ctx.config.keepalive
-        return min(keepalive.ping_timeout, keepalive.ping_interval or keepalive.ping_timeout)
+        """None: Tornado's per-connection pinging is off; ebbcast.keepalive pings."""
+        return None
 
     @property
     def max_message_size(self) -> int:
@@ -120,6 +117,7 @@ class BroadcastSocket(WebSocketHandler):
         assert isinstance(self.ws_connection, EbbcastProtocol)
         self._protocol = self.ws_connection
         self.client_id = client_id or secrets.token_hex(8)
+        self.opened_at = self.last_pong = time.monotonic()
         configure_stream(self._protocol, ctx.config.limits.client_queue_bytes)
         self._bucket = TokenBucket(ctx.config.limits.burst, time.monotonic())
         ctx.registry.add(self)
@@ -156,6 +154,9 @@ class BroadcastSocket(WebSocketHandler):
         if self._disconnect_reason is None:
             self._disconnect_reason = reason
         self.close(code, text)
+
+    def on_pong(self, data: bytes) -> None:
+        self.last_pong = time.monotonic()
 
     def on_message(self, message: str | bytes) -> None:
         ctx = self.ctx
@@ -202,6 +203,4 @@ class BroadcastSocket(WebSocketHandler):
         protocol = self._protocol
         if protocol is not None and protocol.server_close_code == 1009:
             return "too_big"
-        if protocol is not None and protocol.server_close_reason == "ping timed out":
-            return "ping_timeout"
         return "client"

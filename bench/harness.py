@@ -1,0 +1,177 @@
+"""Building blocks of the benchmark: servers under test, /proc readings, the load tool.
+
+Everything here runs real processes on 127.0.0.1 and reads the kernel's accounting
+(/proc/PID/stat for CPU time, /proc/PID/status for RSS), so the numbers are what
+an operator would see with top.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+LOADGEN = BENCH / "loadgen" / "wsbench"
+NODE_SERVER = BENCH / "servers" / "node_ws" / "server.js"
+NAIVE_SERVER = BENCH / "servers" / "naive_tornado.py"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+#: ebbcast as the benchmark runs it: raw relay, no periodic frames, no inbound limit.
+EBBCAST_BENCH_ENV = {
+    "EBBCAST_BROADCAST_ENVELOPE": "raw",
+    "EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0",
+    "EBBCAST_LIMITS_MESSAGES_PER_SECOND": "0",
+    "EBBCAST_SERVER_MAX_MESSAGE_BYTES": "1048576",
+    "EBBCAST_LOGGING_LEVEL": "warning",
+}
+
+
+def raise_nofile() -> None:
+    """Let a process hold as many sockets as the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_bytes(pid: int, key: str = "VmRSS") -> int:
+    """Resident set size (VmRSS) or its peak (VmHWM) in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} for {pid}")
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {"cores": os.cpu_count(), "cpu": cpu, "kernel": os.uname().release,
+            "python": sys.version.split()[0]}
+
+
+@dataclass
+class Server:
+    """One server under test, started on a free port, killed on stop()."""
+
+    variant: str
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    proc: subprocess.Popen[str] | None = None
+    log: list[str] = field(default_factory=list)
+
+    def command(self) -> list[str]:
+        if self.variant == "ebbcast":
+            return [sys.executable, "-m", "ebbcast", "serve", "--port", str(self.port),
+                    "--admin-port", "0"]
+        if self.variant == "tornado-naive":
+            return [sys.executable, str(NAIVE_SERVER), str(self.port)]
+        if self.variant == "node-ws":
+            return ["node", str(NODE_SERVER), str(self.port)]
+        raise ValueError(self.variant)
+
+    def start(self) -> Server:
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EBBCAST_")}
+        env.update(EBBCAST_BENCH_ENV if self.variant == "ebbcast" else {})
+        env.update(self.env)
+        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True, env=env, preexec_fn=raise_nofile)
+        ready = threading.Event()
+        threading.Thread(target=self._read_log, args=(ready,), daemon=True).start()
+        if not ready.wait(20):
+            self.stop()
+            raise RuntimeError(f"{self.variant} did not start:\n" + "\n".join(self.log))
+        return self
+
+    def _read_log(self, ready: threading.Event) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line.rstrip())
+            if "serving ws=" in line:
+                ready.set()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def url_path(self) -> str:
+        return "/ws"
+
+    @property
+    def admin_url(self) -> str:
+        for line in self.log:
+            match = re.search(r"admin=(\S+)", line)
+            if match:
+                return match.group(1)
+        raise RuntimeError("no admin URL logged")
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(3)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def build_loadgen() -> Path:
+    subprocess.run(["make", "-s", "-C", str(LOADGEN.parent)], check=True)
+    return LOADGEN
+
+
+def run_loadgen(port: int, *args: str, timeout: float = 300) -> dict[str, Any]:
+    """Run wsbench to completion and return its JSON result."""
+    cmd = [str(LOADGEN), "--host", "127.0.0.1", "--port", str(port), "--path", "/ws",
+           "--json", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=raise_nofile)
+    if done.returncode != 0:
+        raise RuntimeError(f"wsbench failed ({done.returncode}):\n{done.stderr}")
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False

@@ -1,0 +1,1517 @@
+/*
+ * wsbench - a small, fast WebSocket load generator for broadcast servers.
+ *
+ * Single-threaded epoll event loop, C11 + libc only.  Opens N subscriber and
+ * P publisher connections; each publisher keeps W of its own messages in
+ * flight (a new one is sent every time one of its own comes back).  Every
+ * text frame that carries a wsbench header is a delivery; its latency is
+ * now - (send time in the header), both CLOCK_MONOTONIC.
+ *
+ * See README.md beside this file for options and output.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <time.h>
+#include <unistd.h>
+
+#define READ_SZ (64 * 1024)        /* bytes asked of one read() */
+#define SMALL_MAX (64 * 1024)      /* partial frames up to this go via the shared buffer */
+#define MAX_FRAME (256u << 20)     /* refuse server frames above this */
+#define MAX_EVENTS 1024
+#define HS_MAX 16384               /* handshake response header limit */
+#define MIN_SIZE 48                /* room for the header */
+#define HOUSEKEEP_NS 100000000LL   /* 100 ms */
+
+/* RFC 6455 sample key and its accept value: no SHA-1 needed to verify. */
+#define WS_KEY "dGhlIHNhbXBsZSBub25jZQ=="
+#define WS_ACCEPT "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+static const uint8_t MASK[4] = {0x5a, 0x3c, 0xa7, 0x19};
+
+enum { ST_NEW, ST_CONNECTING, ST_HANDSHAKE, ST_OPEN, ST_CLOSED };
+enum { PH_RAMP, PH_WARMUP, PH_MEASURE, PH_HOLD, PH_CLOSING, PH_EXIT };
+enum { MODE_PUBLISH, MODE_IDLE, MODE_EXPECT_CLOSE };
+
+typedef struct conn {
+    int fd;
+    uint8_t state;
+    uint8_t is_pub;
+    uint8_t want_out;   /* EPOLLOUT registered */
+    uint8_t frag;       /* 0: none, 1: text message in progress, 2: binary */
+    uint8_t close_sent;
+    uint8_t frag_valid;
+    uint16_t close_code;
+    uint32_t pubid;
+    uint32_t inflight;
+    uint64_t seq;
+    uint64_t frag_ts;
+    uint32_t frag_pub;
+    uint32_t rlen, rcap;
+    uint32_t wlen, woff, wcap;
+    uint64_t need;      /* total bytes of the incomplete frame, 0 if unknown */
+    uint8_t *rbuf;
+    uint8_t *wbuf;
+    int64_t t_start;    /* connect start */
+    int64_t last_echo;
+    int64_t t_shutdown; /* expect-close: shutdown frame seen */
+    int64_t t_close;    /* expect-close: close frame or EOF seen */
+} conn;
+
+/* ---- options ---- */
+static const char *o_host = "127.0.0.1";
+static int o_port = 8000;
+static const char *o_path = "/ws";
+static const char *o_origin = NULL;
+static int o_pubs_set = 0;
+static long o_subs = 1000, o_pubs = 1, o_window = 1, o_size = 100;
+static double o_duration = 10, o_warmup = 1, o_rate = 0, o_conn_timeout = 10;
+static double o_poll_us = 0;
+static double o_stall = 5, o_close_timeout = 2;
+static long o_max_pending = 200;
+static int o_mode = MODE_PUBLISH, o_json = 0, o_quiet = 0;
+static const char *o_server_pids = NULL;
+
+/* ---- state ---- */
+static conn *conns;
+static long total;
+static int ep;
+static int phase = PH_RAMP;
+static volatile sig_atomic_t g_signals = 0;
+static struct sockaddr_storage g_addr;
+static socklen_t g_addrlen;
+static char g_req[2048];
+static size_t g_reqlen;
+static uint8_t *g_shared;
+static uint8_t *g_tmpl;       /* masked publish frame template */
+static size_t g_tmpl_len, g_tmpl_hdr;
+static int g_publishing = 0;
+static int g_measuring = 0;
+
+static long next_launch = 0, pending = 0, n_open = 0, n_done = 0, n_connected = 0;
+static int64_t ramp_start, ramp_end, warm_end, meas_start, meas_end, hold_end, close_deadline;
+static int64_t ready_mono, ready_real;
+static int64_t last_housekeep;
+
+/* counters (monotonic over the run; snapshot at measure start/end) */
+static uint64_t c_pings, c_fragmented;
+static uint64_t c_sent, c_delivered, c_other, c_echoes, c_stalls;
+static uint64_t s_sent, s_delivered, s_other;
+static uint64_t e_connect, e_handshake, e_timeout, e_unexpected, e_io, e_protocol;
+static uint64_t c_epoll_waits, c_events, c_reads, s_epoll_waits, s_events, s_reads;
+static uint64_t c_shutdown_frames, c_close_frames, c_eofs;
+static struct rusage ru_start, ru_end;
+static double srv_cpu_start = -1, srv_cpu_end = -1;
+static long srv_rss_ready = -1, srv_rss_end = -1;
+static int g_exit_code = 0;
+
+/* ---- histogram: log-linear, 128 sub-buckets per power of two (<0.4% error) ---- */
+#define HBUCKETS (256 + 56 * 128)
+static uint64_t hist[HBUCKETS];
+static uint64_t h_count, h_max, h_min = UINT64_MAX;
+static double h_sum;
+
+static inline unsigned hidx(uint64_t v)
+{
+    if (v < 256)
+        return (unsigned)v;
+    unsigned msb = 63u - (unsigned)__builtin_clzll(v);
+    unsigned shift = msb - 7u;
+    return 256u + (shift - 1u) * 128u + (unsigned)((v >> shift) - 128u);
+}
+
+static uint64_t hval(unsigned i)
+{
+    if (i < 256)
+        return i;
+    unsigned shift = (i - 256u) / 128u + 1u;
+    uint64_t top = (i - 256u) % 128u + 128u;
+    return (top << shift) + ((1ull << shift) >> 1);
+}
+
+static inline void hrecord(uint64_t v)
+{
+    hist[hidx(v)]++;
+    h_count++;
+    h_sum += (double)v;
+    if (v > h_max)
+        h_max = v;
+    if (v < h_min)
+        h_min = v;
+}
+
+static uint64_t hpct(double q)
+{
+    if (!h_count)
+        return 0;
+    uint64_t target = (uint64_t)(q * (double)h_count);
+    if ((double)target < q * (double)h_count)
+        target++;
+    if (target < 1)
+        target = 1;
+    uint64_t acc = 0;
+    for (unsigned i = 0; i < HBUCKETS; i++) {
+        acc += hist[i];
+        if (acc >= target) {
+            uint64_t v = hval(i);
+            if (v > h_max)
+                v = h_max;
+            if (v < h_min)
+                v = h_min;
+            return v;
+        }
+    }
+    return h_max;
+}
+
+/* ---- utilities ---- */
+static inline int64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static int64_t real_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void die(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("wsbench: error: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    exit(1);
+}
+
+static void logmsg(const char *fmt, ...)
+{
+    if (o_quiet)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("wsbench: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+static void *xrealloc(void *p, size_t n)
+{
+    void *q = realloc(p, n);
+    if (!q)
+        die("out of memory (%zu bytes)", n);
+    return q;
+}
+
+static inline char *u64toa(char *p, uint64_t v)
+{
+    char tmp[24];
+    int n = 0;
+    do {
+        tmp[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (n)
+        *p++ = tmp[--n];
+    return p;
+}
+
+static double ru_secs(const struct rusage *r)
+{
+    return (double)r->ru_utime.tv_sec + r->ru_utime.tv_usec / 1e6 +
+           (double)r->ru_stime.tv_sec + r->ru_stime.tv_usec / 1e6;
+}
+
+/* Sum of utime+stime (seconds) of the --server-pid processes, -1 if unknown. */
+static double server_cpu(void)
+{
+    if (!o_server_pids)
+        return -1;
+    double sum = 0;
+    long tck = sysconf(_SC_CLK_TCK);
+    char list[512];
+    snprintf(list, sizeof list, "%s", o_server_pids);
+    for (char *save = NULL, *tok = strtok_r(list, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        char path[64], buf[2048];
+        snprintf(path, sizeof path, "/proc/%s/stat", tok);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            return -1;
+        size_t n = fread(buf, 1, sizeof buf - 1, f);
+        fclose(f);
+        buf[n] = 0;
+        char *p = strrchr(buf, ')');
+        if (!p)
+            return -1;
+        /* fields after ')': state(3) ... utime(14) stime(15) */
+        unsigned long ut = 0, st = 0;
+        if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) != 2)
+            return -1;
+        sum += (double)(ut + st) / (double)tck;
+    }
+    return sum;
+}
+
+/* Sum of VmRSS (KiB) of the --server-pid processes, -1 if unknown. */
+static long server_rss(void)
+{
+    if (!o_server_pids)
+        return -1;
+    long sum = 0;
+    char list[512];
+    snprintf(list, sizeof list, "%s", o_server_pids);
+    for (char *save = NULL, *tok = strtok_r(list, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        char path[64], line[256];
+        snprintf(path, sizeof path, "/proc/%s/status", tok);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            return -1;
+        long v = -1;
+        while (fgets(line, sizeof line, f))
+            if (!strncmp(line, "VmRSS:", 6)) {
+                v = strtol(line + 6, NULL, 10);
+                break;
+            }
+        fclose(f);
+        if (v < 0)
+            return -1;
+        sum += v;
+    }
+    return sum;
+}
+
+/* ---- epoll / write side ---- */
+static void ep_set(conn *c, uint32_t events, int op)
+{
+    struct epoll_event ev;
+    ev.events = events;
+    ev.data.u64 = (uint64_t)(c - conns);
+    if (epoll_ctl(ep, op, c->fd, &ev) < 0)
+        die("epoll_ctl: %s", strerror(errno));
+}
+
+static void want_out(conn *c, int on)
+{
+    if (c->want_out == on)
+        return;
+    c->want_out = (uint8_t)on;
+    ep_set(c, EPOLLIN | (on ? EPOLLOUT : 0), EPOLL_CTL_MOD);
+}
+
+static inline void wreserve(conn *c, size_t extra)
+{
+    size_t need = (size_t)c->wlen + extra;
+    if (need <= c->wcap)
+        return;
+    size_t cap = c->wcap ? c->wcap : 256;
+    while (cap < need)
+        cap *= 2;
+    c->wbuf = xrealloc(c->wbuf, cap);
+    c->wcap = (uint32_t)cap;
+}
+
+static void conn_close(conn *c);
+
+/* Returns -1 when the connection died (and was closed). */
+static int flush_conn(conn *c)
+{
+    while (c->woff < c->wlen) {
+        ssize_t n = write(c->fd, c->wbuf + c->woff, c->wlen - c->woff);
+        if (n > 0) {
+            c->woff += (uint32_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            want_out(c, 1);
+            return 0;
+        }
+        if (phase != PH_CLOSING)
+            e_io++;
+        conn_close(c);
+        return -1;
+    }
+    c->woff = c->wlen = 0;
+    if (c->want_out)
+        want_out(c, 0);
+    return 0;
+}
+
+/* Queue a small masked control frame (payload <= 125). */
+static void queue_ctrl(conn *c, uint8_t opcode, const uint8_t *p, size_t n)
+{
+    if (n > 125)
+        n = 125;
+    wreserve(c, 6 + n);
+    uint8_t *w = c->wbuf + c->wlen;
+    w[0] = (uint8_t)(0x80 | opcode);
+    w[1] = (uint8_t)(0x80 | n);
+    memcpy(w + 2, MASK, 4);
+    for (size_t i = 0; i < n; i++)
+        w[6 + i] = p[i] ^ MASK[i & 3];
+    c->wlen += (uint32_t)(6 + n);
+}
+
+static void send_close(conn *c, uint16_t code)
+{
+    if (c->close_sent)
+        return;
+    uint8_t p[2] = {(uint8_t)(code >> 8), (uint8_t)code};
+    queue_ctrl(c, 8, p, code ? 2 : 0);
+    c->close_sent = 1;
+}
+
+/* Build the publish frame template: header, mask key, masked 'x' padding. */
+static void build_template(void)
+{
+    size_t b = (size_t)o_size, h;
+    uint8_t hdr[14];
+    hdr[0] = 0x81;
+    if (b < 126) {
+        hdr[1] = (uint8_t)(0x80 | b);
+        h = 2;
+    } else if (b < 65536) {
+        hdr[1] = 0x80 | 126;
+        hdr[2] = (uint8_t)(b >> 8);
+        hdr[3] = (uint8_t)b;
+        h = 4;
+    } else {
+        hdr[1] = 0x80 | 127;
+        for (int i = 0; i < 8; i++)
+            hdr[2 + i] = (uint8_t)((uint64_t)b >> (56 - 8 * i));
+        h = 10;
+    }
+    memcpy(hdr + h, MASK, 4);
+    h += 4;
+    g_tmpl_hdr = h;
+    g_tmpl_len = h + b;
+    g_tmpl = xrealloc(NULL, g_tmpl_len);
+    memcpy(g_tmpl, hdr, h);
+    for (size_t i = 0; i < b; i++)
+        g_tmpl[h + i] = (uint8_t)('x' ^ MASK[i & 3]);
+}
+
+/* Queue one publish message (not flushed). */
+static void send_msg(conn *c, int64_t now)
+{
+    char txt[80], *p = txt;
+    *p++ = 'p';
+    p = u64toa(p, c->pubid);
+    *p++ = ' ';
+    *p++ = 's';
+    p = u64toa(p, ++c->seq);
+    *p++ = ' ';
+    *p++ = 't';
+    p = u64toa(p, (uint64_t)now);
+    *p++ = ' ';
+    size_t n = (size_t)(p - txt);
+    wreserve(c, g_tmpl_len);
+    uint8_t *w = c->wbuf + c->wlen;
+    memcpy(w, g_tmpl, g_tmpl_len);
+    uint8_t *pl = w + g_tmpl_hdr;
+    for (size_t i = 0; i < n; i++)
+        pl[i] = (uint8_t)txt[i] ^ MASK[i & 3];
+    c->wlen += (uint32_t)g_tmpl_len;
+    c->inflight++;
+    c_sent++;
+}
+
+static void fill_window(conn *c, int64_t now)
+{
+    while (c->inflight < (uint32_t)o_window)
+        send_msg(c, now);
+}
+
+/* ---- connection lifecycle ---- */
+static void conn_close(conn *c)
+{
+    if (c->state == ST_CLOSED)
+        return;
+    if (c->state == ST_NEW) {
+        c->state = ST_CLOSED;
+        return;
+    }
+    int was_open = c->state == ST_OPEN;
+    int was_pending = c->state == ST_CONNECTING || c->state == ST_HANDSHAKE;
+    close(c->fd); /* also removes it from epoll */
+    c->fd = -1;
+    c->state = ST_CLOSED;
+    free(c->rbuf);
+    free(c->wbuf);
+    c->rbuf = c->wbuf = NULL;
+    c->rlen = c->rcap = c->wlen = c->woff = c->wcap = 0;
+    c->want_out = 0;
+    if (was_open)
+        n_open--;
+    if (was_pending) {
+        pending--;
+        n_done++;
+    }
+}
+
+/* Server closed (close frame, EOF or error) an open connection. */
+static void conn_lost(conn *c, int64_t now, int kind /* 0 eof, 1 close frame, 2 error */)
+{
+    if (!c->t_close)
+        c->t_close = now;
+    if (kind == 0)
+        c_eofs++;
+    if (phase != PH_CLOSING && o_mode != MODE_EXPECT_CLOSE) {
+        if (kind == 2)
+            e_io++;
+        else
+            e_unexpected++;
+    }
+    conn_close(c);
+}
+
+static void launch(conn *c, int64_t now)
+{
+    int fd = socket(g_addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        if (errno == EMFILE || errno == ENFILE)
+            die("socket: %s (connection %ld)", strerror(errno), (long)(c - conns));
+        e_connect++;
+        c->state = ST_CLOSED;
+        n_done++;
+        return;
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    c->fd = fd;
+    c->t_start = now;
+    c->state = ST_CONNECTING;
+    pending++;
+    int r = connect(fd, (struct sockaddr *)&g_addr, g_addrlen);
+    if (r < 0 && errno != EINPROGRESS) {
+        if (e_connect < 5)
+            logmsg("connect: %s", strerror(errno));
+        e_connect++;
+        conn_close(c);
+        return;
+    }
+    ep_set(c, EPOLLOUT, EPOLL_CTL_ADD);
+    c->want_out = 1;
+}
+
+static void on_connected(conn *c)
+{
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+        err = errno;
+    if (err) {
+        if (e_connect < 5)
+            logmsg("connect failed: %s", strerror(err));
+        e_connect++;
+        conn_close(c);
+        return;
+    }
+    ssize_t n = write(c->fd, g_req, g_reqlen);
+    if (n != (ssize_t)g_reqlen) {
+        e_handshake++;
+        conn_close(c);
+        return;
+    }
+    c->state = ST_HANDSHAKE;
+    c->want_out = 0;
+    ep_set(c, EPOLLIN, EPOLL_CTL_MOD);
+}
+
+static int parse_frames_and_stash(conn *c, uint8_t *buf, size_t len, int64_t now);
+
+static void on_handshake_data(conn *c, int64_t now)
+{
+    if (c->rcap < HS_MAX + 1) {
+        c->rbuf = xrealloc(c->rbuf, HS_MAX + 1);
+        c->rcap = HS_MAX + 1;
+    }
+    ssize_t n = read(c->fd, c->rbuf + c->rlen, HS_MAX - c->rlen);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR))
+        return;
+    if (n <= 0) {
+        if (e_handshake < 5)
+            logmsg("handshake: %s", n == 0 ? "connection closed by server" : strerror(errno));
+        e_handshake++;
+        conn_close(c);
+        return;
+    }
+    c->rlen += (uint32_t)n;
+    c->rbuf[c->rlen] = 0;
+    char *s = (char *)c->rbuf;
+    char *end = strstr(s, "\r\n\r\n");
+    if (!end) {
+        if (c->rlen >= HS_MAX) {
+            e_handshake++;
+            conn_close(c);
+        }
+        return;
+    }
+    *end = 0;
+    int ok = !strncmp(s, "HTTP/1.1 101", 12);
+    if (ok) {
+        /* verify Sec-WebSocket-Accept (case-insensitive header name) */
+        ok = 0;
+        for (char *l = strstr(s, "\r\n"); l; l = strstr(l + 2, "\r\n")) {
+            if (!strncasecmp(l + 2, "sec-websocket-accept:", 21)) {
+                char *v = l + 2 + 21;
+                while (*v == ' ' || *v == '\t')
+                    v++;
+                ok = !strncmp(v, WS_ACCEPT, sizeof WS_ACCEPT - 1);
+                break;
+            }
+        }
+    }
+    if (!ok) {
+        if (e_handshake < 5) {
+            char *eol = strstr(s, "\r\n");
+            if (eol)
+                *eol = 0;
+            logmsg("handshake rejected: %.200s", s);
+        }
+        e_handshake++;
+        conn_close(c);
+        return;
+    }
+    size_t hlen = (size_t)(end + 4 - s);
+    size_t rest = c->rlen - hlen;
+    c->state = ST_OPEN;
+    pending--;
+    n_done++;
+    n_open++;
+    n_connected++;
+    c->last_echo = now;
+    c->rlen = 0;
+    if (rest)
+        memcpy(g_shared, c->rbuf + hlen, rest);
+    free(c->rbuf); /* the handshake buffer is not kept: 10k idle connections stay small */
+    c->rbuf = NULL;
+    c->rcap = 0;
+    if (rest && parse_frames_and_stash(c, g_shared, rest, now) < 0)
+        return;
+    if (c->state == ST_OPEN && c->wlen)
+        flush_conn(c);
+}
+
+/* ---- frame handling ---- */
+static int parse_at(const uint8_t *p, const uint8_t *e, uint32_t *pub, uint64_t *ts)
+{
+    uint64_t v;
+    if (p >= e || *p++ != 'p')
+        return 0;
+    v = 0;
+    const uint8_t *d = p;
+    while (p < e && *p >= '0' && *p <= '9')
+        v = v * 10 + (uint64_t)(*p++ - '0');
+    if (p == d || p >= e || *p++ != ' ' || p >= e || *p++ != 's')
+        return 0;
+    *pub = (uint32_t)v;
+    d = p;
+    while (p < e && *p >= '0' && *p <= '9')
+        p++;
+    if (p == d || p >= e || *p++ != ' ' || p >= e || *p++ != 't')
+        return 0;
+    v = 0;
+    d = p;
+    while (p < e && *p >= '0' && *p <= '9')
+        v = v * 10 + (uint64_t)(*p++ - '0');
+    if (p == d)
+        return 0;
+    *ts = v;
+    return 1;
+}
+
+/* Find the wsbench header at the start of the payload, or inside a JSON
+ * envelope's "text" field (ebbcast's default "json" envelope). */
+static int parse_hdr(const uint8_t *p, size_t n, uint32_t *pub, uint64_t *ts)
+{
+    if (parse_at(p, p + n, pub, ts))
+        return 1;
+    size_t lim = n < 512 ? n : 512;
+    const uint8_t *q = memmem(p, lim, "\"text\":\"", 8);
+    if (!q) {
+        q = memmem(p, lim, "\"text\": \"", 9);
+        if (!q)
+            return 0;
+        q++;
+    }
+    return parse_at(q + 8, p + n, pub, ts);
+}
+
+static void on_message(conn *c, int ok, uint32_t pub, uint64_t ts, int64_t now)
+{
+    if (!ok) {
+        c_other++;
+        return;
+    }
+    c_delivered++;
+    if (g_measuring)
+        hrecord(now > (int64_t)ts ? (uint64_t)(now - (int64_t)ts) : 0);
+    if (c->is_pub && pub == c->pubid) {
+        c_echoes++;
+        c->last_echo = now;
+        if (c->inflight)
+            c->inflight--;
+        if (g_publishing)
+            fill_window(c, now);
+    }
+}
+
+static void check_shutdown(conn *c, const uint8_t *p, size_t n, int64_t now)
+{
+    if (o_mode == MODE_EXPECT_CLOSE && !c->t_shutdown &&
+        (memmem(p, n, "\"type\":\"shutdown\"", 17) || memmem(p, n, "\"type\": \"shutdown\"", 18))) {
+        c->t_shutdown = now;
+        c_shutdown_frames++;
+    }
+}
+
+/* Returns 0 normally, -1 if the connection was closed. */
+static int handle_frame(conn *c, int fin, int op, uint8_t *p, size_t n, int64_t now)
+{
+    uint32_t pub = 0;
+    uint64_t ts = 0;
+    switch (op) {
+    case 1: /* text */
+        check_shutdown(c, p, n, now);
+        if (fin) {
+            int ok = parse_hdr(p, n, &pub, &ts);
+            on_message(c, ok, pub, ts, now);
+        } else {
+            c_fragmented++;
+            c->frag = 1;
+            c->frag_valid = (uint8_t)parse_hdr(p, n, &c->frag_pub, &c->frag_ts);
+        }
+        return 0;
+    case 2: /* binary */
+        if (fin)
+            c_other++;
+        else
+            c->frag = 2;
+        return 0;
+    case 0: /* continuation */
+        if (c->frag == 1)
+            check_shutdown(c, p, n, now);
+        if (fin) {
+            if (c->frag == 1)
+                on_message(c, c->frag_valid, c->frag_pub, c->frag_ts, now);
+            else if (c->frag == 2)
+                c_other++;
+            c->frag = 0;
+        }
+        return 0;
+    case 8: { /* close */
+        uint16_t code = n >= 2 ? (uint16_t)((p[0] << 8) | p[1]) : 0;
+        c->close_code = code ? code : 1005;
+        c_close_frames++;
+        send_close(c, code);
+        flush_conn(c);
+        if (c->state == ST_OPEN)
+            conn_lost(c, now, 1);
+        else if (!c->t_close)
+            c->t_close = now;
+        return -1;
+    }
+    case 9: /* ping -> pong with the same payload */
+        c_pings++;
+        queue_ctrl(c, 10, p, n);
+        return 0;
+    case 10: /* pong */
+        return 0;
+    default:
+        e_protocol++;
+        conn_close(c);
+        return -1;
+    }
+}
+
+/* Parse complete frames in buf[0..len); keep the incomplete tail in c->rbuf.
+ * Returns -1 if the connection was closed. */
+static int parse_frames_and_stash(conn *c, uint8_t *buf, size_t len, int64_t now)
+{
+    size_t off = 0;
+    c->need = 0;
+    while (len - off >= 2) {
+        uint8_t *f = buf + off;
+        size_t avail = len - off;
+        uint64_t plen = f[1] & 0x7f;
+        size_t hl = 2;
+        if (plen == 126) {
+            if (avail < 4)
+                break;
+            plen = ((uint64_t)f[2] << 8) | f[3];
+            hl = 4;
+        } else if (plen == 127) {
+            if (avail < 10)
+                break;
+            plen = 0;
+            for (int i = 0; i < 8; i++)
+                plen = (plen << 8) | f[2 + i];
+            hl = 10;
+        }
+        int masked = f[1] & 0x80;
+        if (masked)
+            hl += 4;
+        if (plen > MAX_FRAME) {
+            e_protocol++;
+            conn_close(c);
+            return -1;
+        }
+        if (avail < hl + plen) {
+            c->need = hl + plen;
+            break;
+        }
+        uint8_t *p = f + hl;
+        if (masked) /* servers must not mask, but be lenient */
+            for (uint64_t i = 0; i < plen; i++)
+                p[i] ^= f[hl - 4 + (i & 3)];
+        if (handle_frame(c, f[0] & 0x80, f[0] & 0x0f, p, (size_t)plen, now) < 0)
+            return -1;
+        off += hl + (size_t)plen;
+    }
+    size_t rest = len - off;
+    if (buf == c->rbuf) {
+        if (rest && off)
+            memmove(c->rbuf, c->rbuf + off, rest);
+        if (rest < 4096 && c->rcap > SMALL_MAX) { /* big frame done: shrink */
+            c->rbuf = xrealloc(c->rbuf, 4096);
+            c->rcap = 4096;
+        }
+    } else if (rest) {
+        if (c->rcap < rest) {
+            size_t cap = rest < 256 ? 256 : rest;
+            c->rbuf = xrealloc(c->rbuf, cap);
+            c->rcap = (uint32_t)cap;
+        }
+        memcpy(c->rbuf, buf + off, rest);
+    }
+    c->rlen = (uint32_t)rest;
+    return 0;
+}
+
+static void on_readable(conn *c)
+{
+    for (int iter = 0; iter < 4; iter++) {
+        uint8_t *buf;
+        size_t have = c->rlen, cap;
+        if (have > SMALL_MAX) {
+            /* a big frame is arriving: read straight into its own buffer */
+            size_t want = (size_t)c->need + READ_SZ;
+            if (c->rcap < want) {
+                c->rbuf = xrealloc(c->rbuf, want);
+                c->rcap = (uint32_t)want;
+            }
+            buf = c->rbuf;
+            cap = c->rcap - have;
+        } else {
+            if (have)
+                memcpy(g_shared, c->rbuf, have);
+            buf = g_shared;
+            cap = READ_SZ;
+        }
+        ssize_t n = read(c->fd, buf + have, cap);
+        int64_t now = mono_ns();
+        c_reads++;
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return;
+            if (errno == EINTR)
+                continue;
+            conn_lost(c, now, 2);
+            return;
+        }
+        if (n == 0) {
+            conn_lost(c, now, 0);
+            return;
+        }
+        if (parse_frames_and_stash(c, buf, have + (size_t)n, now) < 0)
+            return;
+        if (c->wlen && flush_conn(c) < 0)
+            return;
+        if ((size_t)n < cap)
+            return;
+    }
+}
+
+static void on_event(conn *c, uint32_t ev)
+{
+    switch (c->state) {
+    case ST_CONNECTING:
+        on_connected(c);
+        return;
+    case ST_HANDSHAKE:
+        on_handshake_data(c, mono_ns());
+        return;
+    case ST_OPEN:
+        if (ev & EPOLLOUT) {
+            if (flush_conn(c) < 0)
+                return;
+        }
+        if (ev & (EPOLLIN | EPOLLERR | EPOLLHUP))
+            on_readable(c);
+        return;
+    default:
+        return;
+    }
+}
+
+/* ---- reporting ---- */
+typedef struct {
+    long count;
+    int64_t min, p50, p90, p99, max;
+} tstats;
+
+static int cmp_i64(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+static tstats time_stats(int which /* 0 shutdown, 1 close */)
+{
+    tstats s;
+    memset(&s, 0, sizeof s);
+    int64_t *v = xrealloc(NULL, sizeof(int64_t) * (size_t)(total ? total : 1));
+    long n = 0;
+    for (long i = 0; i < total; i++) {
+        int64_t t = which ? conns[i].t_close : conns[i].t_shutdown;
+        if (t)
+            v[n++] = t;
+    }
+    s.count = n;
+    if (n) {
+        qsort(v, (size_t)n, sizeof *v, cmp_i64);
+        s.min = v[0];
+        s.max = v[n - 1];
+        s.p50 = v[(long)(0.50 * (double)(n - 1))];
+        s.p90 = v[(long)(0.90 * (double)(n - 1))];
+        s.p99 = v[(long)(0.99 * (double)(n - 1))];
+    }
+    free(v);
+    return s;
+}
+
+static void json_str(FILE *f, const char *s)
+{
+    fputc('"', f);
+    for (; *s; s++) {
+        if (*s == '"' || *s == '\\')
+            fprintf(f, "\\%c", *s);
+        else if ((unsigned char)*s < 0x20)
+            fprintf(f, "\\u%04x", *s);
+        else
+            fputc(*s, f);
+    }
+    fputc('"', f);
+}
+
+static void json_tstats(FILE *f, const char *name, tstats s, int64_t off)
+{
+    fprintf(f, "\"%s\":{\"count\":%ld", name, s.count);
+    if (s.count)
+        fprintf(f,
+                ",\"min_mono_ns\":%" PRId64 ",\"p50_mono_ns\":%" PRId64 ",\"p90_mono_ns\":%" PRId64
+                ",\"p99_mono_ns\":%" PRId64 ",\"max_mono_ns\":%" PRId64 ",\"min_realtime_ns\":%" PRId64
+                ",\"max_realtime_ns\":%" PRId64 ",\"spread_ms\":%.3f,\"first_after_ready_ms\":%.3f",
+                s.min, s.p50, s.p90, s.p99, s.max, s.min + off, s.max + off, (double)(s.max - s.min) / 1e6,
+                (double)(s.min - ready_mono) / 1e6);
+    fputc('}', f);
+}
+
+static const char *mode_name(void)
+{
+    return o_mode == MODE_IDLE ? "idle" : o_mode == MODE_EXPECT_CLOSE ? "expect_close" : "publish";
+}
+
+static void report(void)
+{
+    double dur = (double)(meas_end - meas_start) / 1e9;
+    if (dur < 0)
+        dur = 0;
+    double cpu = ru_secs(&ru_end) - ru_secs(&ru_start);
+    uint64_t sent = s_sent, deliv = s_delivered;
+    uint64_t errors = e_connect + e_handshake + e_timeout + e_unexpected + e_io + e_protocol;
+    double conn_s = (double)(ramp_end - ramp_start) / 1e9;
+    double srv = (srv_cpu_start >= 0 && srv_cpu_end >= 0) ? srv_cpu_end - srv_cpu_start : -1;
+    int64_t rt_off = ready_real - ready_mono;
+    tstats sh = time_stats(0), cl = time_stats(1);
+
+    /* human summary */
+    fprintf(stderr, "wsbench: %s mode, %ld connections (%ld subscribers + %ld publishers)\n", mode_name(), total,
+            o_subs, o_pubs);
+    fprintf(stderr, "  connected %ld in %.3f s; errors %" PRIu64
+                    " (connect %" PRIu64 ", handshake %" PRIu64 ", timeout %" PRIu64 ", unexpected close %" PRIu64
+                    ", io %" PRIu64 ", protocol %" PRIu64 ")\n",
+            n_connected, conn_s, errors, e_connect, e_handshake, e_timeout, e_unexpected, e_io, e_protocol);
+    if (o_mode == MODE_PUBLISH) {
+        fprintf(stderr,
+                "  measured %.3f s: sent %" PRIu64 " (%.0f/s), delivered %" PRIu64 " (%.0f/s), other frames %" PRIu64
+                ", window resets %" PRIu64 "\n",
+                dur, sent, dur > 0 ? sent / dur : 0, deliv, dur > 0 ? deliv / dur : 0, s_other, c_stalls);
+        fprintf(stderr, "  latency us: p50 %.1f  p90 %.1f  p99 %.1f  p99.9 %.1f  max %.1f  (n=%" PRIu64 ")\n",
+                hpct(0.5) / 1e3, hpct(0.9) / 1e3, hpct(0.99) / 1e3, hpct(0.999) / 1e3, h_max / 1e3, h_count);
+    } else {
+        fprintf(stderr, "  held %.3f s, frames received %" PRIu64 "\n", dur, s_delivered + s_other);
+    }
+    if (o_mode == MODE_EXPECT_CLOSE) {
+        fprintf(stderr, "  shutdown frames %ld, closes %ld (close frames %" PRIu64 ", EOF %" PRIu64 ")\n", sh.count,
+                cl.count, c_close_frames, c_eofs);
+        if (sh.count)
+            fprintf(stderr, "  shutdown: first %.3f ms after ready, spread %.3f ms\n",
+                    (double)(sh.min - ready_mono) / 1e6, (double)(sh.max - sh.min) / 1e6);
+        if (cl.count)
+            fprintf(stderr, "  close:    first %.3f ms after ready, spread %.3f ms\n",
+                    (double)(cl.min - ready_mono) / 1e6, (double)(cl.max - cl.min) / 1e6);
+    }
+    fprintf(stderr,
+            "  loop: %" PRIu64 " epoll_wait, %" PRIu64 " events, %" PRIu64 " reads; pings answered %" PRIu64
+            ", fragmented messages %" PRIu64 " (whole run)\n",
+            s_epoll_waits, s_events, s_reads, c_pings, c_fragmented);
+    fprintf(stderr, "  client cpu %.3f s (%.1f%% of one core; user %.3f, sys %.3f)", cpu, dur > 0 ? 100 * cpu / dur : 0,
+            (double)(ru_end.ru_utime.tv_sec - ru_start.ru_utime.tv_sec) +
+                (double)(ru_end.ru_utime.tv_usec - ru_start.ru_utime.tv_usec) / 1e6,
+            (double)(ru_end.ru_stime.tv_sec - ru_start.ru_stime.tv_sec) +
+                (double)(ru_end.ru_stime.tv_usec - ru_start.ru_stime.tv_usec) / 1e6);
+    if (srv >= 0)
+        fprintf(stderr, "; server cpu %.3f s (%.1f%% of one core)", srv, dur > 0 ? 100 * srv / dur : 0);
+    if (srv_rss_ready >= 0)
+        fprintf(stderr, "; server rss %ld KiB at ready, %ld KiB at end", srv_rss_ready, srv_rss_end);
+    fputc('\n', stderr);
+
+    if (!o_json)
+        return;
+    FILE *f = stdout;
+    fprintf(f, "{\"tool\":\"wsbench\",\"mode\":\"%s\",\"host\":", mode_name());
+    json_str(f, o_host);
+    fprintf(f, ",\"port\":%d,\"path\":", o_port);
+    json_str(f, o_path);
+    fprintf(f,
+            ",\"subscribers\":%ld,\"publishers\":%ld,\"connections\":%ld,\"window\":%ld,\"size\":%ld"
+            ",\"warmup_s\":%.3f,\"duration_s\":%.6f,\"connected\":%ld,\"connect_seconds\":%.6f",
+            o_subs, o_pubs, total, o_window, o_size, o_mode == MODE_PUBLISH ? o_warmup : 0.0, dur, n_connected,
+            conn_s);
+    fprintf(f,
+            ",\"sent\":%" PRIu64 ",\"sent_per_s\":%.1f,\"delivered\":%" PRIu64 ",\"delivered_per_s\":%.1f"
+            ",\"other_frames\":%" PRIu64 ",\"window_resets\":%" PRIu64,
+            sent, dur > 0 ? sent / dur : 0, deliv, dur > 0 ? deliv / dur : 0, s_other, c_stalls);
+    fprintf(f,
+            ",\"latency_us\":{\"count\":%" PRIu64 ",\"mean\":%.1f,\"p50\":%.1f,\"p90\":%.1f,\"p99\":%.1f"
+            ",\"p999\":%.1f,\"max\":%.1f}",
+            h_count, h_count ? h_sum / (double)h_count / 1e3 : 0, hpct(0.5) / 1e3, hpct(0.9) / 1e3,
+            hpct(0.99) / 1e3, hpct(0.999) / 1e3, h_max / 1e3);
+    fprintf(f,
+            ",\"errors\":%" PRIu64 ",\"error_detail\":{\"connect\":%" PRIu64 ",\"handshake\":%" PRIu64
+            ",\"timeout\":%" PRIu64 ",\"unexpected_close\":%" PRIu64 ",\"io\":%" PRIu64 ",\"protocol\":%" PRIu64 "}",
+            errors, e_connect, e_handshake, e_timeout, e_unexpected, e_io, e_protocol);
+    fprintf(f,
+            ",\"poll_us\":%.0f,\"loop\":{\"epoll_waits\":%" PRIu64 ",\"events\":%" PRIu64 ",\"reads\":%" PRIu64
+            "},\"pings_answered\":%" PRIu64 ",\"fragmented_messages\":%" PRIu64,
+            o_poll_us, s_epoll_waits, s_events, s_reads, c_pings, c_fragmented);
+    fprintf(f, ",\"client_cpu_s\":%.6f,\"client_cpu_share\":%.6f", cpu, dur > 0 ? cpu / dur : 0);
+    if (srv >= 0)
+        fprintf(f, ",\"server_cpu_s\":%.6f,\"server_cpu_share\":%.6f", srv, dur > 0 ? srv / dur : 0);
+    if (srv_rss_ready >= 0)
+        fprintf(f, ",\"server_rss_kib_ready\":%ld,\"server_rss_kib_end\":%ld", srv_rss_ready, srv_rss_end);
+    if (o_mode != MODE_PUBLISH)
+        fprintf(f, ",\"ready_mono_ns\":%" PRId64 ",\"ready_realtime_ns\":%" PRId64, ready_mono, ready_real);
+    if (o_mode == MODE_EXPECT_CLOSE) {
+        fprintf(f, ",\"shutdown_frames\":%ld,\"closes\":%ld,\"close_frames\":%" PRIu64 ",\"eofs\":%" PRIu64,
+                sh.count, cl.count, c_close_frames, c_eofs);
+        /* close codes seen (few distinct values) */
+        uint16_t codes[16];
+        long counts[16];
+        int nc = 0;
+        for (long i = 0; i < total; i++) {
+            uint16_t cc = conns[i].close_code;
+            if (!cc)
+                continue;
+            int k = 0;
+            while (k < nc && codes[k] != cc)
+                k++;
+            if (k == nc) {
+                if (nc == 16)
+                    continue;
+                codes[nc] = cc;
+                counts[nc++] = 0;
+            }
+            counts[k]++;
+        }
+        fputs(",\"close_codes\":{", f);
+        for (int k = 0; k < nc; k++)
+            fprintf(f, "%s\"%u\":%ld", k ? "," : "", codes[k], counts[k]);
+        fputc('}', f);
+        fputc(',', f);
+        json_tstats(f, "shutdown", sh, rt_off);
+        fputc(',', f);
+        json_tstats(f, "close", cl, rt_off);
+    }
+    fputs("}\n", f);
+    fflush(f);
+}
+
+/* ---- phases ---- */
+static void start_measure(int64_t now)
+{
+    meas_start = now;
+    s_sent = c_sent;
+    s_delivered = c_delivered;
+    s_other = c_other;
+    s_epoll_waits = c_epoll_waits;
+    s_events = c_events;
+    s_reads = c_reads;
+    getrusage(RUSAGE_SELF, &ru_start);
+    srv_cpu_start = server_cpu();
+    g_measuring = 1;
+}
+
+static void end_measure(int64_t now)
+{
+    meas_end = now;
+    getrusage(RUSAGE_SELF, &ru_end);
+    srv_cpu_end = server_cpu();
+    srv_rss_end = server_rss();
+    g_measuring = 0;
+    s_sent = c_sent - s_sent;
+    s_delivered = c_delivered - s_delivered;
+    s_other = c_other - s_other;
+    s_epoll_waits = c_epoll_waits - s_epoll_waits;
+    s_events = c_events - s_events;
+    s_reads = c_reads - s_reads;
+}
+
+static void start_closing(int64_t now)
+{
+    g_publishing = 0;
+    phase = PH_CLOSING;
+    close_deadline = now + (int64_t)(o_close_timeout * 1e9);
+    for (long i = 0; i < total; i++) {
+        conn *c = &conns[i];
+        if (c->state == ST_OPEN) {
+            send_close(c, 1000);
+            flush_conn(c);
+        } else if (c->state == ST_CONNECTING || c->state == ST_HANDSHAKE) {
+            conn_close(c);
+        }
+    }
+}
+
+static void finish(int64_t now)
+{
+    if (!g_measuring) /* stopped before measuring started */
+        start_measure(now);
+    end_measure(now);
+    if (!ramp_end)
+        ramp_end = now;
+    report();
+    start_closing(now);
+}
+
+static void ramp_done(int64_t now)
+{
+    ramp_end = now;
+    logmsg("connected %ld/%ld in %.3f s", n_connected, total, (double)(ramp_end - ramp_start) / 1e9);
+    if (n_connected < total)
+        g_exit_code = 3;
+    if (n_connected == 0) {
+        logmsg("no connection could be opened");
+        finish(now);
+        return;
+    }
+    if (o_mode == MODE_PUBLISH) {
+        phase = PH_WARMUP;
+        warm_end = now + (int64_t)(o_warmup * 1e9);
+        g_publishing = 1;
+        for (long i = o_subs; i < total; i++) {
+            conn *c = &conns[i];
+            if (c->state == ST_OPEN) {
+                c->last_echo = now;
+                fill_window(c, now);
+                flush_conn(c);
+            }
+        }
+        if (o_warmup <= 0) {
+            phase = PH_MEASURE;
+            start_measure(now);
+        }
+    } else {
+        ready_mono = mono_ns();
+        ready_real = real_ns();
+        srv_rss_ready = server_rss();
+        fprintf(stderr, "wsbench: ready connected=%ld mono_ns=%" PRId64 " realtime_ns=%" PRId64 "\n", n_connected,
+                ready_mono, ready_real);
+        phase = PH_HOLD;
+        hold_end = now + (int64_t)(o_duration * 1e9);
+        start_measure(now);
+    }
+}
+
+static void housekeep(int64_t now)
+{
+    if (phase == PH_RAMP) {
+        int64_t lim = (int64_t)(o_conn_timeout * 1e9);
+        for (long i = 0; i < next_launch; i++) {
+            conn *c = &conns[i];
+            if ((c->state == ST_CONNECTING || c->state == ST_HANDSHAKE) && now - c->t_start > lim) {
+                e_timeout++;
+                conn_close(c);
+            }
+        }
+    } else if (g_publishing && o_stall > 0) {
+        int64_t lim = (int64_t)(o_stall * 1e9);
+        for (long i = o_subs; i < total; i++) {
+            conn *c = &conns[i];
+            if (c->state == ST_OPEN && c->inflight && now - c->last_echo > lim) {
+                /* messages lost (dropped by the server?): refill the window */
+                c_stalls++;
+                c->inflight = 0;
+                c->last_echo = now;
+                fill_window(c, now);
+                flush_conn(c);
+            }
+        }
+    }
+}
+
+static void tick(int64_t now)
+{
+    if (g_signals) {
+        if (phase == PH_CLOSING) {
+            phase = PH_EXIT;
+            return;
+        }
+        g_signals = 0;
+        logmsg("signal: stopping");
+        finish(now);
+        return;
+    }
+    if (now - last_housekeep >= HOUSEKEEP_NS) {
+        last_housekeep = now;
+        housekeep(now);
+    }
+    switch (phase) {
+    case PH_RAMP:
+        while (next_launch < total && pending < o_max_pending) {
+            if (o_rate > 0 && (double)next_launch >= o_rate * (double)(now - ramp_start) / 1e9 + 1)
+                break;
+            launch(&conns[next_launch++], now);
+        }
+        if (n_done == total)
+            ramp_done(now);
+        break;
+    case PH_WARMUP:
+        if (now >= warm_end) {
+            phase = PH_MEASURE;
+            start_measure(now);
+        }
+        break;
+    case PH_MEASURE:
+        if (now >= meas_start + (int64_t)(o_duration * 1e9))
+            finish(now);
+        break;
+    case PH_HOLD:
+        if (now >= hold_end || (o_mode == MODE_EXPECT_CLOSE && n_open == 0))
+            finish(now);
+        break;
+    case PH_CLOSING:
+        if (n_open == 0 || now >= close_deadline) {
+            for (long i = 0; i < total; i++)
+                conn_close(&conns[i]);
+            phase = PH_EXIT;
+        }
+        break;
+    default:
+        break;
+    }
+}
+
+static int next_timeout_ms(int64_t now)
+{
+    int64_t dl = now + HOUSEKEEP_NS;
+    switch (phase) {
+    case PH_RAMP:
+        if (o_rate > 0 && next_launch < total && pending < o_max_pending) {
+            int64_t t = ramp_start + (int64_t)((double)next_launch / o_rate * 1e9);
+            if (t < dl)
+                dl = t;
+        }
+        break;
+    case PH_WARMUP:
+        if (warm_end < dl)
+            dl = warm_end;
+        break;
+    case PH_MEASURE: {
+        int64_t t = meas_start + (int64_t)(o_duration * 1e9);
+        if (t < dl)
+            dl = t;
+        break;
+    }
+    case PH_HOLD:
+        if (hold_end < dl)
+            dl = hold_end;
+        break;
+    case PH_CLOSING:
+        if (close_deadline < dl)
+            dl = close_deadline;
+        break;
+    default:
+        break;
+    }
+    int64_t ms = (dl - now + 999999) / 1000000;
+    return ms < 0 ? 0 : (int)ms;
+}
+
+/* ---- setup ---- */
+static void on_signal(int sig)
+{
+    (void)sig;
+    if (g_signals >= 2)
+        _exit(130);
+    g_signals++;
+}
+
+static void usage(FILE *f)
+{
+    fputs("usage: wsbench [options]\n"
+          "  --host H              server address (default 127.0.0.1)\n"
+          "  --port N              server port (default 8000)\n"
+          "  --path P              request path (default /ws)\n"
+          "  --origin O            send this Origin header\n"
+          "  --subscribers N       connections that only read (default 1000)\n"
+          "  --publishers P        connections that also send (default 1); total = N + P\n"
+          "  --window W            messages each publisher keeps in flight (default 1)\n"
+          "  --size B              payload bytes per message (default 100, min 48)\n"
+          "  --duration S          measured seconds (default 10)\n"
+          "  --warmup S            seconds of load before measuring (default 1)\n"
+          "  --connect-rate R      max new connections per second (default unlimited)\n"
+          "  --max-pending K       max handshakes outstanding (default 200)\n"
+          "  --connect-timeout S   per-connection connect+handshake timeout (default 10)\n"
+          "  --stall-timeout S     refill a publisher window after S s without an echo (default 5, 0 off)\n"
+          "  --close-timeout S     wait for the server's close replies at exit (default 2)\n"
+          "  --idle                connect, print ready, hold for --duration (no publishing)\n"
+          "  --expect-close        connect, print ready, time shutdown frames and closes\n"
+          "  --server-pid PID[,..] also report these processes' CPU and RSS\n"
+          "  --json                print one JSON object on stdout\n"
+          "  --quiet               fewer messages on stderr\n",
+          f);
+}
+
+static double parse_num(const char *name, const char *s, double lo, double hi)
+{
+    char *e;
+    errno = 0;
+    double v = strtod(s, &e);
+    if (errno || e == s || *e || v < lo || v > hi) {
+        fprintf(stderr, "wsbench: invalid --%s '%s' (allowed %g..%g)\n", name, s, lo, hi);
+        exit(2);
+    }
+    return v;
+}
+
+static void parse_args(int argc, char **argv)
+{
+    enum {
+        OPT_HOST = 256, OPT_PORT, OPT_PATH, OPT_ORIGIN, OPT_SUBS, OPT_PUBS, OPT_WINDOW, OPT_SIZE, OPT_DURATION, OPT_WARMUP, OPT_RATE,
+        OPT_PENDING, OPT_POLL, OPT_CTIMEOUT, OPT_STALL, OPT_CLOSE_TIMEOUT, OPT_IDLE, OPT_EXPECT, OPT_JSON, OPT_QUIET, OPT_SPID, OPT_HELP
+    };
+    static const struct option opts[] = {
+        {"host", required_argument, 0, OPT_HOST},
+        {"port", required_argument, 0, OPT_PORT},
+        {"path", required_argument, 0, OPT_PATH},
+        {"origin", required_argument, 0, OPT_ORIGIN},
+        {"subscribers", required_argument, 0, OPT_SUBS},
+        {"publishers", required_argument, 0, OPT_PUBS},
+        {"window", required_argument, 0, OPT_WINDOW},
+        {"size", required_argument, 0, OPT_SIZE},
+        {"duration", required_argument, 0, OPT_DURATION},
+        {"warmup", required_argument, 0, OPT_WARMUP},
+        {"connect-rate", required_argument, 0, OPT_RATE},
+        {"max-pending", required_argument, 0, OPT_PENDING},
+        {"poll-us", required_argument, 0, OPT_POLL},
+        {"connect-timeout", required_argument, 0, OPT_CTIMEOUT},
+        {"stall-timeout", required_argument, 0, OPT_STALL},
+        {"close-timeout", required_argument, 0, OPT_CLOSE_TIMEOUT},
+        {"idle", no_argument, 0, OPT_IDLE},
+        {"expect-close", no_argument, 0, OPT_EXPECT},
+        {"json", no_argument, 0, OPT_JSON},
+        {"quiet", no_argument, 0, OPT_QUIET},
+        {"server-pid", required_argument, 0, OPT_SPID},
+        {"help", no_argument, 0, OPT_HELP},
+        {0, 0, 0, 0},
+    };
+    int c;
+    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        switch (c) {
+        case OPT_HOST: o_host = optarg; break;
+        case OPT_PORT: o_port = (int)parse_num("port", optarg, 1, 65535); break;
+        case OPT_PATH: o_path = optarg; break;
+        case OPT_ORIGIN: o_origin = optarg; break;
+        case OPT_SUBS: o_subs = (long)parse_num("subscribers", optarg, 0, 1e7); break;
+        case OPT_PUBS:
+            o_pubs = (long)parse_num("publishers", optarg, 0, 1e6);
+            o_pubs_set = 1;
+            break;
+        case OPT_WINDOW: o_window = (long)parse_num("window", optarg, 1, 1e6); break;
+        case OPT_SIZE: o_size = (long)parse_num("size", optarg, MIN_SIZE, 64 << 20); break;
+        case OPT_DURATION: o_duration = parse_num("duration", optarg, 0, 1e7); break;
+        case OPT_WARMUP: o_warmup = parse_num("warmup", optarg, 0, 1e7); break;
+        case OPT_RATE: o_rate = parse_num("connect-rate", optarg, 0, 1e9); break;
+        case OPT_PENDING: o_max_pending = (long)parse_num("max-pending", optarg, 1, 1e7); break;
+        case OPT_POLL: o_poll_us = parse_num("poll-us", optarg, 0, 1e6); break;
+        case OPT_CTIMEOUT: o_conn_timeout = parse_num("connect-timeout", optarg, 0.001, 1e7); break;
+        case OPT_STALL: o_stall = parse_num("stall-timeout", optarg, 0, 1e7); break;
+        case OPT_CLOSE_TIMEOUT: o_close_timeout = parse_num("close-timeout", optarg, 0, 1e7); break;
+        case OPT_IDLE: o_mode = MODE_IDLE; break;
+        case OPT_EXPECT: o_mode = MODE_EXPECT_CLOSE; break;
+        case OPT_JSON: o_json = 1; break;
+        case OPT_QUIET: o_quiet = 1; break;
+        case OPT_SPID: o_server_pids = optarg; break;
+        case 'h':
+        case OPT_HELP: usage(stdout); exit(0);
+        default: usage(stderr); exit(2);
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "wsbench: unexpected argument '%s'\n", argv[optind]);
+        usage(stderr);
+        exit(2);
+    }
+    if (o_mode != MODE_PUBLISH && !o_pubs_set)
+        o_pubs = 0; /* idle / expect-close: only the subscribers, unless asked */
+    total = o_subs + o_pubs;
+    if (total < 1) {
+        fprintf(stderr, "wsbench: need at least one connection\n");
+        exit(2);
+    }
+}
+
+static void raise_nofile(void)
+{
+    struct rlimit rl;
+    rlim_t need = (rlim_t)total + 64;
+    if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
+        die("getrlimit: %s", strerror(errno));
+    if (rl.rlim_max != RLIM_INFINITY && rl.rlim_max < need) {
+        /* root (CAP_SYS_RESOURCE) may raise the hard limit too */
+        struct rlimit r2 = {need, need};
+        if (setrlimit(RLIMIT_NOFILE, &r2) == 0)
+            return;
+        die("%ld connections need %lu file descriptors but the hard limit (ulimit -Hn) is %lu", total,
+            (unsigned long)need, (unsigned long)rl.rlim_max);
+    }
+    rl.rlim_cur = rl.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
+        die("setrlimit(RLIMIT_NOFILE, %lu): %s", (unsigned long)rl.rlim_max, strerror(errno));
+}
+
+static void resolve(void)
+{
+    struct addrinfo hints, *res;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_socktype = SOCK_STREAM;
+    char port[16];
+    snprintf(port, sizeof port, "%d", o_port);
+    int r = getaddrinfo(o_host, port, &hints, &res);
+    if (r)
+        die("cannot resolve %s: %s", o_host, gai_strerror(r));
+    memcpy(&g_addr, res->ai_addr, res->ai_addrlen);
+    g_addrlen = res->ai_addrlen;
+    freeaddrinfo(res);
+    int v6 = strchr(o_host, ':') != NULL;
+    int n = snprintf(g_req, sizeof g_req,
+                     "GET %s HTTP/1.1\r\nHost: %s%s%s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Key: " WS_KEY "\r\nSec-WebSocket-Version: 13\r\n%s%s%s\r\n",
+                     o_path, v6 ? "[" : "", o_host, v6 ? "]" : "", o_port, o_origin ? "Origin: " : "",
+                     o_origin ? o_origin : "", o_origin ? "\r\n" : "");
+    if (n < 0 || (size_t)n >= sizeof g_req)
+        die("request line too long");
+    g_reqlen = (size_t)n;
+}
+
+int main(int argc, char **argv)
+{
+    parse_args(argc, argv);
+    raise_nofile();
+    resolve();
+
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = SIG_IGN;
+    sigaction(SIGPIPE, &sa, NULL);
+    sa.sa_handler = on_signal; /* no SA_RESTART: epoll_wait returns EINTR */
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+
+    conns = calloc((size_t)total, sizeof *conns);
+    g_shared = malloc(SMALL_MAX + READ_SZ + 16);
+    if (!conns || !g_shared)
+        die("out of memory");
+    for (long i = 0; i < total; i++) {
+        conns[i].fd = -1;
+        if (i >= o_subs) {
+            conns[i].is_pub = 1;
+            conns[i].pubid = (uint32_t)(i - o_subs);
+        }
+    }
+    build_template();
+    ep = epoll_create1(EPOLL_CLOEXEC);
+    if (ep < 0)
+        die("epoll_create1: %s", strerror(errno));
+
+    struct epoll_event evs[MAX_EVENTS];
+    int64_t poll_ns = (int64_t)(o_poll_us * 1e3);
+    ramp_start = last_housekeep = mono_ns();
+    logmsg("connecting %ld connections to %s:%d%s", total, o_host, o_port, o_path);
+    while (phase != PH_EXIT) {
+        int64_t now = mono_ns();
+        tick(now);
+        if (phase == PH_EXIT)
+            break;
+        int64_t wait_start = mono_ns();
+        int n = epoll_wait(ep, evs, MAX_EVENTS, next_timeout_ms(wait_start));
+        c_epoll_waits++;
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            die("epoll_wait: %s", strerror(errno));
+        }
+        c_events += (uint64_t)n;
+        for (int i = 0; i < n; i++)
+            on_event(&conns[evs[i].data.u64], evs[i].events);
+        if (poll_ns && n > 0 && n < MAX_EVENTS && phase != PH_RAMP) {
+            /* batch: let frames pile up instead of waking for each one */
+            int64_t until = wait_start + poll_ns;
+            struct timespec ts = {(time_t)(until / 1000000000LL), (long)(until % 1000000000LL)};
+            if (until > mono_ns())
+                clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
+        }
+    }
+    if (n_connected == 0)
+        g_exit_code = 1;
+    return g_exit_code;
+}
