@@ -10,6 +10,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
 
+from tornado.httputil import HTTPHeaders
 from tornado.web import RequestHandler
 from tornado.websocket import WebSocketHandler, WebSocketProtocol
 
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 RATE_LIMIT_STRIKES = 10
 #: The placeholder in static/index.html that the page handler fills in.
 WS_PATH_TOKEN = "__EBBCAST_WS_PATH__"
+#: Stands in for the headers of a finished handshake (never modified).
+_NO_HEADERS = HTTPHeaders()
 #: Ids a client may choose in /ws/{client_id}.
 CLIENT_ID_PATTERN = r"[A-Za-z0-9_.~-]{1,64}"
 
@@ -120,6 +123,7 @@ class BroadcastSocket(WebSocketHandler):
         self.opened_at = self.last_pong = time.monotonic()
         configure_stream(self._protocol, ctx.config.limits.client_queue_bytes)
         self._bucket = TokenBucket(ctx.config.limits.burst, time.monotonic())
+        self._drop_http_state()
         ctx.registry.add(self)
         ctx.fanout.joined(self)
         ctx.metrics.accepted.inc()
@@ -128,6 +132,13 @@ class BroadcastSocket(WebSocketHandler):
             self.send_text(frames.welcome(self.client_id, ctx.node_id, len(ctx.registry)))
             if ctx.lifecycle.state is State.DRAINING:
                 self.send_shutdown()
+
+    def _drop_http_state(self) -> None:
+        """Let the finished HTTP exchange go: its headers and HTTP connection object
+        are a few kilobytes per client, and nothing reads them after the handshake."""
+        self.request.headers = _NO_HEADERS
+        self.request.connection = None
+        self._headers = _NO_HEADERS
 
     def send_frame(self, frame: bytes) -> bool:
         """Write encoded frames now (the fan-out's flush calls this); False if not sent."""
