@@ -43,8 +43,9 @@ test-versions:
 	done
 
 # Root only: install as README "Running under systemd" says (venv under /opt).
+# Debian's own Python: the service user cannot reach an interpreter under /root.
 install-systemd:
-	$(PYTHON) -m venv /opt/ebbcast
+	/usr/bin/python3 -m venv /opt/ebbcast
 	/opt/ebbcast/bin/pip install --quiet .
 	install -d -m 0755 /etc/ebbcast
 	[ -f /etc/ebbcast/ebbcast.toml ] || install -m 0644 config/ebbcast.toml /etc/ebbcast/ebbcast.toml
