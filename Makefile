@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Debian packages the test suite needs: systemd-analyze for the unit checks,
-# promtool (package prometheus) to validate the metrics exposition.
-TEST_DEBS := python3-venv systemd prometheus
+# promtool (package prometheus) to validate the metrics exposition, a C compiler
+# for the benchmark's load generator, node and npm for its reference server.
+TEST_DEBS := python3-venv systemd prometheus gcc make libc6-dev
 # Other supported CPython versions (from pyenv) that CI runs the suite on.
 OTHER_PYTHONS ?= 3.10 3.12 3.13
 
@@ -28,6 +29,7 @@ test: $(BIN)/ebbcast typecheck
 # Root only: the system packages the tests use (fails, never skips, without them).
 test-deps:
 	@missing=""; for p in $(TEST_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
 	if [ -n "$$missing" ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
