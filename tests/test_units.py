@@ -126,3 +126,14 @@ def test_client_prints_each_frame_as_one_json_line():
     assert json.loads(frame_as_json_line("[1]")) == {"text": "[1]"}
     assert json.loads(frame_as_json_line(b"\x00\xff")) == {"binary_base64": "AP8="}
     assert "\n" not in frame_as_json_line('{"a":\n1}')
+
+
+def test_keepalive_overdue_picks_only_pinged_silent_connections():
+    from types import SimpleNamespace
+
+    from ebbcast.keepalive import overdue
+
+    ponged = SimpleNamespace(opened_at=0.0, last_pong=10.5)
+    silent = SimpleNamespace(opened_at=0.0, last_pong=9.0)
+    newcomer = SimpleNamespace(opened_at=10.2, last_pong=10.2)  # joined after the ping
+    assert overdue((ponged, silent, newcomer), pinged_at=10.0) == [silent]

@@ -228,3 +228,13 @@ async def test_tls_serves_wss_and_https(start_daemon, tmp_path):
     assert (await recv_json(conn))["type"] == "welcome"
     await conn.write_message("over tls")
     assert (await recv_json(conn))["text"] == "over tls"
+
+
+async def test_clients_that_answer_pings_stay_connected(start_daemon):
+    d = await start_daemon(keepalive__ping_interval="50ms", keepalive__ping_timeout="50ms")
+    conn, _ = await d.connect_welcomed()  # Tornado's client answers pings itself
+    server_side = d.daemon.ctx.registry.snapshot()[0]
+    first_pong = server_side.last_pong
+    await wait_until(lambda: server_side.last_pong > first_pong + 0.2)  # several rounds
+    assert len(d.daemon.ctx.registry) == 1
+    assert d.daemon.metrics.disconnections.labels("ping_timeout")._value.get() == 0
