@@ -23,7 +23,12 @@ run: $(BIN)/ebbcast
 typecheck: $(BIN)/ebbcast
 	$(BIN)/mypy
 
-test: $(BIN)/ebbcast typecheck
+# The benchmark's reference server (bench/servers/node_ws), for the harness smoke test.
+NODE_WS := bench/servers/node_ws/node_modules/ws/package.json
+$(NODE_WS): bench/servers/node_ws/package.json
+	cd bench/servers/node_ws && npm install --no-audit --no-fund --silent
+
+test: $(BIN)/ebbcast typecheck $(NODE_WS)
 	$(BIN)/python -m pytest
 
 # Root only: the system packages the tests use (fails, never skips, without them).

@@ -214,13 +214,13 @@ class DaemonProcess:
     """``python -m ebbcast serve ...`` with its stderr collected line by line."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None,
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, preexec_fn: Callable[[], Any] | None = None) -> None:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("EBBCAST_")}
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ebbcast", *args], stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
-            cwd=cwd)
+            cwd=cwd, preexec_fn=preexec_fn)
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -308,8 +308,9 @@ def spawn() -> Iterator[Callable[..., DaemonProcess]]:
     procs: list[DaemonProcess] = []
 
     def start(*args: str, env: dict[str, str] | None = None, wait: bool = True,
-              cwd: Path | None = None) -> DaemonProcess:
-        proc = DaemonProcess(list(args), env=env, cwd=cwd)
+              cwd: Path | None = None,
+              preexec_fn: Callable[[], Any] | None = None) -> DaemonProcess:
+        proc = DaemonProcess(list(args), env=env, cwd=cwd, preexec_fn=preexec_fn)
         procs.append(proc)
         return proc.wait_serving() if wait else proc
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
@@ -105,7 +106,9 @@ async def test_drain_refuses_new_clients_notifies_and_keeps_serving(start_daemon
     await a.write_message("still chatting")  # the clients keep being served
     assert (await recv_json(b))["text"] == "still chatting"
     a.close()
-    assert not d.task.done()
+    await wait_until(lambda: len(d.daemon.ctx.registry) == 1)
+    await asyncio.sleep(0.05)  # give a wrong early exit the chance to show
+    assert d.daemon.lifecycle.state.value == "draining" and not d.task.done()
     b.close()
     assert await d.stopped() is StopReason.DRAINED
 
@@ -138,9 +141,10 @@ async def test_periodic_continues_during_drain(start_daemon):
     conn, _ = await d.connect_welcomed()
     d.daemon.record_signal(signal.SIGTERM)
     await recv_until(conn, "shutdown")
-    frame = await recv_until(conn, "periodic")
-    assert frame["connections"] == 1
-    await wait_until(lambda: d.daemon.lifecycle.drain is not None)
+    first = await recv_until(conn, "periodic")
+    second = await recv_until(conn, "periodic")
+    assert first["connections"] == 1 and second["seq"] == first["seq"] + 1
+    assert d.daemon.lifecycle.state.value == "draining"
 
 
 async def test_upgrade_on_a_kept_alive_connection_is_refused_503_while_draining(start_daemon):
@@ -184,3 +188,55 @@ async def test_metrics_pass_promtool_check(start_daemon):
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     output, _ = await asyncio.wait_for(check.communicate(exposition), 30)
     assert check.returncode == 0 and output == b"", output.decode()
+
+
+async def test_admin_broadcast_larger_than_a_client_queue_reaches_everyone(start_daemon):
+    """One big frame is not a slow client: it goes to a client with nothing queued."""
+    d = await start_daemon(server__max_message_bytes="300000",
+                           limits__client_queue_bytes="65536")
+    a, _ = await d.connect_welcomed()
+    b, _ = await d.connect_welcomed()
+    body = '"' * 120000  # 240 kB once JSON-escaped
+    assert (await d.admin("/broadcast", "POST", body, token=TOKEN)).code == 202
+    for conn in (a, b):
+        assert (await recv_json(conn))["text"] == body
+    assert d.daemon.metrics.disconnections.labels("slow_consumer")._value.get() == 0
+    too_big = await d.admin("/broadcast", "POST", "x" * 300001, token=TOKEN)
+    assert too_big.code == 413 and b"max_message_bytes" in too_big.body
+
+
+async def test_second_signal_during_the_deadline_close_aborts_at_once(start_daemon):
+    from conftest import never_reading_client
+
+    d = await start_daemon(shutdown__drain_timeout="100ms")
+    silent = await never_reading_client(d.ws_url)  # will never answer the close frame
+    try:
+        await wait_until(lambda: len(d.daemon.ctx.registry) == 1)
+        d.daemon.record_signal(signal.SIGTERM)
+        await wait_until(lambda: d.daemon.lifecycle.state.value == "stopping")
+        d.daemon.record_signal(signal.SIGTERM)
+        # without the second signal it would wait DEADLINE_CLOSE_GRACE (3 s)
+        assert await asyncio.wait_for(asyncio.shield(d.task), 1.5) is StopReason.DEADLINE
+        assert len(d.daemon.ctx.registry) == 0
+    finally:
+        silent.close()
+
+
+async def test_frames_from_a_client_the_server_is_closing_are_not_relayed(start_daemon):
+    from conftest import never_reading_client
+
+    d = await start_daemon()
+    listener, _ = await d.connect_welcomed("/listener")
+    closing = await never_reading_client(d.ws_url)
+    try:
+        await wait_until(lambda: len(d.daemon.ctx.registry) == 2)
+        (server_side,) = [c for c in d.daemon.ctx.registry.snapshot()
+                          if c.client_id != "listener"]
+        server_side.end("policy", 1008, "go away")
+        # a masked text frame (zero key) sent after the server's close frame
+        closing.sendall(b"\x81\x85\x00\x00\x00\x00late!")
+        await asyncio.sleep(0.05)
+        d.daemon.ctx.fanout.broadcast("marker", "admin")
+        assert await recv(listener) == "marker"  # and not "late!" before it
+    finally:
+        closing.close()

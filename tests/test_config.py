@@ -188,3 +188,9 @@ def test_workers_and_redis_are_refused_until_supported():
         check_supported(load_config(env={"EBBCAST_SERVER_WORKERS": "2",
                                          "EBBCAST_BACKPLANE_URL": "redis://127.0.0.1:6379/0"}))
     assert [key for key, _ in caught.value.problems] == ["server.workers", "backplane.url"]
+
+
+def test_absurd_env_values_are_config_errors_not_crashes():
+    found = dict(problems(env={"EBBCAST_SERVER_ALLOWED_ORIGINS": "[" * 100000}))
+    assert "server.allowed_origins" in found
+    assert format_duration(1e-05) == "0.01ms" and parse_duration("0.01ms") == pytest.approx(1e-05)

@@ -218,3 +218,27 @@ def test_admin_drain_endpoint_behaves_like_sigterm(connect, spawn):
     recv_type(ws, "shutdown")
     ws.close()
     assert d.wait_exit() == 0
+
+
+def _block_handled_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_during_start_up_is_handled_not_fatal(spawn, signum):
+    """A signal sent before the daemon is serving waits, then is acted on.
+
+    ebbcast holds these signals from the top of ``serve`` until its handlers are in
+    place. The child starts with them blocked too, so that the test need not race
+    the interpreter's own start-up, which no program can cover.
+    """
+    d = spawn(*FAST, wait=False, preexec_fn=_block_handled_signals)
+    d.signal(signum)  # at once: long before the listeners are bound
+    if signum == signal.SIGHUP:  # a reload; the daemon keeps serving
+        d.wait_serving()
+        d.wait_for_log(r"config reloaded")
+        d.signal(signal.SIGTERM)
+    else:
+        d.wait_for_log(r"drain started by SIG(TERM|INT): 0 connections")
+    assert d.wait_exit() == 0
+    assert "Traceback" not in d.log_text()

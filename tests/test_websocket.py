@@ -238,3 +238,24 @@ async def test_clients_that_answer_pings_stay_connected(start_daemon):
     await wait_until(lambda: server_side.last_pong > first_pong + 0.2)  # several rounds
     assert len(d.daemon.ctx.registry) == 1
     assert d.daemon.metrics.disconnections.labels("ping_timeout")._value.get() == 0
+
+
+async def test_a_ping_timeout_of_zero_never_closes_a_silent_client(start_daemon):
+    d = await start_daemon(keepalive__ping_interval="30ms", keepalive__ping_timeout="0",
+                           broadcast__envelope="raw")
+    silent = await never_reading_client(d.ws_url)
+    try:
+        def pings() -> int:
+            from conftest import STEP_TIMEOUT
+            silent.settimeout(STEP_TIMEOUT)
+            seen, buffer = 0, b""
+            while seen < 4:
+                buffer += silent.recv(2)
+                while len(buffer) >= 2:  # only empty pings arrive (raw mode, no traffic)
+                    assert buffer[:2] == b"\x89\x00", buffer
+                    buffer, seen = buffer[2:], seen + 1
+            return seen
+        assert await asyncio.to_thread(pings) == 4
+        assert len(d.daemon.ctx.registry) == 1
+    finally:
+        silent.close()

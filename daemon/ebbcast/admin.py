@@ -101,6 +101,10 @@ class BroadcastHandler(AdminHandler):
         except UnicodeDecodeError:
             self.write_json(400, {"error": "body must be UTF-8 text"})
             return
+        limit = self.ctx.config.server.max_message_bytes
+        if len(self.request.body) > limit:
+            self.write_json(413, {"error": f"body over server.max_message_bytes ({limit})"})
+            return
         payload = text
         if self.ctx.config.broadcast.envelope == "json":
             payload = frames.message("admin", text, time.time())

@@ -7,6 +7,7 @@ import asyncio
 import enum
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -104,9 +105,13 @@ def check_config(path: str) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from ebbcast.daemon import BindError, Daemon
+    from ebbcast.daemon import HANDLED_SIGNALS, BindError, Daemon
     from ebbcast.logs import configure_logging
 
+    # Hold stop and reload signals until the daemon's handlers are in place: one
+    # that arrives during start-up then starts a (quick) drain instead of killing
+    # the process or raising KeyboardInterrupt. Daemon.run unblocks them.
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     path = getattr(args, "config", None)
     overrides = {key: value for flag, key in SERVE_FLAGS.items()
                  if (value := getattr(args, flag, None)) is not None}

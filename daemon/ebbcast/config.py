@@ -92,7 +92,7 @@ def format_duration(seconds: float) -> str:
     millis = seconds * 1000
     if millis.is_integer():
         return f"{int(millis)}ms"
-    return f"{seconds}s"
+    return f"{millis:.6f}".rstrip("0").rstrip(".") + "ms"
 
 
 def _parse_bool_text(text: str) -> bool:
@@ -109,7 +109,7 @@ def _parse_list_text(text: str) -> list[str]:
     if stripped.startswith("["):
         try:
             parsed = json.loads(stripped)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ValueError(f"invalid JSON list: {exc}") from None
         if not isinstance(parsed, list):
             raise ValueError("expected a JSON list of strings")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import re
 import signal
@@ -42,8 +43,9 @@ from ebbcast.registry import ConnectionRegistry
 
 log = logging.getLogger(__name__)
 
-#: How long clients closed at the deadline get to finish their close handshake.
-DEADLINE_CLOSE_GRACE = 5.0
+#: How long clients closed at the deadline get to finish their close handshake
+#: (below Tornado's own 5 s, so that ebbcast, not Tornado, ends the wait).
+DEADLINE_CLOSE_GRACE = 3.0
 #: The same after a second stop signal, which asks for a prompt exit.
 FORCED_CLOSE_GRACE = 2.0
 LISTEN_BACKLOG = 2048
@@ -136,6 +138,7 @@ class Daemon:
         if self._handle_signals:
             for sig in HANDLED_SIGNALS:
                 loop.add_signal_handler(sig, self.record_signal, sig)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # see cli.serve
         try:
             self._start()
             await self._supervise()
@@ -159,12 +162,15 @@ class Daemon:
         scheme = "https" if self._tls else "http"
         self.urls = {"ws": _url(scheme, public[0], config.server.ws_path),
                      "page": _url(scheme, public[0], "/"), "admin": _url("http", admin[0])}
+        bound = {  # every address, e.g. both 0.0.0.0 and :: for host ""
+            "ws": ",".join(_url(scheme, s, config.server.ws_path) for s in public),
+            "admin": ",".join(_url("http", s) for s in admin)}
         self.lifecycle.serve()
         self.serving.set()
         self._periodic.start()
         self._keepalive.start()
         log.info("ebbcast %s (pid %d) started", __version__, os.getpid())
-        log.info("serving ws=%s admin=%s", self.urls["ws"], self.urls["admin"])
+        log.info("serving ws=%s admin=%s", bound["ws"], bound["admin"])
         self._notifier.ready(f"serving on {self.urls['ws']}")
         if self._notifier.watchdog_interval:
             self._watchdog = PeriodicCallback(self._send_watchdog,
@@ -236,7 +242,7 @@ class Daemon:
         self.metrics.drain_started_at(plan.started_unix, plan.deadline_unix)
         remaining = len(self.ctx.registry)
         log.info("drain started by %s: %d connections, deadline in %ds (at %s)", source,
-                 remaining, round(plan.timeout),
+                 remaining, math.ceil(plan.timeout),
                  time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(plan.deadline_unix)))
         status = self._drain_status(now_mono)
         self._notifier.stopping(status)
@@ -250,7 +256,7 @@ class Daemon:
         plan = self.lifecycle.drain
         assert plan is not None
         return (f"draining: {len(self.ctx.registry)} connections remain, "
-                f"{int(plan.seconds_left(now_mono))}s left")
+                f"{math.ceil(plan.seconds_left(now_mono))}s left")
 
     def _extend_seconds(self) -> float:
         """How long systemd should wait beyond now: past the next tick, with margin."""
@@ -280,17 +286,28 @@ class Daemon:
             conn.end(reason, code, text)
 
     async def _await_closed(self) -> None:
-        """Give closing clients a few seconds for their close handshake, then abort."""
+        """Give closing clients a few seconds for their close handshake, then abort.
+
+        Another stop signal meanwhile aborts them at once.
+        """
         registry = self.ctx.registry
+        grace = FORCED_CLOSE_GRACE if self.lifecycle.stop_reason is StopReason.FORCED \
+            else DEADLINE_CLOSE_GRACE
+        give_up = time.monotonic() + grace
+        while len(registry) and time.monotonic() < give_up:
+            event = asyncio.ensure_future(self._events.get())
+            empty = asyncio.ensure_future(registry.wait_empty())
+            await asyncio.wait({event, empty}, timeout=give_up - time.monotonic(),
+                               return_when=asyncio.FIRST_COMPLETED)
+            empty.cancel()
+            if not event.done():
+                event.cancel()
+            elif event.result()[0] == "signal" and event.result()[1] in STOP_SIGNALS:
+                break
         if len(registry):
-            grace = FORCED_CLOSE_GRACE if self.lifecycle.stop_reason is StopReason.FORCED \
-                else DEADLINE_CLOSE_GRACE
-            try:
-                await asyncio.wait_for(registry.wait_empty(), grace)
-            except asyncio.TimeoutError:
-                log.info("aborting %d connections that did not finish closing", len(registry))
-                for conn in registry.snapshot():
-                    conn.on_connection_close()
+            log.info("aborting %d connections that did not finish closing", len(registry))
+            for conn in registry.snapshot():
+                conn.on_connection_close()
         log.info("stopped (%s)", self.lifecycle.stop_reason.value
                  if self.lifecycle.stop_reason else "normal")
 
@@ -317,6 +334,10 @@ class Daemon:
             self._periodic.restart()
         if "keepalive.ping_interval" in changed:
             self._keepalive.start()
+        plan = self.lifecycle.drain
+        if plan is not None and "shutdown.progress_interval" in changed:
+            self._next_tick = plan.next_tick(time.monotonic(),
+                                             self.ctx.config.shutdown.progress_interval)
         applied = [key for key in changed if is_reloadable(key)]
         log.info("config reloaded: %s", ", ".join(applied) if applied else "no change")
 

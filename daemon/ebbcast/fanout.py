@@ -24,12 +24,15 @@ aborted as a slow consumer beyond that (see the handler's ``send_frame``).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Protocol
 
 from ebbcast.metrics import Metrics
 from ebbcast.registry import ConnectionRegistry
 from ebbcast.wire import encode_frame
+
+log = logging.getLogger(__name__)
 
 #: Connections written per loop pass (about 10-20 ms of send() calls here).
 DEFAULT_SLICE_SIZE = 500
@@ -142,7 +145,12 @@ class Fanout:
                 return
             self._flush = _Flush(self._pending, self._registry.snapshot())
             self._pending = _Batch()
-        if self._write_slice(self._flush):
+        try:
+            done = self._write_slice(self._flush)
+        except Exception:  # a bug must not wedge every later broadcast
+            log.exception("fan-out failed; the rest of this batch is dropped")
+            done = True
+        if done:
             self._finish(self._flush)
             self._flush = None
             if not self._pending:

@@ -27,8 +27,16 @@ log = logging.getLogger(__name__)
 RATE_LIMIT_STRIKES = 10
 #: The placeholder in static/index.html that the page handler fills in.
 WS_PATH_TOKEN = "__EBBCAST_WS_PATH__"
-#: Stands in for the headers of a finished handshake (never modified).
-_NO_HEADERS = HTTPHeaders()
+class _NoHeaders(HTTPHeaders):
+    """Stands in for the headers of a finished handshake; refuses every change."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("the handshake is over: its headers are gone")
+
+    __setitem__ = __delitem__ = add = parse_line = _refuse
+
+
+_NO_HEADERS = _NoHeaders()
 #: Ids a client may choose in /ws/{client_id}.
 CLIENT_ID_PATTERN = r"[A-Za-z0-9_.~-]{1,64}"
 
@@ -121,7 +129,7 @@ class BroadcastSocket(WebSocketHandler):
         self._protocol = self.ws_connection
         self.client_id = client_id or secrets.token_hex(8)
         self.opened_at = self.last_pong = time.monotonic()
-        configure_stream(self._protocol, ctx.config.limits.client_queue_bytes)
+        configure_stream(self._protocol)
         self._bucket = TokenBucket(ctx.config.limits.burst, time.monotonic())
         self._drop_http_state()
         ctx.registry.add(self)
@@ -143,7 +151,7 @@ class BroadcastSocket(WebSocketHandler):
     def send_frame(self, frame: bytes) -> bool:
         """Write encoded frames now (the fan-out's flush calls this); False if not sent."""
         try:
-            return write_frame(self._protocol, frame)
+            return write_frame(self._protocol, frame, self.ctx.config.limits.client_queue_bytes)
         except SlowConsumer:
             log.debug("client %s is a slow consumer: aborted", self.client_id)
             self._disconnect_reason = "slow_consumer"
@@ -170,6 +178,8 @@ class BroadcastSocket(WebSocketHandler):
         self.last_pong = time.monotonic()
 
     def on_message(self, message: str | bytes) -> None:
+        if self._protocol is None or self._protocol.is_closing():
+            return  # closed by the server (limits, deadline): nothing more is relayed
         ctx = self.ctx
         ctx.metrics.received.inc()
         try:

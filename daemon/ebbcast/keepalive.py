@@ -5,7 +5,8 @@ kilobyte of memory per idle client and one send() per ping. Here one timer sends
 the same two-byte ping frame to every connection through the fan-out's shared
 batch (so under load a ping rides along with data, at no extra send()), and
 ``ping_timeout`` later checks that each pinged connection has answered with a pong
-since; one that has not is closed and counted as ``ping_timeout``.
+since; one that has not is closed and counted as ``ping_timeout``. A ping_timeout
+of 0 never closes anyone; a ping_interval of 0 sends no pings.
 
 Settings are read at every round, so a SIGHUP reload applies from the next one.
 """
@@ -51,37 +52,45 @@ class Keepalive(Generic[P]):
         self._fanout = fanout
         self._config = config
         self._clock = clock
-        self._handle: asyncio.TimerHandle | None = None
+        self._next_round: asyncio.TimerHandle | None = None
+        self._checks: set[asyncio.TimerHandle] = set()
 
     def start(self) -> None:
+        """(Re)start the rounds with the current ping_interval; 0 disables pings."""
         self.stop()
-        self._schedule(self._config().keepalive.ping_interval, self._ping_round)
+        interval = self._config().keepalive.ping_interval
+        if interval > 0:
+            self._next_round = asyncio.get_running_loop().call_later(interval,
+                                                                     self._ping_round)
 
     def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-
-    def _schedule(self, delay: float, callback: Callable[..., None], *args: float) -> None:
-        """Run ``callback`` after ``delay``; a delay of 0 means pings are disabled."""
-        self._handle = None
-        if delay > 0:
-            self._handle = asyncio.get_running_loop().call_later(delay, callback, *args)
+        for handle in (self._next_round, *self._checks):
+            if handle is not None:
+                handle.cancel()
+        self._next_round = None
+        self._checks.clear()
 
     def _ping_round(self) -> None:
         settings = self._config().keepalive
+        loop = asyncio.get_running_loop()
         pinged_at = self._clock()
         if len(self._registry):
             self._fanout.send_control(PING_FRAME)
-        timeout = min(settings.ping_timeout, settings.ping_interval) or settings.ping_interval
-        self._schedule(timeout, self._check_round, pinged_at)
+            if settings.ping_timeout > 0:
+                check = loop.call_later(settings.ping_timeout, self._check_round, pinged_at)
+                self._checks.add(check)
+        self._next_round = None
+        if settings.ping_interval > 0:
+            self._next_round = loop.call_later(settings.ping_interval, self._ping_round)
 
     def _check_round(self, pinged_at: float) -> None:
+        """Close the connections that have not ponged since the ping at pinged_at.
+
+        Rounds may overlap (ping_timeout longer than ping_interval): a pong answers
+        every ping sent before it.
+        """
+        self._checks = {h for h in self._checks if not h.cancelled() and h.when() >
+                        asyncio.get_running_loop().time()}
         for conn in overdue(self._registry.snapshot(), pinged_at):
             log.debug("closing a connection that did not answer a ping")
             conn.end("ping_timeout", 1000, "ping timed out")
-        interval = self._config().keepalive.ping_interval
-        if interval:
-            self._schedule(max(0.001, pinged_at + interval - self._clock()), self._ping_round)
-        else:
-            self._handle = None

@@ -8,8 +8,9 @@ import sys
 import time
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-#: Tornado logs every HTTP request at INFO; ebbcast keeps INFO for lifecycle events.
-_QUIET_LOGGERS = ("tornado.access",)
+#: Tornado logs every HTTP request, and every malformed one, at INFO; ebbcast keeps
+#: INFO for lifecycle events, so a stranger's requests cannot write INFO lines.
+_QUIET_LOGGERS = ("tornado.access", "tornado.general")
 
 
 class JsonFormatter(logging.Formatter):

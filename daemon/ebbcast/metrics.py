@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
+                               generate_latest)
 
 from ebbcast import __version__
 
@@ -55,6 +56,7 @@ class Metrics:
                                   "1 when the backplane is connected.", registry=r)
         self.build_info = Gauge("ebbcast_build_info", "Build information; always 1.",
                                 ["version"], registry=r)
+        ProcessCollector(registry=r)  # process_* (CPU, RSS, open fds) of this process
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
         for reason in DISCONNECT_REASONS:

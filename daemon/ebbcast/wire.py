@@ -23,7 +23,7 @@ import socket
 import struct
 from typing import Any
 
-from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
+from tornado.iostream import IOStream, StreamClosedError
 from tornado.websocket import WebSocketProtocol13
 
 log = logging.getLogger(__name__)
@@ -63,13 +63,12 @@ class SlowConsumer(Exception):
 class EbbcastProtocol(WebSocketProtocol13):
     """Tornado's RFC 6455 protocol, with close codes validated and recorded.
 
-    ``server_close_code`` / ``server_close_reason`` remember what this side sent
-    first, so the handler can tell a ping timeout or an oversized frame (both closed
-    inside Tornado) from a client's own close.
+    ``server_close_code`` remembers what this side sent first, so the handler can
+    tell an oversized frame (closed inside Tornado with 1009) from a client's own
+    close.
     """
 
     server_close_code: int | None = None
-    server_close_reason: str | None = None
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         if self.client_terminated and code is not None and code == self.close_code \
@@ -78,31 +77,24 @@ class EbbcastProtocol(WebSocketProtocol13):
             code, reason = 1002, "invalid close code"
         if not self.server_terminated and self.server_close_code is None:
             self.server_close_code = code
-            self.server_close_reason = reason
-        try:
-            super().close(code, reason)
-        except StreamBufferFullError:
-            # No room even for the close frame: the client is not reading at all.
-            self._abort()
-
-    def write_ping(self, data: bytes) -> None:
-        try:
-            super().write_ping(data)
-        except StreamBufferFullError:
-            self._abort()
+        super().close(code, reason)
 
 
-def configure_stream(protocol: Any, queue_bytes: int) -> None:
-    """Bound what may wait unsent for this client (daemon side and kernel side)."""
+def configure_stream(protocol: Any) -> None:
+    """Keep the kernel's share of what waits for this client modest (SO_SNDBUF).
+
+    The daemon's share is bounded by :func:`write_frame`, not by the stream's
+    max_write_buffer_size, so that Tornado's own small writes (pongs, the close
+    frame) never fail and one large frame is not mistaken for a slow client.
+    """
     stream = protocol.stream
-    stream.max_write_buffer_size = queue_bytes
     try:
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CLIENT_SNDBUF_BYTES)
     except OSError as exc:  # not fatal: only the kernel-side bound is lost
         log.debug("could not set SO_SNDBUF: %s", exc)
 
 
-def write_frame(protocol: Any, frame: bytes) -> bool:
+def write_frame(protocol: Any, frame: bytes, queue_limit: int) -> bool:
     """Write encoded frames to the connection; False if it is closing or closed.
 
     When nothing is waiting in the stream's buffer, the bytes go straight to the
@@ -111,14 +103,20 @@ def write_frame(protocol: Any, frame: bytes) -> bool:
     skips the Future and bookkeeping IOStream.write makes per call, which is most of
     the Python cost of a fan-out. TLS streams always take the IOStream path.
 
-    Raises SlowConsumer when the frames would push the unsent backlog over the
-    stream's max_write_buffer_size.
+    Raises SlowConsumer when bytes are already waiting for this client and the new
+    ones would take the backlog over ``queue_limit`` (limits.client_queue_bytes). A
+    client with nothing waiting always takes the write, however large: large
+    frames are buffered by reference, so a broadcast bigger than the limit costs
+    no copy per client and does not cut everyone off.
     """
     if protocol is None or protocol.is_closing():
         return False
     stream = protocol.stream
     data: bytes | memoryview = frame
-    if type(stream) is IOStream and not stream._write_buffer:
+    backlog = len(stream._write_buffer)
+    if backlog and backlog + len(frame) > queue_limit:
+        raise SlowConsumer()
+    if not backlog and type(stream) is IOStream:
         try:
             sent = stream.socket.send(frame)
         except BlockingIOError:
@@ -130,8 +128,6 @@ def write_frame(protocol: Any, frame: bytes) -> bool:
         data = memoryview(frame)[sent:]
     try:
         stream.write(data)
-    except StreamBufferFullError:
-        raise SlowConsumer() from None
     except StreamClosedError:
         return False
     return True
