@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import BENCH, NODE_SERVER, Server, build_loadgen, machine, rss_bytes, run_loadgen
+from harness import NODE_SERVER, Server, build_loadgen, machine, rss_bytes, run_loadgen
 
 VARIANTS = ("ebbcast", "tornado-naive", "node-ws")
 
@@ -98,7 +98,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], path: Path, window: int) -> bool:
+def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -107,20 +107,23 @@ def plot(rows: list[dict[str, Any]], path: Path, window: int) -> bool:
         print("matplotlib is not installed: no plot (pip install -r bench/requirements.txt)",
               file=sys.stderr)
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    windows = sorted({r["window"] for r in rows}, reverse=True)
+    colors = {"ebbcast": "tab:blue", "tornado-naive": "tab:orange", "node-ws": "tab:green"}
     for variant in VARIANTS:
-        points = sorted((r["subscribers"], r["deliveries_per_cpu_s"]) for r in rows
-                        if r["variant"] == variant and r["window"] == window)
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-                    label=variant)
+        for window, style in zip(windows, ("-", "--", ":", "-.")):
+            points = sorted((r["subscribers"], r["deliveries_per_cpu_s"]) for r in rows
+                            if r["variant"] == variant and r["window"] == window)
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o",
+                        color=colors.get(variant), label=f"{variant}, window {window}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("subscribers")
     ax.set_ylabel("deliveries per server CPU-second")
-    ax.set_title(f"Broadcast fan-out, 1 publisher, window {window}")
+    ax.set_title("Broadcast fan-out: 1 publisher, 100-byte messages")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -136,7 +139,12 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--size", type=int, default=100)
     parser.add_argument("--out", type=Path, help="folder for the .md, .json and .png")
+    parser.add_argument("--replot", type=Path, metavar="JSON",
+                        help="only redraw the PNG of an earlier run's JSON, beside it")
     args = parser.parse_args()
+    if args.replot:
+        return 0 if plot(json.loads(args.replot.read_text())["rows"],
+                         args.replot.with_suffix(".png")) else 1
     if args.quick:
         args.subscribers, args.windows, args.duration = "20,50", "2", 0.5
     variants = [v for v in args.variants.split(",") if v]
@@ -166,8 +174,8 @@ def main() -> int:
         stem.with_suffix(".json").write_text(json.dumps(
             {"started": started.isoformat(), "machine": info, "command": command,
              "rows": rows}, indent=1))
-        if plot(rows, stem.with_suffix(".png"), max(windows)):
-            print(f"plot: {stem.with_suffix('.png').relative_to(BENCH.parent)}")
+        if plot(rows, stem.with_suffix(".png")):
+            print(f"plot: {stem.with_suffix('.png')}")
     return 0 if all(r["errors"] == 0 for r in rows) else 1
 
 

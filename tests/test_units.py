@@ -128,12 +128,15 @@ def test_client_prints_each_frame_as_one_json_line():
     assert "\n" not in frame_as_json_line('{"a":\n1}')
 
 
-def test_keepalive_overdue_picks_only_pinged_silent_connections():
+def test_keepalive_overdue_picks_connections_with_an_old_unanswered_ping():
     from types import SimpleNamespace
 
     from ebbcast.keepalive import overdue
 
-    ponged = SimpleNamespace(opened_at=0.0, last_pong=10.5)
-    silent = SimpleNamespace(opened_at=0.0, last_pong=9.0)
-    newcomer = SimpleNamespace(opened_at=10.2, last_pong=10.2)  # joined after the ping
-    assert overdue((ponged, silent, newcomer), pinged_at=10.0) == [silent]
+    answered = SimpleNamespace(ping_sent_at=10.0, last_pong=10.5)
+    silent = SimpleNamespace(ping_sent_at=10.0, last_pong=9.0)
+    written_late = SimpleNamespace(ping_sent_at=29.5, last_pong=9.0)  # busy daemon
+    never_pinged = SimpleNamespace(ping_sent_at=0.0, last_pong=0.0)
+    conns = (answered, silent, written_late, never_pinged)
+    assert overdue(conns, now=30.0, timeout=20.0) == [silent]
+    assert overdue(conns, now=49.5, timeout=20.0) == [silent, written_late]

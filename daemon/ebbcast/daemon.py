@@ -332,7 +332,7 @@ class Daemon:
         set_level(self.ctx.config.logging.level)
         if "broadcast.periodic_interval" in changed:
             self._periodic.restart()
-        if "keepalive.ping_interval" in changed:
+        if any(key.startswith("keepalive.") for key in changed):
             self._keepalive.start()
         plan = self.lifecycle.drain
         if plan is not None and "shutdown.progress_interval" in changed:

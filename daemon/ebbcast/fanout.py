@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from ebbcast.metrics import Metrics
@@ -46,14 +47,16 @@ class Recipient(Protocol):
 class _Batch:
     """What is owed for one flush: shared frames, and per-connection exceptions."""
 
-    __slots__ = ("frames", "queued_at", "owed", "control")
+    __slots__ = ("frames", "queued_at", "owed", "control", "on_control")
 
     def __init__(self) -> None:
         self.frames: list[bytes] = []
         self.queued_at: list[float] = []
         self.owed: dict[Recipient, list[bytes]] = {}
-        #: A control frame (a ping) for every connection, written after the data.
+        #: A control frame (a ping) for every connection, written after the data,
+        #: and what to call for each connection it is written to.
         self.control = b""
+        self.on_control: Callable[[Recipient], None] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.frames or self.owed or self.control)
@@ -108,14 +111,17 @@ class Fanout:
         self._owed_list(conn).append(frame)
         self._schedule()
 
-    def send_control(self, frame: bytes) -> None:
+    def send_control(self, frame: bytes,
+                     on_written: Callable[[Recipient], None] | None = None) -> None:
         """Queue a control frame (RFC 6455 5.5) for every connection.
 
         Control frames may be sent between any two messages, so it goes at the end
         of each connection's next write: with traffic, it costs no extra send().
-        It is not counted as a message.
+        It is not counted as a message. ``on_written(conn)`` is called as it is
+        written to each connection (a busy daemon may write it a while later).
         """
         self._pending.control = frame
+        self._pending.on_control = on_written
         self._schedule()
 
     def joined(self, conn: Recipient) -> None:
@@ -161,12 +167,14 @@ class Fanout:
         """Write to up to slice_size connections; True when the batch is done."""
         budget = self._slice_size
         private, owed = flush.private, flush.batch.owed
-        control = flush.batch.control
+        control, on_control = flush.batch.control, flush.batch.on_control
         while budget and private:
             conn, frames = private.pop()
             budget -= 1
             if (frames or control) and conn.send_frame(b"".join(frames) + control):
                 flush.sent += len(frames)
+                if on_control is not None:
+                    on_control(conn)
         targets, shared, frames_per_write = flush.targets, flush.shared, len(flush.batch.frames)
         index, end = flush.index, len(targets)
         while budget and index < end:
@@ -176,6 +184,8 @@ class Fanout:
                 budget -= 1
                 if conn.send_frame(shared):
                     flush.sent += frames_per_write
+                    if on_control is not None:
+                        on_control(conn)
         flush.index = index
         return not private and index >= end
 

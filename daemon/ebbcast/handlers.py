@@ -70,7 +70,7 @@ class BroadcastSocket(WebSocketHandler):
         self._bucket: TokenBucket | None = None
         self._strikes = 0
         self._disconnect_reason: str | None = None
-        self.opened_at = self.last_pong = 0.0
+        self.ping_sent_at = self.last_pong = 0.0  # see ebbcast.keepalive
 
     # -- handshake ---------------------------------------------------------------
 
@@ -128,7 +128,6 @@ class BroadcastSocket(WebSocketHandler):
         assert isinstance(self.ws_connection, EbbcastProtocol)
         self._protocol = self.ws_connection
         self.client_id = client_id or secrets.token_hex(8)
-        self.opened_at = self.last_pong = time.monotonic()
         configure_stream(self._protocol)
         self._bucket = TokenBucket(ctx.config.limits.burst, time.monotonic())
         self._drop_http_state()

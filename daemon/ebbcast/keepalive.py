@@ -3,12 +3,15 @@
 Tornado's own keepalive runs an asyncio task per connection, which costs about a
 kilobyte of memory per idle client and one send() per ping. Here one timer sends
 the same two-byte ping frame to every connection through the fan-out's shared
-batch (so under load a ping rides along with data, at no extra send()), and
-``ping_timeout`` later checks that each pinged connection has answered with a pong
-since; one that has not is closed and counted as ``ping_timeout``. A ping_timeout
-of 0 never closes anyone; a ping_interval of 0 sends no pings.
+batch, so under load a ping rides along with data at no extra send().
 
-Settings are read at every round, so a SIGHUP reload applies from the next one.
+Each connection remembers when its oldest unanswered ping was actually written
+(``ping_sent_at``; a busy daemon may write it well after the round began) and
+when its last pong arrived (``last_pong``). A check every quarter of
+``ping_timeout`` closes, as ``ping_timeout``, the connections whose oldest
+unanswered ping is older than ``ping_timeout``. A ping_timeout of 0 never closes
+anyone; a ping_interval of 0 sends no pings. Settings are read at every round, so
+a SIGHUP reload applies from the next one.
 """
 
 from __future__ import annotations
@@ -27,10 +30,13 @@ log = logging.getLogger(__name__)
 
 #: An unmasked ping frame with an empty payload (RFC 6455 sections 5.2 and 5.5.2).
 PING_FRAME = b"\x89\x00"
+#: Checks run this often relative to ping_timeout (never more often than MIN_CHECK).
+CHECKS_PER_TIMEOUT = 4
+MIN_CHECK_SECONDS = 0.01
 
 
 class Pingable(Recipient, Protocol):
-    opened_at: float
+    ping_sent_at: float
     last_pong: float
 
     def end(self, reason: str, code: int, text: str | None = None) -> None: ...
@@ -39,9 +45,14 @@ class Pingable(Recipient, Protocol):
 P = TypeVar("P", bound=Pingable)
 
 
-def overdue(conns: tuple[P, ...], pinged_at: float) -> list[P]:
-    """The connections that were open at ``pinged_at`` and have not ponged since."""
-    return [c for c in conns if c.opened_at <= pinged_at and c.last_pong < pinged_at]
+def awaiting_pong(conn: Pingable) -> bool:
+    return conn.ping_sent_at > conn.last_pong
+
+
+def overdue(conns: tuple[P, ...], now: float, timeout: float) -> list[P]:
+    """The connections whose oldest unanswered ping was written ``timeout`` ago."""
+    return [c for c in conns if c.ping_sent_at > c.last_pong and
+            now - c.ping_sent_at >= timeout]
 
 
 class Keepalive(Generic[P]):
@@ -52,45 +63,51 @@ class Keepalive(Generic[P]):
         self._fanout = fanout
         self._config = config
         self._clock = clock
-        self._next_round: asyncio.TimerHandle | None = None
-        self._checks: set[asyncio.TimerHandle] = set()
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._check_timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
-        """(Re)start the rounds with the current ping_interval; 0 disables pings."""
+        """(Re)start pinging and checking with the current settings."""
         self.stop()
-        interval = self._config().keepalive.ping_interval
-        if interval > 0:
-            self._next_round = asyncio.get_running_loop().call_later(interval,
-                                                                     self._ping_round)
-
-    def stop(self) -> None:
-        for handle in (self._next_round, *self._checks):
-            if handle is not None:
-                handle.cancel()
-        self._next_round = None
-        self._checks.clear()
-
-    def _ping_round(self) -> None:
         settings = self._config().keepalive
         loop = asyncio.get_running_loop()
-        pinged_at = self._clock()
-        if len(self._registry):
-            self._fanout.send_control(PING_FRAME)
-            if settings.ping_timeout > 0:
-                check = loop.call_later(settings.ping_timeout, self._check_round, pinged_at)
-                self._checks.add(check)
-        self._next_round = None
         if settings.ping_interval > 0:
-            self._next_round = loop.call_later(settings.ping_interval, self._ping_round)
+            self._ping_timer = loop.call_later(settings.ping_interval, self._ping_round)
+        if settings.ping_timeout > 0:
+            self._check_timer = loop.call_later(self._check_every(), self._check_round)
 
-    def _check_round(self, pinged_at: float) -> None:
-        """Close the connections that have not ponged since the ping at pinged_at.
+    def stop(self) -> None:
+        for timer in (self._ping_timer, self._check_timer):
+            if timer is not None:
+                timer.cancel()
+        self._ping_timer = self._check_timer = None
 
-        Rounds may overlap (ping_timeout longer than ping_interval): a pong answers
-        every ping sent before it.
-        """
-        self._checks = {h for h in self._checks if not h.cancelled() and h.when() >
-                        asyncio.get_running_loop().time()}
-        for conn in overdue(self._registry.snapshot(), pinged_at):
+    def _check_every(self) -> float:
+        timeout = self._config().keepalive.ping_timeout
+        return max(MIN_CHECK_SECONDS, timeout / CHECKS_PER_TIMEOUT)
+
+    def _ping_round(self) -> None:
+        self._ping_timer = None
+        if len(self._registry):
+            self._fanout.send_control(PING_FRAME, self._stamp)
+        interval = self._config().keepalive.ping_interval
+        if interval > 0:
+            self._ping_timer = asyncio.get_running_loop().call_later(interval,
+                                                                     self._ping_round)
+
+    def _stamp(self, conn: Recipient) -> None:
+        """The ping was written to ``conn`` now; keep the oldest unanswered one."""
+        pingable: Pingable = conn  # type: ignore[assignment]  # only Pingables are registered
+        if not awaiting_pong(pingable):
+            pingable.ping_sent_at = self._clock()
+
+    def _check_round(self) -> None:
+        self._check_timer = None
+        timeout = self._config().keepalive.ping_timeout
+        if timeout <= 0:
+            return
+        for conn in overdue(self._registry.snapshot(), self._clock(), timeout):
             log.debug("closing a connection that did not answer a ping")
             conn.end("ping_timeout", 1000, "ping timed out")
+        self._check_timer = asyncio.get_running_loop().call_later(self._check_every(),
+                                                                  self._check_round)
