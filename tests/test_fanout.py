@@ -30,10 +30,13 @@ class Recorder:
         return b"".join(self.writes)
 
 
-def setup(*names: str, slice_size: int = 500) -> tuple[Fanout, Metrics, list[Recorder]]:
+def setup(*names: str, writes_per_pass: int = 0) -> tuple[Fanout, Metrics, list[Recorder]]:
     registry: ConnectionRegistry[Recorder] = ConnectionRegistry()
     metrics = Metrics(CollectorRegistry())
-    fanout = Fanout(registry, metrics, slice_size)  # type: ignore[arg-type]
+    if writes_per_pass:  # no time budget: each loop pass writes exactly this many
+        fanout = Fanout(registry, metrics, 0.0, writes_per_pass)  # type: ignore[arg-type]
+    else:
+        fanout = Fanout(registry, metrics)  # type: ignore[arg-type]
     conns = [Recorder(name) for name in names]
     for conn in conns:
         registry.add(conn)
@@ -117,7 +120,7 @@ async def test_binary_payloads_become_binary_frames(io_loop):
 
 
 async def test_flush_is_sliced_and_later_broadcasts_wait_for_the_next_batch(io_loop):
-    fanout, metrics, conns = setup(*"abcde", slice_size=2)
+    fanout, metrics, conns = setup(*"abcde", writes_per_pass=2)
     fanout.broadcast("1", "client")
     fanout.broadcast("2", "client")
     await asyncio.sleep(0)  # one pass: two connections written

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 
@@ -140,3 +141,22 @@ def test_keepalive_overdue_picks_connections_with_an_old_unanswered_ping():
     conns = (answered, silent, written_late, never_pinged)
     assert overdue(conns, now=30.0, timeout=20.0) == [silent]
     assert overdue(conns, now=49.5, timeout=20.0) == [silent, written_late]
+
+
+async def test_collector_policy_freezes_newcomers_and_unfreezes_on_stop(io_loop):
+    import gc
+
+    from ebbcast.gcpolicy import CollectorPolicy
+
+    policy = CollectorPolicy(every=0.01)
+    policy.start()
+    try:
+        assert gc.get_freeze_count() > 0  # start-up's objects are frozen at once
+        before = gc.get_freeze_count()
+        newcomers = [[] for _ in range(1000)]  # GC-tracked, like a connection's objects
+        await asyncio.sleep(0.05)
+        assert gc.get_freeze_count() >= before + 900  # frozen on the next tick
+        del newcomers
+    finally:
+        policy.stop()
+    assert gc.get_freeze_count() == 0

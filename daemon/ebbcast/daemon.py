@@ -32,6 +32,7 @@ from ebbcast.admin import ADMIN_MAX_BODY_BYTES, admin_application, log_request
 from ebbcast.config import Config, ConfigError, changed_keys, is_reloadable, merge_reloadable
 from ebbcast.context import DaemonContext
 from ebbcast.fanout import Fanout
+from ebbcast.gcpolicy import CollectorPolicy
 from ebbcast.handlers import CLIENT_ID_PATTERN, BroadcastSocket, PageHandler, load_page
 from ebbcast.keepalive import Keepalive
 from ebbcast.lifecycle import Lifecycle, State, StopReason
@@ -126,6 +127,7 @@ class Daemon:
             request_drain=self._request_drain, started_mono=time.monotonic())
         self._periodic = PeriodicBroadcaster(self.ctx)
         self._keepalive = Keepalive(registry, self.ctx.fanout, lambda: self.ctx.config)
+        self._gc_policy = CollectorPolicy()
         self._servers: dict[str, HTTPServer] = {}
         self._watchdog: PeriodicCallback | None = None
         self._next_tick = 0.0
@@ -169,6 +171,7 @@ class Daemon:
         self.serving.set()
         self._periodic.start()
         self._keepalive.start()
+        self._gc_policy.start()
         log.info("ebbcast %s (pid %d) started", __version__, os.getpid())
         log.info("serving ws=%s admin=%s", bound["ws"], bound["admin"])
         self._notifier.ready(f"serving on {self.urls['ws']}")
@@ -350,6 +353,7 @@ class Daemon:
                 loop.remove_signal_handler(sig)
         self._periodic.stop()
         self._keepalive.stop()
+        self._gc_policy.stop()
         if self._watchdog is not None:
             self._watchdog.stop()
         for server in self._servers.values():

@@ -6,7 +6,7 @@ each connection, everything it is owed as one buffer: the batch joined once and
 shared by every connection owed exactly the batch. N broadcasts to C connections
 cost C writes (C send() calls), not N x C.
 
-Slicing. One loop pass writes to at most ``slice_size`` connections, then yields,
+Slicing. One loop pass writes for at most ``slice_seconds`` (5 ms), then yields,
 so timers (periodic frames, pings), handshakes and reads run between slices and a
 fan-out to many thousands of clients never stalls the loop for long. Broadcasts
 made while a flush is under way join the next batch, which is written once the
@@ -35,8 +35,10 @@ from ebbcast.wire import encode_frame
 
 log = logging.getLogger(__name__)
 
-#: Connections written per loop pass (about 10-20 ms of send() calls here).
-DEFAULT_SLICE_SIZE = 500
+#: Longest a flush writes before it yields to the loop, and how many connections
+#: it writes between looks at the clock.
+SLICE_SECONDS = 0.005
+WRITES_PER_CLOCK_CHECK = 32
 
 
 class Recipient(Protocol):
@@ -78,10 +80,12 @@ class _Flush:
 
 class Fanout:
     def __init__(self, registry: ConnectionRegistry[Recipient], metrics: Metrics,
-                 slice_size: int = DEFAULT_SLICE_SIZE) -> None:
+                 slice_seconds: float = SLICE_SECONDS,
+                 writes_per_check: int = WRITES_PER_CLOCK_CHECK) -> None:
         self._registry = registry
         self._metrics = metrics
-        self._slice_size = slice_size
+        self._slice_seconds = slice_seconds
+        self._writes_per_check = writes_per_check
         self._pending = _Batch()
         self._flush: _Flush | None = None
         self._scheduled = False
@@ -164,8 +168,15 @@ class Fanout:
         self._schedule()
 
     def _write_slice(self, flush: _Flush) -> bool:
-        """Write to up to slice_size connections; True when the batch is done."""
-        budget = self._slice_size
+        """Write for up to slice_seconds; True when the batch is done."""
+        give_up = time.perf_counter() + self._slice_seconds
+        while not self._write_some(flush, self._writes_per_check):
+            if time.perf_counter() >= give_up:
+                return False
+        return True
+
+    def _write_some(self, flush: _Flush, budget: int) -> bool:
+        """Write to up to ``budget`` connections; True when the batch is done."""
         private, owed = flush.private, flush.batch.owed
         control, on_control = flush.batch.control, flush.batch.on_control
         while budget and private:

@@ -218,6 +218,19 @@ class BroadcastSocket(WebSocketHandler):
             self.ctx.metrics.disconnections.labels(reason).inc()
             log.debug("client %s disconnected: %s (close code %s)", self.client_id, reason,
                       self.close_code)
+        self._break_reference_cycles()
+
+    def _break_reference_cycles(self) -> None:
+        """Let reference counting free this connection, without the cyclic GC.
+
+        A stream closed by a socket error keeps the exception, whose traceback's
+        frames point back at the stream; and this handler and its protocol point at
+        each other. Left alone, every closed connection waits for a full garbage
+        collection, which with many connections open stalls the loop (see gc.py).
+        """
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None and protocol.stream is not None:
+            protocol.stream.error = None
 
     def _reason_from_protocol(self) -> str:
         protocol = self._protocol
