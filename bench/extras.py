@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import signal
 import socket
 import statistics
@@ -34,7 +33,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import LOADGEN, Server, build_loadgen, machine, raise_nofile, rss_bytes, run_loadgen
+from harness import (LOADGEN, Server, build_loadgen, cpu_seconds, machine, raise_nofile,
+                     rss_bytes, save_results)
 
 HANDSHAKE = ("GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
              "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
@@ -166,8 +166,6 @@ def flood_lateness(subscribers: int, seconds: float) -> dict[str, Any]:
 
 
 def server_cpu(server: Server) -> float:
-    from harness import cpu_seconds
-
     return cpu_seconds(server.pid)
 
 
@@ -293,11 +291,7 @@ def main() -> int:
             "\n\n" + report(results) + "\n")
     print(text)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"extras-{started:%Y%m%d-%H%M}"
-        stem.with_suffix(".md").write_text(text)
-        stem.with_suffix(".json").write_text(json.dumps(
-            {"started": started.isoformat(), "machine": info, "results": results}, indent=1))
+        save_results(args.out, "extras", started, text, {"results": results})
     drained = results["drain"]
     ok = drained["shutdown_frames"] == drained["subscribers"] == drained["closes"]
     return 0 if ok and drained["server_exit_code"] == 0 else 1

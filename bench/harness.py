@@ -151,6 +151,18 @@ class Server:
                 self.proc.wait(10)
 
 
+def save_results(out: Path, name: str, started: Any, text: str,
+                 data: dict[str, Any]) -> Path:
+    """Write NAME-<date>.md (the report) and .json (the data) under ``out``;
+    return the path without suffix, for files that go beside them."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{name}-{started:%Y%m%d-%H%M}"
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"started": started.isoformat(), "machine": machine(), **data}, indent=1))
+    return stem
+
+
 def build_loadgen() -> Path:
     subprocess.run(["make", "-s", "-C", str(LOADGEN.parent)], check=True)
     return LOADGEN

@@ -20,13 +20,13 @@ import datetime
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import NODE_SERVER, Server, build_loadgen, machine, rss_bytes, run_loadgen
+from harness import (NODE_SERVER, Server, build_loadgen, machine, rss_bytes, run_loadgen,
+                     save_results)
 
 VARIANTS = ("ebbcast", "tornado-naive", "node-ws")
 
@@ -168,12 +168,8 @@ def main() -> int:
               + table(rows) + "\n")
     print(report)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"fanout-{started:%Y%m%d-%H%M}"
-        stem.with_suffix(".md").write_text(report)
-        stem.with_suffix(".json").write_text(json.dumps(
-            {"started": started.isoformat(), "machine": info, "command": command,
-             "rows": rows}, indent=1))
+        stem = save_results(args.out, "fanout", started, report,
+                            {"command": command, "rows": rows})
         if plot(rows, stem.with_suffix(".png")):
             print(f"plot: {stem.with_suffix('.png')}")
     return 0 if all(r["errors"] == 0 for r in rows) else 1

@@ -148,7 +148,7 @@ async def test_collector_policy_freezes_newcomers_and_unfreezes_on_stop(io_loop)
 
     from ebbcast.gcpolicy import CollectorPolicy
 
-    policy = CollectorPolicy(every=0.01)
+    policy = CollectorPolicy(lambda: 0, every=0.01)
     policy.start()
     try:
         assert gc.get_freeze_count() > 0  # start-up's objects are frozen at once

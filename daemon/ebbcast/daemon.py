@@ -127,7 +127,7 @@ class Daemon:
             request_drain=self._request_drain, started_mono=time.monotonic())
         self._periodic = PeriodicBroadcaster(self.ctx)
         self._keepalive = Keepalive(registry, self.ctx.fanout, lambda: self.ctx.config)
-        self._gc_policy = CollectorPolicy()
+        self._gc_policy = CollectorPolicy(lambda: len(registry))
         self._servers: dict[str, HTTPServer] = {}
         self._watchdog: PeriodicCallback | None = None
         self._next_tick = 0.0

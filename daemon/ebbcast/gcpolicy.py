@@ -10,8 +10,10 @@ permanent generation (``gc.freeze()``, which costs O(1)), and the collector's
 passes stay small: they only ever see what was allocated since.
 
 Safety valve: frozen objects that later become cyclic garbage are not collected.
-When the frozen set has doubled since the last full collection, it is unfrozen,
-collected once and frozen again; that pass is logged at DEBUG with its duration.
+When the number of connections has doubled since the last full collection (so
+the frozen set has roughly doubled too), it is unfrozen, collected once and
+frozen again; that pass is logged at DEBUG with its duration. (It is not
+``gc.get_freeze_count()`` that decides: that walks the whole frozen list.)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import gc
 import logging
 import time
+from collections.abc import Callable
 
 
 log = logging.getLogger(__name__)
@@ -28,10 +31,13 @@ FREEZE_EVERY_SECONDS = 0.5
 
 
 class CollectorPolicy:
-    def __init__(self, every: float = FREEZE_EVERY_SECONDS) -> None:
+    def __init__(self, connections: Callable[[], int],
+                 every: float = FREEZE_EVERY_SECONDS) -> None:
+        """``connections()`` says how many clients are open now."""
+        self._connections = connections
         self._every = every
         self._timer: asyncio.TimerHandle | None = None
-        self._frozen_after_collect = 0
+        self._connections_at_collect = 0
 
     def start(self) -> None:
         """Collect once and freeze what start-up left, then keep freezing newcomers."""
@@ -50,7 +56,7 @@ class CollectorPolicy:
         self._timer = asyncio.get_running_loop().call_later(self._every, self._tick)
 
     def _tick(self) -> None:
-        if gc.get_freeze_count() > 2 * max(self._frozen_after_collect, 100_000):
+        if self._connections() > 2 * max(self._connections_at_collect, 1000):
             self._full_collection()
         else:
             gc.freeze()
@@ -61,7 +67,7 @@ class CollectorPolicy:
         gc.unfreeze()
         collected = gc.collect()
         gc.freeze()
-        self._frozen_after_collect = gc.get_freeze_count()
-        log.debug("full garbage collection: %d objects collected, %d frozen, %.0f ms",
-                  collected, self._frozen_after_collect,
+        self._connections_at_collect = self._connections()
+        log.debug("full garbage collection at %d connections: %d objects collected, %.0f ms",
+                  self._connections_at_collect, collected,
                   (time.perf_counter() - started) * 1000)
