@@ -9,7 +9,7 @@ TEST_DEBS := python3-venv systemd prometheus gcc make libc6-dev
 # Other supported CPython versions (from pyenv) that CI runs the suite on.
 OTHER_PYTHONS ?= 3.10 3.12 3.13
 
-.PHONY: run test test-deps typecheck test-versions install-systemd verify-installed-unit clean
+.PHONY: run test test-deps typecheck test-versions bench install-systemd verify-installed-unit clean
 
 $(BIN)/ebbcast: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ $(NODE_WS): bench/servers/node_ws/package.json
 
 test: $(BIN)/ebbcast typecheck $(NODE_WS)
 	$(BIN)/python -m pytest
+
+# The benchmark (not part of `make test`): matrix, timers/slow reader/drain, profile.
+bench: $(BIN)/ebbcast $(NODE_WS)
+	$(BIN)/pip install --quiet -r bench/requirements.txt py-spy
+	$(BIN)/python bench/run.py --out bench/results
+	$(BIN)/python bench/extras.py --out bench/results
+	bench/profile.sh
 
 # Root only: the system packages the tests use (fails, never skips, without them).
 test-deps:
