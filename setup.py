@@ -23,6 +23,8 @@ setup(
             "pytest-tornasync==0.6.0.post2",
             "websockets>=13",
             "trustme>=1.0",
+            "hypothesis>=6.100",
+            "tomli-w>=1.0",
             "mypy>=1.10",
         ],
     },
