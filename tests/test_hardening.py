@@ -1,0 +1,97 @@
+"""Hostile clients against the real daemon process: each test tries the attack."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from websockets.sync.client import connect
+
+from conftest import STEP_TIMEOUT, _never_reading_client, http_json
+
+FAST = ("--port", "0", "--admin-port", "0")
+TOKEN = "s3cr3t-t0ken-never-logged"
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_oversized_handshake_headers_are_refused_and_harmless(spawn):
+    d = spawn(*FAST)
+    host, port = d.ws_url.split("/")[2].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=STEP_TIMEOUT) as sock:
+        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nX-Junk: " + b"a" * 40000 + b"\r\n\r\n")
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+    assert not answer.startswith(b"HTTP/1.1 101")  # refused: 431, 400 or a closed socket
+    assert http_json(d.admin_url + "/status")[1]["connections"] == 0
+    assert http_json(d.admin_url + "/healthz")[0] == 200
+
+
+def test_the_admin_token_never_appears_in_the_logs(spawn):
+    d = spawn(*FAST, "--log-level", "debug", env={"EBBCAST_ADMIN_TOKEN": TOKEN})
+    with connect(d.ws_url) as ws:
+        ws.recv(timeout=STEP_TIMEOUT)
+        assert http_json(d.admin_url + "/broadcast", "POST", b"x", token="wrong")[0] == 401
+        assert http_json(d.admin_url + "/broadcast", "POST", b"x", token=TOKEN)[0] == 202
+        assert http_json(d.admin_url + "/drain", "POST", b"", token=TOKEN)[0] == 202
+    assert d.wait_exit() == 0
+    assert TOKEN not in d.log_text()
+    assert "POST /broadcast" in d.log_text()  # the requests were logged, without it
+
+
+def test_a_client_that_never_reads_is_cut_off_without_growing_the_daemon(spawn):
+    """While one client never reads and a publisher floods, the daemon's RSS stays
+    within a small multiple of limits.client_queue_bytes, and a reading client gets
+    every frame in order."""
+    cap = 1024 * 1024
+    d = spawn(*FAST, env={"EBBCAST_LIMITS_CLIENT_QUEUE_BYTES": str(cap),
+                          "EBBCAST_LIMITS_MESSAGES_PER_SECOND": "0",
+                          "EBBCAST_BROADCAST_ENVELOPE": "raw",
+                          "EBBCAST_BROADCAST_ECHO_TO_SENDER": "false",  # it never reads
+                          "EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0"})
+    sleeper = _never_reading_client(d.ws_url)
+    count, size = 4000, 1000
+    received: list[bytes | str] = []
+    peak = [0]
+    baseline = rss_bytes(d.proc.pid)
+    try:
+        with connect(d.ws_url, max_size=None) as reader, connect(d.ws_url) as publisher:
+            def read_all() -> None:
+                while len(received) < count:
+                    received.append(reader.recv(timeout=STEP_TIMEOUT))
+                    if len(received) % 200 == 0:
+                        peak[0] = max(peak[0], rss_bytes(d.proc.pid) - baseline)
+
+            thread = threading.Thread(target=read_all)
+            thread.start()
+            for i in range(count):
+                publisher.send(f"{i:08d}".ljust(size, "x"))
+                if i % 200 == 0:
+                    peak[0] = max(peak[0], rss_bytes(d.proc.pid) - baseline)
+                while i - len(received) > 300 and thread.is_alive():
+                    time.sleep(0.001)  # this Python reader must not itself fall behind
+            thread.join(STEP_TIMEOUT * 3)
+        assert [int(str(m)[:8]) for m in received] == list(range(count))
+        metrics = _metrics_text(d)
+    finally:
+        sleeper.close()
+    assert peak[0] < 4 * cap, f"RSS grew by {peak[0]} bytes"
+    assert 'ebbcast_disconnections_total{reason="slow_consumer"} 1.0' in metrics
+
+
+def _metrics_text(d) -> str:
+    with urllib.request.urlopen(d.admin_url + "/metrics", timeout=STEP_TIMEOUT) as resp:
+        return resp.read().decode()  # type: ignore[no-any-return]
