@@ -4,8 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Debian packages the test suite needs: systemd-analyze for the unit checks,
 # promtool (package prometheus) to validate the metrics exposition, a C compiler
-# for the benchmark's load generator, node and npm for its reference server.
-TEST_DEBS := python3-venv systemd prometheus gcc make libc6-dev
+# for the benchmark's load generator, node and npm for its reference server (and the
+# Node interop test), Chromium for the browser tests.
+TEST_DEBS := python3-venv systemd prometheus gcc make libc6-dev chromium
 # Other supported CPython versions (from pyenv) that CI runs the suite on.
 OTHER_PYTHONS ?= 3.10 3.12 3.13
 

@@ -25,6 +25,8 @@ setup(
             "trustme>=1.0",
             "hypothesis>=6.100",
             "tomli-w>=1.0",
+            # browser tests drive Debian's Chromium (never a downloaded browser)
+            "playwright>=1.65",
             "mypy>=1.10",
         ],
     },

@@ -179,7 +179,8 @@ def wait_js(page: Page, what: str, expression: str, arg: Any = None,
     """Wait (bounded) for a JS predicate; on timeout fail with the page's state."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     try:
-        page.wait_for_function(expression, arg=arg, timeout=timeout * 1000)
+        # Timer polling: rAF may be throttled in a tab that is not in front.
+        page.wait_for_function(expression, arg=arg, timeout=timeout * 1000, polling=50)
     except PlaywrightTimeout:
         raise AssertionError(f"{what}: not within {timeout}s; {describe(page)}") from None
 
@@ -289,16 +290,19 @@ def test_sigterm_shows_the_drain_banner_and_the_daemon_exits_when_pages_close(
     assert one.evaluate("document.body.dataset.state") == "connected"
     assert d.proc.poll() is None, "the daemon exited while clients were connected"
     tabs.assert_no_console_errors()
-    tabs.close()  # the last clients leave: the drain is over
+    one.close()
+    assert d.proc.poll() is None, "the daemon exited with a client still connected"
+    two.close()  # the last client leaves: the drain is over
     assert d.wait_exit(STEP_TIMEOUT) == 0, d.log_text()
 
 
 def test_drain_screenshot(spawn: Callable[..., Any], tabs: Tabs, tmp_path: Path) -> None:
     d = spawn(*FAST, "--drain-timeout", "5m", env=QUIET)
-    page = tabs.open(page_url(d.ws_url) + "?client_id=alice")
     other = tabs.open(page_url(d.ws_url) + "?client_id=bob")
-    wait_welcomed(page)
     wait_welcomed(other)
+    page = tabs.open(page_url(d.ws_url) + "?client_id=alice")  # its welcome counts 2
+    wait_welcomed(page)
+    assert page.text_content("#connections") == "2"
     send(page, "hello everyone")
     wait_frame(other, "message", "hello everyone")
     send(other, "hi alice")
@@ -338,7 +342,7 @@ def test_page_reconnects_to_a_new_daemon_on_the_same_port(spawn: Callable[..., A
     first.signal(signal.SIGTERM)  # the second one: close the clients now and exit
     assert first.wait_exit(STEP_TIMEOUT) == 0, first.log_text()
     wait_js(page, "reconnecting after the daemon went away",
-            "document.body.dataset.state === 'reconnecting'")
+            "window.__states.includes('reconnecting')")
     second = spawn("--port", port, "--admin-port", "0", env=QUIET)
     assert second.ws_url == first.ws_url
     # The first retry waits the shutdown frame's reconnect_after_ms (<= 5 s), then
