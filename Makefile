@@ -10,7 +10,8 @@ TEST_DEBS := python3-venv systemd prometheus gcc make libc6-dev chromium
 # Other supported CPython versions (from pyenv) that CI runs the suite on.
 OTHER_PYTHONS ?= 3.10 3.12 3.13
 
-.PHONY: run test test-deps typecheck test-versions bench install-systemd verify-installed-unit clean
+.PHONY: run test test-deps typecheck test-versions bench conformance conformance-quick \
+	install-systemd verify-installed-unit clean
 
 $(BIN)/ebbcast: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,13 @@ $(NODE_WS): bench/servers/node_ws/package.json
 
 test: $(BIN)/ebbcast typecheck $(NODE_WS)
 	$(BIN)/python -m pytest
+
+# RFC 6455 conformance (Autobahn|Testsuite, Python 2.7 from pyenv): every case, ~2 min,
+# or all but the 9.x performance cases, ~15 s (CI runs this one).
+conformance: $(BIN)/ebbcast
+	$(BIN)/python conformance/run.py
+conformance-quick: $(BIN)/ebbcast
+	$(BIN)/python conformance/run.py --quick
 
 # The benchmark (not part of `make test`): matrix, timers/slow reader/drain, profile.
 bench: $(BIN)/ebbcast $(NODE_WS)
