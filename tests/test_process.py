@@ -242,3 +242,21 @@ def test_a_signal_during_start_up_is_handled_not_fatal(spawn, signum):
         d.wait_for_log(r"drain started by SIG(TERM|INT): 0 connections")
     assert d.wait_exit() == 0
     assert "Traceback" not in d.log_text()
+
+
+def _low_open_files_limit() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE,
+                       (512, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+def test_the_daemon_raises_its_open_files_limit_to_the_hard_limit(spawn):
+    """A terminal's soft limit (often 1024) would stop it at about 1000 clients."""
+    import resource
+
+    d = spawn(*FAST, preexec_fn=_low_open_files_limit)
+    limits = open(f"/proc/{d.proc.pid}/limits").read()
+    (line,) = [row for row in limits.splitlines() if row.startswith("Max open files")]
+    soft, hard = line.split()[3:5]
+    assert soft == hard == str(resource.getrlimit(resource.RLIMIT_NOFILE)[1])

@@ -7,6 +7,11 @@
  * text frame that carries a wsbench header is a delivery; its latency is
  * now - (send time in the header), both CLOCK_MONOTONIC.
  *
+ * --soak: the same load, plus churn (subscribers closed cleanly and replaced),
+ * per-connection ordering checks, and a drain: each connection records the
+ * server's shutdown frame, publishers stop on theirs, and every connection
+ * closes --linger-ms after its own; the run ends when the last one is closed.
+ *
  * See README.md beside this file for options and output.
  */
 #define _GNU_SOURCE
@@ -48,8 +53,8 @@
 static const uint8_t MASK[4] = {0x5a, 0x3c, 0xa7, 0x19};
 
 enum { ST_NEW, ST_CONNECTING, ST_HANDSHAKE, ST_OPEN, ST_CLOSED };
-enum { PH_RAMP, PH_WARMUP, PH_MEASURE, PH_HOLD, PH_CLOSING, PH_EXIT };
-enum { MODE_PUBLISH, MODE_IDLE, MODE_EXPECT_CLOSE };
+enum { PH_RAMP, PH_WARMUP, PH_MEASURE, PH_HOLD, PH_CLOSING, PH_EXIT, PH_SOAK, PH_SETTLE, PH_AWAIT, PH_DRAIN };
+enum { MODE_PUBLISH, MODE_IDLE, MODE_EXPECT_CLOSE, MODE_SOAK };
 
 typedef struct conn {
     int fd;
@@ -59,11 +64,20 @@ typedef struct conn {
     uint8_t frag;       /* 0: none, 1: text message in progress, 2: binary */
     uint8_t close_sent;
     uint8_t frag_valid;
+    /* soak mode */
+    uint8_t initiated;  /* this side sent the first close frame */
+    uint8_t churned;    /* closed by churn */
+    uint8_t mid;        /* opened mid-stream (churn replacement) */
+    uint8_t expect_sd;  /* open when the drain began: owed a shutdown frame */
+    uint8_t pub_stopped;/* publisher got its shutdown frame: no more sends */
+    uint8_t got_frame;  /* a data frame has arrived (the first must be the welcome) */
     uint16_t close_code;
     uint32_t pubid;
     uint32_t inflight;
     uint64_t seq;
     uint64_t frag_ts;
+    uint64_t frag_seq;
+    uint64_t last_periodic; /* soak: last periodic "seq" seen */
     uint32_t frag_pub;
     uint32_t rlen, rcap;
     uint32_t wlen, woff, wcap;
@@ -73,7 +87,8 @@ typedef struct conn {
     int64_t t_start;    /* connect start */
     int64_t last_echo;
     int64_t t_shutdown; /* expect-close: shutdown frame seen */
-    int64_t t_close;    /* expect-close: close frame or EOF seen */
+    int64_t t_close;    /* expect-close: close frame or EOF seen; soak: socket closed */
+    int64_t t_close_sent; /* soak: this side's close frame sent */
 } conn;
 
 /* ---- options ---- */
@@ -89,6 +104,10 @@ static double o_stall = 5, o_close_timeout = 2;
 static long o_max_pending = 200;
 static int o_mode = MODE_PUBLISH, o_json = 0, o_quiet = 0;
 static const char *o_server_pids = NULL;
+static double o_churn_every_ms = 250, o_linger_ms = 500, o_shutdown_wait = 10;
+static long o_churn = 10;
+static uint64_t o_seed = 0;
+static int o_seed_set = 0;
 
 /* ---- state ---- */
 static conn *conns;
@@ -110,6 +129,17 @@ static long next_launch = 0, pending = 0, n_open = 0, n_done = 0, n_connected = 
 static int64_t ramp_start, ramp_end, warm_end, meas_start, meas_end, hold_end, close_deadline;
 static int64_t ready_mono, ready_real;
 static int64_t last_housekeep;
+
+/* soak state */
+static long n_initial;          /* o_subs + o_pubs: the ramp's connections */
+static long cap_slots;          /* allocated conns[] slots; total = slots in use */
+static uint64_t *g_last_seq;    /* [slot * o_pubs + publisher]: last seq seen, 0 = none */
+static uint64_t g_rng;
+static int64_t soak_start, soak_end, next_churn, steady_mono, await_deadline, next_scan;
+static int64_t first_shutdown, close_all_at;
+static int g_sig_closing = 0;
+static uint64_t c_churned, c_churn_opened, c_ooo, c_gaps, c_periodic, c_periodic_ooo;
+static uint64_t c_welcome_not_first, c_dup_shutdown, c_after_shutdown, c_periodic_after_shutdown, e_close_timeout;
 
 /* counters (monotonic over the run; snapshot at measure start/end) */
 static uint64_t c_pings, c_fragmented;
@@ -482,7 +512,17 @@ static void conn_lost(conn *c, int64_t now, int kind /* 0 eof, 1 close frame, 2 
         c->t_close = now;
     if (kind == 0)
         c_eofs++;
-    if (phase != PH_CLOSING && o_mode != MODE_EXPECT_CLOSE) {
+    if (o_mode == MODE_SOAK) {
+        /* only a close this side started is expected */
+        if (!c->initiated) {
+            if (kind == 2)
+                e_io++;
+            else
+                e_unexpected++;
+        } else if (kind == 2) {
+            e_io++;
+        }
+    } else if (phase != PH_CLOSING && o_mode != MODE_EXPECT_CLOSE) {
         if (kind == 2)
             e_io++;
         else
@@ -606,6 +646,8 @@ static void on_handshake_data(conn *c, int64_t now)
     n_done++;
     n_open++;
     n_connected++;
+    if (o_mode == MODE_SOAK && first_shutdown)
+        c->expect_sd = 1; /* opened during the drain: the server owes it a shutdown frame too */
     c->last_echo = now;
     c->rlen = 0;
     if (rest)
@@ -620,7 +662,7 @@ static void on_handshake_data(conn *c, int64_t now)
 }
 
 /* ---- frame handling ---- */
-static int parse_at(const uint8_t *p, const uint8_t *e, uint32_t *pub, uint64_t *ts)
+static int parse_at(const uint8_t *p, const uint8_t *e, uint32_t *pub, uint64_t *seq, uint64_t *ts)
 {
     uint64_t v;
     if (p >= e || *p++ != 'p')
@@ -632,11 +674,13 @@ static int parse_at(const uint8_t *p, const uint8_t *e, uint32_t *pub, uint64_t 
     if (p == d || p >= e || *p++ != ' ' || p >= e || *p++ != 's')
         return 0;
     *pub = (uint32_t)v;
+    v = 0;
     d = p;
     while (p < e && *p >= '0' && *p <= '9')
-        p++;
+        v = v * 10 + (uint64_t)(*p++ - '0');
     if (p == d || p >= e || *p++ != ' ' || p >= e || *p++ != 't')
         return 0;
+    *seq = v;
     v = 0;
     d = p;
     while (p < e && *p >= '0' && *p <= '9')
@@ -649,9 +693,9 @@ static int parse_at(const uint8_t *p, const uint8_t *e, uint32_t *pub, uint64_t 
 
 /* Find the wsbench header at the start of the payload, or inside a JSON
  * envelope's "text" field (ebbcast's default "json" envelope). */
-static int parse_hdr(const uint8_t *p, size_t n, uint32_t *pub, uint64_t *ts)
+static int parse_hdr(const uint8_t *p, size_t n, uint32_t *pub, uint64_t *seq, uint64_t *ts)
 {
-    if (parse_at(p, p + n, pub, ts))
+    if (parse_at(p, p + n, pub, seq, ts))
         return 1;
     size_t lim = n < 512 ? n : 512;
     const uint8_t *q = memmem(p, lim, "\"text\":\"", 8);
@@ -661,16 +705,71 @@ static int parse_hdr(const uint8_t *p, size_t n, uint32_t *pub, uint64_t *ts)
             return 0;
         q++;
     }
-    return parse_at(q + 8, p + n, pub, ts);
+    return parse_at(q + 8, p + n, pub, seq, ts);
 }
 
-static void on_message(conn *c, int ok, uint32_t pub, uint64_t ts, int64_t now)
+static void soak_enter_drain(int64_t now, int by_shutdown);
+
+/* Soak: a connection must see each publisher's seq strictly increase. A gap is
+ * counted too (a lost message), except before the first delivery on a
+ * connection that joined mid-stream. */
+static void check_order(conn *c, uint32_t pub, uint64_t seq)
+{
+    if ((long)pub >= o_pubs)
+        return; /* not one of this run's publishers */
+    uint64_t *last = &g_last_seq[(size_t)(c - conns) * (size_t)o_pubs + pub];
+    if (!*last) {
+        if (!c->mid && seq != 1)
+            c_gaps++;
+    } else if (seq <= *last) {
+        c_ooo++;
+        return;
+    } else if (seq != *last + 1) {
+        c_gaps++;
+    }
+    *last = seq;
+}
+
+/* Soak, ebbcast json envelope: the first frame is the welcome; periodic seq increases. */
+static void check_envelope(conn *c, const uint8_t *p, size_t n)
+{
+    static const char W[] = "{\"type\":\"welcome\"";
+    static const char P[] = "{\"type\":\"periodic\",\"seq\":";
+    if (!c->got_frame) {
+        c->got_frame = 1;
+        if (n < sizeof W - 1 || memcmp(p, W, sizeof W - 1))
+            c_welcome_not_first++;
+        return;
+    }
+    if (n > sizeof P - 1 && !memcmp(p, P, sizeof P - 1)) {
+        const uint8_t *q = p + sizeof P - 1, *e = p + n, *d = q;
+        uint64_t v = 0;
+        while (q < e && *q >= '0' && *q <= '9')
+            v = v * 10 + (uint64_t)(*q++ - '0');
+        if (q == d)
+            return;
+        c_periodic++;
+        if (c->t_shutdown)
+            c_periodic_after_shutdown++;
+        if (v <= c->last_periodic)
+            c_periodic_ooo++;
+        else
+            c->last_periodic = v;
+    }
+}
+
+static void on_message(conn *c, int ok, uint32_t pub, uint64_t seq, uint64_t ts, int64_t now)
 {
     if (!ok) {
         c_other++;
         return;
     }
     c_delivered++;
+    if (o_mode == MODE_SOAK) {
+        check_order(c, pub, seq);
+        if (c->t_shutdown)
+            c_after_shutdown++;
+    }
     if (g_measuring)
         hrecord(now > (int64_t)ts ? (uint64_t)(now - (int64_t)ts) : 0);
     if (c->is_pub && pub == c->pubid) {
@@ -678,17 +777,27 @@ static void on_message(conn *c, int ok, uint32_t pub, uint64_t ts, int64_t now)
         c->last_echo = now;
         if (c->inflight)
             c->inflight--;
-        if (g_publishing)
+        if (g_publishing && !c->pub_stopped)
             fill_window(c, now);
     }
 }
 
 static void check_shutdown(conn *c, const uint8_t *p, size_t n, int64_t now)
 {
-    if (o_mode == MODE_EXPECT_CLOSE && !c->t_shutdown &&
-        (memmem(p, n, "\"type\":\"shutdown\"", 17) || memmem(p, n, "\"type\": \"shutdown\"", 18))) {
-        c->t_shutdown = now;
-        c_shutdown_frames++;
+    if (o_mode != MODE_EXPECT_CLOSE && o_mode != MODE_SOAK)
+        return;
+    if (!memmem(p, n, "\"type\":\"shutdown\"", 17) && !memmem(p, n, "\"type\": \"shutdown\"", 18))
+        return;
+    if (c->t_shutdown) {
+        c_dup_shutdown++;
+        return;
+    }
+    c->t_shutdown = now;
+    c_shutdown_frames++;
+    if (o_mode == MODE_SOAK) {
+        c->pub_stopped = 1; /* a publisher stops publishing on its shutdown frame */
+        if (!first_shutdown)
+            soak_enter_drain(now, 1);
     }
 }
 
@@ -696,17 +805,19 @@ static void check_shutdown(conn *c, const uint8_t *p, size_t n, int64_t now)
 static int handle_frame(conn *c, int fin, int op, uint8_t *p, size_t n, int64_t now)
 {
     uint32_t pub = 0;
-    uint64_t ts = 0;
+    uint64_t ts = 0, seq = 0;
     switch (op) {
     case 1: /* text */
         check_shutdown(c, p, n, now);
+        if (o_mode == MODE_SOAK)
+            check_envelope(c, p, n);
         if (fin) {
-            int ok = parse_hdr(p, n, &pub, &ts);
-            on_message(c, ok, pub, ts, now);
+            int ok = parse_hdr(p, n, &pub, &seq, &ts);
+            on_message(c, ok, pub, seq, ts, now);
         } else {
             c_fragmented++;
             c->frag = 1;
-            c->frag_valid = (uint8_t)parse_hdr(p, n, &c->frag_pub, &c->frag_ts);
+            c->frag_valid = (uint8_t)parse_hdr(p, n, &c->frag_pub, &c->frag_seq, &c->frag_ts);
         }
         return 0;
     case 2: /* binary */
@@ -720,7 +831,7 @@ static int handle_frame(conn *c, int fin, int op, uint8_t *p, size_t n, int64_t 
             check_shutdown(c, p, n, now);
         if (fin) {
             if (c->frag == 1)
-                on_message(c, c->frag_valid, c->frag_pub, c->frag_ts, now);
+                on_message(c, c->frag_valid, c->frag_pub, c->frag_seq, c->frag_ts, now);
             else if (c->frag == 2)
                 c_other++;
             c->frag = 0;
@@ -946,11 +1057,136 @@ static void json_tstats(FILE *f, const char *name, tstats s, int64_t off)
 
 static const char *mode_name(void)
 {
-    return o_mode == MODE_IDLE ? "idle" : o_mode == MODE_EXPECT_CLOSE ? "expect_close" : "publish";
+    return o_mode == MODE_IDLE ? "idle" : o_mode == MODE_EXPECT_CLOSE ? "expect_close" : o_mode == MODE_SOAK ? "soak" : "publish";
+}
+
+static void report_soak(void)
+{
+    double dur = (double)(meas_end - meas_start) / 1e9;
+    if (dur < 0)
+        dur = 0;
+    double cpu = ru_secs(&ru_end) - ru_secs(&ru_start);
+    double srv = (srv_cpu_start >= 0 && srv_cpu_end >= 0) ? srv_cpu_end - srv_cpu_start : -1;
+    uint64_t errors = e_connect + e_handshake + e_timeout + e_unexpected + e_io + e_protocol + e_close_timeout;
+    long expected = 0, without = 0, initiated = 0;
+    int64_t last_sd = 0, last_close = 0, last_close_sent = 0;
+    for (long i = 0; i < total; i++) {
+        conn *c = &conns[i];
+        if (c->expect_sd) {
+            expected++;
+            if (!c->t_shutdown)
+                without++;
+        }
+        if (c->initiated)
+            initiated++;
+        if (c->t_shutdown > last_sd)
+            last_sd = c->t_shutdown;
+        if (c->t_close > last_close)
+            last_close = c->t_close;
+        if (c->t_close_sent > last_close_sent)
+            last_close_sent = c->t_close_sent;
+    }
+    int64_t rt_off = ready_real - ready_mono;
+
+    fprintf(stderr,
+            "wsbench: soak mode, %ld subscribers + %ld publishers (window %ld); churn %ld every %g ms for %g s; "
+            "linger %g ms\n",
+            o_subs, o_pubs, o_window, o_churn, o_churn_every_ms, o_duration, o_linger_ms);
+    fprintf(stderr,
+            "  connected %ld in all (%ld at start, in %.3f s), churned %" PRIu64 "; errors %" PRIu64 " (connect %" PRIu64
+            ", handshake %" PRIu64 ", timeout %" PRIu64 ", unexpected close %" PRIu64 ", io %" PRIu64
+            ", protocol %" PRIu64 ", close timeout %" PRIu64 ")\n",
+            n_connected, n_initial, (double)(ramp_end - ramp_start) / 1e9, c_churned, errors, e_connect, e_handshake,
+            e_timeout, e_unexpected, e_io, e_protocol, e_close_timeout);
+    fprintf(stderr,
+            "  %.3f s: sent %" PRIu64 ", delivered %" PRIu64 " (%.0f/s; %" PRIu64 " after a shutdown frame), periodic %" PRIu64
+            " (%" PRIu64 " after), other frames %" PRIu64 ", window resets %" PRIu64 "\n",
+            dur, c_sent, c_delivered, dur > 0 ? (double)c_delivered / dur : 0, c_after_shutdown, c_periodic,
+            c_periodic_after_shutdown, c_other, c_stalls);
+    fprintf(stderr, "  latency us: p50 %.1f  p90 %.1f  p99 %.1f  p99.9 %.1f  max %.1f  (n=%" PRIu64 ")\n", hpct(0.5) / 1e3,
+            hpct(0.9) / 1e3, hpct(0.99) / 1e3, hpct(0.999) / 1e3, h_max / 1e3, h_count);
+    fprintf(stderr,
+            "  order: out of order %" PRIu64 ", gaps %" PRIu64 ", periodic out of order %" PRIu64
+            ", welcome not first %" PRIu64 "\n",
+            c_ooo, c_gaps, c_periodic_ooo, c_welcome_not_first);
+    fprintf(stderr,
+            "  drain: %ld open at the first shutdown frame, %" PRIu64 " shutdown frames (%" PRIu64
+            " duplicates), %ld without one; %ld closes sent, %" PRIu64 " close frames back, %" PRIu64 " EOF\n",
+            expected, c_shutdown_frames, c_dup_shutdown, without, initiated, c_close_frames, c_eofs);
+    if (first_shutdown)
+        fprintf(stderr, "  drain: shutdown frames over %.3f ms; last close %.3f ms after the first shutdown frame\n",
+                (double)(last_sd - first_shutdown) / 1e6, (double)(last_close - first_shutdown) / 1e6);
+    fprintf(stderr, "  client cpu %.3f s (%.1f%% of one core)", cpu, dur > 0 ? 100 * cpu / dur : 0);
+    if (srv >= 0)
+        fprintf(stderr, "; server cpu %.3f s (%.1f%% of one core)", srv, dur > 0 ? 100 * srv / dur : 0);
+    fputc('\n', stderr);
+
+    if (!o_json)
+        return;
+    FILE *f = stdout;
+    fputs("{\"tool\":\"wsbench\",\"mode\":\"soak\",\"host\":", f);
+    json_str(f, o_host);
+    fprintf(f, ",\"port\":%d,\"path\":", o_port);
+    json_str(f, o_path);
+    fprintf(f,
+            ",\"subscribers\":%ld,\"publishers\":%ld,\"connections\":%ld,\"window\":%ld,\"size\":%ld"
+            ",\"duration_s\":%.6f,\"churn\":%ld,\"churn_every_ms\":%g,\"linger_ms\":%g,\"shutdown_wait_s\":%g"
+            ",\"seed\":%" PRIu64,
+            o_subs, o_pubs, n_initial, o_window, o_size, dur, o_churn, o_churn_every_ms, o_linger_ms, o_shutdown_wait,
+            o_seed);
+    fprintf(f,
+            ",\"connected\":%ld,\"connected_total\":%ld,\"connect_seconds\":%.6f,\"churned\":%" PRIu64
+            ",\"churn_opened\":%" PRIu64,
+            n_connected, n_connected, (double)(ramp_end - ramp_start) / 1e9, c_churned, c_churn_opened);
+    fprintf(f,
+            ",\"sent\":%" PRIu64 ",\"delivered\":%" PRIu64 ",\"delivered_per_s\":%.1f,\"delivered_after_shutdown\":%" PRIu64
+            ",\"periodic_frames\":%" PRIu64 ",\"periodic_after_shutdown\":%" PRIu64 ",\"other_frames\":%" PRIu64
+            ",\"window_resets\":%" PRIu64,
+            c_sent, c_delivered, dur > 0 ? (double)c_delivered / dur : 0, c_after_shutdown, c_periodic,
+            c_periodic_after_shutdown, c_other, c_stalls);
+    fprintf(f,
+            ",\"latency_us\":{\"count\":%" PRIu64 ",\"mean\":%.1f,\"p50\":%.1f,\"p90\":%.1f,\"p99\":%.1f"
+            ",\"p999\":%.1f,\"max\":%.1f}",
+            h_count, h_count ? h_sum / (double)h_count / 1e3 : 0, hpct(0.5) / 1e3, hpct(0.9) / 1e3,
+            hpct(0.99) / 1e3, hpct(0.999) / 1e3, h_max / 1e3);
+    fprintf(f,
+            ",\"out_of_order\":%" PRIu64 ",\"gaps\":%" PRIu64 ",\"periodic_out_of_order\":%" PRIu64
+            ",\"welcome_not_first\":%" PRIu64,
+            c_ooo, c_gaps, c_periodic_ooo, c_welcome_not_first);
+    fprintf(f,
+            ",\"shutdown_frames\":%" PRIu64 ",\"duplicate_shutdown_frames\":%" PRIu64
+            ",\"connections_open_at_shutdown\":%ld,\"clients_without_shutdown_frame\":%ld"
+            ",\"closes_sent\":%ld,\"close_frames\":%" PRIu64 ",\"eofs\":%" PRIu64,
+            c_shutdown_frames, c_dup_shutdown, expected, without, initiated, c_close_frames, c_eofs);
+    fprintf(f,
+            ",\"errors\":%" PRIu64 ",\"error_detail\":{\"connect\":%" PRIu64 ",\"handshake\":%" PRIu64
+            ",\"timeout\":%" PRIu64 ",\"unexpected_close\":%" PRIu64 ",\"io\":%" PRIu64 ",\"protocol\":%" PRIu64
+            ",\"close_timeout\":%" PRIu64 "}",
+            errors, e_connect, e_handshake, e_timeout, e_unexpected, e_io, e_protocol, e_close_timeout);
+    fprintf(f,
+            ",\"ready_mono_ns\":%" PRId64 ",\"ready_realtime_ns\":%" PRId64 ",\"realtime_offset_ns\":%" PRId64
+            ",\"steady_mono_ns\":%" PRId64 ",\"first_shutdown_mono_ns\":%" PRId64 ",\"last_shutdown_mono_ns\":%" PRId64
+            ",\"last_close_sent_mono_ns\":%" PRId64 ",\"last_close_mono_ns\":%" PRId64,
+            ready_mono, ready_real, rt_off, steady_mono, first_shutdown, last_sd, last_close_sent, last_close);
+    fprintf(f,
+            ",\"loop\":{\"epoll_waits\":%" PRIu64 ",\"events\":%" PRIu64 ",\"reads\":%" PRIu64
+            "},\"pings_answered\":%" PRIu64 ",\"fragmented_messages\":%" PRIu64,
+            s_epoll_waits, s_events, s_reads, c_pings, c_fragmented);
+    fprintf(f, ",\"client_cpu_s\":%.6f,\"client_cpu_share\":%.6f", cpu, dur > 0 ? cpu / dur : 0);
+    if (srv >= 0)
+        fprintf(f, ",\"server_cpu_s\":%.6f,\"server_cpu_share\":%.6f", srv, dur > 0 ? srv / dur : 0);
+    if (srv_rss_ready >= 0)
+        fprintf(f, ",\"server_rss_kib_ready\":%ld,\"server_rss_kib_end\":%ld", srv_rss_ready, srv_rss_end);
+    fputs("}\n", f);
+    fflush(f);
 }
 
 static void report(void)
 {
+    if (o_mode == MODE_SOAK) {
+        report_soak();
+        return;
+    }
     double dur = (double)(meas_end - meas_start) / 1e9;
     if (dur < 0)
         dur = 0;
@@ -1121,8 +1357,188 @@ static void start_closing(int64_t now)
     }
 }
 
+/* ---- soak mode ---- */
+#define SCAN_NS 5000000LL /* 5 ms: how often soak mode looks at every connection */
+
+static uint64_t rng_next(void)
+{
+    uint64_t x = g_rng; /* xorshift64 */
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    return g_rng = x;
+}
+
+/* Add `add` fresh slots at the end of conns[] (and of the per-slot seq table).
+ * Only called from tick(): no conn pointer is held across it. */
+static void grow_slots(long add)
+{
+    long need = total + add;
+    if (need > cap_slots) {
+        long cap = cap_slots ? cap_slots : 64;
+        while (cap < need)
+            cap *= 2;
+        conns = xrealloc(conns, (size_t)cap * sizeof *conns);
+        memset(conns + cap_slots, 0, (size_t)(cap - cap_slots) * sizeof *conns);
+        if (o_pubs) {
+            size_t per = (size_t)o_pubs;
+            g_last_seq = xrealloc(g_last_seq, (size_t)cap * per * sizeof *g_last_seq);
+            memset(g_last_seq + (size_t)cap_slots * per, 0, (size_t)(cap - cap_slots) * per * sizeof *g_last_seq);
+        }
+        cap_slots = cap;
+    }
+    for (long i = total; i < need; i++)
+        conns[i].fd = -1;
+    total = need;
+}
+
+/* This side leaves: a masked close frame now, the socket closed when the
+ * server's close frame (or EOF) arrives, or after --close-timeout. */
+static void soak_leave(conn *c, int64_t now)
+{
+    c->initiated = 1;
+    c->t_close_sent = now;
+    send_close(c, 1000);
+    flush_conn(c);
+}
+
+static void churn_round(int64_t now)
+{
+    long closed = 0;
+    for (long k = 0; k < o_churn; k++) {
+        for (int tries = 0; tries < 64; tries++) {
+            conn *c = &conns[(long)(rng_next() % (uint64_t)total)];
+            if (c->is_pub || c->state != ST_OPEN || c->close_sent)
+                continue;
+            c->churned = 1;
+            c_churned++;
+            closed++;
+            soak_leave(c, now);
+            break;
+        }
+    }
+    long base = total;
+    grow_slots(closed);
+    for (long i = base; i < total; i++) {
+        conns[i].mid = 1; /* joins mid-stream: its first seq may be anything */
+        c_churn_opened++;
+        launch(&conns[i], now);
+    }
+}
+
+/* Start the drain's closes that are due, and give up on closes the server has
+ * not answered in --close-timeout. Returns how many closes are under way. */
+static long soak_scan(int64_t now)
+{
+    long leaving = 0;
+    int64_t close_to = (int64_t)(o_close_timeout * 1e9), linger = (int64_t)(o_linger_ms * 1e6);
+    for (long i = 0; i < total; i++) {
+        conn *c = &conns[i];
+        if (c->state != ST_OPEN)
+            continue;
+        if (!c->close_sent) {
+            if (phase != PH_DRAIN || !((c->t_shutdown && now >= c->t_shutdown + linger) || now >= close_all_at))
+                continue;
+            soak_leave(c, now);
+            if (c->state != ST_OPEN)
+                continue;
+        }
+        if (c->initiated && now - c->t_close_sent >= close_to) {
+            e_close_timeout++;
+            c->t_close = now;
+            conn_close(c);
+            continue;
+        }
+        leaving++;
+    }
+    return leaving;
+}
+
+/* The drain: on the first shutdown frame (by_shutdown), or when this side gives
+ * up waiting for one or is told to stop (every connection closes now). */
+static void soak_enter_drain(int64_t now, int by_shutdown)
+{
+    int64_t wait = (int64_t)(o_shutdown_wait * 1e9);
+    if (by_shutdown && !first_shutdown) {
+        long open = 0;
+        first_shutdown = now;
+        for (long i = 0; i < total; i++) {
+            conn *c = &conns[i];
+            if (c->state == ST_OPEN && !c->close_sent) {
+                c->expect_sd = 1;
+                open++;
+            }
+        }
+        logmsg("first shutdown frame: %ld connections open, %ld connecting", open, pending);
+        if (phase != PH_DRAIN || close_all_at > now + wait)
+            close_all_at = now + wait; /* those still without one close then */
+    } else if (!by_shutdown) {
+        close_all_at = now;
+    }
+    phase = PH_DRAIN;
+    next_scan = now;
+}
+
+static void finish_soak(int64_t now)
+{
+    for (long i = 0; i < total; i++) {
+        conn *c = &conns[i];
+        if (c->state == ST_OPEN && !c->t_close)
+            c->t_close = now;
+        conn_close(c);
+    }
+    if (!g_measuring)
+        start_measure(now);
+    end_measure(now);
+    if (!ramp_end)
+        ramp_end = now;
+    if (n_connected < total)
+        g_exit_code = 3;
+    report();
+    phase = PH_EXIT;
+}
+
+static void soak_tick(int64_t now)
+{
+    if (phase == PH_SOAK) {
+        if (now >= soak_end) {
+            phase = PH_SETTLE;
+            logmsg("soak: %.3f s of load and churn done, %" PRIu64 " churned; settling", (double)(now - soak_start) / 1e9,
+                   c_churned);
+        } else if (o_churn > 0 && o_churn_every_ms > 0 && now >= next_churn) {
+            int64_t every = (int64_t)(o_churn_every_ms * 1e6);
+            churn_round(now);
+            next_churn += every;
+            if (next_churn <= now)
+                next_churn = now + every;
+        }
+    }
+    if (phase == PH_DRAIN && n_open == 0 && pending == 0) {
+        finish_soak(now);
+        return;
+    }
+    if (now < next_scan)
+        return;
+    next_scan = now + SCAN_NS;
+    long leaving = soak_scan(now);
+    if (phase == PH_SETTLE && !leaving && !pending) {
+        steady_mono = mono_ns();
+        fprintf(stderr, "wsbench: steady connected=%ld churned=%" PRIu64 " mono_ns=%" PRId64 "\n", n_open, c_churned,
+                steady_mono);
+        phase = PH_AWAIT;
+        await_deadline = now + (int64_t)(o_shutdown_wait * 1e9);
+    } else if (phase == PH_AWAIT && now >= await_deadline) {
+        logmsg("no shutdown frame within %g s: closing every connection", o_shutdown_wait);
+        soak_enter_drain(now, 0);
+    }
+}
+
 static void finish(int64_t now)
 {
+    if (o_mode == MODE_SOAK) {
+        finish_soak(now);
+        return;
+    }
     if (!g_measuring) /* stopped before measuring started */
         start_measure(now);
     end_measure(now);
@@ -1141,6 +1557,29 @@ static void ramp_done(int64_t now)
     if (n_connected == 0) {
         logmsg("no connection could be opened");
         finish(now);
+        return;
+    }
+    if (o_mode == MODE_SOAK) {
+        ready_mono = mono_ns();
+        ready_real = real_ns();
+        srv_rss_ready = server_rss();
+        fprintf(stderr, "wsbench: ready connected=%ld mono_ns=%" PRId64 " realtime_ns=%" PRId64 "\n", n_connected,
+                ready_mono, ready_real);
+        g_publishing = 1;
+        for (long i = o_subs; i < n_initial; i++) {
+            conn *c = &conns[i];
+            if (c->state == ST_OPEN) {
+                c->last_echo = now;
+                fill_window(c, now);
+                flush_conn(c);
+            }
+        }
+        phase = PH_SOAK;
+        soak_start = now;
+        soak_end = now + (int64_t)(o_duration * 1e9);
+        next_churn = now + (int64_t)(o_churn_every_ms * 1e6);
+        next_scan = now;
+        start_measure(now);
         return;
     }
     if (o_mode == MODE_PUBLISH) {
@@ -1182,11 +1621,23 @@ static void housekeep(int64_t now)
                 conn_close(c);
             }
         }
-    } else if (g_publishing && o_stall > 0) {
-        int64_t lim = (int64_t)(o_stall * 1e9);
-        for (long i = o_subs; i < total; i++) {
+        return;
+    }
+    if (o_mode == MODE_SOAK && pending) { /* churn replacements */
+        int64_t lim = (int64_t)(o_conn_timeout * 1e9);
+        for (long i = n_initial; i < total; i++) {
             conn *c = &conns[i];
-            if (c->state == ST_OPEN && c->inflight && now - c->last_echo > lim) {
+            if ((c->state == ST_CONNECTING || c->state == ST_HANDSHAKE) && now - c->t_start > lim) {
+                e_timeout++;
+                conn_close(c);
+            }
+        }
+    }
+    if (g_publishing && o_stall > 0) {
+        int64_t lim = (int64_t)(o_stall * 1e9);
+        for (long i = o_subs; i < n_initial; i++) {
+            conn *c = &conns[i];
+            if (c->state == ST_OPEN && c->inflight && !c->pub_stopped && !c->close_sent && now - c->last_echo > lim) {
                 /* messages lost (dropped by the server?): refill the window */
                 c_stalls++;
                 c->inflight = 0;
@@ -1200,6 +1651,18 @@ static void housekeep(int64_t now)
 
 static void tick(int64_t now)
 {
+    if (g_signals && o_mode == MODE_SOAK) {
+        g_signals = 0;
+        if (g_sig_closing) {
+            logmsg("signal: closing every connection now");
+            finish_soak(now);
+            return;
+        }
+        g_sig_closing = 1;
+        logmsg("signal: closing every connection");
+        soak_enter_drain(now, 0);
+        return;
+    }
     if (g_signals) {
         if (phase == PH_CLOSING) {
             phase = PH_EXIT;
@@ -1223,6 +1686,12 @@ static void tick(int64_t now)
         }
         if (n_done == total)
             ramp_done(now);
+        break;
+    case PH_SOAK:
+    case PH_SETTLE:
+    case PH_AWAIT:
+    case PH_DRAIN:
+        soak_tick(now);
         break;
     case PH_WARMUP:
         if (now >= warm_end) {
@@ -1279,6 +1748,18 @@ static int next_timeout_ms(int64_t now)
         if (close_deadline < dl)
             dl = close_deadline;
         break;
+    case PH_SOAK:
+        if (o_churn > 0 && o_churn_every_ms > 0 && next_churn < dl)
+            dl = next_churn;
+        if (soak_end < dl)
+            dl = soak_end;
+        /* fall through */
+    case PH_SETTLE:
+    case PH_AWAIT:
+    case PH_DRAIN:
+        if (next_scan < dl)
+            dl = next_scan;
+        break;
     default:
         break;
     }
@@ -1315,6 +1796,13 @@ static void usage(FILE *f)
           "  --close-timeout S     wait for the server's close replies at exit (default 2)\n"
           "  --idle                connect, print ready, hold for --duration (no publishing)\n"
           "  --expect-close        connect, print ready, time shutdown frames and closes\n"
+          "  --soak                load + churn + ordering checks, then follow the server's drain:\n"
+          "                        close each connection --linger-ms after its shutdown frame\n"
+          "  --churn K             soak: subscribers closed and replaced per round (default 10, 0 off)\n"
+          "  --churn-every MS      soak: milliseconds between churn rounds (default 250)\n"
+          "  --linger-ms MS        soak: stay this long after the shutdown frame, then close (default 500)\n"
+          "  --shutdown-wait S     soak: how long to wait for shutdown frames (default 10)\n"
+          "  --seed N              soak: random seed for churn (default: from the clock)\n"
           "  --server-pid PID[,..] also report these processes' CPU and RSS\n"
           "  --json                print one JSON object on stdout\n"
           "  --quiet               fewer messages on stderr\n",
@@ -1337,7 +1825,8 @@ static void parse_args(int argc, char **argv)
 {
     enum {
         OPT_HOST = 256, OPT_PORT, OPT_PATH, OPT_ORIGIN, OPT_SUBS, OPT_PUBS, OPT_WINDOW, OPT_SIZE, OPT_DURATION, OPT_WARMUP, OPT_RATE,
-        OPT_PENDING, OPT_POLL, OPT_CTIMEOUT, OPT_STALL, OPT_CLOSE_TIMEOUT, OPT_IDLE, OPT_EXPECT, OPT_JSON, OPT_QUIET, OPT_SPID, OPT_HELP
+        OPT_PENDING, OPT_POLL, OPT_CTIMEOUT, OPT_STALL, OPT_CLOSE_TIMEOUT, OPT_IDLE, OPT_EXPECT, OPT_JSON, OPT_QUIET, OPT_SPID, OPT_HELP,
+        OPT_SOAK, OPT_CHURN, OPT_CHURN_EVERY, OPT_LINGER, OPT_SD_WAIT, OPT_SEED
     };
     static const struct option opts[] = {
         {"host", required_argument, 0, OPT_HOST},
@@ -1358,6 +1847,12 @@ static void parse_args(int argc, char **argv)
         {"close-timeout", required_argument, 0, OPT_CLOSE_TIMEOUT},
         {"idle", no_argument, 0, OPT_IDLE},
         {"expect-close", no_argument, 0, OPT_EXPECT},
+        {"soak", no_argument, 0, OPT_SOAK},
+        {"churn", required_argument, 0, OPT_CHURN},
+        {"churn-every", required_argument, 0, OPT_CHURN_EVERY},
+        {"linger-ms", required_argument, 0, OPT_LINGER},
+        {"shutdown-wait", required_argument, 0, OPT_SD_WAIT},
+        {"seed", required_argument, 0, OPT_SEED},
         {"json", no_argument, 0, OPT_JSON},
         {"quiet", no_argument, 0, OPT_QUIET},
         {"server-pid", required_argument, 0, OPT_SPID},
@@ -1388,6 +1883,15 @@ static void parse_args(int argc, char **argv)
         case OPT_CLOSE_TIMEOUT: o_close_timeout = parse_num("close-timeout", optarg, 0, 1e7); break;
         case OPT_IDLE: o_mode = MODE_IDLE; break;
         case OPT_EXPECT: o_mode = MODE_EXPECT_CLOSE; break;
+        case OPT_SOAK: o_mode = MODE_SOAK; break;
+        case OPT_CHURN: o_churn = (long)parse_num("churn", optarg, 0, 1e6); break;
+        case OPT_CHURN_EVERY: o_churn_every_ms = parse_num("churn-every", optarg, 0, 1e9); break;
+        case OPT_LINGER: o_linger_ms = parse_num("linger-ms", optarg, 0, 1e9); break;
+        case OPT_SD_WAIT: o_shutdown_wait = parse_num("shutdown-wait", optarg, 0, 1e7); break;
+        case OPT_SEED:
+            o_seed = (uint64_t)parse_num("seed", optarg, 1, 9007199254740992.0);
+            o_seed_set = 1;
+            break;
         case OPT_JSON: o_json = 1; break;
         case OPT_QUIET: o_quiet = 1; break;
         case OPT_SPID: o_server_pids = optarg; break;
@@ -1401,7 +1905,7 @@ static void parse_args(int argc, char **argv)
         usage(stderr);
         exit(2);
     }
-    if (o_mode != MODE_PUBLISH && !o_pubs_set)
+    if (o_mode != MODE_PUBLISH && o_mode != MODE_SOAK && !o_pubs_set)
         o_pubs = 0; /* idle / expect-close: only the subscribers, unless asked */
     total = o_subs + o_pubs;
     if (total < 1) {
@@ -1467,12 +1971,16 @@ int main(int argc, char **argv)
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
 
-    conns = calloc((size_t)total, sizeof *conns);
+    n_initial = total;
+    total = 0;
+    grow_slots(n_initial);
     g_shared = malloc(SMALL_MAX + READ_SZ + 16);
-    if (!conns || !g_shared)
+    if (!g_shared)
         die("out of memory");
+    if (!o_seed_set)
+        o_seed = ((uint64_t)mono_ns() ^ ((uint64_t)getpid() << 32)) | 1;
+    g_rng = o_seed;
     for (long i = 0; i < total; i++) {
-        conns[i].fd = -1;
         if (i >= o_subs) {
             conns[i].is_pub = 1;
             conns[i].pubid = (uint32_t)(i - o_subs);

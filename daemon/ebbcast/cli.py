@@ -7,6 +7,7 @@ import asyncio
 import enum
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -104,6 +105,17 @@ def check_config(path: str) -> int:
     return ExitCode.OK
 
 
+def raise_open_files_limit() -> None:
+    """Every client is a file descriptor: take the hard limit (a terminal's soft
+    default of 1024 would stop the daemon at about a thousand clients)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.debug("could not raise the open files limit from %d: %s", soft, exc)
+
+
 def serve(args: argparse.Namespace) -> int:
     from ebbcast.daemon import HANDLED_SIGNALS, BindError, Daemon
     from ebbcast.logs import configure_logging
@@ -112,6 +124,7 @@ def serve(args: argparse.Namespace) -> int:
     # that arrives during start-up then starts a (quick) drain instead of killing
     # the process or raising KeyboardInterrupt. Daemon.run unblocks them.
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    raise_open_files_limit()
     path = getattr(args, "config", None)
     overrides = {key: value for flag, key in SERVE_FLAGS.items()
                  if (value := getattr(args, flag, None)) is not None}
