@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -256,7 +257,7 @@ def test_the_daemon_raises_its_open_files_limit_to_the_hard_limit(spawn):
     import resource
 
     d = spawn(*FAST, preexec_fn=_low_open_files_limit)
-    limits = open(f"/proc/{d.proc.pid}/limits").read()
+    limits = Path(f"/proc/{d.proc.pid}/limits").read_text()
     (line,) = [row for row in limits.splitlines() if row.startswith("Max open files")]
     soft, hard = line.split()[3:5]
     assert soft == hard == str(resource.getrlimit(resource.RLIMIT_NOFILE)[1])
