@@ -5,8 +5,8 @@ BIN := $(VENV)/bin
 # Debian packages the test suite needs: systemd-analyze for the unit checks,
 # promtool (package prometheus) to validate the metrics exposition, a C compiler
 # for the benchmark's load generator, node and npm for its reference server (and the
-# Node interop test), Chromium for the browser tests.
-TEST_DEBS := python3-venv systemd prometheus gcc make libc6-dev chromium
+# Node interop test), Chromium for the browser tests, redis-server for the backplane.
+TEST_DEBS := python3-venv systemd prometheus gcc make libc6-dev chromium redis-server
 # Other supported CPython versions (from pyenv) that CI runs the suite on.
 OTHER_PYTHONS ?= 3.10 3.12 3.13
 

@@ -15,6 +15,7 @@ setup(
         # Tornado within the major version that code was written and tested against.
         "tornado>=6.5,<7",
         "prometheus-client>=0.20",
+        "redis[hiredis]>=5.0",  # the redis:// backplane (asyncio client)
         'tomli>=2.0; python_version < "3.11"',
     ],
     extras_require={

@@ -181,16 +181,10 @@ def test_unloadable_tls_files_are_a_config_error_naming_the_key(tmp_path):
     assert caught.value.problems[0][0] == "server.tls_cert"
 
 
-def test_workers_and_redis_are_refused_until_supported():
+def test_workers_are_refused_until_supported():
     from ebbcast.daemon import check_supported
 
     with pytest.raises(ConfigError) as caught:
-        check_supported(load_config(env={"EBBCAST_SERVER_WORKERS": "2",
-                                         "EBBCAST_BACKPLANE_URL": "redis://127.0.0.1:6379/0"}))
-    assert [key for key, _ in caught.value.problems] == ["server.workers", "backplane.url"]
-
-
-def test_absurd_env_values_are_config_errors_not_crashes():
-    found = dict(problems(env={"EBBCAST_SERVER_ALLOWED_ORIGINS": "[" * 100000}))
-    assert "server.allowed_origins" in found
-    assert format_duration(1e-05) == "0.01ms" and parse_duration("0.01ms") == pytest.approx(1e-05)
+        check_supported(load_config(env={"EBBCAST_SERVER_WORKERS": "2"}))
+    assert [key for key, _ in caught.value.problems] == ["server.workers"]
+    check_supported(load_config(env={"EBBCAST_BACKPLANE_URL": "redis://127.0.0.1:6379/0"}))

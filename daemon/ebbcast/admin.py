@@ -109,6 +109,7 @@ class BroadcastHandler(AdminHandler):
         if self.ctx.config.broadcast.envelope == "json":
             payload = frames.message("admin", text, time.time())
         recipients = self.ctx.fanout.broadcast(payload, "admin")
+        self.ctx.backplane.publish(payload, "admin")
         self.write_json(202, {"recipients": recipients})
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ebbcast.backplane import Backplane, MemoryBackplane
 from ebbcast.config import Config
 from ebbcast.fanout import Fanout
 from ebbcast.lifecycle import Lifecycle
@@ -34,4 +35,5 @@ class DaemonContext:
     node_id: str
     request_drain: Callable[[str], None]
     started_mono: float
+    backplane: Backplane = field(default_factory=MemoryBackplane)
     rng: random.Random = field(default_factory=random.Random)

@@ -29,6 +29,7 @@ from tornado.web import Application
 
 from ebbcast import __version__
 from ebbcast.admin import ADMIN_MAX_BODY_BYTES, admin_application, log_request
+from ebbcast.backplane import Backplane, MemoryBackplane, RedisBackplane
 from ebbcast.config import Config, ConfigError, changed_keys, is_reloadable, merge_reloadable
 from ebbcast.context import DaemonContext
 from ebbcast.fanout import Fanout
@@ -86,8 +87,6 @@ def check_supported(config: Config) -> None:
     problems = []
     if config.server.workers != 1:
         problems.append(("server.workers", "only 1 is supported by this version"))
-    if config.backplane.url != "memory://":
-        problems.append(("backplane.url", "only \"memory://\" is supported by this version"))
     if problems:
         raise ConfigError(problems)
 
@@ -118,13 +117,13 @@ class Daemon:
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.lifecycle = Lifecycle()
         self.metrics = Metrics()
-        self.metrics.backplane_up.set(1)
         registry: ConnectionRegistry[BroadcastSocket] = ConnectionRegistry(self._on_count)
         self.ctx = DaemonContext(
             config=config, lifecycle=self.lifecycle, registry=registry,
             fanout=Fanout(registry, self.metrics),  # type: ignore[arg-type]
             metrics=self.metrics, node_id=f"{socket.gethostname()}:{os.getpid()}",
             request_drain=self._request_drain, started_mono=time.monotonic())
+        self.ctx.backplane = self._make_backplane(config)
         self._periodic = PeriodicBroadcaster(self.ctx)
         self._keepalive = Keepalive(registry, self.ctx.fanout, lambda: self.ctx.config)
         self._gc_policy = CollectorPolicy(lambda: len(registry))
@@ -132,6 +131,20 @@ class Daemon:
         self._watchdog: PeriodicCallback | None = None
         self._next_tick = 0.0
         self.urls: dict[str, str] = {}
+
+    def _make_backplane(self, config: Config) -> Backplane:
+        if config.backplane.url == "memory://":
+            self.metrics.backplane_up.set(1)
+            return MemoryBackplane()
+        metrics = self.metrics
+        return RedisBackplane(config.backplane.url, self.ctx.node_id,
+                              deliver=self._deliver_remote,
+                              on_state=lambda up: metrics.backplane_up.set(1 if up else 0),
+                              on_dropped=metrics.backplane_dropped.inc)
+
+    def _deliver_remote(self, payload: str | bytes, source: str) -> None:
+        """A frame another instance published: fan it out to this one's clients."""
+        self.ctx.fanout.broadcast(payload, source)
 
     # -- start-up ----------------------------------------------------------------
 
@@ -146,6 +159,7 @@ class Daemon:
             await self._supervise()
         finally:
             self._teardown(loop)
+            await self.ctx.backplane.stop()
         assert self.lifecycle.stop_reason is not None
         return self.lifecycle.stop_reason
 
@@ -167,6 +181,7 @@ class Daemon:
         bound = {  # every address, e.g. both 0.0.0.0 and :: for host ""
             "ws": ",".join(_url(scheme, s, config.server.ws_path) for s in public),
             "admin": ",".join(_url("http", s) for s in admin)}
+        self.ctx.backplane.start()
         self.lifecycle.serve()
         self.serving.set()
         self._periodic.start()

@@ -194,6 +194,7 @@ class BroadcastSocket(WebSocketHandler):
                 payload = frames.message(self.client_id, message, time.time())
             exclude = None if ctx.config.broadcast.echo_to_sender else self
             ctx.fanout.broadcast(payload, "client", exclude=exclude)
+            ctx.backplane.publish(payload, "client")
         except Exception:
             log.exception("error handling a frame from client %s", self.client_id)
             self.end("error", 1011, "internal error")

@@ -54,6 +54,10 @@ class Metrics:
                                     "Unix time of the drain deadline; 0 before.", registry=r)
         self.backplane_up = Gauge("ebbcast_backplane_up",
                                   "1 when the backplane is connected.", registry=r)
+        self.backplane_dropped = Counter(
+            "ebbcast_backplane_dropped_total",
+            "Frames not published to other instances (backplane down or backlogged); "
+            "they were delivered locally.", registry=r)
         self.build_info = Gauge("ebbcast_build_info", "Build information; always 1.",
                                 ["version"], registry=r)
         ProcessCollector(registry=r)  # process_* (CPU, RSS, open fds) of this process

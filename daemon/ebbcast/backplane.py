@@ -1,0 +1,193 @@
+"""The backplane: how broadcasts reach the clients of other ebbcast instances.
+
+``memory://`` is a single instance: nothing leaves the process. ``redis://`` joins
+instances through Redis pub/sub (SPEC section 8): client frames and admin
+broadcasts are delivered locally at once, then published; every instance
+subscribed to the channel fans out what the *others* published, so no client sees
+a frame twice. Periodic frames stay local.
+
+Redis going away never stops local delivery. The outage is logged once,
+``ebbcast_backplane_up`` drops to 0, frames meanwhile are counted in
+``ebbcast_backplane_dropped_total`` (never silently lost), and the connection is
+retried with capped exponential backoff and jitter; the recovery is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "ebbcast:broadcast"
+#: Frames waiting to be published; beyond this (Redis far slower than the
+#: clients), the oldest are dropped and counted.
+PUBLISH_QUEUE_LIMIT = 10_000
+BACKOFF_FIRST, BACKOFF_MAX = 0.1, 10.0
+
+#: deliver(payload, source) fans a frame from another instance out locally.
+Deliver = Callable[[str | bytes, str], None]
+
+
+class Backplane(Protocol):
+    def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def publish(self, payload: str | bytes, source: str) -> None: ...
+
+
+class MemoryBackplane:
+    """One instance: local delivery is all there is."""
+
+    def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def publish(self, payload: str | bytes, source: str) -> None:
+        pass
+
+
+def encode(node: str, source: str, payload: str | bytes) -> bytes:
+    """``<node>\\n<source>\\n<t|b><payload>``: who sent it, for what, text or binary."""
+    body = payload if isinstance(payload, bytes) else payload.encode()
+    kind = b"b" if isinstance(payload, bytes) else b"t"
+    return node.encode() + b"\n" + source.encode() + b"\n" + kind + body
+
+
+def decode(message: bytes) -> tuple[str, str, str | bytes]:
+    node, source, rest = message.split(b"\n", 2)
+    payload: str | bytes = rest[1:] if rest[:1] == b"b" else rest[1:].decode()
+    return node.decode(), source.decode(), payload
+
+
+def backoff_delays(rng: random.Random) -> Any:
+    """Capped exponential backoff with full jitter: 0.1 s, 0.2 s, ... up to 10 s."""
+    delay = BACKOFF_FIRST
+    while True:
+        yield rng.uniform(delay / 2, delay)
+        delay = min(delay * 2, BACKOFF_MAX)
+
+
+class RedisBackplane:
+    """Redis pub/sub through redis-py's asyncio client (hiredis parser)."""
+
+    def __init__(self, url: str, node: str, deliver: Deliver,
+                 on_state: Callable[[bool], None], on_dropped: Callable[[int], None],
+                 rng: random.Random | None = None) -> None:
+        self._url = url
+        # unique per instance even when two share a process (tests) or a pid (containers)
+        self._node = f"{node}/{secrets.token_hex(4)}"
+        self._deliver = deliver
+        self._on_state = on_state
+        self._on_dropped = on_dropped
+        self._rng = rng or random.Random()
+        self._queue: deque[bytes] = deque()
+        self._wakeup = asyncio.Event()
+        self._up = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._clients: list[Any] = []
+
+    @property
+    def up(self) -> bool:
+        return self._up
+
+    def start(self) -> None:
+        self._on_state(False)
+        self._tasks = [asyncio.ensure_future(self._subscribe_forever()),
+                       asyncio.ensure_future(self._publish_forever())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for client in self._clients:
+            await client.aclose()
+        self._clients.clear()
+
+    def publish(self, payload: str | bytes, source: str) -> None:
+        """Queue a frame for the other instances (delivered locally by the caller)."""
+        if not self._up:
+            self._on_dropped(1)
+            return
+        if len(self._queue) >= PUBLISH_QUEUE_LIMIT:
+            self._queue.popleft()
+            self._on_dropped(1)
+        self._queue.append(encode(self._node, source, payload))
+        self._wakeup.set()
+
+    def _client(self) -> Any:
+        import redis.asyncio as redis  # imported only when a redis:// URL is configured
+
+        client = redis.Redis.from_url(self._url, socket_connect_timeout=2,
+                                      health_check_interval=5)
+        self._clients.append(client)
+        return client
+
+    def _set_up(self, up: bool) -> None:
+        if up == self._up:
+            return
+        self._up = up
+        self._on_state(up)
+        where = urlsplit(self._url).netloc
+        if up:
+            log.info("backplane connected: %s", where)
+        else:
+            log.warning("backplane lost: %s; local delivery goes on, retrying", where)
+
+    async def _subscribe_forever(self) -> None:
+        delays = backoff_delays(self._rng)
+        while True:
+            client = self._client()
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(CHANNEL)
+                    self._set_up(True)
+                    delays = backoff_delays(self._rng)
+                    await self._receive(pubsub)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any Redis or network failure: retry
+                log.debug("backplane subscription failed: %s", exc)
+            finally:
+                self._clients.remove(client)
+                await client.aclose()
+            self._set_up(False)
+            dropped = len(self._queue)
+            if dropped:
+                self._queue.clear()
+                self._on_dropped(dropped)
+            await asyncio.sleep(next(delays))
+
+    async def _receive(self, pubsub: Any) -> None:
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if message is None or message.get("type") != "message":
+                continue
+            node, source, payload = decode(message["data"])
+            if node != self._node:
+                self._deliver(payload, source)
+
+    async def _publish_forever(self) -> None:
+        client = self._client()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue and self._up:
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), 256))]
+                try:
+                    async with client.pipeline(transaction=False) as pipe:
+                        for data in batch:
+                            pipe.publish(CHANNEL, data)
+                        await pipe.execute()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the subscriber notices the outage too
+                    log.debug("backplane publish failed: %s", exc)
+                    self._on_dropped(len(batch))

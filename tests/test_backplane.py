@@ -1,0 +1,84 @@
+"""The redis:// backplane with a real redis-server: two instances, and an outage."""
+
+from __future__ import annotations
+
+import random
+
+from conftest import recv_json, wait_until
+from ebbcast.backplane import BACKOFF_MAX, backoff_delays, decode, encode
+
+
+def test_backplane_messages_round_trip():
+    assert decode(encode("node:1", "client", "héllo\nworld")) == ("node:1", "client",
+                                                                  "héllo\nworld")
+    assert decode(encode("n", "admin", b"\x00\n\xff")) == ("n", "admin", b"\x00\n\xff")
+
+
+def test_reconnect_backoff_grows_with_jitter_and_is_capped():
+    delays = backoff_delays(random.Random(7))
+    first = [next(delays) for _ in range(12)]
+    assert 0.05 <= first[0] <= 0.1 and first[3] > first[0]
+    assert all(d <= BACKOFF_MAX for d in first) and first[-1] >= BACKOFF_MAX / 2
+
+
+async def pair(start_daemon, redis_server, **overrides):
+    one = await start_daemon(backplane__url=redis_server.url, **overrides)
+    two = await start_daemon(backplane__url=redis_server.url)
+    await wait_until(lambda: one.daemon.metrics.backplane_up._value.get() == 1
+                     and two.daemon.metrics.backplane_up._value.get() == 1)
+    return one, two
+
+
+async def test_frames_cross_instances_both_ways_exactly_once(start_daemon, redis_server):
+    one, two = await pair(start_daemon, redis_server)
+    a, _ = await one.connect_welcomed("/a")
+    a2, _ = await one.connect_welcomed("/a2")
+    b, _ = await two.connect_welcomed("/b")
+    for text in ("one", "two", "three"):
+        await a.write_message(text)
+    await b.write_message("from b")
+    for conn in (a, a2):  # local clients: their own instance's frames once, then b's
+        assert [(await recv_json(conn))["text"] for _ in range(4)] == \
+            ["one", "two", "three", "from b"]
+    texts = [(await recv_json(b))["text"] for _ in range(4)]
+    assert sorted(texts) == ["from b", "one", "three", "two"]
+    assert [t for t in texts if t != "from b"] == ["one", "two", "three"]  # sender's order
+    await a.write_message("marker")  # anything duplicated would arrive before it
+    assert (await recv_json(b))["text"] == "marker"
+    assert (await recv_json(a))["text"] == "marker"
+
+
+async def test_admin_broadcasts_cross_and_periodic_frames_stay_local(start_daemon,
+                                                                     redis_server):
+    one, two = await pair(start_daemon, redis_server, broadcast__periodic_interval="50ms")
+    a, _ = await one.connect_welcomed()
+    b, _ = await two.connect_welcomed()
+    periodic = await recv_json(a)
+    assert periodic["type"] == "periodic"  # instance one has periodic frames...
+    assert (await two.admin("/broadcast", "POST", "to all", token="secret-token")).code == 202
+    frame = await recv_json(b)  # ...instance two has none: its first frame is the admin's
+    assert (frame["type"], frame["from"], frame["text"]) == ("message", "admin", "to all")
+    while (frame := await recv_json(a))["type"] == "periodic":
+        pass
+    assert frame["text"] == "to all"
+
+
+async def test_redis_outage_keeps_local_delivery_and_counts_the_loss(start_daemon,
+                                                                   redis_server):
+    one, two = await pair(start_daemon, redis_server)
+    a, _ = await one.connect_welcomed("/a")
+    a2, _ = await one.connect_welcomed("/a2")
+    b, _ = await two.connect_welcomed("/b")
+    redis_server.stop()
+    metrics = one.daemon.metrics
+    await wait_until(lambda: metrics.backplane_up._value.get() == 0)
+    await a.write_message("during the outage")
+    assert (await recv_json(a2))["text"] == "during the outage"  # local delivery goes on
+    await wait_until(lambda: metrics.backplane_dropped._value.get() >= 1)
+    exposition = (await one.admin("/metrics")).body.decode()
+    assert "ebbcast_backplane_up 0.0" in exposition
+    redis_server.start()  # the same port: both instances reconnect with backoff
+    await wait_until(lambda: metrics.backplane_up._value.get() == 1
+                     and two.daemon.metrics.backplane_up._value.get() == 1, timeout=30)
+    await a.write_message("after the outage")
+    assert (await recv_json(b))["text"] == "after the outage"  # and never the lost one
