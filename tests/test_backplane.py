@@ -82,3 +82,36 @@ async def test_redis_outage_keeps_local_delivery_and_counts_the_loss(start_daemo
                      and two.daemon.metrics.backplane_up._value.get() == 1, timeout=30)
     await a.write_message("after the outage")
     assert (await recv_json(b))["text"] == "after the outage"  # and never the lost one
+
+
+def test_a_daemon_whose_redis_is_down_serves_locally_and_says_so(spawn):
+    import json
+    import signal
+    import socket
+
+    from websockets.sync.client import connect
+
+    from conftest import STEP_TIMEOUT
+
+    with socket.socket() as sock:  # a port where no Redis listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    d = spawn("--port", "0", "--admin-port", "0",
+              env={"EBBCAST_BACKPLANE_URL": f"redis://127.0.0.1:{port}/0"})
+    d.wait_for_log(rf"backplane unreachable: 127.0.0.1:{port}; local delivery goes on")
+    with connect(d.ws_url) as one, connect(d.ws_url) as two:
+        json.loads(one.recv(timeout=STEP_TIMEOUT))
+        json.loads(two.recv(timeout=STEP_TIMEOUT))
+        one.send("local")
+        while (frame := json.loads(two.recv(timeout=STEP_TIMEOUT)))["type"] != "message":
+            pass
+        assert frame["text"] == "local"
+    import urllib.request
+
+    with urllib.request.urlopen(d.admin_url + "/metrics", timeout=STEP_TIMEOUT) as resp:
+        metrics = resp.read().decode()
+    assert "ebbcast_backplane_up 0.0" in metrics
+    assert "ebbcast_backplane_dropped_total 1.0" in metrics
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    assert d.log_text().count("backplane unreachable") == 1

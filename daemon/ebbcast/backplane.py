@@ -91,6 +91,7 @@ class RedisBackplane:
         self._queue: deque[bytes] = deque()
         self._wakeup = asyncio.Event()
         self._up = False
+        self._tried = False
         self._tasks: list[asyncio.Task[None]] = []
         self._clients: list[Any] = []
 
@@ -131,7 +132,10 @@ class RedisBackplane:
         return client
 
     def _set_up(self, up: bool) -> None:
-        if up == self._up:
+        """Record a change of state; log each change once (and a first failure)."""
+        first_failure = not up and not self._tried
+        self._tried = True
+        if up == self._up and not first_failure:
             return
         self._up = up
         self._on_state(up)
@@ -139,7 +143,8 @@ class RedisBackplane:
         if up:
             log.info("backplane connected: %s", where)
         else:
-            log.warning("backplane lost: %s; local delivery goes on, retrying", where)
+            log.warning("backplane %s: %s; local delivery goes on, retrying",
+                        "unreachable" if first_failure else "lost", where)
 
     async def _subscribe_forever(self) -> None:
         delays = backoff_delays(self._rng)
