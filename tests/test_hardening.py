@@ -8,6 +8,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from websockets.exceptions import WebSocketException
 from websockets.sync.client import connect
 
 from conftest import STEP_TIMEOUT, _never_reading_client, http_json
@@ -95,3 +96,35 @@ def test_a_client_that_never_reads_is_cut_off_without_growing_the_daemon(spawn):
 def _metrics_text(d) -> str:
     with urllib.request.urlopen(d.admin_url + "/metrics", timeout=STEP_TIMEOUT) as resp:
         return resp.read().decode()  # type: ignore[no-any-return]
+
+
+def _tiny_open_files_limit() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+
+def test_running_out_of_descriptors_sheds_connections_without_a_log_flood(spawn):
+    d = spawn(*FAST, preexec_fn=_tiny_open_files_limit)
+    host, port = d.ws_url.split("/")[2].rsplit(":", 1)
+    flood = []
+    try:
+        for _ in range(120):  # more than the daemon can hold
+            flood.append(socket.create_connection((host, int(port)), timeout=STEP_TIMEOUT))
+        d.wait_for_log(r"out of file descriptors .*closing new connections at once")
+    finally:
+        for sock in flood:
+            sock.close()
+    # once the daemon has noticed the flood is gone, it serves new clients again
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while True:
+        try:
+            with connect(d.ws_url, open_timeout=STEP_TIMEOUT) as ws:
+                assert '"welcome"' in ws.recv(timeout=STEP_TIMEOUT)
+            break
+        except (OSError, WebSocketException):  # shed: closed before or after the upgrade
+            assert time.monotonic() < deadline, "never served again"
+            time.sleep(0.05)
+    assert http_json(d.admin_url + "/healthz") == (200, {"status": "ok"})
+    assert "Traceback" not in d.log_text()
+    assert d.log_text().count("out of file descriptors") == 1

@@ -37,6 +37,7 @@ from ebbcast.gcpolicy import CollectorPolicy
 from ebbcast.handlers import CLIENT_ID_PATTERN, BroadcastSocket, PageHandler, load_page
 from ebbcast.keepalive import Keepalive
 from ebbcast.lifecycle import Lifecycle, State, StopReason
+from ebbcast.listener import ShedOnExhaustion, Spare
 from ebbcast.logs import set_level
 from ebbcast.metrics import Metrics
 from ebbcast.notify import SystemdNotifier
@@ -75,11 +76,12 @@ def _url(scheme: str, sock: socket.socket, path: str = "") -> str:
     return f"{scheme}://{host}:{port}{path}"
 
 
-def _bind(name: str, host: str, port: int) -> list[socket.socket]:
+def _bind(name: str, host: str, port: int, spare: Spare) -> list[socket.socket]:
     try:
-        return bind_sockets(port, host or None, backlog=LISTEN_BACKLOG)
+        sockets = bind_sockets(port, host or None, backlog=LISTEN_BACKLOG)
     except OSError as exc:
         raise BindError(f"{name} {host}:{port}", exc) from exc
+    return [ShedOnExhaustion.adopt(sock, spare) for sock in sockets]
 
 
 def check_supported(config: Config) -> None:
@@ -128,6 +130,7 @@ class Daemon:
         self._keepalive = Keepalive(registry, self.ctx.fanout, lambda: self.ctx.config)
         self._gc_policy = CollectorPolicy(lambda: len(registry))
         self._servers: dict[str, HTTPServer] = {}
+        self._spare = Spare()  # a descriptor in reserve, see ebbcast.listener
         self._watchdog: PeriodicCallback | None = None
         self._next_tick = 0.0
         self.urls: dict[str, str] = {}
@@ -165,8 +168,8 @@ class Daemon:
 
     def _start(self) -> None:
         config = self.ctx.config
-        public = _bind("public listener", config.server.host, config.server.port)
-        admin = _bind("admin listener", config.admin.host, config.admin.port)
+        public = _bind("public listener", config.server.host, config.server.port, self._spare)
+        admin = _bind("admin listener", config.admin.host, config.admin.port, self._spare)
         self._servers["public"] = HTTPServer(
             self._public_application(), ssl_options=self._tls, xheaders=False,
             max_header_size=MAX_HEADER_BYTES, max_body_size=MAX_PUBLIC_BODY_BYTES,
@@ -375,3 +378,4 @@ class Daemon:
             server.stop()
         self._notifier.notify("STATUS=stopped")
         self._notifier.close()
+        self._spare.close()
