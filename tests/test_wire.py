@@ -91,3 +91,20 @@ async def test_invalid_close_code_from_a_client_is_answered_with_1002(start_daem
         assert frames[-1] == (0x8, struct.pack("!H", 4000))
     finally:
         sock.close()
+
+
+async def test_a_valid_frame_is_echoed_even_when_a_bad_one_follows_in_the_same_read(
+        start_daemon):
+    """Autobahn 3.x/4.x/5.15: the echo queued for the valid frame is written before
+    the connection is failed for the protocol error right behind it."""
+    d = await start_daemon(broadcast__envelope="raw")
+    sock = await never_reading_client(d.ws_url)
+    try:
+        await wait_until(lambda: len(d.daemon.ctx.registry) == 1)
+        good = b"\x81\x85\x00\x00\x00\x00hello"
+        reserved_bits = b"\xf1\x80\x00\x00\x00\x00"  # RSV1-3 set: fail the connection
+        sock.sendall(good + reserved_bits)
+        assert await read_rest(sock) == b"\x81\x05hello"  # the echo, then the end
+    finally:
+        sock.close()
+    await wait_until(lambda: len(d.daemon.ctx.registry) == 0)

@@ -128,6 +128,21 @@ class Fanout:
         self._pending.on_control = on_written
         self._schedule()
 
+    def flush_one(self, conn: Recipient) -> None:
+        """Write now what the pending batch owes ``conn``, which is being torn down.
+
+        Skipped while a batch is being written: ``conn`` may be owed part of it,
+        and its frames must not overtake each other.
+        """
+        if self._flush is not None:
+            return
+        pending = self._pending
+        frames = pending.owed.get(conn, pending.frames)
+        if (frames or pending.control) and conn.send_frame(b"".join(frames) +
+                                                           pending.control):
+            self._metrics.sent.inc(len(frames))
+        pending.owed[conn] = []  # owed nothing more from this batch
+
     def joined(self, conn: Recipient) -> None:
         """A connection joined: it is owed only what is queued from now on."""
         self._pending.owed.setdefault(conn, [])

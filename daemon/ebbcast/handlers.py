@@ -127,6 +127,7 @@ class BroadcastSocket(WebSocketHandler):
         ctx = self.ctx
         assert isinstance(self.ws_connection, EbbcastProtocol)
         self._protocol = self.ws_connection
+        self._protocol.before_abort = self._flush_before_abort
         self.client_id = client_id or secrets.token_hex(8)
         configure_stream(self._protocol)
         self._bucket = TokenBucket(ctx.config.limits.burst, time.monotonic())
@@ -139,6 +140,9 @@ class BroadcastSocket(WebSocketHandler):
             self.send_text(frames.welcome(self.client_id, ctx.node_id, len(ctx.registry)))
             if ctx.lifecycle.state is State.DRAINING:
                 self.send_shutdown()
+
+    def _flush_before_abort(self) -> None:
+        self.ctx.fanout.flush_one(self)
 
     def _drop_http_state(self) -> None:
         """Let the finished HTTP exchange go: its headers and HTTP connection object
@@ -153,6 +157,8 @@ class BroadcastSocket(WebSocketHandler):
             return write_frame(self._protocol, frame, self.ctx.config.limits.client_queue_bytes)
         except SlowConsumer:
             log.debug("client %s is a slow consumer: aborted", self.client_id)
+            if self._protocol is not None:
+                self._protocol.before_abort = None  # it is owed nothing more
             self._disconnect_reason = "slow_consumer"
             self.on_connection_close()
             return False
@@ -230,8 +236,10 @@ class BroadcastSocket(WebSocketHandler):
         collection, which with many connections open stalls the loop (see gc.py).
         """
         protocol, self._protocol = self._protocol, None
-        if protocol is not None and protocol.stream is not None:
-            protocol.stream.error = None
+        if protocol is not None:
+            protocol.before_abort = None
+            if protocol.stream is not None:
+                protocol.stream.error = None
 
     def _reason_from_protocol(self) -> str:
         protocol = self._protocol

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from tornado.iostream import IOStream, StreamClosedError
@@ -69,6 +70,17 @@ class EbbcastProtocol(WebSocketProtocol13):
     """
 
     server_close_code: int | None = None
+    #: Called once before Tornado fails the connection (a protocol error from the
+    #: client): the fan-out writes what this client is already owed, so that a
+    #: valid frame's echo is not lost to a bad frame that follows it in one read.
+    before_abort: Callable[[], None] | None = None
+
+    def _abort(self) -> None:
+        hook, self.before_abort = self.before_abort, None
+        if hook is not None and not self.server_terminated and self.stream is not None \
+                and not self.stream.closed():
+            hook()
+        super()._abort()
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         if self.client_terminated and code is not None and code == self.close_code \
