@@ -115,3 +115,17 @@ def test_a_daemon_whose_redis_is_down_serves_locally_and_says_so(spawn):
     d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0
     assert d.log_text().count("backplane unreachable") == 1
+
+
+async def test_a_draining_instance_names_the_live_ones_in_its_shutdown_frame(start_daemon,
+                                                                            redis_server):
+    import signal
+
+    one, two = await pair(start_daemon, redis_server, shutdown__drain_timeout="60s")
+    a, _ = await one.connect_welcomed()
+    await wait_until(lambda: one.daemon.ctx.backplane.peers() == [two.ws_url])
+    one.daemon.record_signal(signal.SIGTERM)
+    frame = await recv_json(a)
+    assert frame["type"] == "shutdown" and frame["nodes"] == [two.ws_url]
+    a.close()
+    await one.stopped()

@@ -26,6 +26,10 @@ from urllib.parse import urlsplit
 log = logging.getLogger(__name__)
 
 CHANNEL = "ebbcast:broadcast"
+#: Each instance keeps a key NODE_PREFIX<id> = its WebSocket URL, with a TTL, so the
+#: others can name it in their shutdown frames; refreshed every HEARTBEAT_SECONDS.
+NODE_PREFIX = "ebbcast:node:"
+HEARTBEAT_SECONDS, NODE_TTL_SECONDS = 3.0, 10
 #: Frames waiting to be published; beyond this (Redis far slower than the
 #: clients), the oldest are dropped and counted.
 PUBLISH_QUEUE_LIMIT = 10_000
@@ -39,6 +43,8 @@ class Backplane(Protocol):
     def start(self) -> None: ...
     async def stop(self) -> None: ...
     def publish(self, payload: str | bytes, source: str) -> None: ...
+    def advertise(self, url: str | None) -> None: ...
+    def peers(self) -> list[str]: ...
 
 
 class MemoryBackplane:
@@ -52,6 +58,12 @@ class MemoryBackplane:
 
     def publish(self, payload: str | bytes, source: str) -> None:
         pass
+
+    def advertise(self, url: str | None) -> None:
+        pass
+
+    def peers(self) -> list[str]:
+        return []
 
 
 def encode(node: str, source: str, payload: str | bytes) -> bytes:
@@ -94,6 +106,8 @@ class RedisBackplane:
         self._tried = False
         self._tasks: list[asyncio.Task[None]] = []
         self._clients: list[Any] = []
+        self._url_advertised: str | None = None
+        self._peers: list[str] = []
 
     @property
     def up(self) -> bool:
@@ -102,7 +116,17 @@ class RedisBackplane:
     def start(self) -> None:
         self._on_state(False)
         self._tasks = [asyncio.ensure_future(self._subscribe_forever()),
-                       asyncio.ensure_future(self._publish_forever())]
+                       asyncio.ensure_future(self._publish_forever()),
+                       asyncio.ensure_future(self._heartbeat_forever())]
+
+    def advertise(self, url: str | None) -> None:
+        """Offer ``url`` to other instances' draining clients; None withdraws it (as
+        this instance starts its own drain, it stops being a place to go)."""
+        self._url_advertised = url
+
+    def peers(self) -> list[str]:
+        """Other live instances' URLs, as of the last heartbeat."""
+        return list(self._peers)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -178,6 +202,25 @@ class RedisBackplane:
             node, source, payload = decode(message["data"])
             if node != self._node:
                 self._deliver(payload, source)
+
+    async def _heartbeat_forever(self) -> None:
+        client = self._client()
+        key = NODE_PREFIX + self._node
+        while True:
+            try:
+                if self._url_advertised:
+                    await client.set(key, self._url_advertised, ex=NODE_TTL_SECONDS)
+                else:
+                    await client.delete(key)
+                keys = [k async for k in client.scan_iter(match=NODE_PREFIX + "*")
+                        if k.decode() != key]
+                urls = await client.mget(keys) if keys else []
+                self._peers = sorted(u.decode() for u in urls if u)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis down: the subscriber logs the outage
+                log.debug("backplane heartbeat failed: %s", exc)
+            await asyncio.sleep(HEARTBEAT_SECONDS if self._url_advertised else 0.5)
 
     async def _publish_forever(self) -> None:
         client = self._client()

@@ -184,6 +184,7 @@ class Daemon:
         bound = {  # every address, e.g. both 0.0.0.0 and :: for host ""
             "ws": ",".join(_url(scheme, s, config.server.ws_path) for s in public),
             "admin": ",".join(_url("http", s) for s in admin)}
+        self.ctx.backplane.advertise(self.urls["ws"].replace("http", "ws", 1))
         self.ctx.backplane.start()
         self.lifecycle.serve()
         self.serving.set()
@@ -260,6 +261,7 @@ class Daemon:
         if plan is None:
             return
         self._servers["public"].stop()
+        self.ctx.backplane.advertise(None)
         self.metrics.drain_started_at(plan.started_unix, plan.deadline_unix)
         remaining = len(self.ctx.registry)
         log.info("drain started by %s: %d connections, deadline in %ds (at %s)", source,

@@ -28,9 +28,14 @@ def periodic(seq: int, text: str, ts: float, connections: int) -> str:
     return _frame(type="periodic", seq=seq, text=text, ts=round(ts, 3), connections=connections)
 
 
-def shutdown(deadline: float, reconnect_after_ms: int) -> str:
-    return _frame(type="shutdown", reason="draining", deadline=round(deadline, 3),
-                  reconnect_after_ms=reconnect_after_ms)
+def shutdown(deadline: float, reconnect_after_ms: int, nodes: list[str] | None = None) -> str:
+    """The drain notice; ``nodes``, when known, lists other live instances' URLs."""
+    fields: dict[str, Any] = {"type": "shutdown", "reason": "draining",
+                              "deadline": round(deadline, 3),
+                              "reconnect_after_ms": reconnect_after_ms}
+    if nodes:
+        fields["nodes"] = nodes
+    return _frame(**fields)
 
 
 def error(code: str) -> str:
