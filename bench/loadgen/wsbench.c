@@ -662,33 +662,40 @@ static void on_handshake_data(conn *c, int64_t now)
 }
 
 /* ---- frame handling ---- */
+/* Read a decimal number at *pp (advancing it); 0 if there is no digit. */
+static int parse_uint(const uint8_t **pp, const uint8_t *e, uint64_t *out)
+{
+    const uint8_t *p = *pp, *d = p;
+    uint64_t v = 0;
+    while (p < e && *p >= '0' && *p <= '9')
+        v = v * 10 + (uint64_t)(*p++ - '0');
+    *pp = p;
+    *out = v;
+    return p != d;
+}
+
+/* Read "<c><number> " at *pp: the tag, its number and the separating space. */
+static int parse_field(const uint8_t **pp, const uint8_t *e, uint8_t tag, uint64_t *out,
+                       int space_after)
+{
+    const uint8_t *p = *pp;
+    if (p >= e || *p++ != tag || !parse_uint(&p, e, out))
+        return 0;
+    if (space_after && (p >= e || *p++ != ' '))
+        return 0;
+    *pp = p;
+    return 1;
+}
+
 static int parse_at(const uint8_t *p, const uint8_t *e, uint32_t *pub, uint64_t *seq, uint64_t *ts)
 {
     uint64_t v;
-    if (p >= e || *p++ != 'p')
-        return 0;
-    v = 0;
-    const uint8_t *d = p;
-    while (p < e && *p >= '0' && *p <= '9')
-        v = v * 10 + (uint64_t)(*p++ - '0');
-    if (p == d || p >= e || *p++ != ' ' || p >= e || *p++ != 's')
+    if (!parse_field(&p, e, 'p', &v, 1))
         return 0;
     *pub = (uint32_t)v;
-    v = 0;
-    d = p;
-    while (p < e && *p >= '0' && *p <= '9')
-        v = v * 10 + (uint64_t)(*p++ - '0');
-    if (p == d || p >= e || *p++ != ' ' || p >= e || *p++ != 't')
+    if (!parse_field(&p, e, 's', seq, 1))
         return 0;
-    *seq = v;
-    v = 0;
-    d = p;
-    while (p < e && *p >= '0' && *p <= '9')
-        v = v * 10 + (uint64_t)(*p++ - '0');
-    if (p == d)
-        return 0;
-    *ts = v;
-    return 1;
+    return parse_field(&p, e, 't', ts, 0);
 }
 
 /* Find the wsbench header at the start of the payload, or inside a JSON
