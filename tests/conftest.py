@@ -279,10 +279,26 @@ class DaemonProcess:
                    token: str | None = None) -> tuple[int, Any]:
         return http_json(self.admin_url + path, method, body, token)
 
+    def children(self) -> list[int]:
+        """Pids of the main process's children (its workers)."""
+        try:
+            text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(pid) for pid in text.split()]
+
     def kill(self) -> None:
+        """SIGKILL the process and its workers (in their own sessions, they would
+        otherwise outlive a killed main process for as long as they drain)."""
+        workers = self.children()
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(STEP_TIMEOUT)
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self._reader.join(STEP_TIMEOUT)
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:

@@ -179,12 +179,3 @@ def test_unloadable_tls_files_are_a_config_error_naming_the_key(tmp_path):
     with pytest.raises(ConfigError) as caught:
         tls_context(config)
     assert caught.value.problems[0][0] == "server.tls_cert"
-
-
-def test_workers_are_refused_until_supported():
-    from ebbcast.daemon import check_supported
-
-    with pytest.raises(ConfigError) as caught:
-        check_supported(load_config(env={"EBBCAST_SERVER_WORKERS": "2"}))
-    assert [key for key, _ in caught.value.problems] == ["server.workers"]
-    check_supported(load_config(env={"EBBCAST_BACKPLANE_URL": "redis://127.0.0.1:6379/0"}))

@@ -7,14 +7,15 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from tornado.web import Application, RequestHandler
 
 from ebbcast import frames
+from ebbcast.config import Config
 from ebbcast.context import DaemonContext
-from ebbcast.lifecycle import State
+from ebbcast.lifecycle import Lifecycle, State
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +23,52 @@ log = logging.getLogger(__name__)
 ADMIN_MAX_BODY_BYTES = 1024 * 1024
 
 
-class AdminHandler(RequestHandler):
-    def initialize(self, ctx: DaemonContext) -> None:
+class AdminBackend(Protocol):
+    """What the admin endpoints read and act on: one serving process
+    (``ProcessAdmin``) or the main process over its workers (``Supervisor``)."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def state(self) -> State: ...
+    def status_report(self, now_mono: float) -> dict[str, Any]: ...
+    def exposition(self) -> bytes: ...
+    def broadcast(self, payload: str) -> int: ...
+    def request_drain(self, source: str) -> None: ...
+
+
+class ProcessAdmin:
+    """The admin backend of a single process that serves its own clients."""
+
+    def __init__(self, ctx: DaemonContext) -> None:
         self.ctx = ctx
+
+    @property
+    def config(self) -> Config:
+        return self.ctx.config
+
+    @property
+    def state(self) -> State:
+        return self.ctx.lifecycle.state
+
+    def status_report(self, now_mono: float) -> dict[str, Any]:
+        return status_report(self.ctx, now_mono)
+
+    def exposition(self) -> bytes:
+        return self.ctx.metrics.exposition()
+
+    def broadcast(self, payload: str) -> int:
+        recipients = self.ctx.fanout.broadcast(payload, "admin")
+        self.ctx.backplane.publish(payload, "admin")
+        return recipients
+
+    def request_drain(self, source: str) -> None:
+        self.ctx.request_drain(source)
+
+
+class AdminHandler(RequestHandler):
+    def initialize(self, backend: AdminBackend) -> None:
+        self.backend = backend
 
     def write_json(self, status: int, body: dict[str, Any]) -> None:
         self.set_status(status)
@@ -37,7 +81,7 @@ class AdminHandler(RequestHandler):
         404 when no token is configured (the actions are disabled), 401 when the
         token is missing or wrong. Compared in constant time; never logged.
         """
-        token = self.ctx.config.admin.token
+        token = self.backend.config.admin.token
         if not token:
             self.write_json(404, {"error": "disabled: admin.token is not set"})
             return False
@@ -53,7 +97,7 @@ class AdminHandler(RequestHandler):
 class MetricsHandler(AdminHandler):
     def get(self) -> None:
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(self.ctx.metrics.exposition())
+        self.finish(self.backend.exposition())
 
 
 class HealthzHandler(AdminHandler):
@@ -63,25 +107,33 @@ class HealthzHandler(AdminHandler):
 
 class ReadyzHandler(AdminHandler):
     def get(self) -> None:
-        state = self.ctx.lifecycle.state
+        state = self.backend.state
         self.write_json(200 if state is State.SERVING else 503, {"status": state.value})
 
 
 class StatusHandler(AdminHandler):
     def get(self) -> None:
-        self.write_json(200, status_report(self.ctx, time.monotonic()))
+        self.write_json(200, self.backend.status_report(time.monotonic()))
 
 
 def status_report(ctx: DaemonContext, now_mono: float) -> dict[str, Any]:
-    """The ``/status`` document (SPEC section 3) at monotonic time ``now_mono``."""
-    connections = len(ctx.registry)
+    """The ``/status`` document (SPEC section 3) of one process serving its clients."""
+    return build_status(ctx.lifecycle, ctx.started_mono, now_mono,
+                        [(os.getpid(), len(ctx.registry))])
+
+
+def build_status(lifecycle: Lifecycle, started_mono: float, now_mono: float,
+                 workers: list[tuple[int, int]]) -> dict[str, Any]:
+    """The ``/status`` document at monotonic time ``now_mono``, from the lifecycle
+    and the ``(pid, connections)`` of every process serving clients."""
+    connections = sum(count for _, count in workers)
     report: dict[str, Any] = {
-        "state": ctx.lifecycle.state.value,
+        "state": lifecycle.state.value,
         "connections": connections,
-        "workers": [{"pid": os.getpid(), "connections": connections}],
-        "uptime_seconds": round(now_mono - ctx.started_mono, 3),
+        "workers": [{"pid": pid, "connections": count} for pid, count in workers],
+        "uptime_seconds": round(now_mono - started_mono, 3),
     }
-    plan = ctx.lifecycle.drain
+    plan = lifecycle.drain
     if plan is not None:
         report["drain"] = {
             "started_at": round(plan.started_unix, 3),
@@ -101,15 +153,15 @@ class BroadcastHandler(AdminHandler):
         except UnicodeDecodeError:
             self.write_json(400, {"error": "body must be UTF-8 text"})
             return
-        limit = self.ctx.config.server.max_message_bytes
+        config = self.backend.config
+        limit = config.server.max_message_bytes
         if len(self.request.body) > limit:
             self.write_json(413, {"error": f"body over server.max_message_bytes ({limit})"})
             return
         payload = text
-        if self.ctx.config.broadcast.envelope == "json":
+        if config.broadcast.envelope == "json":
             payload = frames.message("admin", text, time.time())
-        recipients = self.ctx.fanout.broadcast(payload, "admin")
-        self.ctx.backplane.publish(payload, "admin")
+        recipients = self.backend.broadcast(payload)
         self.write_json(202, {"recipients": recipients})
 
 
@@ -118,12 +170,12 @@ class DrainHandler(AdminHandler):
         if not self.authorized():
             return
         log.info("drain requested through the admin API by %s", self.request.remote_ip)
-        self.ctx.request_drain("admin")
-        self.write_json(202, {"state": self.ctx.lifecycle.state.value})
+        self.backend.request_drain("admin")
+        self.write_json(202, {"state": self.backend.state.value})
 
 
-def admin_application(ctx: DaemonContext) -> Application:
-    args = {"ctx": ctx}
+def admin_application(backend: AdminBackend) -> Application:
+    args = {"backend": backend}
     return Application([
         (r"/metrics", MetricsHandler, args),
         (r"/healthz", HealthzHandler, args),

@@ -7,9 +7,13 @@ subscribed to the channel fans out what the *others* published, so no client see
 a frame twice. Periodic frames stay local.
 
 Redis going away never stops local delivery. The outage is logged once,
-``ebbcast_backplane_up`` drops to 0, frames meanwhile are counted in
-``ebbcast_backplane_dropped_total`` (never silently lost), and the connection is
-retried with capped exponential backoff and jitter; the recovery is logged.
+``ebbcast_backplane_up`` drops to 0, and the connection is retried with capped
+exponential backoff and jitter; the recovery is logged. No loss is silent, on
+either side of it: frames an instance could not publish are counted in its
+``ebbcast_backplane_dropped_total``; frames it missed because its subscription
+was down while others published are found as gaps in each publisher's sequence
+numbers and counted in its ``ebbcast_backplane_missed_total``. (Redis pub/sub is
+at most once: a subscriber that is away gets nothing from that time.)
 """
 
 from __future__ import annotations
@@ -66,17 +70,18 @@ class MemoryBackplane:
         return []
 
 
-def encode(node: str, source: str, payload: str | bytes) -> bytes:
-    """``<node>\\n<source>\\n<t|b><payload>``: who sent it, for what, text or binary."""
+def encode(node: str, source: str, payload: str | bytes, seq: int = 0) -> bytes:
+    """``<node>\\n<source>\\n<seq>\\n<t|b><payload>``: who sent it, for what, its
+    number in that sender's sequence, text or binary."""
     body = payload if isinstance(payload, bytes) else payload.encode()
     kind = b"b" if isinstance(payload, bytes) else b"t"
-    return node.encode() + b"\n" + source.encode() + b"\n" + kind + body
+    return b"\n".join((node.encode(), source.encode(), str(seq).encode(), kind + body))
 
 
-def decode(message: bytes) -> tuple[str, str, str | bytes]:
-    node, source, rest = message.split(b"\n", 2)
+def decode(message: bytes) -> tuple[str, str, int, str | bytes]:
+    node, source, seq, rest = message.split(b"\n", 3)
     payload: str | bytes = rest[1:] if rest[:1] == b"b" else rest[1:].decode()
-    return node.decode(), source.decode(), payload
+    return node.decode(), source.decode(), int(seq), payload
 
 
 def backoff_delays(rng: random.Random) -> Any:
@@ -92,6 +97,7 @@ class RedisBackplane:
 
     def __init__(self, url: str, node: str, deliver: Deliver,
                  on_state: Callable[[bool], None], on_dropped: Callable[[int], None],
+                 on_missed: Callable[[int], None] | None = None,
                  rng: random.Random | None = None) -> None:
         self._url = url
         # unique per instance even when two share a process (tests) or a pid (containers)
@@ -99,8 +105,11 @@ class RedisBackplane:
         self._deliver = deliver
         self._on_state = on_state
         self._on_dropped = on_dropped
+        self._on_missed = on_missed or (lambda count: None)
         self._rng = rng or random.Random()
-        self._queue: deque[bytes] = deque()
+        self._queue: deque[tuple[str, str | bytes]] = deque()
+        self._seq = 0  # of the last frame handed to Redis
+        self._last_seen: dict[str, int] = {}  # other publishers' last sequence numbers
         self._wakeup = asyncio.Event()
         self._up = False
         self._tried = False
@@ -144,7 +153,7 @@ class RedisBackplane:
         if len(self._queue) >= PUBLISH_QUEUE_LIMIT:
             self._queue.popleft()
             self._on_dropped(1)
-        self._queue.append(encode(self._node, source, payload))
+        self._queue.append((source, payload))
         self._wakeup.set()
 
     def _client(self) -> Any:
@@ -199,9 +208,19 @@ class RedisBackplane:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             if message is None or message.get("type") != "message":
                 continue
-            node, source, payload = decode(message["data"])
+            node, source, seq, payload = decode(message["data"])
             if node != self._node:
+                self._check_sequence(node, seq)
                 self._deliver(payload, source)
+
+    def _check_sequence(self, node: str, seq: int) -> None:
+        """Count the frames of ``node`` that never arrived (a gap before ``seq``)."""
+        last = self._last_seen.get(node)
+        self._last_seen[node] = seq
+        if last is not None and seq > last + 1:
+            log.info("backplane: %d frames from %s were missed while this instance's "
+                     "subscription was down", seq - last - 1, node)
+            self._on_missed(seq - last - 1)
 
     async def _heartbeat_forever(self) -> None:
         client = self._client()
@@ -231,11 +250,12 @@ class RedisBackplane:
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), 256))]
                 try:
                     async with client.pipeline(transaction=False) as pipe:
-                        for data in batch:
-                            pipe.publish(CHANNEL, data)
+                        for source, payload in batch:
+                            self._seq += 1
+                            pipe.publish(CHANNEL, encode(self._node, source, payload,
+                                                         self._seq))
                         await pipe.execute()
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:  # the subscriber notices the outage too
-                    log.debug("backplane publish failed: %s", exc)
-                    self._on_dropped(len(batch))
+                except Exception as exc:  # numbered, so the others count the gap
+                    log.debug("backplane publish of %d frames failed: %s", len(batch), exc)

@@ -8,12 +8,17 @@ import enum
 import logging
 import os
 import resource
+import shutil
 import signal
+import socket
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from ebbcast import __version__
 from ebbcast.config import Config, ConfigError, load_config, render_toml
+from ebbcast.lifecycle import HANDLED_SIGNALS, StopReason
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not words or (words[0].startswith("-") and words[0] not in ("-h", "--help",
                                                                      "--version")):
         words.insert(0, "serve")  # plain ``ebbcast [flags]`` is ``ebbcast serve [flags]``
+    if words[0] == WORKER_COMMAND:
+        return run_worker(words[1:])
     args = build_parser().parse_args(words)
     if args.command == "check-config":
         return check_config(args.path)
@@ -117,7 +124,6 @@ def raise_open_files_limit() -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from ebbcast.daemon import HANDLED_SIGNALS, BindError, Daemon
     from ebbcast.logs import configure_logging
 
     # Hold stop and reload signals until the daemon's handlers are in place: one
@@ -134,13 +140,25 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         config = reload()
-        configure_logging(config.logging.level, config.logging.format)
-        daemon = Daemon(config, reload)
     except ConfigError as exc:
         _print_problems(exc)
         return ExitCode.USAGE
+    configure_logging(config.logging.level, config.logging.format)
+    if config.server.workers != 1:
+        return serve_workers(config, reload, path, overrides)
+    from ebbcast.daemon import Daemon
+
+    return _run_until_stopped(lambda: Daemon(config, reload))
+
+
+def _run_until_stopped(make: Callable[[], Any]) -> int:
+    """Build the daemon (or supervisor) with ``make()``, run it, map the outcome to
+    an exit code."""
+    from ebbcast.daemon import BindError
+
     try:
-        reason = asyncio.run(daemon.run())
+        runner = make()
+        reason = asyncio.run(runner.run())
     except BindError as exc:
         log.error("%s", exc)
         return ExitCode.BIND
@@ -151,4 +169,73 @@ def serve(args: argparse.Namespace) -> int:
         log.exception("unexpected failure")
         return ExitCode.FAILURE
     log.debug("exit after %s", reason.value)
-    return ExitCode.OK
+    return ExitCode.FAILURE if reason is StopReason.FAILED else ExitCode.OK
+
+
+def serve_workers(config: Config, reload: Callable[[], Config], path: str | None,
+                  overrides: Mapping[str, str]) -> int:
+    """The main process over worker processes (ebbcast.supervisor).
+
+    prometheus_client picks its multiprocess mode when it is imported, from
+    ``PROMETHEUS_MULTIPROC_DIR``: so a fresh directory is made and named here,
+    before anything imports it, and removed at exit.
+    """
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("serve_workers must run before prometheus_client is imported")
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
+    rundir = tempfile.mkdtemp(prefix="ebbcast-", dir=runtime)
+    metrics_dir = os.path.join(rundir, "metrics")
+    os.mkdir(metrics_dir, 0o700)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    worker_args = (["--config", path] if path else []) + \
+        [f"--set={key}={value}" for key, value in overrides.items()]
+    try:
+        from ebbcast.supervisor import Supervisor
+
+        return _run_until_stopped(lambda: Supervisor(config, reload, rundir, worker_args,
+                                                     metrics_dir))
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+#: The hidden command the main process starts its workers with.
+WORKER_COMMAND = "_worker"
+
+
+def run_worker(argv: Sequence[str]) -> int:
+    """One worker process, started by the main process (see ebbcast.supervisor)."""
+    parser = _Parser(prog=f"ebbcast {WORKER_COMMAND}")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--relay-fd", type=int, required=True)
+    parser.add_argument("--listen-fds", required=True)
+    parser.add_argument("--effective-config", required=True)
+    parser.add_argument("--config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    if signal.SIGINT in signal.sigpending():
+        # only a terminal's Ctrl+C, which reached this process before it left the
+        # foreground process group, can be pending now: the main process forwards
+        # SIGTERM. Ignoring a signal discards it; then the usual handler returns.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    raise_open_files_limit()
+    from ebbcast.daemon import WorkerSetup
+    from ebbcast.logs import configure_logging
+
+    overrides = dict(item.split("=", 1) for item in args.set)
+
+    def reload() -> Config:
+        return load_config(args.config, os.environ, overrides)
+
+    try:
+        config = load_config(args.effective_config, env={})
+    except ConfigError as exc:
+        _print_problems(exc)
+        return ExitCode.USAGE
+    configure_logging(config.logging.level, config.logging.format)
+    setup = WorkerSetup(args.index, socket.socket(fileno=args.relay_fd),
+                        [socket.socket(fileno=int(fd)) for fd in args.listen_fds.split(",")])
+    from ebbcast.daemon import Daemon
+
+    return _run_until_stopped(lambda: Daemon(config, reload, worker=setup))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -18,6 +19,8 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
+
+log = logging.getLogger(__name__)
 from urllib.parse import urlsplit
 
 if sys.version_info >= (3, 11):
@@ -473,3 +476,31 @@ def merge_reloadable(running: Config, loaded: Config) -> Config:
             values[f.name] = (loaded if is_reloadable(key) else running).value(key)
         sections[section] = cls(**values)
     return Config(**sections)
+
+
+def reload_config(running: Config, load: Callable[[], Config],
+                  quiet: bool = False) -> tuple[Config, list[str]] | None:
+    """SIGHUP's work: load the configuration again and keep only what may change.
+
+    Returns the running configuration with the reloadable keys replaced, and the
+    keys that changed; or None, after logging every problem, if the new file is
+    invalid (the running configuration stays). Keys that changed but need a
+    restart are logged. ``quiet`` logs all this at DEBUG, for a worker whose main
+    process has just said the same.
+    """
+    def say(level: int, message: str, *args: object) -> None:
+        log.log(logging.DEBUG if quiet else level, message, *args)
+
+    say(logging.INFO, "SIGHUP: reloading the configuration")
+    try:
+        loaded = load()
+    except ConfigError as exc:
+        for key, reason in exc.problems:
+            say(logging.ERROR, "config reload: %s: %s", key, reason)
+        say(logging.ERROR, "config reload failed: keeping the running configuration")
+        return None
+    changed = changed_keys(running, loaded)
+    for key in changed:
+        if not is_reloadable(key):
+            say(logging.WARNING, "config reload: %s changed; it needs a restart to apply", key)
+    return merge_reloadable(running, loaded), changed

@@ -24,7 +24,7 @@ class DaemonContext:
 
     ``config`` is replaced (never mutated) when a SIGHUP reload applies new values,
     so handlers read it at the moment they need a setting. ``request_drain`` starts
-    the drain exactly as SIGTERM does.
+    the drain exactly as SIGTERM does; its argument names who asked.
     """
 
     config: Config
@@ -37,3 +37,10 @@ class DaemonContext:
     started_mono: float
     backplane: Backplane = field(default_factory=MemoryBackplane)
     rng: random.Random = field(default_factory=random.Random)
+    #: Connections on the daemon's other worker processes, as last reported by
+    #: the main process (0 without workers).
+    elsewhere: int = 0
+
+    def total_connections(self) -> int:
+        """This process's connections plus the other workers': what clients are told."""
+        return len(self.registry) + self.elsewhere

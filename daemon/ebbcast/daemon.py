@@ -20,6 +20,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from tornado.httpserver import HTTPServer
@@ -28,21 +29,23 @@ from tornado.netutil import bind_sockets
 from tornado.web import Application
 
 from ebbcast import __version__
-from ebbcast.admin import ADMIN_MAX_BODY_BYTES, admin_application, log_request
+from ebbcast.admin import ADMIN_MAX_BODY_BYTES, ProcessAdmin, admin_application, log_request
 from ebbcast.backplane import Backplane, MemoryBackplane, RedisBackplane
-from ebbcast.config import Config, ConfigError, changed_keys, is_reloadable, merge_reloadable
+from ebbcast.config import Config, ConfigError, is_reloadable, reload_config
 from ebbcast.context import DaemonContext
 from ebbcast.fanout import Fanout
 from ebbcast.gcpolicy import CollectorPolicy
 from ebbcast.handlers import CLIENT_ID_PATTERN, BroadcastSocket, PageHandler, load_page
 from ebbcast.keepalive import Keepalive
-from ebbcast.lifecycle import Lifecycle, State, StopReason
+from ebbcast.lifecycle import (STOP_SIGNALS, Lifecycle, State, StopReason, handle_signals,
+                               unhandle_signals)
 from ebbcast.listener import ShedOnExhaustion, Spare
 from ebbcast.logs import set_level
 from ebbcast.metrics import Metrics
 from ebbcast.notify import SystemdNotifier
 from ebbcast.periodic import PeriodicBroadcaster
 from ebbcast.registry import ConnectionRegistry
+from ebbcast.relay import RelayBackplane, WorkerLink
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +59,6 @@ LISTEN_BACKLOG = 2048
 MAX_HEADER_BYTES = 16 * 1024
 MAX_PUBLIC_BODY_BYTES = 64 * 1024
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
-
 
 class BindError(Exception):
     """A listener's address could not be bound."""
@@ -69,7 +69,7 @@ class BindError(Exception):
         super().__init__(f"cannot bind {address}: {error.strerror or error}")
 
 
-def _url(scheme: str, sock: socket.socket, path: str = "") -> str:
+def listener_url(scheme: str, sock: socket.socket, path: str = "") -> str:
     host, port = sock.getsockname()[:2]
     if ":" in host:
         host = f"[{host}]"
@@ -84,13 +84,14 @@ def _bind(name: str, host: str, port: int, spare: Spare) -> list[socket.socket]:
     return [ShedOnExhaustion.adopt(sock, spare) for sock in sockets]
 
 
-def check_supported(config: Config) -> None:
-    """Refuse, as a configuration error, what this version cannot run yet."""
-    problems = []
-    if config.server.workers != 1:
-        problems.append(("server.workers", "only 1 is supported by this version"))
-    if problems:
-        raise ConfigError(problems)
+@dataclass
+class WorkerSetup:
+    """What a worker process gets from the main process (see ebbcast.supervisor):
+    its index, its end of the relay link, and its already bound public sockets."""
+
+    index: int
+    relay: socket.socket
+    public: list[socket.socket]
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
@@ -106,11 +107,19 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
 
 
 class Daemon:
-    """Runs one process until it has stopped; ``run()`` returns the StopReason."""
+    """Runs one process until it has stopped; ``run()`` returns the StopReason.
+
+    On its own (``worker=None``) it binds both listeners and speaks sd_notify. As
+    a worker it serves the public sockets it was given, has no admin listener and
+    reports to the main process over its relay link instead.
+    """
 
     def __init__(self, config: Config, reload: Callable[[], Config],
-                 notifier: SystemdNotifier | None = None, handle_signals: bool = True) -> None:
-        check_supported(config)
+                 notifier: SystemdNotifier | None = None, handle_signals: bool = True,
+                 worker: WorkerSetup | None = None) -> None:
+        self._worker = worker
+        if worker is not None:
+            notifier = SystemdNotifier(env={})  # the main process speaks for the service
         self._handle_signals = handle_signals
         self.serving = asyncio.Event()
         self._tls = tls_context(config)
@@ -125,6 +134,11 @@ class Daemon:
             fanout=Fanout(registry, self.metrics),  # type: ignore[arg-type]
             metrics=self.metrics, node_id=f"{socket.gethostname()}:{os.getpid()}",
             request_drain=self._request_drain, started_mono=time.monotonic())
+        self._link: WorkerLink | None = None
+        if worker is not None:
+            self._link = WorkerLink(worker.relay, self.ctx.node_id,
+                                    deliver=self._deliver_remote, inject=self._inject,
+                                    on_others=self._on_others, on_lost=self._on_main_lost)
         self.ctx.backplane = self._make_backplane(config)
         self._periodic = PeriodicBroadcaster(self.ctx)
         self._keepalive = Keepalive(registry, self.ctx.fanout, lambda: self.ctx.config)
@@ -138,25 +152,40 @@ class Daemon:
     def _make_backplane(self, config: Config) -> Backplane:
         if config.backplane.url == "memory://":
             self.metrics.backplane_up.set(1)
+            if self._link is not None:
+                return RelayBackplane(self._link, self.metrics.backplane_dropped.inc)
             return MemoryBackplane()
         metrics = self.metrics
         return RedisBackplane(config.backplane.url, self.ctx.node_id,
                               deliver=self._deliver_remote,
                               on_state=lambda up: metrics.backplane_up.set(1 if up else 0),
-                              on_dropped=metrics.backplane_dropped.inc)
+                              on_dropped=metrics.backplane_dropped.inc,
+                              on_missed=metrics.backplane_missed.inc)
 
     def _deliver_remote(self, payload: str | bytes, source: str) -> None:
-        """A frame another instance published: fan it out to this one's clients."""
+        """A frame another worker or instance sent: fan it out to this one's clients."""
+        self.ctx.fanout.broadcast(payload, source, relayed=True)
+
+    def _inject(self, payload: str | bytes, source: str) -> None:
+        """An admin broadcast the main process handed to this worker: deliver it
+        here and publish it, as a local client's frame would be."""
         self.ctx.fanout.broadcast(payload, source)
+        self.ctx.backplane.publish(payload, source)
+
+    def _on_others(self, count: int) -> None:
+        self.ctx.elsewhere = count
+
+    def _on_main_lost(self) -> None:
+        if self.lifecycle.state is not State.STOPPING:
+            log.warning("the main process is gone: draining")
+            self._request_drain("the main process's exit")
 
     # -- start-up ----------------------------------------------------------------
 
     async def run(self) -> StopReason:
         loop = asyncio.get_running_loop()
         if self._handle_signals:
-            for sig in HANDLED_SIGNALS:
-                loop.add_signal_handler(sig, self.record_signal, sig)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # see cli.serve
+            handle_signals(loop, self.record_signal)
         try:
             self._start()
             await self._supervise()
@@ -168,22 +197,27 @@ class Daemon:
 
     def _start(self) -> None:
         config = self.ctx.config
-        public = _bind("public listener", config.server.host, config.server.port, self._spare)
-        admin = _bind("admin listener", config.admin.host, config.admin.port, self._spare)
+        scheme = "https" if self._tls else "http"
+        if self._worker is None:
+            public = _bind("public listener", config.server.host, config.server.port,
+                           self._spare)
+        else:
+            public = [ShedOnExhaustion.adopt(sock, self._spare) for sock in self._worker.public]
         self._servers["public"] = HTTPServer(
             self._public_application(), ssl_options=self._tls, xheaders=False,
             max_header_size=MAX_HEADER_BYTES, max_body_size=MAX_PUBLIC_BODY_BYTES,
             idle_connection_timeout=60)
-        self._servers["admin"] = HTTPServer(admin_application(self.ctx),
-                                            max_body_size=ADMIN_MAX_BODY_BYTES)
         self._servers["public"].add_sockets(public)
-        self._servers["admin"].add_sockets(admin)
-        scheme = "https" if self._tls else "http"
-        self.urls = {"ws": _url(scheme, public[0], config.server.ws_path),
-                     "page": _url(scheme, public[0], "/"), "admin": _url("http", admin[0])}
-        bound = {  # every address, e.g. both 0.0.0.0 and :: for host ""
-            "ws": ",".join(_url(scheme, s, config.server.ws_path) for s in public),
-            "admin": ",".join(_url("http", s) for s in admin)}
+        self.urls = {"ws": listener_url(scheme, public[0], config.server.ws_path),
+                     "page": listener_url(scheme, public[0], "/")}
+        bound = {"ws": ",".join(listener_url(scheme, s, config.server.ws_path) for s in public)}
+        if self._worker is None:
+            admin = _bind("admin listener", config.admin.host, config.admin.port, self._spare)
+            self._servers["admin"] = HTTPServer(admin_application(ProcessAdmin(self.ctx)),
+                                                max_body_size=ADMIN_MAX_BODY_BYTES)
+            self._servers["admin"].add_sockets(admin)
+            self.urls["admin"] = listener_url("http", admin[0])
+            bound["admin"] = ",".join(listener_url("http", s) for s in admin)
         self.ctx.backplane.advertise(self.urls["ws"].replace("http", "ws", 1))
         self.ctx.backplane.start()
         self.lifecycle.serve()
@@ -191,6 +225,12 @@ class Daemon:
         self._periodic.start()
         self._keepalive.start()
         self._gc_policy.start()
+        if self._link is not None:
+            self._link.start()
+            self._link.ready()
+            log.info("worker %d (pid %d) serving", self._worker.index if self._worker else 0,
+                     os.getpid())
+            return
         log.info("ebbcast %s (pid %d) started", __version__, os.getpid())
         log.info("serving ws=%s admin=%s", bound["ws"], bound["admin"])
         self._notifier.ready(f"serving on {self.urls['ws']}")
@@ -222,6 +262,8 @@ class Daemon:
 
     def _on_count(self, count: int) -> None:
         self.metrics.connections.set(count)
+        if self._link is not None:
+            self._link.report_count(count)
         if count == 0 and self.lifecycle.state is State.DRAINING:
             self._events.put_nowait(("empty", None))
 
@@ -247,7 +289,8 @@ class Daemon:
             self._close_all("forced", 1001, "server stopping")
             self.lifecycle.stop(StopReason.FORCED)
         elif kind in ("signal", "drain") and state is State.SERVING:
-            source = signal.Signals(detail).name if kind == "signal" else "admin API"
+            source = signal.Signals(detail).name if kind == "signal" else \
+                "the admin API" if detail == "admin" else detail
             self._begin_drain(source)
         if self.lifecycle.state is State.DRAINING:
             self._drain_step(time.monotonic())
@@ -278,8 +321,7 @@ class Daemon:
     def _drain_status(self, now_mono: float) -> str:
         plan = self.lifecycle.drain
         assert plan is not None
-        return (f"draining: {len(self.ctx.registry)} connections remain, "
-                f"{math.ceil(plan.seconds_left(now_mono))}s left")
+        return plan.status(len(self.ctx.registry), now_mono)
 
     def _extend_seconds(self) -> float:
         """How long systemd should wait beyond now: past the next tick, with margin."""
@@ -299,7 +341,8 @@ class Daemon:
             self.lifecycle.stop(StopReason.DEADLINE)
         elif now_mono >= self._next_tick:
             status = self._drain_status(now_mono)
-            log.info("%s", status)
+            # a worker's own progress is detail: the main process logs the totals
+            log.log(logging.DEBUG if self._worker else logging.INFO, "%s", status)
             self._notifier.progress(status, self._extend_seconds())
             self._next_tick = plan.next_tick(now_mono,
                                              self.ctx.config.shutdown.progress_interval)
@@ -337,21 +380,13 @@ class Daemon:
     # -- reload ------------------------------------------------------------------
 
     def reload(self) -> None:
-        """SIGHUP: re-read the configuration and apply the reloadable keys."""
-        log.info("SIGHUP: reloading the configuration")
-        try:
-            loaded = self._reload_config()
-        except ConfigError as exc:
-            for key, reason in exc.problems:
-                log.error("config reload: %s: %s", key, reason)
-            log.error("config reload failed: keeping the running configuration")
+        """SIGHUP: re-read the configuration and apply the reloadable keys (a
+        worker says it at DEBUG: its main process has logged the same once)."""
+        quiet = self._worker is not None
+        reloaded = reload_config(self.ctx.config, self._reload_config, quiet)
+        if reloaded is None:
             return
-        running = self.ctx.config
-        changed = changed_keys(running, loaded)
-        for key in changed:
-            if not is_reloadable(key):
-                log.warning("config reload: %s changed; it needs a restart to apply", key)
-        self.ctx.config = merge_reloadable(running, loaded)
+        self.ctx.config, changed = reloaded
         set_level(self.ctx.config.logging.level)
         if "broadcast.periodic_interval" in changed:
             self._periodic.restart()
@@ -362,15 +397,15 @@ class Daemon:
             self._next_tick = plan.next_tick(time.monotonic(),
                                              self.ctx.config.shutdown.progress_interval)
         applied = [key for key in changed if is_reloadable(key)]
-        log.info("config reloaded: %s", ", ".join(applied) if applied else "no change")
+        log.log(logging.DEBUG if quiet else logging.INFO, "config reloaded: %s",
+                ", ".join(applied) if applied else "no change")
 
     # -- teardown ----------------------------------------------------------------
 
     def _teardown(self, loop: asyncio.AbstractEventLoop) -> None:
         self.lifecycle.stop(StopReason.NORMAL)
         if self._handle_signals:
-            for sig in HANDLED_SIGNALS:
-                loop.remove_signal_handler(sig)
+            unhandle_signals(loop)
         self._periodic.stop()
         self._keepalive.stop()
         self._gc_policy.stop()
@@ -381,3 +416,5 @@ class Daemon:
         self._notifier.notify("STATUS=stopped")
         self._notifier.close()
         self._spare.close()
+        if self._link is not None:
+            self._link.close()

@@ -91,9 +91,14 @@ class Fanout:
         self._scheduled = False
 
     def broadcast(self, payload: str | bytes, source: str,
-                  exclude: Recipient | None = None) -> int:
+                  exclude: Recipient | None = None, relayed: bool = False) -> int:
         """Queue ``payload`` (text, or bytes for a binary frame) for every connection
-        but ``exclude``; return how many connections it is queued for."""
+        but ``exclude``; return how many connections it is queued for.
+
+        ``ebbcast_broadcasts_total`` counts a broadcast once, where it began: a frame
+        ``relayed`` from another worker or instance is delivered but not counted
+        again, so the metric summed over processes (or instances) stays true.
+        """
         if isinstance(payload, bytes):
             frame = encode_frame(payload, binary=True)
         else:
@@ -106,7 +111,8 @@ class Fanout:
         for conn, owed in pending.owed.items():
             if conn is not exclude:
                 owed.append(frame)
-        self._metrics.broadcasts.labels(source).inc()
+        if not relayed:
+            self._metrics.broadcasts.labels(source).inc()
         self._schedule()
         return len(self._registry) - (exclude is not None and exclude in self._registry)
 

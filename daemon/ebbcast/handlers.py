@@ -137,7 +137,8 @@ class BroadcastSocket(WebSocketHandler):
         ctx.metrics.accepted.inc()
         log.debug("client %s connected from %s", self.client_id, self.request.remote_ip)
         if ctx.config.broadcast.envelope == "json":
-            self.send_text(frames.welcome(self.client_id, ctx.node_id, len(ctx.registry)))
+            self.send_text(frames.welcome(self.client_id, ctx.node_id,
+                                          ctx.total_connections()))
             if ctx.lifecycle.state is State.DRAINING:
                 self.send_shutdown()
 

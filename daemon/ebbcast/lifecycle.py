@@ -9,8 +9,29 @@ Every function that needs the time takes it as an argument.
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import math
+import signal
+from collections.abc import Callable
 from dataclasses import dataclass
+
+#: SIGTERM and SIGINT start the drain (a second one forces the stop); SIGHUP reloads.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
+
+
+def handle_signals(loop: asyncio.AbstractEventLoop, record: Callable[[int], None]) -> None:
+    """Have ``record(signum)`` called on the loop for each handled signal, then let
+    them through (``ebbcast.cli`` blocks them during start-up)."""
+    for sig in HANDLED_SIGNALS:
+        loop.add_signal_handler(sig, record, sig)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+
+
+def unhandle_signals(loop: asyncio.AbstractEventLoop) -> None:
+    for sig in HANDLED_SIGNALS:
+        loop.remove_signal_handler(sig)
 
 
 class State(enum.Enum):
@@ -27,6 +48,7 @@ class StopReason(enum.Enum):
     DRAINED = "drained"        # the last client left during the drain
     DEADLINE = "deadline"      # the drain deadline closed the remaining clients
     FORCED = "forced"          # a second stop signal closed them at once
+    FAILED = "failed"          # workers kept dying: the main process gave up
 
 
 @dataclass(frozen=True)
@@ -48,6 +70,11 @@ class DrainPlan:
     def seconds_left(self, now_mono: float) -> float:
         """Seconds until the deadline, never negative."""
         return max(0.0, self.deadline_mono - now_mono)
+
+    def status(self, remaining: int, now_mono: float) -> str:
+        """The progress line, logged and sent to systemd as STATUS= (SPEC section 5)."""
+        return (f"draining: {remaining} connections remain, "
+                f"{math.ceil(self.seconds_left(now_mono))}s left")
 
     def expired(self, now_mono: float) -> bool:
         return now_mono >= self.deadline_mono

@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 #: Tornado logs every HTTP request, and every malformed one, at INFO; ebbcast keeps
 #: INFO for lifecycle events, so a stranger's requests cannot write INFO lines.
 _QUIET_LOGGERS = ("tornado.access", "tornado.general")

@@ -1,4 +1,15 @@
-"""Prometheus metrics of SPEC section 6, on an explicit registry."""
+"""Prometheus metrics of SPEC section 6, on an explicit registry.
+
+With worker processes, prometheus_client runs in its multiprocess mode: every
+process writes its values to files in ``PROMETHEUS_MULTIPROC_DIR`` (set, to a
+fresh directory, before prometheus_client is imported; see ``ebbcast.supervisor``)
+and the main process's ``/metrics`` merges them with ``MultiProcessCollector``.
+Counters and the histogram add up over every process that ever ran; each gauge
+declares how its per-process values combine (``multiprocess_mode``): the live
+sum for connections, the live maximum for the drain gauges (the drain is the
+same for all), the live minimum for ``ebbcast_backplane_up`` (1 only when every
+process's backplane is connected). Without workers the modes are ignored.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +39,7 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.connections = Gauge("ebbcast_connections", "Open WebSocket connections.",
-                                 registry=r)
+                                 registry=r, multiprocess_mode="livesum")
         self.accepted = Counter("ebbcast_connections_accepted_total",
                                 "WebSocket handshakes completed.", registry=r)
         self.rejected = Counter("ebbcast_connections_rejected_total",
@@ -47,19 +58,27 @@ class Metrics:
             "ebbcast_broadcast_duration_seconds",
             "Time to hand one broadcast to every local connection.",
             buckets=_DURATION_BUCKETS, registry=r)
-        self.draining = Gauge("ebbcast_draining", "1 while draining, else 0.", registry=r)
+        self.draining = Gauge("ebbcast_draining", "1 while draining, else 0.", registry=r,
+                              multiprocess_mode="livemax")
         self.drain_started = Gauge("ebbcast_drain_started_timestamp_seconds",
-                                   "Unix time the drain began; 0 before.", registry=r)
+                                   "Unix time the drain began; 0 before.", registry=r,
+                                   multiprocess_mode="livemax")
         self.drain_deadline = Gauge("ebbcast_drain_deadline_timestamp_seconds",
-                                    "Unix time of the drain deadline; 0 before.", registry=r)
+                                    "Unix time of the drain deadline; 0 before.", registry=r,
+                                    multiprocess_mode="livemax")
         self.backplane_up = Gauge("ebbcast_backplane_up",
-                                  "1 when the backplane is connected.", registry=r)
+                                  "1 when the backplane is connected.", registry=r,
+                                  multiprocess_mode="livemin")
         self.backplane_dropped = Counter(
             "ebbcast_backplane_dropped_total",
             "Frames not published to other instances (backplane down or backlogged); "
             "they were delivered locally.", registry=r)
+        self.backplane_missed = Counter(
+            "ebbcast_backplane_missed_total",
+            "Frames other instances published that this one never received (gaps in "
+            "their sequence numbers, e.g. while its subscription was down).", registry=r)
         self.build_info = Gauge("ebbcast_build_info", "Build information; always 1.",
-                                ["version"], registry=r)
+                                ["version"], registry=r, multiprocess_mode="max")
         ProcessCollector(registry=r)  # process_* (CPU, RSS, open fds) of this process
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
@@ -76,4 +95,25 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+class MergedMetrics:
+    """The main process's view in multiprocess mode: every process's metrics,
+    merged from the files in ``path`` (prometheus_client's documented recipe)."""
+
+    def __init__(self, path: str) -> None:
+        from prometheus_client import multiprocess
+
+        self._multiprocess = multiprocess
+        self._path = path
+        self.registry = CollectorRegistry()
+        collector = multiprocess.MultiProcessCollector
+        collector(self.registry, path=path)  # type: ignore[no-untyped-call]
+
+    def mark_process_dead(self, pid: int) -> None:
+        """Drop a finished process's live gauges (its counters still count)."""
+        self._multiprocess.mark_process_dead(pid, self._path)  # type: ignore[no-untyped-call]
+
+    def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -69,5 +69,5 @@ class PeriodicBroadcaster:
         payload = settings.periodic_text
         if settings.envelope == "json":
             payload = frames.periodic(self._seq, settings.periodic_text, time.time(),
-                                      len(ctx.registry))
+                                      ctx.total_connections())
         return ctx.fanout.broadcast(payload, "periodic")

@@ -1,0 +1,429 @@
+"""server.workers: the main process, its workers, the relay between them (SPEC section 8).
+
+Process tests run ``python -m ebbcast --workers N`` as a subprocess, send it real
+signals and talk to it with the ``websockets`` client over real sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.sync.client import ClientConnection, connect
+
+from conftest import STEP_TIMEOUT, DaemonProcess, http_json
+from ebbcast.relay import FRAME, READY, Unpacker, pack
+from ebbcast.supervisor import RestartBudget, bind_public, describe_exit, worker_count
+
+# -- units ---------------------------------------------------------------------------
+
+
+def test_relay_records_survive_any_split_of_the_stream():
+    stream = pack(FRAME, b"x" * 70_000) + pack(READY) + pack(FRAME, "é\n".encode())
+    for step in (1, 3, 4, 5, 4096, len(stream)):
+        unpacker = Unpacker()
+        records = []
+        for start in range(0, len(stream), step):
+            records += unpacker.feed(stream[start:start + step])
+        assert records == [(FRAME, b"x" * 70_000), (READY, b""), (FRAME, "é\n".encode())]
+
+
+def test_restart_budget_allows_a_limit_per_window():
+    budget = RestartBudget(limit=3, window=60.0)
+    assert [budget.allow(t) for t in (0.0, 1.0, 2.0, 3.0)] == [True, True, True, False]
+    assert budget.allow(59.9) is False
+    assert budget.allow(60.0) is True  # the first restart has left the window
+    assert budget.allow(60.5) is False
+
+
+def test_exit_status_in_words():
+    assert describe_exit(0) == "exited with status 0"
+    assert describe_exit(1) == "exited with status 1"
+    assert describe_exit(-9) == "was killed by SIGKILL"
+    assert describe_exit(-200) == "was killed by signal 200"
+
+
+def test_zero_workers_means_one_per_usable_cpu():
+    assert worker_count(0) == len(os.sched_getaffinity(0))
+    assert worker_count(3) == 3
+
+
+def test_public_sockets_share_one_port_with_reuseport():
+    sets = bind_public("127.0.0.1", 0, 3)
+    try:
+        ports = {s.getsockname()[1] for group in sets for s in group}
+        assert len(sets) == 3 and len(ports) == 1
+        assert all(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) for g in sets
+                   for s in g)
+    finally:
+        for group in sets:
+            for s in group:
+                s.close()
+
+
+# -- helpers -------------------------------------------------------------------------
+
+QUICK = {"EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0", "EBBCAST_ADMIN_TOKEN": "secret-token",
+         "EBBCAST_LIMITS_MESSAGES_PER_SECOND": "0"}
+
+
+def dial(url: str, **kwargs: Any) -> ClientConnection:
+    """A client that the test closes itself (not in a ``with`` block)."""
+    return connect(url, legacy=True, **kwargs)
+
+
+def start_workers(spawn: Any, workers: int = 2, *args: str, **env: str) -> DaemonProcess:
+    return spawn("--port", "0", "--admin-port", "0", "--workers", str(workers), *args,
+                 env={**QUICK, **env})
+
+
+def recv_frame(ws: ClientConnection, frame_type: str = "message") -> dict[str, Any]:
+    """The next frame of ``frame_type``, skipping others (periodic frames)."""
+    while True:
+        frame = json.loads(ws.recv(timeout=STEP_TIMEOUT))
+        if frame["type"] == frame_type:
+            return frame
+
+
+def clients_on_every_worker(d: DaemonProcess, workers: int, each: int = 1,
+                            opened: list[ClientConnection] | None = None
+                            ) -> dict[int, list[ClientConnection]]:
+    """Connect until each of ``workers`` pids has ``each`` clients (the kernel spreads
+    connections over the workers' sockets by a hash, so it takes a few tries);
+    extra connections are closed. Keyed by worker pid, from the welcome frame."""
+    by_pid: dict[int, list[ClientConnection]] = defaultdict(list)
+    for _ in range(200):
+        if len(by_pid) == workers and all(len(c) >= each for c in by_pid.values()):
+            return dict(by_pid)
+        ws = dial(d.ws_url)
+        pid = int(recv_frame(ws, "welcome")["server"].rsplit(":", 1)[1])
+        if len(by_pid[pid]) < each:
+            by_pid[pid].append(ws)
+            if opened is not None:
+                opened.append(ws)
+        else:
+            ws.close()
+    raise AssertionError(f"connections did not reach all {workers} workers: "
+                         f"{ {p: len(c) for p, c in by_pid.items()} }")
+
+
+def status(d: DaemonProcess) -> dict[str, Any]:
+    code, body = d.admin_json("/status")
+    assert code == 200
+    return body
+
+
+def metric(d: DaemonProcess, name: str) -> float:
+    with __import__("urllib.request").request.urlopen(d.admin_url + "/metrics",
+                                                      timeout=STEP_TIMEOUT) as resp:
+        text = resp.read().decode()
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert match, f"{name} not in the exposition:\n{text}"
+    return float(match.group(1))
+
+
+def wait_for(predicate: Any, timeout: float = STEP_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def close_all(conns: list[ClientConnection]) -> None:
+    for ws in conns:
+        ws.close()
+
+
+# -- delivery --------------------------------------------------------------------------
+
+
+def test_frames_cross_workers_exactly_once_in_each_senders_order(spawn):
+    d = start_workers(spawn, 2)
+    groups = clients_on_every_worker(d, 2, each=2)
+    senders = [conns[0] for conns in groups.values()]
+    everyone = [ws for conns in groups.values() for ws in conns]
+    for i in range(100):
+        for n, sender in enumerate(senders):
+            sender.send(f"{n}:{i}")
+    for ws in everyone:
+        got: dict[str, list[int]] = defaultdict(list)
+        for _ in range(200):
+            n, i = recv_frame(ws)["text"].split(":")
+            got[n].append(int(i))
+        assert got == {"0": list(range(100)), "1": list(range(100))}
+    senders[0].send("marker")  # a duplicate of anything would arrive before it
+    assert all(recv_frame(ws)["text"] == "marker" for ws in everyone)
+    close_all(everyone)
+
+
+def test_admin_broadcast_reaches_every_worker_and_counts_everyone(spawn):
+    d = start_workers(spawn, 2)
+    groups = clients_on_every_worker(d, 2, each=1)
+    everyone = [ws for conns in groups.values() for ws in conns]
+    wait_for(lambda: status(d)["connections"] == 2)
+    code, body = d.admin_json("/broadcast", "POST", b"to all", token="secret-token")
+    assert (code, body) == (202, {"recipients": 2})
+    for ws in everyone:
+        frame = recv_frame(ws)
+        assert (frame["from"], frame["text"]) == ("admin", "to all")
+    close_all(everyone)
+
+
+def test_workers_joined_through_redis_deliver_exactly_once(spawn, redis_server):
+    d = start_workers(spawn, 2, EBBCAST_BACKPLANE_URL=redis_server.url)
+    wait_for(lambda: metric(d, "ebbcast_backplane_up") == 1)
+    groups = clients_on_every_worker(d, 2)
+    (a,), (b,) = groups.values()
+    for i in range(20):
+        a.send(f"a{i}")
+    b.send("from b")
+    for ws in (a, b):  # each sender's frames once and in order; senders interleave
+        texts = [recv_frame(ws)["text"] for _ in range(21)]
+        assert sorted(texts) == sorted([*(f"a{i}" for i in range(20)), "from b"])
+        assert [t for t in texts if t != "from b"] == [f"a{i}" for i in range(20)]
+    a.send("marker")
+    assert recv_frame(b)["text"] == "marker"
+    close_all([a, b])
+
+
+# -- status and metrics ----------------------------------------------------------------
+
+
+def test_status_and_metrics_add_up_over_workers(spawn):
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: install Debian's prometheus package (make test-deps)"
+    d = start_workers(spawn, 0, "--drain-timeout", "60s")  # 0: one per CPU
+    cpus = len(os.sched_getaffinity(0))
+    assert len(status(d)["workers"]) == cpus
+    opened: list[ClientConnection] = []
+    clients_on_every_worker(d, cpus, each=2, opened=opened)
+    wait_for(lambda: status(d)["connections"] == len(opened))
+    report = status(d)
+    assert report["state"] == "serving" and sum(w["connections"] for w in report["workers"]) \
+        == report["connections"] == len(opened)
+    assert all(w["connections"] == 2 for w in report["workers"])
+    opened[0].send("one")
+    for ws in opened:
+        recv_frame(ws)
+    wait_for(lambda: metric(d, "ebbcast_messages_sent_total") >= len(opened) * 2)
+    assert metric(d, "ebbcast_connections") == len(opened)
+    assert metric(d, 'ebbcast_broadcasts_total{source="client"}') == 1  # counted once
+    assert metric(d, "ebbcast_messages_received_total") == 1
+    accepted = metric(d, "ebbcast_connections_accepted_total")
+    assert accepted >= len(opened)  # plus the extra connections, closed
+    assert metric(d, "ebbcast_draining") == 0
+    d.signal(signal.SIGTERM)
+    for ws in opened:
+        recv_frame(ws, "shutdown")
+    wait_for(lambda: metric(d, "ebbcast_draining") == 1)
+    assert metric(d, "ebbcast_drain_deadline_timestamp_seconds") == pytest.approx(
+        time.time() + 60, abs=5)
+    with __import__("urllib.request").request.urlopen(d.admin_url + "/metrics",
+                                                      timeout=STEP_TIMEOUT) as resp:
+        exposition = resp.read()
+    check = subprocess.run([promtool, "check", "metrics"], input=exposition,
+                           capture_output=True, timeout=30)
+    assert check.returncode == 0 and check.stdout + check.stderr == b"", check.stdout
+    report = status(d)
+    assert report["state"] == "draining" and report["drain"]["remaining"] == len(opened)
+    close_all(opened)
+    assert d.wait_exit() == 0
+
+
+# -- signals and the drain -------------------------------------------------------------
+
+
+def test_sigterm_drains_every_worker_and_exits_after_the_last_client(spawn):
+    d = start_workers(spawn, 2, "--drain-timeout", "60s",
+                      EBBCAST_SHUTDOWN_PROGRESS_INTERVAL="200ms")
+    groups = clients_on_every_worker(d, 2)
+    (a,), (b,) = groups.values()
+    d.signal(signal.SIGTERM)
+    for ws in (a, b):
+        frame = recv_frame(ws, "shutdown")
+        assert frame["deadline"] == pytest.approx(time.time() + 60, abs=5)
+    with pytest.raises(OSError):  # the public port is closed on every worker
+        dial(d.ws_url, open_timeout=2).close()
+    assert http_json(d.admin_url + "/readyz")[0] == 503
+    a.send("still chatting")  # across workers, during the drain
+    assert recv_frame(b)["text"] == "still chatting"
+    d.wait_for_log(r"draining: 2 connections remain, \d+s left")
+    a.close()
+    d.wait_for_log(r"draining: 1 connections remain")
+    b.close()
+    assert d.wait_exit() == 0
+    log = d.log_text()
+    assert log.count("drain started by SIGTERM: 2 connections on 2 workers") == 1
+    assert "drain complete: every worker has finished" in log
+    assert "Traceback" not in log
+
+
+def test_one_ctrl_c_to_the_process_group_is_one_graceful_drain(spawn):
+    d = spawn("--port", "0", "--admin-port", "0", "--workers", "2", "--drain-timeout", "60s",
+              env=QUICK, preexec_fn=os.setpgrp)  # its own group, like a terminal job
+    groups = clients_on_every_worker(d, 2)
+    (a,), (b,) = groups.values()
+    os.killpg(d.proc.pid, signal.SIGINT)  # what Ctrl+C does: the whole foreground group
+    for ws in (a, b):
+        recv_frame(ws, "shutdown")
+    b.send("after ctrl+c")  # nobody was closed: not the forced stop
+    assert recv_frame(a)["text"] == "after ctrl+c"
+    log = d.log_text()
+    assert log.count("drain started by SIGINT") == 1
+    assert "closing the remaining clients now" not in log and "close their clients now" \
+        not in log
+    close_all([a, b])
+    assert d.wait_exit() == 0
+
+
+def test_second_signal_closes_the_clients_of_every_worker_with_1001(spawn):
+    d = start_workers(spawn, 2, "--drain-timeout", "60s")
+    groups = clients_on_every_worker(d, 2)
+    (a,), (b,) = groups.values()
+    d.signal(signal.SIGTERM)
+    for ws in (a, b):
+        recv_frame(ws, "shutdown")
+    d.signal(signal.SIGINT)
+    for ws in (a, b):
+        with pytest.raises(Exception):
+            while True:
+                ws.recv(timeout=STEP_TIMEOUT)
+        assert ws.close_code == 1001
+    assert d.wait_exit() == 0
+
+
+def test_sighup_reaches_every_worker(spawn, tmp_path):
+    path = tmp_path / "ebbcast.toml"
+    path.write_text('[broadcast]\nperiodic_interval = "100ms"\nperiodic_text = "old"\n')
+    d = spawn("--config", str(path), "--port", "0", "--admin-port", "0", "--workers", "2")
+    groups = clients_on_every_worker(d, 2)
+    path.write_text('[broadcast]\nperiodic_interval = "100ms"\nperiodic_text = "new"\n')
+    d.signal(signal.SIGHUP)
+    for (ws,) in groups.values():
+        while recv_frame(ws, "periodic")["text"] != "new":
+            pass
+    assert "config reloaded: broadcast.periodic_text; forwarded to the workers" in \
+        d.log_text()
+    close_all([ws for conns in groups.values() for ws in conns])
+
+
+# -- supervision -----------------------------------------------------------------------
+
+
+def test_a_killed_worker_is_restarted_and_the_others_clients_never_notice(spawn):
+    d = start_workers(spawn, 2)
+    groups = clients_on_every_worker(d, 2)
+    victim, survivor = groups
+    (gone,), (stays,) = groups[victim], groups[survivor]
+    os.kill(victim, signal.SIGKILL)
+    d.wait_for_log(rf"worker \d \(pid {victim}\) was killed by SIGKILL while serving; "
+                   "restarting it")
+    d.wait_for_log(r"worker \d \(pid \d+\) restarted and serving")
+    pids = {w["pid"] for w in status(d)["workers"]}
+    assert len(pids) == 2 and survivor in pids and victim not in pids
+    with pytest.raises(Exception):  # the victim's client lost its connection...
+        gone.recv(timeout=STEP_TIMEOUT)
+    stays.send("still here")  # ...the other worker's client did not notice
+    assert recv_frame(stays)["text"] == "still here"
+    fresh = clients_on_every_worker(d, 2)  # the restarted worker serves, and relays
+    new_pid = next(pid for pid in fresh if pid != survivor)
+    fresh[new_pid][0].send("from the new worker")
+    assert recv_frame(stays)["text"] == "from the new worker"
+    wait_for(lambda: metric(d, "ebbcast_connections") == 3)  # the dead one's gauge is gone
+    close_all([stays, *(ws for conns in fresh.values() for ws in conns)])
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+
+
+def test_a_worker_that_keeps_dying_stops_the_daemon_with_exit_1(spawn):
+    d = start_workers(spawn, 2)
+    killed, index = 0, 0
+    while killed < 10:  # kill worker 0 each time it is back (5 restarts are allowed)
+        match = d.wait_for_log(r"worker 0 \(pid (\d+)\) serving|giving up", start=index)
+        if match.group(1) is None:
+            break
+        index = d.lines.index(match.string) + 1
+        os.kill(int(match.group(1)), signal.SIGKILL)
+        killed += 1
+    assert d.wait_exit() == 1
+    log = d.log_text()
+    assert "restarts in 60s: giving up, stopping the other workers" in log
+    assert log.count("while serving; restarting it") == 5 and killed == 6
+
+
+def test_workers_drain_when_the_main_process_is_killed(spawn):
+    d = start_workers(spawn, 2)
+    groups = clients_on_every_worker(d, 2)
+    workers = d.children()
+    d.proc.kill()
+    for (ws,) in groups.values():
+        recv_frame(ws, "shutdown")
+    close_all([ws for conns in groups.values() for ws in conns])
+    assert len(workers) == 2
+    for pid in workers:
+        wait_for(lambda: not running(pid))
+    assert "the main process is gone: draining" in d.log_text()
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (an orphan's zombie, not yet reaped by init, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+# -- systemd ---------------------------------------------------------------------------
+
+
+def notifications(sock: socket.socket, wanted: str) -> list[tuple[int, dict[str, str]]]:
+    """(sender pid, assignments) of each datagram up to the first containing ``wanted``."""
+    got = []
+    while True:
+        data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(12))
+        pid = next(struct.unpack("3i", cmsg[2])[0] for cmsg in ancillary
+                   if cmsg[1] == socket.SCM_CREDENTIALS)
+        lines = data.decode().splitlines()
+        got.append((pid, dict(line.split("=", 1) for line in lines)))
+        if wanted in lines:
+            return got
+
+
+def test_only_the_main_process_notifies_systemd_with_the_totals(spawn, tmp_path):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # learn who sends
+        sock.bind(str(tmp_path / "notify.sock"))
+        sock.settimeout(STEP_TIMEOUT)
+        d = start_workers(spawn, 2, "--drain-timeout", "60s",
+                          NOTIFY_SOCKET=sock.getsockname(), WATCHDOG_USEC="400000",
+                          EBBCAST_SHUTDOWN_PROGRESS_INTERVAL="200ms")
+        main = d.proc.pid
+        sent = notifications(sock, "READY=1")
+        assert sent[-1][1]["MAINPID"] == str(main)
+        assert sent[-1][1]["STATUS"].endswith("with 2 workers")
+        sent += notifications(sock, "WATCHDOG=1")
+        groups = clients_on_every_worker(d, 2)
+        wait_for(lambda: status(d)["connections"] == 2)
+        d.signal(signal.SIGTERM)
+        sent += notifications(sock, "STOPPING=1")
+        assert re.fullmatch(r"draining: 2 connections remain, (60|59)s left",
+                            sent[-1][1]["STATUS"])
+        sent += notifications(sock, "EXTEND_TIMEOUT_USEC=8600000")  # 3 ticks + 3 s + 5 s
+        (a,), (b,) = groups.values()
+        a.close()
+        while not sent[-1][1].get("STATUS", "").startswith("draining: 1 connections remain"):
+            sent += notifications(sock, "EXTEND_TIMEOUT_USEC=8600000")
+        b.close()
+        assert d.wait_exit() == 0
+        assert {pid for pid, _ in sent} == {main}  # never a worker
