@@ -76,15 +76,22 @@ def machine() -> dict[str, Any]:
 
 @dataclass
 class Server:
-    """One server under test, started on a free port, killed on stop()."""
+    """One server under test, started on a free port, killed on stop().
+
+    ``args`` are extra command-line arguments, e.g. ``["--workers", "2"]`` for ebbcast.
+    """
 
     variant: str
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
     proc: subprocess.Popen[str] | None = None
     log: list[str] = field(default_factory=list)
+    args: list[str] = field(default_factory=list)
 
     def command(self) -> list[str]:
+        return self._base_command() + self.args
+
+    def _base_command(self) -> list[str]:
         if self.variant == "ebbcast":
             return [sys.executable, "-m", "ebbcast", "serve", "--port", str(self.port),
                     "--admin-port", "0"]

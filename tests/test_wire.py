@@ -108,3 +108,18 @@ async def test_a_valid_frame_is_echoed_even_when_a_bad_one_follows_in_the_same_r
     finally:
         sock.close()
     await wait_until(lambda: len(d.daemon.ctx.registry) == 0)
+
+
+async def test_client_sockets_send_at_once_with_a_modest_kernel_buffer(start_daemon):
+    """TCP_NODELAY: the fan-out coalesces, so Nagle could only delay a lone small
+    frame until the client's delayed ACK. SO_SNDBUF: see wire.configure_stream."""
+    import socket
+
+    from ebbcast.wire import CLIENT_SNDBUF_BYTES
+
+    d = await start_daemon()
+    await d.connect_welcomed()
+    (conn,) = d.daemon.ctx.registry.snapshot()
+    sock = conn.ws_connection.stream.socket
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) <= 2 * CLIENT_SNDBUF_BYTES

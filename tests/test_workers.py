@@ -6,6 +6,7 @@ signals and talk to it with the ``websockets`` client over real sockets.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -78,9 +79,13 @@ QUICK = {"EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0", "EBBCAST_ADMIN_TOKEN": "sec
          "EBBCAST_LIMITS_MESSAGES_PER_SECOND": "0"}
 
 
+#: websockets 17.1+ warns when connect() is not a context manager unless told this.
+_DIRECT = {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
+
+
 def dial(url: str, **kwargs: Any) -> ClientConnection:
     """A client that the test closes itself (not in a ``with`` block)."""
-    return connect(url, legacy=True, **kwargs)
+    return connect(url, **_DIRECT, **kwargs)
 
 
 def start_workers(spawn: Any, workers: int = 2, *args: str, **env: str) -> DaemonProcess:
@@ -427,3 +432,13 @@ def test_only_the_main_process_notifies_systemd_with_the_totals(spawn, tmp_path)
         b.close()
         assert d.wait_exit() == 0
         assert {pid for pid, _ in sent} == {main}  # never a worker
+
+
+def test_a_port_in_use_is_exit_3_even_for_another_ebbcast_with_workers(spawn):
+    first = start_workers(spawn, 2)
+    port = first.ws_url.rsplit(":", 1)[1].split("/")[0]
+    for workers in ("2", "1"):
+        second = spawn("--port", port, "--admin-port", "0", "--workers", workers, wait=False)
+        assert second.wait_exit() == 3
+        assert re.search(rf"cannot bind public listener 127\.0\.0\.1:{port}: .*in use",
+                         second.log_text())

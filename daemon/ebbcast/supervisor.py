@@ -116,9 +116,15 @@ class RestartBudget:
 def bind_public(host: str, port: int, count: int) -> list[list[socket.socket]]:
     """``count`` sets of listening sockets on one address, with SO_REUSEPORT.
 
-    Port 0 picks a free port for the first set; the others use the same one.
+    Port 0 picks a free port for the first set; the others use the same one. A
+    given port is first bound once without SO_REUSEPORT and released: otherwise a
+    second ebbcast with workers on the same port would quietly share it, taking
+    part of the first one's connections, instead of failing with exit 3.
     """
     try:
+        if port:
+            for sock in bind_sockets(port, host or None):
+                sock.close()
         first = bind_sockets(port, host or None, backlog=LISTEN_BACKLOG, reuse_port=True)
         port = first[0].getsockname()[1]
         rest = [bind_sockets(port, host or None, backlog=LISTEN_BACKLOG, reuse_port=True)

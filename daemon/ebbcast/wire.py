@@ -93,13 +93,18 @@ class EbbcastProtocol(WebSocketProtocol13):
 
 
 def configure_stream(protocol: Any) -> None:
-    """Keep the kernel's share of what waits for this client modest (SO_SNDBUF).
+    """Send at once (TCP_NODELAY) and keep the kernel's share of what waits for
+    this client modest (SO_SNDBUF).
 
-    The daemon's share is bounded by :func:`write_frame`, not by the stream's
+    The fan-out already gathers everything a client is owed into one write per
+    loop pass, so Nagle's algorithm could only hold a small frame back until the
+    client's delayed ACK (some 40 ms on Linux) and add nothing. The daemon's share
+    of the backlog is bounded by :func:`write_frame`, not by the stream's
     max_write_buffer_size, so that Tornado's own small writes (pongs, the close
     frame) never fail and one large frame is not mistaken for a slow client.
     """
     stream = protocol.stream
+    stream.set_nodelay(True)
     try:
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CLIENT_SNDBUF_BYTES)
     except OSError as exc:  # not fatal: only the kernel-side bound is lost
