@@ -319,13 +319,18 @@ def http_json(url: str, method: str = "GET", body: bytes | None = None,
 
 
 @pytest.fixture
-def spawn() -> Iterator[Callable[..., DaemonProcess]]:
-    """Start ebbcast subprocesses; each is killed at the end if still running."""
+def spawn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., DaemonProcess]]:
+    """Start ebbcast subprocesses; each is killed at the end if still running.
+
+    Each gets a RUNTIME_DIRECTORY of its own, as systemd would give it, so that
+    what a killed daemon leaves there (with workers: its metrics files) stays in
+    pytest's temporary folders."""
     procs: list[DaemonProcess] = []
 
     def start(*args: str, env: dict[str, str] | None = None, wait: bool = True,
               cwd: Path | None = None,
               preexec_fn: Callable[[], Any] | None = None) -> DaemonProcess:
+        env = {"RUNTIME_DIRECTORY": str(tmp_path_factory.mktemp("run")), **(env or {})}
         proc = DaemonProcess(list(args), env=env, cwd=cwd, preexec_fn=preexec_fn)
         procs.append(proc)
         return proc.wait_serving() if wait else proc

@@ -14,6 +14,18 @@ def test_backplane_messages_round_trip():
     assert decode(encode("n", "admin", b"\x00\n\xff")) == ("n", "admin", 0, b"\x00\n\xff")
 
 
+def test_peers_never_name_this_instance_even_as_its_sibling_workers_advertise_it():
+    from ebbcast.backplane import RedisBackplane
+
+    plane = RedisBackplane("redis://127.0.0.1:1/0", "node", lambda payload, source: None,
+                           lambda up: None, lambda count: None)
+    plane.advertise("ws://10.0.0.1:8000/ws")
+    plane._peers = ["ws://10.0.0.2:8000/ws", "ws://10.0.0.1:8000/ws", "ws://10.0.0.2:8000/ws"]
+    assert plane.peers() == ["ws://10.0.0.2:8000/ws"]
+    plane.advertise(None)  # draining: still not a place to go
+    assert plane.peers() == ["ws://10.0.0.2:8000/ws"]
+
+
 def test_reconnect_backoff_grows_with_jitter_and_is_capped():
     delays = backoff_delays(random.Random(7))
     first = [next(delays) for _ in range(12)]

@@ -25,7 +25,8 @@ from websockets.sync.client import ClientConnection, connect
 
 from conftest import STEP_TIMEOUT, DaemonProcess, http_json
 from ebbcast.relay import FRAME, READY, Unpacker, pack
-from ebbcast.supervisor import RestartBudget, bind_public, describe_exit, worker_count
+from ebbcast.workers import (RESTART_DELAY_MAX, RestartBudget, WorkerSlot, bind_public,
+                             describe_exit, worker_count)
 
 # -- units ---------------------------------------------------------------------------
 
@@ -40,12 +41,22 @@ def test_relay_records_survive_any_split_of_the_stream():
         assert records == [(FRAME, b"x" * 70_000), (READY, b""), (FRAME, "é\n".encode())]
 
 
-def test_restart_budget_allows_a_limit_per_window():
+def test_restart_budget_allows_a_limit_per_window_with_growing_delays():
     budget = RestartBudget(limit=3, window=60.0)
-    assert [budget.allow(t) for t in (0.0, 1.0, 2.0, 3.0)] == [True, True, True, False]
-    assert budget.allow(59.9) is False
-    assert budget.allow(60.0) is True  # the first restart has left the window
-    assert budget.allow(60.5) is False
+    assert [budget.allow(t) for t in (0.0, 1.0, 2.0, 3.0)] == [0.0, 0.25, 0.5, None]
+    assert budget.allow(59.9) is None
+    assert budget.allow(60.0) == 0.5  # the first restart has left the window
+    assert budget.allow(60.5) is None
+    many = RestartBudget(limit=100, window=60.0)
+    assert max(many.allow(float(t)) or 0.0 for t in range(50)) == RESTART_DELAY_MAX
+
+
+def test_a_serving_worker_that_says_nothing_is_silent():
+    slot = WorkerSlot(0, [])
+    slot.last_heard = 100.0
+    assert slot.silent_for(160.0) == 0.0  # not serving yet: starting takes what it takes
+    slot.ready = True
+    assert slot.silent_for(130.5) == 30.5
 
 
 def test_exit_status_in_words():
@@ -346,6 +357,7 @@ def test_a_killed_worker_is_restarted_and_the_others_clients_never_notice(spawn)
     fresh[new_pid][0].send("from the new worker")
     assert recv_frame(stays)["text"] == "from the new worker"
     wait_for(lambda: metric(d, "ebbcast_connections") == 3)  # the dead one's gauge is gone
+    assert metric(d, 'ebbcast_disconnections_total{reason="error"}') == 1  # its client
     close_all([stays, *(ws for conns in fresh.values() for ws in conns)])
     d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0
@@ -424,11 +436,11 @@ def test_only_the_main_process_notifies_systemd_with_the_totals(spawn, tmp_path)
         sent += notifications(sock, "STOPPING=1")
         assert re.fullmatch(r"draining: 2 connections remain, (60|59)s left",
                             sent[-1][1]["STATUS"])
-        sent += notifications(sock, "EXTEND_TIMEOUT_USEC=8600000")  # 3 ticks + 3 s + 5 s
+        sent += notifications(sock, "EXTEND_TIMEOUT_USEC=5600000")  # 3 ticks + 3 s + 2 s
         (a,), (b,) = groups.values()
         a.close()
         while not sent[-1][1].get("STATUS", "").startswith("draining: 1 connections remain"):
-            sent += notifications(sock, "EXTEND_TIMEOUT_USEC=8600000")
+            sent += notifications(sock, "EXTEND_TIMEOUT_USEC=5600000")
         b.close()
         assert d.wait_exit() == 0
         assert {pid for pid, _ in sent} == {main}  # never a worker

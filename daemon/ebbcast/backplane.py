@@ -116,6 +116,7 @@ class RedisBackplane:
         self._tasks: list[asyncio.Task[None]] = []
         self._clients: list[Any] = []
         self._url_advertised: str | None = None
+        self._own_urls: set[str] = set()  # ever advertised: never a peer
         self._peers: list[str] = []
 
     @property
@@ -132,10 +133,13 @@ class RedisBackplane:
         """Offer ``url`` to other instances' draining clients; None withdraws it (as
         this instance starts its own drain, it stops being a place to go)."""
         self._url_advertised = url
+        if url:
+            self._own_urls.add(url)
 
     def peers(self) -> list[str]:
-        """Other live instances' URLs, as of the last heartbeat."""
-        return list(self._peers)
+        """Other live instances' URLs, as of the last heartbeat: not this one's,
+        even as advertised by its sibling workers, each URL once."""
+        return sorted(set(self._peers) - self._own_urls)
 
     async def stop(self) -> None:
         for task in self._tasks:

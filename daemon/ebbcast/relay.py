@@ -7,7 +7,8 @@ byte><body>``:
 
 worker -> main
     ``F`` a frame to relay to every other worker (body: ``backplane.encode``);
-    ``R`` the worker is serving; ``C`` its connection count (ASCII digits).
+    ``R`` the worker is serving; ``C`` its connection count (ASCII digits);
+    ``H`` a heartbeat, every HEARTBEAT_SECONDS (a worker that goes silent is stuck).
 main -> worker
     ``F`` a frame another worker relayed: deliver it to local clients only;
     ``I`` an admin broadcast to inject: deliver locally *and* publish it, as if a
@@ -28,13 +29,15 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from tornado.iostream import IOStream, StreamClosedError
+from tornado.ioloop import PeriodicCallback
+from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
 from ebbcast.backplane import decode, encode
 
 log = logging.getLogger(__name__)
 
-FRAME, READY, COUNT, INJECT, OTHERS = b"F", b"R", b"C", b"I", b"T"
+FRAME, READY, COUNT, HEARTBEAT, INJECT, OTHERS = b"F", b"R", b"C", b"H", b"I", b"T"
+HEARTBEAT_SECONDS = 1.0
 _HEADER = struct.Struct(">IB")
 #: What one side may leave unread on the link before the writer gives up on it
 #: (a worker whose loop is stuck): beyond it, frames are dropped and counted.
@@ -95,9 +98,9 @@ class Link:
             future = self._stream.write(pack(kind, body))
         except StreamClosedError:
             return False
-        except Exception as exc:  # StreamBufferFullError: the reader is stuck
+        except StreamBufferFullError:  # the other side has stopped reading
             self.dropped += 1
-            log.debug("relay link backlogged, record dropped: %s", exc)
+            log.debug("relay link backlogged: a record dropped")
             return False
         future.add_done_callback(_ignore_closed)
         return True
@@ -108,10 +111,17 @@ class Link:
             while True:
                 data = await self._stream.read_bytes(READ_CHUNK, partial=True)
                 for kind, body in unpacker.feed(data):
-                    self._on_record(kind, body)
+                    self._dispatch(kind, body)
         except StreamClosedError:
             pass
         self._on_closed()
+
+    def _dispatch(self, kind: bytes, body: bytes) -> None:
+        """One record to ``on_record``; a failure there loses that record only."""
+        try:
+            self._on_record(kind, body)
+        except Exception:
+            log.exception("relay record %r could not be handled", kind)
 
     def close(self) -> None:
         """Idempotent; does not call ``on_closed``."""
@@ -146,17 +156,23 @@ class WorkerLink:
         self._on_lost = on_lost
         self._sock = sock
         self._link: Link | None = None  # made in start(), on the running loop
+        self._heartbeat: PeriodicCallback | None = None
         self._reported: int | None = None
 
     def start(self) -> None:
         self._link = Link(self._sock, self._on_record, self._on_lost)
         self._link.start()
+        self._heartbeat = PeriodicCallback(self._beat, HEARTBEAT_SECONDS * 1000)
+        self._heartbeat.start()
 
     def _send(self, kind: bytes, body: bytes = b"") -> bool:
         return self._link is not None and self._link.send(kind, body)
 
     def ready(self) -> None:
         self._send(READY)
+
+    def _beat(self) -> None:
+        self._send(HEARTBEAT)
 
     def report_count(self, count: int) -> None:
         """Send the connection count if it changed since the last report."""
@@ -175,6 +191,8 @@ class WorkerLink:
             self._on_others(int(body))
 
     def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         if self._link is not None:
             self._link.close()
         else:

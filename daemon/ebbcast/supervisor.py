@@ -3,8 +3,10 @@
 The main process binds the public and admin listeners, starts the workers and
 supervises them, as gunicorn's arbiter does: signal handlers only record the
 signal; the loop forwards it, reaps children, restarts a worker that dies while
-serving (with a limit on restart storms), never one that dies while draining,
-and returns once every worker has finished. It never serves WebSocket clients.
+serving (after a growing delay, at most 5 times a minute per worker, see
+``ebbcast.workers``), kills one that has gone silent, never restarts one while
+draining, and returns once every worker has finished. It never serves WebSocket
+clients itself.
 
 Listeners. The public address is bound once per worker with SO_REUSEPORT, so the
 kernel spreads new connections evenly over the workers (a single shared socket
@@ -34,13 +36,8 @@ import logging
 import math
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from tornado.httpserver import HTTPServer
@@ -53,107 +50,20 @@ from ebbcast.backplane import encode
 from ebbcast.config import Config, is_reloadable, reload_config, render_toml
 from ebbcast.daemon import (DEADLINE_CLOSE_GRACE, FORCED_CLOSE_GRACE, LISTEN_BACKLOG, BindError,
                             listener_url, tls_context)
-from ebbcast.lifecycle import (HANDLED_SIGNALS, Lifecycle, State, StopReason, handle_signals,
-                               unhandle_signals)
+from ebbcast.lifecycle import Lifecycle, State, StopReason, handle_signals, unhandle_signals
 from ebbcast.logs import set_level
 from ebbcast.metrics import MergedMetrics, Metrics
 from ebbcast.notify import SystemdNotifier
-from ebbcast.relay import COUNT, FRAME, INJECT, OTHERS, READY, Link
+from ebbcast.relay import COUNT, FRAME, INJECT, OTHERS, READY
+from ebbcast.workers import (WORKER_TIMEOUT, WorkerSlot, bind_public, describe_exit,
+                             worker_count)
 
 log = logging.getLogger(__name__)
 
-#: A worker that dies this many times within RESTART_WINDOW seconds is not
-#: restarted again: the main process drains the others and exits 1.
-RESTART_LIMIT, RESTART_WINDOW = 5, 60.0
 #: How long past a worker's own last resort the main process waits before SIGKILL.
-KILL_MARGIN = 5.0
-#: Cadence of the "connections on the other workers" updates sent to each worker.
-OTHERS_INTERVAL = 0.25
-#: Environment a worker must not inherit: only the main process talks to systemd.
-_MAIN_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
-                  "LISTEN_PID", "LISTEN_FDNAMES")
-
-
-def worker_count(configured: int) -> int:
-    """``server.workers``, with 0 meaning one per CPU this process may run on."""
-    if configured > 0:
-        return configured
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def describe_exit(returncode: int) -> str:
-    """``Popen.returncode`` in words: "exited with status 1", "was killed by SIGKILL"."""
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"was killed by {name}"
-    return f"exited with status {returncode}"
-
-
-class RestartBudget:
-    """At most ``limit`` restarts in any ``window`` seconds (``now`` is monotonic)."""
-
-    def __init__(self, limit: int = RESTART_LIMIT, window: float = RESTART_WINDOW) -> None:
-        self.limit = limit
-        self.window = window
-        self._times: deque[float] = deque()
-
-    def allow(self, now: float) -> bool:
-        """Whether one more restart is allowed at ``now``; if so it is counted."""
-        while self._times and now - self._times[0] >= self.window:
-            self._times.popleft()
-        if len(self._times) >= self.limit:
-            return False
-        self._times.append(now)
-        return True
-
-
-def bind_public(host: str, port: int, count: int) -> list[list[socket.socket]]:
-    """``count`` sets of listening sockets on one address, with SO_REUSEPORT.
-
-    Port 0 picks a free port for the first set; the others use the same one. A
-    given port is first bound once without SO_REUSEPORT and released: otherwise a
-    second ebbcast with workers on the same port would quietly share it, taking
-    part of the first one's connections, instead of failing with exit 3.
-    """
-    try:
-        if port:
-            for sock in bind_sockets(port, host or None):
-                sock.close()
-        first = bind_sockets(port, host or None, backlog=LISTEN_BACKLOG, reuse_port=True)
-        port = first[0].getsockname()[1]
-        rest = [bind_sockets(port, host or None, backlog=LISTEN_BACKLOG, reuse_port=True)
-                for _ in range(count - 1)]
-    except OSError as exc:
-        raise BindError(f"public listener {host}:{port}", exc) from exc
-    return [first, *rest]
-
-
-@dataclass
-class WorkerSlot:
-    """One worker position: its sockets stay, its process is replaced on restart."""
-
-    index: int
-    public: list[socket.socket]
-    process: subprocess.Popen[bytes] | None = None
-    link: Link | None = None
-    pidfd: int | None = None
-    ready: bool = False
-    connections: int = 0
-    exits: list[int] = field(default_factory=list)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid if self.process is not None else 0
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None
+KILL_MARGIN = 2.0
+#: Cadence of the "connections on the other workers" updates and health checks.
+HOUSEKEEPING_INTERVAL = 0.25
 
 
 class Supervisor:
@@ -179,7 +89,6 @@ class Supervisor:
         self.metrics = Metrics()
         self.metrics.backplane_up.set(1)
         self._merged = MergedMetrics(metrics_dir)
-        self._budget = RestartBudget()
         self._slots: list[WorkerSlot] = []
         self._admin: HTTPServer | None = None
         self._timers: list[PeriodicCallback] = []
@@ -253,11 +162,12 @@ class Supervisor:
             "ws": ",".join(listener_url(scheme, s, config.server.ws_path) for s in sets[0]),
             "admin": ",".join(listener_url("http", s) for s in admin)}
         self._write_effective_config()
-        log.info("ebbcast %s (pid %d) started: %d workers", __version__, os.getpid(), count)
+        log.info("ebbcast %s (pid %d) started: %d worker%s", __version__, os.getpid(), count,
+                 "" if count == 1 else "s")
         self._slots = [WorkerSlot(index, public) for index, public in enumerate(sets)]
         for slot in self._slots:
-            self._spawn(slot)
-        self._timers = [PeriodicCallback(self._send_others, OTHERS_INTERVAL * 1000)]
+            self._start_worker(slot)
+        self._timers = [PeriodicCallback(self._housekeeping, HOUSEKEEPING_INTERVAL * 1000)]
         if self._notifier.watchdog_interval:
             self._timers.append(PeriodicCallback(self._send_watchdog,
                                                  self._notifier.watchdog_interval * 1000))
@@ -268,44 +178,38 @@ class Supervisor:
         self._notifier.watchdog()
 
     def _write_effective_config(self) -> None:
+        """The configuration workers start with, replaced atomically (a worker
+        starting during a reload reads the old file or the new, never half)."""
         path = os.path.join(self._rundir, "effective.toml")
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+        partial = path + ".new"
+        with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
             out.write(render_toml(self.config, mask_secrets=False))
+        os.replace(partial, path)
 
-    def _spawn(self, slot: WorkerSlot) -> None:
-        """Start the worker of ``slot`` with its sockets and a new relay link."""
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fds = [s.fileno() for s in slot.public]
-        command = [sys.executable, "-m", "ebbcast", "_worker", "--index", str(slot.index),
-                   "--relay-fd", str(theirs.fileno()), "--listen-fds", ",".join(map(str, fds)),
-                   "--effective-config", os.path.join(self._rundir, "effective.toml"),
-                   *self._worker_args]
-        env = {k: v for k, v in os.environ.items() if k not in _MAIN_ONLY_ENV}
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-        # the worker starts with stop signals blocked until its handlers are in place
-        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    def _start_worker(self, slot: WorkerSlot) -> None:
+        """Start the worker of ``slot``; a failure (out of descriptors, say) counts
+        as a death, so it is retried within the slot's restart budget."""
+        slot.restart = None
+        if self.lifecycle.state not in (State.STARTING, State.SERVING):
+            return
+        args = ["--effective-config", os.path.join(self._rundir, "effective.toml"),
+                *self._worker_args]
         try:
-            slot.process = subprocess.Popen(command, env=env, pass_fds=[*fds, theirs.fileno()],
-                                            start_new_session=True, stdin=subprocess.DEVNULL)
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-            theirs.close()
-        slot.ready, slot.connections = False, 0
-        slot.link = Link(mine, lambda kind, body: self._on_record(slot, kind, body),
-                         lambda: None)
-        slot.link.start()
-        slot.pidfd = os.pidfd_open(slot.process.pid)
-        asyncio.get_running_loop().add_reader(slot.pidfd, self._reap, slot)
+            slot.start(args, lambda kind, body: self._on_record(slot, kind, body),
+                       lambda: self._reap(slot), time.monotonic())
+        except OSError as exc:
+            self._on_exited(slot, f"worker {slot.index} could not be started ({exc})",
+                            failed=True, now=time.monotonic())
+            return
         log.debug("worker %d started (pid %d)", slot.index, slot.pid)
 
     # -- what workers report -----------------------------------------------------
 
     def _on_record(self, slot: WorkerSlot, kind: bytes, body: bytes) -> None:
-        if kind == FRAME:
+        slot.last_heard = time.monotonic()
+        if kind == FRAME:  # to every other worker, ready or still starting
             for other in self._slots:
-                if other is not slot and other.ready and other.link is not None:
+                if other is not slot and other.link is not None:
                     if not other.link.send(FRAME, body):
                         self.metrics.backplane_dropped.inc()
         elif kind == COUNT:
@@ -316,9 +220,16 @@ class Supervisor:
             self._others_dirty = True
             self._events.put_nowait(("ready", slot))
 
-    def _send_others(self) -> None:
+    def _housekeeping(self) -> None:
         """Tell each worker how many connections the others have (for the
-        ``connections`` of welcome and periodic frames)."""
+        ``connections`` of welcome and periodic frames); kill a stuck worker."""
+        now = time.monotonic()
+        for slot in self._slots:
+            if slot.alive and slot.silent_for(now) > WORKER_TIMEOUT:
+                log.error("worker %d (pid %d) sent nothing for %ds: killing it", slot.index,
+                          slot.pid, int(slot.silent_for(now)))
+                slot.signal(signal.SIGKILL)
+                slot.last_heard = now  # once; its pidfd reports the death
         if not self._others_dirty:
             return
         self._others_dirty = False
@@ -329,20 +240,16 @@ class Supervisor:
 
     def _reap(self, slot: WorkerSlot) -> None:
         """The worker's pidfd became readable: it has exited."""
-        assert slot.process is not None and slot.pidfd is not None
-        returncode = slot.process.poll()
+        pid, lost = slot.pid, slot.connections
+        returncode = slot.reap()
         if returncode is None:
             return
-        asyncio.get_running_loop().remove_reader(slot.pidfd)
-        os.close(slot.pidfd)
-        if slot.link is not None:
-            slot.link.close()
-        pid = slot.pid
         self._merged.mark_process_dead(pid)
-        slot.process, slot.link, slot.pidfd, slot.ready = None, None, None, False
-        slot.connections = 0
+        if lost:  # its clients' connections ended with it, uncounted by the worker
+            self.metrics.disconnections.labels("error").inc(lost)
         self._others_dirty = True
-        self._events.put_nowait(("exited", (slot, pid, returncode)))
+        what = f"worker {slot.index} (pid {pid}) {describe_exit(returncode)}"
+        self._events.put_nowait(("exited", (slot, what, returncode != 0)))
 
     # -- the loop ----------------------------------------------------------------
 
@@ -355,22 +262,20 @@ class Supervisor:
             except asyncio.TimeoutError:
                 kind, detail = "tick", None
             self._act(kind, detail, time.monotonic())
-
-    def _finished(self) -> bool:
-        if self.lifecycle.state in (State.STARTING, State.SERVING):
-            return False
-        if any(slot.alive for slot in self._slots):
-            return False
         if self.lifecycle.state is State.DRAINING:
             self._end_drain(time.monotonic())
-        return True
+
+    def _finished(self) -> bool:
+        """Stopping or draining, with every worker gone and every event handled."""
+        return self.lifecycle.state not in (State.STARTING, State.SERVING) and \
+            not any(slot.alive for slot in self._slots) and self._events.empty()
 
     def _act(self, kind: str, detail: Any, now: float) -> None:
         state = self.lifecycle.state
         if kind == "signal" and detail == signal.SIGHUP:
             self.reload()
-        elif kind == "signal" and state is State.STARTING:
-            log.info("%s during start-up: stopping", signal.Signals(detail).name)
+        elif kind in ("signal", "drain") and state is State.STARTING:
+            log.info("%s during start-up: stopping", self._source(kind, detail))
             self.lifecycle.stop(StopReason.NORMAL)
             self._stop_workers(FORCED_CLOSE_GRACE)
         elif kind == "signal" and state in (State.DRAINING, State.STOPPING):
@@ -379,43 +284,48 @@ class Supervisor:
             self._forced = True
             self._stop_workers(FORCED_CLOSE_GRACE)
         elif kind in ("signal", "drain") and state is State.SERVING:
-            source = signal.Signals(detail).name if kind == "signal" else \
-                "the admin API" if detail == "admin" else detail
-            self._begin_drain(source, now)
+            self._begin_drain(self._source(kind, detail), now)
         elif kind == "ready":
             self._on_ready(detail)
         elif kind == "exited":
-            slot, pid, returncode = detail
-            self._on_exited(slot, pid, returncode, now)
+            slot, what, failed = detail
+            self._on_exited(slot, what, failed, now)
         if self.lifecycle.state is State.DRAINING:
             self._drain_step(now)
         if now >= self._kill_at:
             self._kill_stragglers()
 
+    @staticmethod
+    def _source(kind: str, detail: Any) -> str:
+        if kind == "signal":
+            return signal.Signals(detail).name
+        return "the admin API" if detail == "admin" else str(detail)
+
     def _on_ready(self, slot: WorkerSlot) -> None:
-        if self.lifecycle.state is not State.STARTING:
+        if slot.starts > 1:
             log.info("worker %d (pid %d) restarted and serving", slot.index, slot.pid)
-            if self.lifecycle.state is not State.SERVING:
-                self._signal(slot, signal.SIGTERM)  # restarted just as the drain began
-            return
-        if all(s.ready for s in self._slots):
+        if self.lifecycle.state is State.STARTING and all(s.ready for s in self._slots):
             self.lifecycle.serve()
             log.info("serving ws=%s admin=%s", self.urls["ws"], self.urls["admin"])
             self._notifier.ready(f"serving on {self.urls['ws'].split(',')[0]} with "
                                  f"{len(self._slots)} workers")
 
-    def _on_exited(self, slot: WorkerSlot, pid: int, returncode: int, now: float) -> None:
+    def _on_exited(self, slot: WorkerSlot, what: str, failed: bool, now: float) -> None:
+        """A worker is gone: restart it while serving (within its budget, after a
+        growing delay), never while draining."""
         state = self.lifecycle.state
-        what = f"worker {slot.index} (pid {pid}) {describe_exit(returncode)}"
         if state not in (State.STARTING, State.SERVING):
-            log.log(logging.INFO if returncode == 0 else logging.WARNING, "%s", what)
+            log.log(logging.WARNING if failed else logging.INFO, "%s", what)
             return
-        if self._budget.allow(now):
-            log.error("%s while serving; restarting it", what)
-            self._spawn(slot)
+        delay = slot.budget.allow(now)
+        if delay is not None:
+            log.error("%s while %s; restarting it%s", what, state.value,
+                      f" in {delay:g}s" if delay else "")
+            slot.restart = asyncio.get_running_loop().call_later(
+                delay, self._start_worker, slot)
             return
         log.error("%s; %d restarts in %ds: giving up, stopping the other workers", what,
-                  self._budget.limit, int(self._budget.window))
+                  slot.budget.limit, int(slot.budget.window))
         self._failed = True
         if state is State.SERVING:
             self._begin_drain("repeated worker failures", now)
@@ -445,24 +355,20 @@ class Supervisor:
 
     def _stop_workers(self, last_resort: float) -> None:
         """Forward SIGTERM to every worker; SIGKILL those left ``last_resort``
-        (plus a margin) seconds from now."""
+        (plus a margin) seconds from now. A restart not yet due is cancelled."""
         for slot in self._slots:
-            self._signal(slot, signal.SIGTERM)
+            slot.signal(signal.SIGTERM)
+            if slot.restart is not None:
+                slot.restart.cancel()
+                slot.restart = None
         self._kill_at = time.monotonic() + last_resort + KILL_MARGIN
-
-    def _signal(self, slot: WorkerSlot, signum: int) -> None:
-        if slot.process is not None:
-            try:
-                os.kill(slot.process.pid, signum)
-            except ProcessLookupError:
-                pass  # it has just exited; its pidfd reports it
 
     def _kill_stragglers(self) -> None:
         for slot in self._slots:
             if slot.alive:
                 log.error("worker %d (pid %d) did not stop in time: SIGKILL", slot.index,
                           slot.pid)
-                self._signal(slot, signal.SIGKILL)
+                slot.signal(signal.SIGKILL)
         self._kill_at = math.inf
 
     def _drain_status(self, now: float) -> str:
@@ -515,7 +421,7 @@ class Supervisor:
         log.info("config reloaded: %s; forwarded to the workers",
                  ", ".join(applied) if applied else "no change")
         for slot in self._slots:
-            self._signal(slot, signal.SIGHUP)
+            slot.signal(signal.SIGHUP)
 
     # -- teardown ----------------------------------------------------------------
 
@@ -527,10 +433,12 @@ class Supervisor:
         if self._admin is not None:
             self._admin.stop()
         for slot in self._slots:
-            if slot.alive:  # only after a failure in this process
-                self._signal(slot, signal.SIGKILL)
-                assert slot.process is not None
-                slot.process.wait()
+            if slot.restart is not None:
+                slot.restart.cancel()
+            if slot.alive:  # only when this process fails: let the worker drain alone
+                log.warning("worker %d (pid %d) left to drain on its own", slot.index,
+                            slot.pid)
+                slot.signal(signal.SIGTERM)
             if slot.pidfd is not None:
                 loop.remove_reader(slot.pidfd)
                 os.close(slot.pidfd)
@@ -542,4 +450,3 @@ class Supervisor:
                  if self.lifecycle.stop_reason else "normal")
         self._notifier.notify("STATUS=stopped")
         self._notifier.close()
-
