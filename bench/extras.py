@@ -101,6 +101,27 @@ def wait_connections(server: Server, count: int, timeout: float = 120) -> None:
     raise RuntimeError(f"fewer than {count} connections after {timeout}s")
 
 
+def tick_lateness(stamps: list[float], interval: float) -> list[float]:
+    """How late each periodic frame was fired, from the daemon's timestamps.
+
+    The daemon fires tick k at origin + k * interval, and after a tick that ran
+    more than an interval late it skips to the next whole tick (ebbcast.periodic),
+    so ``seq`` alone would make every later frame look an interval late. Tick
+    numbers are rebuilt with the daemon's own rule, the origin taken as the one
+    that makes the least late frame on time (refined once).
+    """
+    def ticks(origin: float) -> list[int]:
+        numbers = [round((stamps[0] - origin) / interval)]
+        for previous in stamps[:-1]:
+            numbers.append(max(numbers[-1] + 1, int((previous - origin) // interval) + 1))
+        return numbers
+
+    origin = stamps[0]
+    for _ in range(2):
+        origin = min(ts - k * interval for k, ts in zip(ticks(origin), stamps))
+    return [ts - origin - k * interval for k, ts in zip(ticks(origin), stamps)]
+
+
 def flood_lateness(subscribers: int, seconds: float) -> dict[str, Any]:
     interval, ping_interval = 0.1, 3.0
     server = Server("ebbcast", env={"EBBCAST_BROADCAST_ENVELOPE": "json",
@@ -151,8 +172,8 @@ def flood_lateness(subscribers: int, seconds: float) -> dict[str, Any]:
         flood.terminate()
         flood.wait(30)
         server.stop()
-    origin = min(ts - seq * interval for seq, ts, _ in periodic)
-    timer_late = [(ts - seq * interval - origin) * 1000 for seq, ts, _ in periodic]
+    timer_late = [late * 1000 for late in tick_lateness([ts for _, ts, _ in periodic],
+                                                        interval)]
     delivery = [(arrival - ts) * 1000 for _, ts, arrival in periodic]
     ping_late: list[float] = []
     if pings:

@@ -74,12 +74,32 @@ def cpu_by_pid(pids: list[int]) -> dict[int, float]:
     return seconds
 
 
-def busy_seconds() -> float:
-    """CPU time this machine's tasks and interrupts have used so far (every core;
-    not idle, not stolen by the hypervisor)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
-    return (user + nice + system + irq + softirq) / CLOCK_TICKS
+class MachineCPU:
+    """A reading of the whole machine's CPU accounting (/proc/stat), to subtract.
+
+    The busy time of an interval is wall time x online CPUs minus the idle, iowait
+    and steal time /proc/stat gained meanwhile. Summing its user + nice + system +
+    irq + softirq fields instead (what this script did before) undercounts: on a
+    tick-accounted kernel (CONFIG_TICK_CPU_ACCOUNTING, NO_HZ) those fields are
+    sampled at the 250 Hz tick, and a CPU that wakes, works for less than a tick
+    and goes idle again is often never sampled busy, whereas idle time is measured
+    exactly when a CPU leaves idle and /proc/PID/stat is scaled to the scheduler's
+    exact runtime. In this benchmark's rows the tick fields came out 0.1 to 0.3
+    CPU-s (1 to 2.5%) under the exact figure, more than the real "other" at 1,000
+    subscribers, which made "other CPU-s" negative.
+    """
+
+    def __init__(self) -> None:
+        lines = Path("/proc/stat").read_text().splitlines()
+        self.at = time.monotonic()
+        fields = [int(v) for v in lines[0].split()[1:]]
+        idle, iowait, steal = fields[3], fields[4], fields[7] if len(fields) > 7 else 0
+        self.unused = (idle + iowait + steal) / CLOCK_TICKS
+        self.cpus = sum(1 for line in lines if re.match(r"cpu\d+ ", line))
+
+    def busy_since(self, earlier: MachineCPU) -> float:
+        """CPU seconds every task, interrupt and kernel thread used in between."""
+        return (self.at - earlier.at) * self.cpus - (self.unused - earlier.unused)
 
 
 def wait_quiet(limit: float, threshold: float = 0.15) -> float:
@@ -87,9 +107,10 @@ def wait_quiet(limit: float, threshold: float = 0.15) -> float:
     ``threshold`` cores (other jobs sharing it); return the last second's cores."""
     deadline = time.monotonic() + limit
     while True:
-        busy = busy_seconds()
+        start = MachineCPU()
         time.sleep(1)
-        cores = busy_seconds() - busy
+        end = MachineCPU()
+        cores = end.busy_since(start) / (end.at - start.at)
         if cores < threshold or time.monotonic() >= deadline:
             return cores
 
@@ -206,7 +227,9 @@ def measure(server: Server, workers: int, subscribers: int, window: int, publish
     idle_cores = wait_quiet(quiet_wait) if quiet_wait > 0 else -1.0
     dropped = metric_total(server, "ebbcast_backplane_dropped_total")
     sampler = Sampler(server, pids, subscribers + publishers, publishers, duration)
-    before, busy, own = cpu_by_pid(pids), busy_seconds(), own_seconds()
+    # The three readings are taken back to back (well under a millisecond apart), at
+    # both ends, so all of "other" covers the same interval: the whole wsbench run.
+    machine_before, before, own = MachineCPU(), cpu_by_pid(pids), own_seconds()
     sampler.start()
     try:
         result = run_loadgen(
@@ -217,19 +240,28 @@ def measure(server: Server, workers: int, subscribers: int, window: int, publish
     finally:
         sampler.done.set()
         sampler.join(30)
-    after, busy, own = cpu_by_pid(pids), busy_seconds() - busy, own_seconds() - own
+    machine_after, after, own = MachineCPU(), cpu_by_pid(pids), own_seconds() - own
+    busy = machine_after.busy_since(machine_before)
     run_cpu = {pid: after[pid] - before[pid] for pid in pids if pid in before and pid in after}
     return row(workers, subscribers, window, publishers, result, pids, run_cpu,
-               other=busy - own - sum(run_cpu.values()), sampler=sampler,
+               busy=busy, own=own, sampler=sampler,
                dropped=metric_total(server, "ebbcast_backplane_dropped_total") - dropped,
                restarted=server_pids(server) != pids) | {"busy_cores_before": idle_cores}
 
 
 def row(workers: int, subscribers: int, window: int, publishers: int, result: dict[str, Any],
-        pids: list[int], run_cpu: dict[int, float], other: float, sampler: Sampler,
-        dropped: float, restarted: bool) -> dict[str, Any]:
-    """One table row from wsbench's JSON and the readings around it."""
+        pids: list[int], run_cpu: dict[int, float], busy: float, own: float,
+        sampler: Sampler, dropped: float, restarted: bool) -> dict[str, Any]:
+    """One table row from wsbench's JSON and the readings around it.
+
+    Other CPU-s = the machine's busy time over the wsbench run minus the server's
+    processes and this script with its children (wsbench, ss) over the same run.
+    Each piece is rounded to a clock tick (10 ms) per process, so a few hundredths
+    below zero is rounding: the table shows max(0, other); the JSON keeps the raw
+    value and the pieces, and a value below -0.1 CPU-s is listed under Problems.
+    """
     cpu = result.get("server_cpu_s", -1.0)  # absent if a pid vanished mid-run
+    other = busy - own - sum(run_cpu.values())
     served = pids[1:] or pids
     return {
         "workers": workers, "subscribers": subscribers, "window": window,
@@ -245,7 +277,8 @@ def row(workers: int, subscribers: int, window: int, publishers: int, result: di
         "cores_by_process": [round(sampler.cores.get(pid, -1.0), 2) for pid in pids],
         "pids": pids,
         "run_cpu_s_by_pid": {str(pid): round(s, 3) for pid, s in run_cpu.items()},
-        "other_cpu_s": round(other, 3),
+        "machine_busy_cpu_s": round(busy, 3), "script_and_loadgen_cpu_s": round(own, 3),
+        "other_cpu_s": round(max(0.0, other), 3), "other_cpu_s_raw": round(other, 3),
         "backplane_dropped": dropped, "window_resets": result["window_resets"],
         "worker_restarted": restarted,
         "errors": result["errors"], "error_detail": result["error_detail"],
@@ -324,6 +357,9 @@ def problems(rows: list[dict[str, Any]]) -> list[str]:
         if r["window_resets"] or r["backplane_dropped"]:
             out.append(f"- {where}: window_resets {r['window_resets']}, "
                        f"backplane_dropped {r['backplane_dropped']:.0f}")
+        if r.get("other_cpu_s_raw", 0.0) < -0.1:
+            out.append(f"- {where}: other CPU-s {r['other_cpu_s_raw']:.2f} (accounting "
+                       "mismatch: the processes used more CPU than the machine was busy)")
         if r["worker_restarted"] or r["server_cpu_s"] < 0:
             out.append(f"- {where}: a server process changed during the run")
     return out
@@ -353,7 +389,10 @@ def report(args: argparse.Namespace, started: datetime.datetime,
         "process's CPU over about the measured window (main first). Other CPU-s: CPU "
         "the rest of the machine used during the whole wsbench run (kernel threads "
         "such as ksoftirqd handling loopback traffic and connection teardown, and any "
-        "other job); each row starts only after a second with the machine under 0.15 "
+        "other job): wall time x CPUs minus the idle, iowait and steal time of "
+        "/proc/stat, minus the server's processes, wsbench and this script, all read "
+        "at the same two instants; shown as 0.0 when rounding makes it slightly "
+        "negative. Each row starts only after a second with the machine under 0.15 "
         "cores busy (`--quiet-wait`).\n\n"
         + table(rows) + "\n\nRatios (same run):\n\n" + "\n".join(ratios(rows)) + "\n"
         + ("\nProblems:\n\n" + "\n".join(notes) + "\n" if notes else ""))

@@ -127,7 +127,6 @@ class BroadcastSocket(WebSocketHandler):
         ctx = self.ctx
         assert isinstance(self.ws_connection, EbbcastProtocol)
         self._protocol = self.ws_connection
-        self._protocol.before_abort = self._flush_before_abort
         self.client_id = client_id or secrets.token_hex(8)
         configure_stream(self._protocol)
         self._bucket = TokenBucket(ctx.config.limits.burst, time.monotonic())
@@ -142,8 +141,11 @@ class BroadcastSocket(WebSocketHandler):
             if ctx.lifecycle.state is State.DRAINING:
                 self.send_shutdown()
 
-    def _flush_before_abort(self) -> None:
-        self.ctx.fanout.flush_one(self)
+    def flush_before_abort(self) -> None:
+        """Called by EbbcastProtocol._abort: write what this client is owed, unless
+        it is already being dropped (a slow consumer is owed nothing more)."""
+        if self._protocol is not None and self._disconnect_reason is None:
+            self.ctx.fanout.flush_one(self)
 
     def _drop_http_state(self) -> None:
         """Let the finished HTTP exchange go: its headers and HTTP connection object
@@ -158,9 +160,7 @@ class BroadcastSocket(WebSocketHandler):
             return write_frame(self._protocol, frame, self.ctx.config.limits.client_queue_bytes)
         except SlowConsumer:
             log.debug("client %s is a slow consumer: aborted", self.client_id)
-            if self._protocol is not None:
-                self._protocol.before_abort = None  # it is owed nothing more
-            self._disconnect_reason = "slow_consumer"
+            self._disconnect_reason = "slow_consumer"  # and it is owed nothing more
             self.on_connection_close()
             return False
 
@@ -238,10 +238,8 @@ class BroadcastSocket(WebSocketHandler):
         collection, which with many connections open stalls the loop (see gc.py).
         """
         protocol, self._protocol = self._protocol, None
-        if protocol is not None:
-            protocol.before_abort = None
-            if protocol.stream is not None:
-                protocol.stream.error = None
+        if protocol is not None and protocol.stream is not None:
+            protocol.stream.error = None
 
     def _reason_from_protocol(self) -> str:
         protocol = self._protocol
