@@ -52,7 +52,8 @@ class ProcessAdmin:
         return self.ctx.lifecycle.state
 
     def status_report(self, now_mono: float) -> dict[str, Any]:
-        return status_report(self.ctx, now_mono)
+        return build_status(self.ctx.lifecycle, self.ctx.started_mono, now_mono,
+                            [(os.getpid(), len(self.ctx.registry))])
 
     def exposition(self) -> bytes:
         return self.ctx.metrics.exposition()
@@ -116,16 +117,11 @@ class StatusHandler(AdminHandler):
         self.write_json(200, self.backend.status_report(time.monotonic()))
 
 
-def status_report(ctx: DaemonContext, now_mono: float) -> dict[str, Any]:
-    """The ``/status`` document (SPEC section 3) of one process serving its clients."""
-    return build_status(ctx.lifecycle, ctx.started_mono, now_mono,
-                        [(os.getpid(), len(ctx.registry))])
-
-
 def build_status(lifecycle: Lifecycle, started_mono: float, now_mono: float,
                  workers: list[tuple[int, int]]) -> dict[str, Any]:
-    """The ``/status`` document at monotonic time ``now_mono``, from the lifecycle
-    and the ``(pid, connections)`` of every process serving clients."""
+    """The ``/status`` document (SPEC section 3) at monotonic time ``now_mono``,
+    from the lifecycle and the ``(pid, connections)`` of every process serving
+    clients."""
     connections = sum(count for _, count in workers)
     report: dict[str, Any] = {
         "state": lifecycle.state.value,
@@ -170,7 +166,7 @@ class DrainHandler(AdminHandler):
         if not self.authorized():
             return
         log.info("drain requested through the admin API by %s", self.request.remote_ip)
-        self.backend.request_drain("admin")
+        self.backend.request_drain("the admin API")
         self.write_json(202, {"state": self.backend.state.value})
 
 

@@ -123,14 +123,31 @@ def raise_open_files_limit() -> None:
             log.debug("could not raise the open files limit from %d: %s", soft, exc)
 
 
-def serve(args: argparse.Namespace) -> int:
-    from ebbcast.logs import configure_logging
-
-    # Hold stop and reload signals until the daemon's handlers are in place: one
-    # that arrives during start-up then starts a (quick) drain instead of killing
-    # the process or raising KeyboardInterrupt. Daemon.run unblocks them.
+def _prepare_process() -> None:
+    """Hold stop and reload signals until the daemon's handlers are in place (one
+    that arrives during start-up then starts a quick drain instead of killing the
+    process or raising KeyboardInterrupt; Daemon.run unblocks them), and take the
+    open files limit."""
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     raise_open_files_limit()
+
+
+def _load_and_log(load: Callable[[], Config]) -> Config | None:
+    """The configuration, with logging set up from it; None after printing every
+    problem."""
+    from ebbcast.logs import configure_logging
+
+    try:
+        config = load()
+    except ConfigError as exc:
+        _print_problems(exc)
+        return None
+    configure_logging(config.logging.level, config.logging.format)
+    return config
+
+
+def serve(args: argparse.Namespace) -> int:
+    _prepare_process()
     path = getattr(args, "config", None)
     overrides = {key: value for flag, key in SERVE_FLAGS.items()
                  if (value := getattr(args, flag, None)) is not None}
@@ -138,12 +155,9 @@ def serve(args: argparse.Namespace) -> int:
     def reload() -> Config:
         return load_config(path, os.environ, overrides)
 
-    try:
-        config = reload()
-    except ConfigError as exc:
-        _print_problems(exc)
+    config = _load_and_log(reload)
+    if config is None:
         return ExitCode.USAGE
-    configure_logging(config.logging.level, config.logging.format)
     if config.server.workers != 1:
         return serve_workers(config, reload, path, overrides)
     from ebbcast.daemon import Daemon
@@ -212,30 +226,24 @@ def run_worker(argv: Sequence[str]) -> int:
     parser.add_argument("--config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    _prepare_process()
     if signal.SIGINT in signal.sigpending():
         # only a terminal's Ctrl+C, which reached this process before it left the
         # foreground process group, can be pending now: the main process forwards
         # SIGTERM. Ignoring a signal discards it; then the usual handler returns.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    raise_open_files_limit()
-    from ebbcast.daemon import WorkerSetup
-    from ebbcast.logs import configure_logging
-
     overrides = dict(item.split("=", 1) for item in args.set)
 
     def reload() -> Config:
         return load_config(args.config, os.environ, overrides)
 
-    try:
-        config = load_config(args.effective_config, env={})
-    except ConfigError as exc:
-        _print_problems(exc)
+    config = _load_and_log(lambda: load_config(args.effective_config, env={}))
+    if config is None:
         return ExitCode.USAGE
-    configure_logging(config.logging.level, config.logging.format)
+    from ebbcast.daemon import Daemon, WorkerSetup
+
     setup = WorkerSetup(args.index, socket.socket(fileno=args.relay_fd),
                         [socket.socket(fileno=int(fd)) for fd in args.listen_fds.split(",")])
-    from ebbcast.daemon import Daemon
 
     return _run_until_stopped(lambda: Daemon(config, reload, worker=setup))

@@ -478,15 +478,15 @@ def merge_reloadable(running: Config, loaded: Config) -> Config:
     return Config(**sections)
 
 
-def reload_config(running: Config, load: Callable[[], Config],
-                  quiet: bool = False) -> tuple[Config, list[str]] | None:
+def reload_config(running: Config, load: Callable[[], Config], quiet: bool = False,
+                  note: str = "") -> tuple[Config, list[str]] | None:
     """SIGHUP's work: load the configuration again and keep only what may change.
 
     Returns the running configuration with the reloadable keys replaced, and the
     keys that changed; or None, after logging every problem, if the new file is
     invalid (the running configuration stays). Keys that changed but need a
-    restart are logged. ``quiet`` logs all this at DEBUG, for a worker whose main
-    process has just said the same.
+    restart are logged, then the keys applied (followed by ``note``). ``quiet``
+    logs all this at DEBUG, for a worker whose main process has just said the same.
     """
     def say(level: int, message: str, *args: object) -> None:
         log.log(logging.DEBUG if quiet else level, message, *args)
@@ -503,4 +503,6 @@ def reload_config(running: Config, load: Callable[[], Config],
     for key in changed:
         if not is_reloadable(key):
             say(logging.WARNING, "config reload: %s changed; it needs a restart to apply", key)
+    applied = [key for key in changed if is_reloadable(key)]
+    say(logging.INFO, "config reloaded: %s%s", ", ".join(applied) or "no change", note)
     return merge_reloadable(running, loaded), changed

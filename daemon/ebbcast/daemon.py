@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import re
 import signal
@@ -31,14 +30,14 @@ from tornado.web import Application
 from ebbcast import __version__
 from ebbcast.admin import ADMIN_MAX_BODY_BYTES, ProcessAdmin, admin_application, log_request
 from ebbcast.backplane import Backplane, MemoryBackplane, RedisBackplane
-from ebbcast.config import Config, ConfigError, is_reloadable, reload_config
+from ebbcast.config import Config, ConfigError, reload_config
 from ebbcast.context import DaemonContext
 from ebbcast.fanout import Fanout
 from ebbcast.gcpolicy import CollectorPolicy
 from ebbcast.handlers import CLIENT_ID_PATTERN, BroadcastSocket, PageHandler, load_page
 from ebbcast.keepalive import Keepalive
 from ebbcast.lifecycle import (STOP_SIGNALS, Lifecycle, State, StopReason, handle_signals,
-                               unhandle_signals)
+                               stop_request, unhandle_signals)
 from ebbcast.listener import ShedOnExhaustion, Spare
 from ebbcast.logs import set_level
 from ebbcast.metrics import Metrics
@@ -76,7 +75,8 @@ def listener_url(scheme: str, sock: socket.socket, path: str = "") -> str:
     return f"{scheme}://{host}:{port}{path}"
 
 
-def _bind(name: str, host: str, port: int, spare: Spare) -> list[socket.socket]:
+def bind_listener(name: str, host: str, port: int, spare: Spare) -> list[socket.socket]:
+    """Bind and listen on every address of ``host``; BindError names the listener."""
     try:
         sockets = bind_sockets(port, host or None, backlog=LISTEN_BACKLOG)
     except OSError as exc:
@@ -118,8 +118,6 @@ class Daemon:
                  notifier: SystemdNotifier | None = None, handle_signals: bool = True,
                  worker: WorkerSetup | None = None) -> None:
         self._worker = worker
-        if worker is not None:
-            notifier = SystemdNotifier(env={})  # the main process speaks for the service
         self._handle_signals = handle_signals
         self.serving = asyncio.Event()
         self._tls = tls_context(config)
@@ -199,7 +197,7 @@ class Daemon:
         config = self.ctx.config
         scheme = "https" if self._tls else "http"
         if self._worker is None:
-            public = _bind("public listener", config.server.host, config.server.port,
+            public = bind_listener("public listener", config.server.host, config.server.port,
                            self._spare)
         else:
             public = [ShedOnExhaustion.adopt(sock, self._spare) for sock in self._worker.public]
@@ -212,7 +210,7 @@ class Daemon:
                      "page": listener_url(scheme, public[0], "/")}
         bound = {"ws": ",".join(listener_url(scheme, s, config.server.ws_path) for s in public)}
         if self._worker is None:
-            admin = _bind("admin listener", config.admin.host, config.admin.port, self._spare)
+            admin = bind_listener("admin listener", config.admin.host, config.admin.port, self._spare)
             self._servers["admin"] = HTTPServer(admin_application(ProcessAdmin(self.ctx)),
                                                 max_body_size=ADMIN_MAX_BODY_BYTES)
             self._servers["admin"].add_sockets(admin)
@@ -225,11 +223,10 @@ class Daemon:
         self._periodic.start()
         self._keepalive.start()
         self._gc_policy.start()
-        if self._link is not None:
+        if self._worker is not None and self._link is not None:
             self._link.start()
             self._link.ready()
-            log.info("worker %d (pid %d) serving", self._worker.index if self._worker else 0,
-                     os.getpid())
+            log.info("worker %d (pid %d) serving", self._worker.index, os.getpid())
             return
         log.info("ebbcast %s (pid %d) started", __version__, os.getpid())
         log.info("serving ws=%s admin=%s", bound["ws"], bound["admin"])
@@ -289,9 +286,7 @@ class Daemon:
             self._close_all("forced", 1001, "server stopping")
             self.lifecycle.stop(StopReason.FORCED)
         elif kind in ("signal", "drain") and state is State.SERVING:
-            source = signal.Signals(detail).name if kind == "signal" else \
-                "the admin API" if detail == "admin" else detail
-            self._begin_drain(source)
+            self._begin_drain(stop_request(kind, detail))
         if self.lifecycle.state is State.DRAINING:
             self._drain_step(time.monotonic())
 
@@ -307,9 +302,8 @@ class Daemon:
         self.ctx.backplane.advertise(None)
         self.metrics.drain_started_at(plan.started_unix, plan.deadline_unix)
         remaining = len(self.ctx.registry)
-        log.info("drain started by %s: %d connections, deadline in %ds (at %s)", source,
-                 remaining, math.ceil(plan.timeout),
-                 time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(plan.deadline_unix)))
+        log.info("drain started by %s: %d connections, %s", source, remaining,
+                 plan.deadline_text())
         status = self._drain_status(now_mono)
         self._notifier.stopping(status)
         self._notifier.progress(status, self._extend_seconds())
@@ -382,8 +376,8 @@ class Daemon:
     def reload(self) -> None:
         """SIGHUP: re-read the configuration and apply the reloadable keys (a
         worker says it at DEBUG: its main process has logged the same once)."""
-        quiet = self._worker is not None
-        reloaded = reload_config(self.ctx.config, self._reload_config, quiet)
+        reloaded = reload_config(self.ctx.config, self._reload_config,
+                                 quiet=self._worker is not None)
         if reloaded is None:
             return
         self.ctx.config, changed = reloaded
@@ -396,9 +390,6 @@ class Daemon:
         if plan is not None and "shutdown.progress_interval" in changed:
             self._next_tick = plan.next_tick(time.monotonic(),
                                              self.ctx.config.shutdown.progress_interval)
-        applied = [key for key in changed if is_reloadable(key)]
-        log.log(logging.DEBUG if quiet else logging.INFO, "config reloaded: %s",
-                ", ".join(applied) if applied else "no change")
 
     # -- teardown ----------------------------------------------------------------
 

@@ -13,8 +13,10 @@ import asyncio
 import enum
 import math
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 #: SIGTERM and SIGINT start the drain (a second one forces the stop); SIGHUP reloads.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -27,6 +29,12 @@ def handle_signals(loop: asyncio.AbstractEventLoop, record: Callable[[int], None
     for sig in HANDLED_SIGNALS:
         loop.add_signal_handler(sig, record, sig)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+
+
+def stop_request(kind: str, detail: Any) -> str:
+    """Who asked for a stop, for the log: a ("signal", signum) event names the
+    signal; a ("drain", who) event already names who (e.g. "the admin API")."""
+    return signal.Signals(detail).name if kind == "signal" else str(detail)
 
 
 def unhandle_signals(loop: asyncio.AbstractEventLoop) -> None:
@@ -70,6 +78,11 @@ class DrainPlan:
     def seconds_left(self, now_mono: float) -> float:
         """Seconds until the deadline, never negative."""
         return max(0.0, self.deadline_mono - now_mono)
+
+    def deadline_text(self) -> str:
+        """"deadline in 1800s (at 2026-11-26 18:00:00 UTC)", for the drain's first log line."""
+        at = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(self.deadline_unix))
+        return f"deadline in {math.ceil(self.timeout)}s (at {at})"
 
     def status(self, remaining: int, now_mono: float) -> str:
         """The progress line, logged and sent to systemd as STATUS= (SPEC section 5)."""

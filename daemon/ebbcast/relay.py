@@ -32,7 +32,7 @@ from typing import Any
 from tornado.ioloop import PeriodicCallback
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
-from ebbcast.backplane import decode, encode
+from ebbcast.backplane import MemoryBackplane, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +92,15 @@ class Link:
 
     def send(self, kind: bytes, body: bytes = b"") -> bool:
         """Queue one record; False (and counted in ``dropped``) if it cannot be."""
+        return self.send_packed(pack(kind, body))
+
+    def send_packed(self, record: bytes) -> bool:
+        """``send`` for a record already packed (one frame relayed to many links is
+        packed once)."""
         if self._stream.closed():
             return False
         try:
-            future = self._stream.write(pack(kind, body))
+            future = self._stream.write(record)
         except StreamClosedError:
             return False
         except StreamBufferFullError:  # the other side has stopped reading
@@ -157,7 +162,6 @@ class WorkerLink:
         self._sock = sock
         self._link: Link | None = None  # made in start(), on the running loop
         self._heartbeat: PeriodicCallback | None = None
-        self._reported: int | None = None
 
     def start(self) -> None:
         self._link = Link(self._sock, self._on_record, self._on_lost)
@@ -175,10 +179,8 @@ class WorkerLink:
         self._send(HEARTBEAT)
 
     def report_count(self, count: int) -> None:
-        """Send the connection count if it changed since the last report."""
-        if count != self._reported and self._link is not None:
-            self._reported = count
-            self._send(COUNT, str(count).encode())
+        """Send the connection count (the registry reports only changes)."""
+        self._send(COUNT, str(count).encode())
 
     def publish(self, payload: str | bytes, source: str) -> bool:
         return self._send(FRAME, encode(self._node, source, payload))
@@ -199,26 +201,14 @@ class WorkerLink:
             self._sock.close()
 
 
-class RelayBackplane:
+class RelayBackplane(MemoryBackplane):
     """The ``memory://`` backplane of a worker: frames go to the main process,
-    which relays them to the other workers (``Backplane`` protocol)."""
+    which relays them to the other workers."""
 
     def __init__(self, link: WorkerLink, on_dropped: Callable[[int], None]) -> None:
         self._link = link
         self._on_dropped = on_dropped
 
-    def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
     def publish(self, payload: str | bytes, source: str) -> None:
         if not self._link.publish(payload, source):
             self._on_dropped(1)
-
-    def advertise(self, url: str | None) -> None:
-        pass
-
-    def peers(self) -> list[str]:
-        return []

@@ -42,19 +42,20 @@ from typing import Any
 
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
-from tornado.netutil import bind_sockets
 
 from ebbcast import __version__
 from ebbcast.admin import ADMIN_MAX_BODY_BYTES, admin_application, build_status
 from ebbcast.backplane import encode
-from ebbcast.config import Config, is_reloadable, reload_config, render_toml
-from ebbcast.daemon import (DEADLINE_CLOSE_GRACE, FORCED_CLOSE_GRACE, LISTEN_BACKLOG, BindError,
+from ebbcast.config import Config, reload_config, render_toml
+from ebbcast.daemon import (DEADLINE_CLOSE_GRACE, FORCED_CLOSE_GRACE, bind_listener,
                             listener_url, tls_context)
-from ebbcast.lifecycle import Lifecycle, State, StopReason, handle_signals, unhandle_signals
+from ebbcast.listener import Spare
+from ebbcast.lifecycle import (Lifecycle, State, StopReason, handle_signals, stop_request,
+                               unhandle_signals)
 from ebbcast.logs import set_level
 from ebbcast.metrics import MergedMetrics, Metrics
 from ebbcast.notify import SystemdNotifier
-from ebbcast.relay import COUNT, FRAME, INJECT, OTHERS, READY
+from ebbcast.relay import COUNT, FRAME, INJECT, OTHERS, READY, pack
 from ebbcast.workers import (WORKER_TIMEOUT, WorkerSlot, bind_public, describe_exit,
                              worker_count)
 
@@ -90,6 +91,7 @@ class Supervisor:
         self.metrics.backplane_up.set(1)
         self._merged = MergedMetrics(metrics_dir)
         self._slots: list[WorkerSlot] = []
+        self._spare = Spare()  # a descriptor in reserve, see ebbcast.listener
         self._admin: HTTPServer | None = None
         self._timers: list[PeriodicCallback] = []
         self._started_mono = time.monotonic()
@@ -149,12 +151,8 @@ class Supervisor:
         config = self.config
         count = worker_count(config.server.workers)
         sets = bind_public(config.server.host, config.server.port, count)
-        try:
-            admin = bind_sockets(config.admin.port, config.admin.host or None,
-                                 backlog=LISTEN_BACKLOG)
-        except OSError as exc:
-            raise BindError(f"admin listener {config.admin.host}:{config.admin.port}",
-                            exc) from exc
+        admin = bind_listener("admin listener", config.admin.host, config.admin.port,
+                              self._spare)
         self._admin = HTTPServer(admin_application(self), max_body_size=ADMIN_MAX_BODY_BYTES)
         self._admin.add_sockets(admin)
         scheme = "https" if config.tls_enabled else "http"
@@ -177,10 +175,14 @@ class Supervisor:
     def _send_watchdog(self) -> None:
         self._notifier.watchdog()
 
+    @property
+    def _effective_config(self) -> str:
+        return os.path.join(self._rundir, "effective.toml")
+
     def _write_effective_config(self) -> None:
         """The configuration workers start with, replaced atomically (a worker
         starting during a reload reads the old file or the new, never half)."""
-        path = os.path.join(self._rundir, "effective.toml")
+        path = self._effective_config
         partial = path + ".new"
         with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
             out.write(render_toml(self.config, mask_secrets=False))
@@ -192,8 +194,7 @@ class Supervisor:
         slot.restart = None
         if self.lifecycle.state not in (State.STARTING, State.SERVING):
             return
-        args = ["--effective-config", os.path.join(self._rundir, "effective.toml"),
-                *self._worker_args]
+        args = ["--effective-config", self._effective_config, *self._worker_args]
         try:
             slot.start(args, lambda kind, body: self._on_record(slot, kind, body),
                        lambda: self._reap(slot), time.monotonic())
@@ -208,9 +209,10 @@ class Supervisor:
     def _on_record(self, slot: WorkerSlot, kind: bytes, body: bytes) -> None:
         slot.last_heard = time.monotonic()
         if kind == FRAME:  # to every other worker, ready or still starting
+            record = pack(FRAME, body)
             for other in self._slots:
                 if other is not slot and other.link is not None:
-                    if not other.link.send(FRAME, body):
+                    if not other.link.send_packed(record):
                         self.metrics.backplane_dropped.inc()
         elif kind == COUNT:
             slot.connections = int(body)
@@ -275,7 +277,7 @@ class Supervisor:
         if kind == "signal" and detail == signal.SIGHUP:
             self.reload()
         elif kind in ("signal", "drain") and state is State.STARTING:
-            log.info("%s during start-up: stopping", self._source(kind, detail))
+            log.info("%s during start-up: stopping", stop_request(kind, detail))
             self.lifecycle.stop(StopReason.NORMAL)
             self._stop_workers(FORCED_CLOSE_GRACE)
         elif kind == "signal" and state in (State.DRAINING, State.STOPPING):
@@ -284,7 +286,7 @@ class Supervisor:
             self._forced = True
             self._stop_workers(FORCED_CLOSE_GRACE)
         elif kind in ("signal", "drain") and state is State.SERVING:
-            self._begin_drain(self._source(kind, detail), now)
+            self._begin_drain(stop_request(kind, detail), now)
         elif kind == "ready":
             self._on_ready(detail)
         elif kind == "exited":
@@ -294,12 +296,6 @@ class Supervisor:
             self._drain_step(now)
         if now >= self._kill_at:
             self._kill_stragglers()
-
-    @staticmethod
-    def _source(kind: str, detail: Any) -> str:
-        if kind == "signal":
-            return signal.Signals(detail).name
-        return "the admin API" if detail == "admin" else str(detail)
 
     def _on_ready(self, slot: WorkerSlot) -> None:
         if slot.starts > 1:
@@ -344,10 +340,9 @@ class Supervisor:
                 sock.close()
         self._stop_workers(plan.timeout + DEADLINE_CLOSE_GRACE)
         self.metrics.drain_started_at(plan.started_unix, plan.deadline_unix)
-        log.info("drain started by %s: %d connections on %d workers, deadline in %ds (at %s)",
-                 source, self.total_connections, sum(s.alive for s in self._slots),
-                 math.ceil(plan.timeout),
-                 time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(plan.deadline_unix)))
+        log.info("drain started by %s: %d connections on %d workers, %s", source,
+                 self.total_connections, sum(s.alive for s in self._slots),
+                 plan.deadline_text())
         status = self._drain_status(now)
         self._notifier.stopping(status)
         self._notifier.progress(status, self._extend_seconds())
@@ -407,7 +402,8 @@ class Supervisor:
 
     def reload(self) -> None:
         """SIGHUP: apply the reloadable keys here and forward the signal."""
-        reloaded = reload_config(self.config, self._reload_config)
+        reloaded = reload_config(self.config, self._reload_config,
+                                 note="; forwarded to the workers")
         if reloaded is None:
             return
         self.config, changed = reloaded
@@ -417,9 +413,6 @@ class Supervisor:
         if plan is not None and "shutdown.progress_interval" in changed:
             self._next_tick = plan.next_tick(time.monotonic(),
                                              self.config.shutdown.progress_interval)
-        applied = [key for key in changed if is_reloadable(key)]
-        log.info("config reloaded: %s; forwarded to the workers",
-                 ", ".join(applied) if applied else "no change")
         for slot in self._slots:
             slot.signal(signal.SIGHUP)
 
@@ -450,3 +443,4 @@ class Supervisor:
                  if self.lifecycle.stop_reason else "normal")
         self._notifier.notify("STATUS=stopped")
         self._notifier.close()
+        self._spare.close()
