@@ -287,6 +287,11 @@ class DaemonProcess:
             return []
         return [int(pid) for pid in text.split()]
 
+    def metrics_text(self) -> str:
+        """The admin listener's Prometheus exposition."""
+        with urllib.request.urlopen(self.admin_url + "/metrics", timeout=STEP_TIMEOUT) as resp:
+            return resp.read().decode()  # type: ignore[no-any-return]
+
     def kill(self) -> None:
         """SIGKILL the process and its workers (in their own sessions, they would
         otherwise outlive a killed main process for as long as they drain)."""

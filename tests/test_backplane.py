@@ -118,10 +118,7 @@ def test_a_daemon_whose_redis_is_down_serves_locally_and_says_so(spawn):
         while (frame := json.loads(two.recv(timeout=STEP_TIMEOUT)))["type"] != "message":
             pass
         assert frame["text"] == "local"
-    import urllib.request
-
-    with urllib.request.urlopen(d.admin_url + "/metrics", timeout=STEP_TIMEOUT) as resp:
-        metrics = resp.read().decode()
+    metrics = d.metrics_text()
     assert "ebbcast_backplane_up 0.0" in metrics
     assert "ebbcast_backplane_dropped_total 1.0" in metrics
     d.signal(signal.SIGTERM)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 from websockets.exceptions import WebSocketException
@@ -86,16 +85,11 @@ def test_a_client_that_never_reads_is_cut_off_without_growing_the_daemon(spawn):
                     time.sleep(0.001)  # this Python reader must not itself fall behind
             thread.join(STEP_TIMEOUT * 3)
         assert [int(str(m)[:8]) for m in received] == list(range(count))
-        metrics = _metrics_text(d)
+        metrics = d.metrics_text()
     finally:
         sleeper.close()
     assert peak[0] < 4 * cap, f"RSS grew by {peak[0]} bytes"
     assert 'ebbcast_disconnections_total{reason="slow_consumer"} 1.0' in metrics
-
-
-def _metrics_text(d) -> str:
-    with urllib.request.urlopen(d.admin_url + "/metrics", timeout=STEP_TIMEOUT) as resp:
-        return resp.read().decode()  # type: ignore[no-any-return]
 
 
 def _tiny_open_files_limit() -> None:

@@ -141,9 +141,7 @@ def status(d: DaemonProcess) -> dict[str, Any]:
 
 
 def metric(d: DaemonProcess, name: str) -> float:
-    with __import__("urllib.request").request.urlopen(d.admin_url + "/metrics",
-                                                      timeout=STEP_TIMEOUT) as resp:
-        text = resp.read().decode()
+    text = d.metrics_text()
     match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     assert match, f"{name} not in the exposition:\n{text}"
     return float(match.group(1))
@@ -245,10 +243,7 @@ def test_status_and_metrics_add_up_over_workers(spawn):
     wait_for(lambda: metric(d, "ebbcast_draining") == 1)
     assert metric(d, "ebbcast_drain_deadline_timestamp_seconds") == pytest.approx(
         time.time() + 60, abs=5)
-    with __import__("urllib.request").request.urlopen(d.admin_url + "/metrics",
-                                                      timeout=STEP_TIMEOUT) as resp:
-        exposition = resp.read()
-    check = subprocess.run([promtool, "check", "metrics"], input=exposition,
+    check = subprocess.run([promtool, "check", "metrics"], input=d.metrics_text().encode(),
                            capture_output=True, timeout=30)
     assert check.returncode == 0 and check.stdout + check.stderr == b"", check.stdout
     report = status(d)
