@@ -280,6 +280,22 @@ def test_sigterm_drains_every_worker_and_exits_after_the_last_client(spawn):
     assert "Traceback" not in log
 
 
+def test_the_deadline_closes_the_clients_of_every_worker_and_exits_0(spawn):
+    d = start_workers(spawn, 2, "--drain-timeout", "1s")
+    groups = clients_on_every_worker(d, 2)
+    d.signal(signal.SIGTERM)
+    for (ws,) in groups.values():
+        recv_frame(ws, "shutdown")
+    for (ws,) in groups.values():  # nobody leaves: the deadline closes them all
+        with pytest.raises(Exception):
+            while True:
+                ws.recv(timeout=STEP_TIMEOUT)
+        assert ws.close_code == 1001
+    assert d.wait_exit() == 0
+    assert d.log_text().count("drain deadline reached: closing 1 connections") == 2
+    assert "did not stop in time" not in d.log_text()
+
+
 def test_one_ctrl_c_to_the_process_group_is_one_graceful_drain(spawn):
     d = spawn("--port", "0", "--admin-port", "0", "--workers", "2", "--drain-timeout", "60s",
               env=QUICK, preexec_fn=os.setpgrp)  # its own group, like a terminal job
