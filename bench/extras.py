@@ -27,14 +27,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (LOADGEN, Server, build_loadgen, cpu_seconds, machine, raise_nofile,
-                     rss_bytes, save_results)
+                     rss_bytes, save_results, wait_until)
 
 HANDSHAKE = ("GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
              "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
@@ -92,13 +91,9 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 def wait_connections(server: Server, count: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with urllib.request.urlopen(server.admin_url + "/status", timeout=10) as resp:
-            if json.load(resp)["connections"] >= count:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"fewer than {count} connections after {timeout}s")
+    if not wait_until(lambda: json.loads(server.admin_get("/status"))["connections"] >= count,
+                      timeout, 0.2):
+        raise RuntimeError(f"fewer than {count} connections after {timeout}s")
 
 
 def tick_lateness(stamps: list[float], interval: float) -> list[float]:
@@ -207,8 +202,7 @@ def slow_reader_memory(seconds: float) -> dict[str, Any]:
         while flood.poll() is None:
             samples.append((time.monotonic() - started, rss_bytes(server.pid) - baseline))
             time.sleep(0.25)
-        with urllib.request.urlopen(server.admin_url + "/metrics", timeout=10) as resp:
-            metrics = resp.read().decode()
+        metrics = server.admin_get("/metrics")
         sleeper.close()
     finally:
         if flood is not None and flood.poll() is None:

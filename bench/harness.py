@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,20 @@ class Server:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    def pids(self) -> list[int]:
+        """The server's process first, then its children (ebbcast's workers)."""
+        try:
+            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+        except OSError:
+            text = ""
+        return [self.pid, *map(int, text.split())]
+
+    def admin_get(self, path: str) -> str:
+        """GET on ebbcast's admin listener (its first address)."""
+        url = self.admin_url.split(",")[0] + path
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.read().decode()  # type: ignore[no-any-return]
 
     @property
     def url_path(self) -> str:

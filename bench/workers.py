@@ -33,7 +33,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -47,20 +46,6 @@ WARMUP = 1.0
 
 
 # -- processes -------------------------------------------------------------------
-
-
-def children(pid: int) -> list[int]:
-    """The direct children of ``pid`` (its worker processes), from /proc."""
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
-
-
-def server_pids(server: Server) -> list[int]:
-    """The main process first, then its workers."""
-    return [server.pid, *children(server.pid)]
 
 
 def cpu_by_pid(pids: list[int]) -> dict[int, float]:
@@ -142,16 +127,10 @@ def stop(server: Server, pids: list[int]) -> None:
 # -- admin endpoint and sockets --------------------------------------------------
 
 
-def admin_get(server: Server, path: str) -> str:
-    url = server.admin_url.split(",")[0] + path
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return response.read().decode()  # type: ignore[no-any-return]
-
-
 def metric_total(server: Server, name: str) -> float:
     """The sum of every sample of one metric family in /metrics."""
     total = 0.0
-    for line in admin_get(server, "/metrics").splitlines():
+    for line in server.admin_get("/metrics").splitlines():
         if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"):
             total += float(line.rsplit(" ", 1)[1])
     return total
@@ -192,7 +171,7 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         while not self.done.wait(0.1):
             try:
-                workers = json.loads(admin_get(self.server, "/status"))["workers"]
+                workers = json.loads(self.server.admin_get("/status"))["workers"]
             except (OSError, ValueError):
                 continue
             split = {w["pid"]: w["connections"] for w in workers}
@@ -223,7 +202,7 @@ class Sampler(threading.Thread):
 
 def measure(server: Server, workers: int, subscribers: int, window: int, publishers: int,
             duration: float, quiet_wait: float) -> dict[str, Any]:
-    pids = server_pids(server)
+    pids = server.pids()
     idle_cores = wait_quiet(quiet_wait) if quiet_wait > 0 else -1.0
     dropped = metric_total(server, "ebbcast_backplane_dropped_total")
     sampler = Sampler(server, pids, subscribers + publishers, publishers, duration)
@@ -246,7 +225,7 @@ def measure(server: Server, workers: int, subscribers: int, window: int, publish
     return row(workers, subscribers, window, publishers, result, pids, run_cpu,
                busy=busy, own=own, sampler=sampler,
                dropped=metric_total(server, "ebbcast_backplane_dropped_total") - dropped,
-               restarted=server_pids(server) != pids) | {"busy_cores_before": idle_cores}
+               restarted=server.pids() != pids) | {"busy_cores_before": idle_cores}
 
 
 def row(workers: int, subscribers: int, window: int, publishers: int, result: dict[str, Any],
@@ -290,7 +269,7 @@ def run_cell(workers: int, subscribers: int, windows: list[int], publishers: int
              duration: float, quiet_wait: float) -> list[dict[str, Any]]:
     """One daemon, every window at this subscriber count."""
     server = Server("ebbcast", args=["--workers", str(workers)]).start()
-    pids = server_pids(server)
+    pids = server.pids()
     rows = []
     try:
         for window in windows:

@@ -277,62 +277,59 @@ static double ru_secs(const struct rusage *r)
            (double)r->ru_stime.tv_sec + r->ru_stime.tv_usec / 1e6;
 }
 
-/* Sum of utime+stime (seconds) of the --server-pid processes, -1 if unknown. */
-static double server_cpu(void)
+/* Seconds of CPU (utime+stime) in the text of a /proc/PID/stat, -1 if unparsable. */
+static double stat_cpu_seconds(const char *text)
+{
+    const char *p = strrchr(text, ')');
+    unsigned long ut = 0, st = 0;
+    /* fields after ')': state(3) ... utime(14) stime(15) */
+    if (!p || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) != 2)
+        return -1;
+    return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
+}
+
+/* KiB of VmRSS in the text of a /proc/PID/status, -1 if absent. */
+static double status_rss_kib(const char *text)
+{
+    const char *p = strstr(text, "\nVmRSS:");
+    return p ? (double)strtol(p + 7, NULL, 10) : -1;
+}
+
+/* The sum of parse(/proc/PID/FILE) over the --server-pid list, -1 if unknown. */
+static double sum_over_server_pids(const char *file, double (*parse)(const char *))
 {
     if (!o_server_pids)
         return -1;
     double sum = 0;
-    long tck = sysconf(_SC_CLK_TCK);
     char list[512];
     snprintf(list, sizeof list, "%s", o_server_pids);
     for (char *save = NULL, *tok = strtok_r(list, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
-        char path[64], buf[2048];
-        snprintf(path, sizeof path, "/proc/%s/stat", tok);
+        char path[64], buf[4096];
+        snprintf(path, sizeof path, "/proc/%s/%s", tok, file);
         FILE *f = fopen(path, "r");
         if (!f)
             return -1;
         size_t n = fread(buf, 1, sizeof buf - 1, f);
         fclose(f);
         buf[n] = 0;
-        char *p = strrchr(buf, ')');
-        if (!p)
-            return -1;
-        /* fields after ')': state(3) ... utime(14) stime(15) */
-        unsigned long ut = 0, st = 0;
-        if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) != 2)
-            return -1;
-        sum += (double)(ut + st) / (double)tck;
-    }
-    return sum;
-}
-
-/* Sum of VmRSS (KiB) of the --server-pid processes, -1 if unknown. */
-static long server_rss(void)
-{
-    if (!o_server_pids)
-        return -1;
-    long sum = 0;
-    char list[512];
-    snprintf(list, sizeof list, "%s", o_server_pids);
-    for (char *save = NULL, *tok = strtok_r(list, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
-        char path[64], line[256];
-        snprintf(path, sizeof path, "/proc/%s/status", tok);
-        FILE *f = fopen(path, "r");
-        if (!f)
-            return -1;
-        long v = -1;
-        while (fgets(line, sizeof line, f))
-            if (!strncmp(line, "VmRSS:", 6)) {
-                v = strtol(line + 6, NULL, 10);
-                break;
-            }
-        fclose(f);
+        double v = parse(buf);
         if (v < 0)
             return -1;
         sum += v;
     }
     return sum;
+}
+
+/* Sum of utime+stime (seconds) of the --server-pid processes, -1 if unknown. */
+static double server_cpu(void)
+{
+    return sum_over_server_pids("stat", stat_cpu_seconds);
+}
+
+/* Sum of VmRSS (KiB) of the --server-pid processes, -1 if unknown. */
+static long server_rss(void)
+{
+    return (long)sum_over_server_pids("status", status_rss_kib);
 }
 
 /* ---- epoll / write side ---- */
