@@ -25,8 +25,9 @@ from websockets.sync.client import ClientConnection, connect
 
 from conftest import STEP_TIMEOUT, DaemonProcess, http_json
 from ebbcast.relay import FRAME, READY, Unpacker, pack
-from ebbcast.workers import (RESTART_DELAY_MAX, RestartBudget, WorkerSlot, bind_public,
-                             describe_exit, worker_count)
+from ebbcast.listener import bind_public
+from ebbcast.workers import (RESTART_DELAY_MAX, ChildWorker, RestartBudget, describe_exit,
+                             worker_count)
 
 # -- units ---------------------------------------------------------------------------
 
@@ -52,7 +53,7 @@ def test_restart_budget_allows_a_limit_per_window_with_growing_delays():
 
 
 def test_a_serving_worker_that_says_nothing_is_silent():
-    slot = WorkerSlot(0, [])
+    slot = ChildWorker(0, [])
     slot.last_heard = 100.0
     assert slot.silent_for(160.0) == 0.0  # not serving yet: starting takes what it takes
     slot.ready = True

@@ -35,6 +35,8 @@ class AdminBackend(Protocol):
     def exposition(self) -> bytes: ...
     def broadcast(self, payload: str) -> int: ...
     def request_drain(self, source: str) -> None: ...
+    def request_upgrade(self, source: str) -> str | None:
+        """Queue an upgrade (SPEC section 9); or why it is refused now."""
 
 
 class ProcessAdmin:
@@ -65,6 +67,9 @@ class ProcessAdmin:
 
     def request_drain(self, source: str) -> None:
         self.ctx.request_drain(source)
+
+    def request_upgrade(self, source: str) -> str | None:
+        return "this process serves on its own, with no main process to run an upgrade"
 
 
 class AdminHandler(RequestHandler):
@@ -170,6 +175,18 @@ class DrainHandler(AdminHandler):
         self.write_json(202, {"state": self.backend.state.value})
 
 
+class UpgradeHandler(AdminHandler):
+    def post(self) -> None:
+        if not self.authorized():
+            return
+        log.info("upgrade requested through the admin API by %s", self.request.remote_ip)
+        refusal = self.backend.request_upgrade("the admin API")
+        if refusal is not None:
+            self.write_json(409, {"error": f"upgrade refused: {refusal}"})
+            return
+        self.write_json(202, {"upgrade": "starting"})
+
+
 def admin_application(backend: AdminBackend) -> Application:
     args = {"backend": backend}
     return Application([
@@ -179,6 +196,7 @@ def admin_application(backend: AdminBackend) -> Application:
         (r"/status", StatusHandler, args),
         (r"/broadcast", BroadcastHandler, args),
         (r"/drain", DrainHandler, args),
+        (r"/upgrade", UpgradeHandler, args),
     ], log_function=log_request)
 
 

@@ -13,7 +13,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ebbcast import __version__
@@ -147,6 +147,13 @@ def _load_and_log(load: Callable[[], Config]) -> Config | None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    """The daemon: a main process (ebbcast.supervisor) over its serving processes;
+    with ``server.workers = 1`` the one serving process runs inside it.
+
+    prometheus_client picks its multiprocess mode when it is imported, from
+    ``PROMETHEUS_MULTIPROC_DIR``: so a fresh directory is made and named here,
+    before anything imports it, and removed at exit.
+    """
     _prepare_process()
     path = getattr(args, "config", None)
     overrides = {key: value for flag, key in SERVE_FLAGS.items()
@@ -158,17 +165,35 @@ def serve(args: argparse.Namespace) -> int:
     config = _load_and_log(reload)
     if config is None:
         return ExitCode.USAGE
-    if config.server.workers != 1:
-        return serve_workers(config, reload, path, overrides)
-    from ebbcast.daemon import Daemon
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("serve must run before prometheus_client is imported")
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
+    rundir = tempfile.mkdtemp(prefix="ebbcast-", dir=runtime)
+    metrics_dir = os.path.join(rundir, "metrics")
+    os.mkdir(metrics_dir, 0o700)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    worker_args = (["--config", path] if path else []) + \
+        [f"--set={key}={value}" for key, value in overrides.items()]
+    try:
+        from ebbcast.daemon import Daemon, WorkerSetup
+        from ebbcast.metrics import Metrics
+        from ebbcast.supervisor import Supervisor
 
-    return _run_until_stopped(lambda: Daemon(config, reload))
+        def serve_here(relay: socket.socket, public: list[socket.socket], running: Config,
+                       metrics: Metrics) -> Daemon:
+            return Daemon(running, reload, metrics=metrics,
+                          worker=WorkerSetup(0, relay, public, local=True))
+
+        return _run_until_stopped(lambda: Supervisor(config, reload, rundir, worker_args,
+                                                     metrics_dir, serve_here=serve_here))
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
 
 
 def _run_until_stopped(make: Callable[[], Any]) -> int:
     """Build the daemon (or supervisor) with ``make()``, run it, map the outcome to
     an exit code."""
-    from ebbcast.daemon import BindError
+    from ebbcast.listener import BindError
 
     try:
         runner = make()
@@ -186,32 +211,6 @@ def _run_until_stopped(make: Callable[[], Any]) -> int:
     return ExitCode.FAILURE if reason is StopReason.FAILED else ExitCode.OK
 
 
-def serve_workers(config: Config, reload: Callable[[], Config], path: str | None,
-                  overrides: Mapping[str, str]) -> int:
-    """The main process over worker processes (ebbcast.supervisor).
-
-    prometheus_client picks its multiprocess mode when it is imported, from
-    ``PROMETHEUS_MULTIPROC_DIR``: so a fresh directory is made and named here,
-    before anything imports it, and removed at exit.
-    """
-    if "prometheus_client" in sys.modules:
-        raise RuntimeError("serve_workers must run before prometheus_client is imported")
-    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
-    rundir = tempfile.mkdtemp(prefix="ebbcast-", dir=runtime)
-    metrics_dir = os.path.join(rundir, "metrics")
-    os.mkdir(metrics_dir, 0o700)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    worker_args = (["--config", path] if path else []) + \
-        [f"--set={key}={value}" for key, value in overrides.items()]
-    try:
-        from ebbcast.supervisor import Supervisor
-
-        return _run_until_stopped(lambda: Supervisor(config, reload, rundir, worker_args,
-                                                     metrics_dir))
-    finally:
-        shutil.rmtree(rundir, ignore_errors=True)
-
-
 #: The hidden command the main process starts its workers with.
 WORKER_COMMAND = "_worker"
 
@@ -220,6 +219,8 @@ def run_worker(argv: Sequence[str]) -> int:
     """One worker process, started by the main process (see ebbcast.supervisor)."""
     parser = _Parser(prog=f"ebbcast {WORKER_COMMAND}")
     parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--generation", type=int, default=1)
+    parser.add_argument("--hold", action="store_true")
     parser.add_argument("--relay-fd", type=int, required=True)
     parser.add_argument("--listen-fds", required=True)
     parser.add_argument("--effective-config", required=True)
@@ -244,6 +245,7 @@ def run_worker(argv: Sequence[str]) -> int:
     from ebbcast.daemon import Daemon, WorkerSetup
 
     setup = WorkerSetup(args.index, socket.socket(fileno=args.relay_fd),
-                        [socket.socket(fileno=int(fd)) for fd in args.listen_fds.split(",")])
+                        [socket.socket(fileno=int(fd)) for fd in args.listen_fds.split(",")],
+                        generation=args.generation, hold=args.hold)
 
     return _run_until_stopped(lambda: Daemon(config, reload, worker=setup))

@@ -271,6 +271,8 @@ class ShutdownConfig:
                                     "systemd STATUS", lambda v: None if v > 0 else "must be > 0")
     close_code: int = _key("int", 1001, "close code sent to clients still connected at the "
                            "deadline", _check_close_code)
+    upgrade_spread: float = _key("duration", 30.0, "after an upgrade (SIGUSR2), the old "
+                                 "generation's clients are told to reconnect spread over this")
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ebbcast import frames
 from ebbcast.backplane import Backplane, MemoryBackplane
 from ebbcast.config import Config
 from ebbcast.fanout import Fanout
-from ebbcast.lifecycle import Lifecycle
+from ebbcast.lifecycle import DrainCause, Lifecycle
 from ebbcast.metrics import Metrics
 from ebbcast.registry import ConnectionRegistry
 
@@ -44,3 +45,16 @@ class DaemonContext:
     def total_connections(self) -> int:
         """This process's connections plus the other workers': what clients are told."""
         return len(self.registry) + self.elsewhere
+
+    def shutdown_frame(self) -> str:
+        """The drain notice for one client, with its own reconnect delay: within
+        0.5-5 s when the daemon stops (other instances may take the load), spread
+        over shutdown.upgrade_spread when a new generation serves on this address."""
+        plan = self.lifecycle.drain
+        assert plan is not None
+        if self.lifecycle.drain_cause is DrainCause.UPGRADE:
+            spread_ms = int(self.config.shutdown.upgrade_spread * 1000)
+            return frames.shutdown(plan.deadline_unix, self.rng.randint(0, spread_ms),
+                                   reason="upgrade")
+        return frames.shutdown(plan.deadline_unix, self.rng.randint(500, 5000),
+                               self.backplane.peers())

@@ -1,44 +1,58 @@
-"""One serving process: listeners, signals, and the drain (SPEC sections 1, 5, 7).
+"""One serving process: its clients, its signals, and the drain (SPEC sections 1, 5, 9).
 
-Signal handlers only record the signal in a queue; the supervising coroutine acts
-on it, as gunicorn's arbiter does. The drain, in order: the state becomes DRAINING
-(``/readyz`` answers 503), the public listener stops accepting, every client gets
-the shutdown frame, and the clients keep being served until the last one leaves
-(exit at once), the deadline passes (close with shutdown.close_code), or a second
-stop signal arrives (close with 1001 now).
+A ``Daemon`` serves WebSocket clients in one process, in one of two roles:
+
+- ``Member``: one of the serving processes under the main process
+  (``ebbcast.supervisor``): a worker in a process of its own, or the one serving
+  process of a single-process daemon, run inside the main process. It serves the
+  sockets it is handed and talks to the main process over a relay link.
+- ``Standalone``: on its own, binding its listeners and the admin listener and
+  speaking sd_notify itself (embedding, and the in-process tests).
+
+Signal handlers only record the signal; the loop (``ebbcast.events``) acts on it.
+The drain, in order: the state becomes DRAINING, the public listener stops
+accepting, every client gets the shutdown frame, and the clients keep being
+served until the last one leaves (stop at once), the deadline passes (close with
+shutdown.close_code), or a second stop signal arrives (close with 1001 now). A
+drain for an upgrade (the main process's HAND_OVER record) is the same, with
+``"reason":"upgrade"`` in the shutdown frame; a stop signal then turns it into a
+stop's drain, and the next one forces it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import re
 import signal
 import socket
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
-from tornado.netutil import bind_sockets
 from tornado.web import Application
 
 from ebbcast import __version__
 from ebbcast.admin import ADMIN_MAX_BODY_BYTES, ProcessAdmin, admin_application, log_request
 from ebbcast.backplane import Backplane, MemoryBackplane, RedisBackplane
-from ebbcast.config import Config, ConfigError, reload_config
+from ebbcast.config import Config, reload_config
 from ebbcast.context import DaemonContext
+from ebbcast.events import (DrainRequested, Event, EventQueue, HandOver, NoConnections,
+                            SignalReceived, who_asked)
 from ebbcast.fanout import Fanout
 from ebbcast.gcpolicy import CollectorPolicy
 from ebbcast.handlers import CLIENT_ID_PATTERN, BroadcastSocket, PageHandler, load_page
 from ebbcast.keepalive import Keepalive
-from ebbcast.lifecycle import (STOP_SIGNALS, Lifecycle, State, StopReason, handle_signals,
-                               stop_request, unhandle_signals)
-from ebbcast.listener import ShedOnExhaustion, Spare
+from ebbcast.lifecycle import (DEADLINE_CLOSE_GRACE, FORCED_CLOSE_GRACE, STOP_SIGNALS,
+                               UPGRADE_SIGNAL, DrainCause, Lifecycle, State, StopReason,
+                               handle_signals, unhandle_signals)
+from ebbcast.listener import (LISTEN_BACKLOG, ShedOnExhaustion, Spare, bind_listener,
+                              listener_url, tls_context)
 from ebbcast.logs import set_level
 from ebbcast.metrics import Metrics
 from ebbcast.notify import SystemdNotifier
@@ -48,132 +62,207 @@ from ebbcast.relay import RelayBackplane, WorkerLink
 
 log = logging.getLogger(__name__)
 
-#: How long clients closed at the deadline get to finish their close handshake
-#: (below Tornado's own 5 s, so that ebbcast, not Tornado, ends the wait).
-DEADLINE_CLOSE_GRACE = 3.0
-#: The same after a second stop signal, which asks for a prompt exit.
-FORCED_CLOSE_GRACE = 2.0
-LISTEN_BACKLOG = 2048
 #: Caps on what the public listener reads before a handshake.
 MAX_HEADER_BYTES = 16 * 1024
 MAX_PUBLIC_BODY_BYTES = 64 * 1024
 
 
-class BindError(Exception):
-    """A listener's address could not be bound."""
-
-    def __init__(self, address: str, error: OSError) -> None:
-        self.address = address
-        self.error = error
-        super().__init__(f"cannot bind {address}: {error.strerror or error}")
-
-
-def listener_url(scheme: str, sock: socket.socket, path: str = "") -> str:
-    host, port = sock.getsockname()[:2]
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{scheme}://{host}:{port}{path}"
-
-
-def bind_listener(name: str, host: str, port: int, spare: Spare) -> list[socket.socket]:
-    """Bind and listen on every address of ``host``; BindError names the listener."""
-    try:
-        sockets = bind_sockets(port, host or None, backlog=LISTEN_BACKLOG)
-    except OSError as exc:
-        raise BindError(f"{name} {host}:{port}", exc) from exc
-    return [ShedOnExhaustion.adopt(sock, spare) for sock in sockets]
-
-
 @dataclass
 class WorkerSetup:
-    """What a worker process gets from the main process (see ebbcast.supervisor):
-    its index, its end of the relay link, and its already bound public sockets."""
+    """What a serving process gets from the main process (see ebbcast.supervisor):
+    its index and generation, its end of the relay link, its public sockets, and
+    whether to wait for the main process's ACCEPT (``hold``: a new generation
+    starts fully, then takes over) and whether it runs inside the main process
+    (``local``: signals come from the main process's loop, not the kernel)."""
 
     index: int
     relay: socket.socket
     public: list[socket.socket]
+    generation: int = 1
+    hold: bool = False
+    local: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.index}" if self.generation == 1 else \
+            f"worker {self.index} of generation {self.generation}"
 
 
-def tls_context(config: Config) -> ssl.SSLContext | None:
-    if not config.tls_enabled:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(config.server.tls_cert, config.server.tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError([("server.tls_cert", f"cannot load certificate/key: {exc}")]) \
-            from exc
-    return context
+class Role(Protocol):
+    """What differs between a process on its own and one under a main process."""
+
+    #: The main process logs totals; a member says its own at DEBUG.
+    quiet: bool
+
+    def public_sockets(self, spare: Spare) -> list[socket.socket]: ...
+    def memory_backplane(self, metrics: Metrics) -> Backplane: ...
+    def start(self, daemon: Daemon) -> None: ...
+    def serving(self, daemon: Daemon) -> None: ...
+    def report_count(self, count: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class Standalone:
+    """Binds both listeners, accepts at once, speaks sd_notify."""
+
+    quiet = False
+
+    def __init__(self, notifier: SystemdNotifier, config: Config) -> None:
+        self.notifier = notifier
+        self._config = config
+        self._watchdog: PeriodicCallback | None = None
+        self._admin_urls = ""
+
+    def public_sockets(self, spare: Spare) -> list[socket.socket]:
+        return bind_listener("public listener", self._config.server.host,
+                             self._config.server.port, spare)
+
+    def memory_backplane(self, metrics: Metrics) -> Backplane:
+        return MemoryBackplane()
+
+    def start(self, daemon: Daemon) -> None:
+        config = daemon.ctx.config
+        admin = bind_listener("admin listener", config.admin.host, config.admin.port,
+                              daemon.spare)
+        server = HTTPServer(admin_application(ProcessAdmin(daemon.ctx)),
+                            max_body_size=ADMIN_MAX_BODY_BYTES)
+        server.add_sockets(admin)
+        daemon.servers["admin"] = server
+        daemon.urls["admin"] = listener_url("http", admin[0])
+        self._admin_urls = ",".join(listener_url("http", s) for s in admin)
+        daemon.start_accepting()
+
+    def serving(self, daemon: Daemon) -> None:
+        log.info("ebbcast %s (pid %d) started", __version__, os.getpid())
+        log.info("serving ws=%s admin=%s", daemon.bound_ws, self._admin_urls)
+        self.notifier.ready(f"serving on {daemon.urls['ws']}")
+        if self.notifier.watchdog_interval:
+            self._watchdog = PeriodicCallback(self._send_watchdog,
+                                              self.notifier.watchdog_interval * 1000)
+            self._watchdog.start()
+
+    def _send_watchdog(self) -> None:
+        self.notifier.watchdog()
+
+    def report_count(self, count: int) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        self.notifier.notify("STATUS=stopped")
+        self.notifier.close()
+
+
+class Member:
+    """Serves the sockets the main process handed over; reports over the link."""
+
+    quiet = True
+
+    def __init__(self, setup: WorkerSetup) -> None:
+        self.setup = setup
+        self.link: WorkerLink | None = None
+
+    def attach(self, daemon: Daemon) -> None:
+        self.link = WorkerLink(self.setup.relay, daemon.ctx.node_id, daemon)
+
+    def public_sockets(self, spare: Spare) -> list[socket.socket]:
+        return [ShedOnExhaustion.adopt(sock, spare) for sock in self.setup.public]
+
+    def memory_backplane(self, metrics: Metrics) -> Backplane:
+        assert self.link is not None
+        return RelayBackplane(self.link, metrics.backplane_dropped.inc)
+
+    def start(self, daemon: Daemon) -> None:
+        assert self.link is not None
+        self.link.start()
+        if not self.setup.hold:
+            daemon.start_accepting()
+        self.link.ready(__version__)
+
+    def serving(self, daemon: Daemon) -> None:
+        # inside the main process, its "serving ws=..." says it
+        log.log(logging.DEBUG if self.setup.local else logging.INFO, "%s (pid %d) serving",
+                self.setup.name, os.getpid())
+
+    def report_count(self, count: int) -> None:
+        if self.link is not None:
+            self.link.report_count(count)
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
 
 
 class Daemon:
-    """Runs one process until it has stopped; ``run()`` returns the StopReason.
-
-    On its own (``worker=None``) it binds both listeners and speaks sd_notify. As
-    a worker it serves the public sockets it was given, has no admin listener and
-    reports to the main process over its relay link instead.
-    """
+    """Runs one serving process until it has stopped; ``run()`` returns the
+    StopReason. Without ``worker`` it stands alone; with it, it is a member of
+    the daemon whose main process handed it ``worker``."""
 
     def __init__(self, config: Config, reload: Callable[[], Config],
                  notifier: SystemdNotifier | None = None, handle_signals: bool = True,
-                 worker: WorkerSetup | None = None) -> None:
-        self._worker = worker
-        self._handle_signals = handle_signals
+                 worker: WorkerSetup | None = None, metrics: Metrics | None = None) -> None:
+        self._handle_signals = handle_signals and not (worker is not None and worker.local)
         self.serving = asyncio.Event()
         self._tls = tls_context(config)
         self._reload_config = reload
-        self._notifier = notifier or SystemdNotifier()
-        self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._events = EventQueue()
         self.lifecycle = Lifecycle()
-        self.metrics = Metrics()
+        self.metrics = metrics or Metrics()
         registry: ConnectionRegistry[BroadcastSocket] = ConnectionRegistry(self._on_count)
         self.ctx = DaemonContext(
             config=config, lifecycle=self.lifecycle, registry=registry,
             fanout=Fanout(registry, self.metrics),  # type: ignore[arg-type]
             metrics=self.metrics, node_id=f"{socket.gethostname()}:{os.getpid()}",
             request_drain=self._request_drain, started_mono=time.monotonic())
-        self._link: WorkerLink | None = None
-        if worker is not None:
-            self._link = WorkerLink(worker.relay, self.ctx.node_id,
-                                    deliver=self._deliver_remote, inject=self._inject,
-                                    on_others=self._on_others, on_lost=self._on_main_lost)
+        self._role: Role
+        if worker is None:
+            self._role = Standalone(notifier or SystemdNotifier(), config)
+        else:
+            member = Member(worker)
+            member.attach(self)
+            self._role = member
         self.ctx.backplane = self._make_backplane(config)
         self._periodic = PeriodicBroadcaster(self.ctx)
         self._keepalive = Keepalive(registry, self.ctx.fanout, lambda: self.ctx.config)
         self._gc_policy = CollectorPolicy(lambda: len(registry))
-        self._servers: dict[str, HTTPServer] = {}
-        self._spare = Spare()  # a descriptor in reserve, see ebbcast.listener
-        self._watchdog: PeriodicCallback | None = None
-        self._next_tick = 0.0
+        self.servers: dict[str, HTTPServer] = {}
+        self.spare = Spare()  # a descriptor in reserve, see ebbcast.listener
+        self._public: list[socket.socket] = []
+        self._next_tick = math.inf
         self.urls: dict[str, str] = {}
+        self.bound_ws = ""
 
     def _make_backplane(self, config: Config) -> Backplane:
         if config.backplane.url == "memory://":
             self.metrics.backplane_up.set(1)
-            if self._link is not None:
-                return RelayBackplane(self._link, self.metrics.backplane_dropped.inc)
-            return MemoryBackplane()
+            return self._role.memory_backplane(self.metrics)
         metrics = self.metrics
         return RedisBackplane(config.backplane.url, self.ctx.node_id,
-                              deliver=self._deliver_remote,
+                              deliver=self.deliver_remote,
                               on_state=lambda up: metrics.backplane_up.set(1 if up else 0),
                               on_dropped=metrics.backplane_dropped.inc,
                               on_missed=metrics.backplane_missed.inc)
 
-    def _deliver_remote(self, payload: str | bytes, source: str) -> None:
+    # -- what the main process asks (ebbcast.relay.LinkPeer) ----------------------
+
+    def deliver_remote(self, payload: str | bytes, source: str) -> None:
         """A frame another worker or instance sent: fan it out to this one's clients."""
         self.ctx.fanout.broadcast(payload, source, relayed=True)
 
-    def _inject(self, payload: str | bytes, source: str) -> None:
+    def inject(self, payload: str | bytes, source: str) -> None:
         """An admin broadcast the main process handed to this worker: deliver it
         here and publish it, as a local client's frame would be."""
         self.ctx.fanout.broadcast(payload, source)
         self.ctx.backplane.publish(payload, source)
 
-    def _on_others(self, count: int) -> None:
+    def set_elsewhere(self, count: int) -> None:
         self.ctx.elsewhere = count
 
-    def _on_main_lost(self) -> None:
+    def hand_over(self) -> None:
+        self._events.put(HandOver())
+
+    def main_lost(self) -> None:
         if self.lifecycle.state is not State.STOPPING:
             log.warning("the main process is gone: draining")
             self._request_drain("the main process's exit")
@@ -186,7 +275,9 @@ class Daemon:
             handle_signals(loop, self.record_signal)
         try:
             self._start()
-            await self._supervise()
+            await self._events.run(self._act, lambda: self._next_tick,
+                                   lambda: self.lifecycle.state is State.STOPPING)
+            await self._await_closed()
         finally:
             self._teardown(loop)
             await self.ctx.backplane.stop()
@@ -196,48 +287,32 @@ class Daemon:
     def _start(self) -> None:
         config = self.ctx.config
         scheme = "https" if self._tls else "http"
-        if self._worker is None:
-            public = bind_listener("public listener", config.server.host, config.server.port,
-                           self._spare)
-        else:
-            public = [ShedOnExhaustion.adopt(sock, self._spare) for sock in self._worker.public]
-        self._servers["public"] = HTTPServer(
+        self._public = self._role.public_sockets(self.spare)
+        self.servers["public"] = HTTPServer(
             self._public_application(), ssl_options=self._tls, xheaders=False,
             max_header_size=MAX_HEADER_BYTES, max_body_size=MAX_PUBLIC_BODY_BYTES,
             idle_connection_timeout=60)
-        self._servers["public"].add_sockets(public)
-        self.urls = {"ws": listener_url(scheme, public[0], config.server.ws_path),
-                     "page": listener_url(scheme, public[0], "/")}
-        bound = {"ws": ",".join(listener_url(scheme, s, config.server.ws_path) for s in public)}
-        if self._worker is None:
-            admin = bind_listener("admin listener", config.admin.host, config.admin.port, self._spare)
-            self._servers["admin"] = HTTPServer(admin_application(ProcessAdmin(self.ctx)),
-                                                max_body_size=ADMIN_MAX_BODY_BYTES)
-            self._servers["admin"].add_sockets(admin)
-            self.urls["admin"] = listener_url("http", admin[0])
-            bound["admin"] = ",".join(listener_url("http", s) for s in admin)
+        self.urls = {"ws": listener_url(scheme, self._public[0], config.server.ws_path),
+                     "page": listener_url(scheme, self._public[0], "/")}
+        self.bound_ws = ",".join(listener_url(scheme, s, config.server.ws_path)
+                                 for s in self._public)
         self.ctx.backplane.advertise(self.urls["ws"].replace("http", "ws", 1))
         self.ctx.backplane.start()
+        self._keepalive.start()
+        self._gc_policy.start()
+        self._role.start(self)
+
+    def start_accepting(self) -> None:
+        """Take connections from the public sockets (once)."""
+        if self.lifecycle.state is not State.STARTING:
+            return
+        for sock in self._public:
+            sock.listen(LISTEN_BACKLOG)  # a socket bound for a new generation may not be yet
+        self.servers["public"].add_sockets(self._public)
         self.lifecycle.serve()
         self.serving.set()
         self._periodic.start()
-        self._keepalive.start()
-        self._gc_policy.start()
-        if self._worker is not None and self._link is not None:
-            self._link.start()
-            self._link.ready()
-            log.info("worker %d (pid %d) serving", self._worker.index, os.getpid())
-            return
-        log.info("ebbcast %s (pid %d) started", __version__, os.getpid())
-        log.info("serving ws=%s admin=%s", bound["ws"], bound["admin"])
-        self._notifier.ready(f"serving on {self.urls['ws']}")
-        if self._notifier.watchdog_interval:
-            self._watchdog = PeriodicCallback(self._send_watchdog,
-                                              self._notifier.watchdog_interval * 1000)
-            self._watchdog.start()
-
-    def _send_watchdog(self) -> None:
-        self._notifier.watchdog()
+        self._role.serving(self)
 
     def _public_application(self) -> Application:
         path = re.escape(self.ctx.config.server.ws_path)
@@ -251,62 +326,64 @@ class Daemon:
     # -- events ------------------------------------------------------------------
 
     def record_signal(self, signum: int) -> None:
-        """The signal handler: it records only; ``_supervise`` acts."""
-        self._events.put_nowait(("signal", signum))
+        """The signal handler (or the main process, for a member inside it): it
+        records only; the loop acts."""
+        self._events.record_signal(signum)
 
     def _request_drain(self, source: str) -> None:
-        self._events.put_nowait(("drain", source))
+        self._events.put(DrainRequested(source))
 
     def _on_count(self, count: int) -> None:
         self.metrics.connections.set(count)
-        if self._link is not None:
-            self._link.report_count(count)
+        self._role.report_count(count)
         if count == 0 and self.lifecycle.state is State.DRAINING:
-            self._events.put_nowait(("empty", None))
+            self._events.put(NoConnections())
 
-    async def _supervise(self) -> None:
-        while self.lifecycle.state is not State.STOPPING:
-            timeout = None
-            if self.lifecycle.state is State.DRAINING:
-                timeout = max(0.0, self._next_tick - time.monotonic())
-            try:
-                kind, detail = await asyncio.wait_for(self._events.get(), timeout)
-            except asyncio.TimeoutError:
-                kind, detail = "tick", None
-            self._act(kind, detail)
-        await self._await_closed()
-
-    def _act(self, kind: str, detail: Any) -> None:
+    def _act(self, event: Event, now: float) -> None:
         state = self.lifecycle.state
-        if kind == "signal" and detail == signal.SIGHUP:
-            self.reload()
-        elif kind == "signal" and state is State.DRAINING:
-            log.info("%s during the drain: closing the remaining clients now",
-                     signal.Signals(detail).name)
-            self._close_all("forced", 1001, "server stopping")
-            self.lifecycle.stop(StopReason.FORCED)
-        elif kind in ("signal", "drain") and state is State.SERVING:
-            self._begin_drain(stop_request(kind, detail))
+        match event:
+            case SignalReceived(signal.SIGHUP):
+                self.reload()
+            case SignalReceived(signum) if signum == UPGRADE_SIGNAL:
+                log.info("SIGUSR2 ignored: the main process runs upgrades")
+            case SignalReceived() | DrainRequested() if state is State.STARTING:
+                log.info("%s before serving: stopping", who_asked(event))
+                self.lifecycle.stop(StopReason.NORMAL)
+            case SignalReceived() | DrainRequested() if state is State.SERVING:
+                self._begin_drain(who_asked(event), DrainCause.STOP, now)
+            case SignalReceived(name=name) if self.lifecycle.escalate():
+                log.info("%s while handing over: the drain goes on; another stop "
+                         "signal closes the remaining clients now", name)
+            case SignalReceived(name=name) if state is State.DRAINING:
+                log.info("%s during the drain: closing the remaining clients now", name)
+                self._close_all("forced", 1001, "server stopping")
+                self.lifecycle.stop(StopReason.FORCED)
+            case HandOver() if state is State.SERVING:
+                self._begin_drain("the new generation", DrainCause.UPGRADE, now)
         if self.lifecycle.state is State.DRAINING:
-            self._drain_step(time.monotonic())
+            self._drain_step(now)
 
     # -- the drain ---------------------------------------------------------------
 
-    def _begin_drain(self, source: str) -> None:
-        now_mono, now_unix = time.monotonic(), time.time()
-        plan = self.lifecycle.begin_drain(now_mono, now_unix,
-                                          self.ctx.config.shutdown.drain_timeout)
+    def _begin_drain(self, source: str, cause: DrainCause, now_mono: float) -> None:
+        plan = self.lifecycle.begin_drain(now_mono, time.time(),
+                                          self.ctx.config.shutdown.drain_timeout, cause)
         if plan is None:
             return
-        self._servers["public"].stop()
+        self.servers["public"].stop()  # closes this process's copies only
         self.ctx.backplane.advertise(None)
-        self.metrics.drain_started_at(plan.started_unix, plan.deadline_unix)
         remaining = len(self.ctx.registry)
-        log.info("drain started by %s: %d connections, %s", source, remaining,
-                 plan.deadline_text())
-        status = self._drain_status(now_mono)
-        self._notifier.stopping(status)
-        self._notifier.progress(status, self._extend_seconds())
+        if cause is DrainCause.UPGRADE:
+            log.info("%s serves: handing over, %d connections told to move, %s", source,
+                     remaining, plan.deadline_text())
+        else:
+            self.metrics.drain_started_at(plan.started_unix, plan.deadline_unix)
+            log.info("drain started by %s: %d connections, %s", source, remaining,
+                     plan.deadline_text())
+        if isinstance(self._role, Standalone):
+            status = self._drain_status(now_mono)
+            self._role.notifier.stopping(status)
+            self._role.notifier.progress(status, self._extend_seconds())
         if self.ctx.config.broadcast.envelope == "json":
             for conn in self.ctx.registry.snapshot():
                 conn.send_shutdown()
@@ -326,18 +403,18 @@ class Daemon:
         assert plan is not None
         if len(self.ctx.registry) == 0:
             log.info("drain complete: no connections remain")
-            self.lifecycle.stop(StopReason.DRAINED)
+            self.lifecycle.finish_drain(now_mono)
         elif plan.expired(now_mono):
             log.info("drain deadline reached: closing %d connections with code %d",
                      len(self.ctx.registry), self.ctx.config.shutdown.close_code)
             self._close_all("drain_deadline", self.ctx.config.shutdown.close_code,
                             "drain deadline")
-            self.lifecycle.stop(StopReason.DEADLINE)
+            self.lifecycle.finish_drain(now_mono)
         elif now_mono >= self._next_tick:
             status = self._drain_status(now_mono)
-            # a worker's own progress is detail: the main process logs the totals
-            log.log(logging.DEBUG if self._worker else logging.INFO, "%s", status)
-            self._notifier.progress(status, self._extend_seconds())
+            log.log(logging.DEBUG if self._role.quiet else logging.INFO, "%s", status)
+            if isinstance(self._role, Standalone):
+                self._role.notifier.progress(status, self._extend_seconds())
             self._next_tick = plan.next_tick(now_mono,
                                              self.ctx.config.shutdown.progress_interval)
 
@@ -362,22 +439,23 @@ class Daemon:
             empty.cancel()
             if not event.done():
                 event.cancel()
-            elif event.result()[0] == "signal" and event.result()[1] in STOP_SIGNALS:
-                break
+            else:
+                got = event.result()
+                if isinstance(got, SignalReceived) and got.signum in STOP_SIGNALS:
+                    break
         if len(registry):
             log.info("aborting %d connections that did not finish closing", len(registry))
             for conn in registry.snapshot():
                 conn.on_connection_close()
-        log.info("stopped (%s)", self.lifecycle.stop_reason.value
-                 if self.lifecycle.stop_reason else "normal")
+        log.log(logging.DEBUG if self._role.quiet else logging.INFO, "stopped (%s)",
+                self.lifecycle.stop_reason.value if self.lifecycle.stop_reason else "normal")
 
     # -- reload ------------------------------------------------------------------
 
     def reload(self) -> None:
         """SIGHUP: re-read the configuration and apply the reloadable keys (a
-        worker says it at DEBUG: its main process has logged the same once)."""
-        reloaded = reload_config(self.ctx.config, self._reload_config,
-                                 quiet=self._worker is not None)
+        member says it at DEBUG: its main process has logged the same once)."""
+        reloaded = reload_config(self.ctx.config, self._reload_config, quiet=self._role.quiet)
         if reloaded is None:
             return
         self.ctx.config, changed = reloaded
@@ -400,12 +478,9 @@ class Daemon:
         self._periodic.stop()
         self._keepalive.stop()
         self._gc_policy.stop()
-        if self._watchdog is not None:
-            self._watchdog.stop()
-        for server in self._servers.values():
+        for server in self.servers.values():
             server.stop()
-        self._notifier.notify("STATUS=stopped")
-        self._notifier.close()
-        self._spare.close()
-        if self._link is not None:
-            self._link.close()
+        for sock in self._public:  # those a held member never got to serve
+            sock.close()
+        self._role.close()
+        self.spare.close()

@@ -28,9 +28,11 @@ def periodic(seq: int, text: str, ts: float, connections: int) -> str:
     return _frame(type="periodic", seq=seq, text=text, ts=round(ts, 3), connections=connections)
 
 
-def shutdown(deadline: float, reconnect_after_ms: int, nodes: list[str] | None = None) -> str:
-    """The drain notice; ``nodes``, when known, lists other live instances' URLs."""
-    fields: dict[str, Any] = {"type": "shutdown", "reason": "draining",
+def shutdown(deadline: float, reconnect_after_ms: int, nodes: list[str] | None = None,
+             reason: str = "draining") -> str:
+    """The drain notice ("draining", or "upgrade" when a new generation has taken
+    over); ``nodes``, when known, lists other live instances' URLs."""
+    fields: dict[str, Any] = {"type": "shutdown", "reason": reason,
                               "deadline": round(deadline, 3),
                               "reconnect_after_ms": reconnect_after_ms}
     if nodes:

@@ -170,10 +170,7 @@ class BroadcastSocket(WebSocketHandler):
 
     def send_shutdown(self) -> None:
         """The shutdown frame, with a per-client reconnect delay to spread reconnects."""
-        plan = self.ctx.lifecycle.drain
-        assert plan is not None
-        self.send_text(frames.shutdown(plan.deadline_unix, self.ctx.rng.randint(500, 5000),
-                                       self.ctx.backplane.peers()))
+        self.send_text(self.ctx.shutdown_frame())
 
     def end(self, reason: str, code: int, text: str | None = None) -> None:
         """Close this connection with ``code``, counting it under ``reason``."""

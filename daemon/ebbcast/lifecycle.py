@@ -16,11 +16,18 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-#: SIGTERM and SIGINT start the drain (a second one forces the stop); SIGHUP reloads.
+#: SIGTERM and SIGINT start the drain (a second one forces the stop); SIGHUP reloads;
+#: SIGUSR2 starts an upgrade (a new generation takes the listening sockets).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
+UPGRADE_SIGNAL = signal.SIGUSR2
+HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, UPGRADE_SIGNAL)
+
+#: How long clients closed at the deadline get to finish their close handshake
+#: (below Tornado's own 5 s, so that ebbcast, not Tornado, ends the wait).
+DEADLINE_CLOSE_GRACE = 3.0
+#: The same after a second stop signal, which asks for a prompt exit.
+FORCED_CLOSE_GRACE = 2.0
 
 
 def handle_signals(loop: asyncio.AbstractEventLoop, record: Callable[[int], None]) -> None:
@@ -29,12 +36,6 @@ def handle_signals(loop: asyncio.AbstractEventLoop, record: Callable[[int], None
     for sig in HANDLED_SIGNALS:
         loop.add_signal_handler(sig, record, sig)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-
-
-def stop_request(kind: str, detail: Any) -> str:
-    """Who asked for a stop, for the log: a ("signal", signum) event names the
-    signal; a ("drain", who) event already names who (e.g. "the admin API")."""
-    return signal.Signals(detail).name if kind == "signal" else str(detail)
 
 
 def unhandle_signals(loop: asyncio.AbstractEventLoop) -> None:
@@ -57,6 +58,14 @@ class StopReason(enum.Enum):
     DEADLINE = "deadline"      # the drain deadline closed the remaining clients
     FORCED = "forced"          # a second stop signal closed them at once
     FAILED = "failed"          # workers kept dying: the main process gave up
+
+
+class DrainCause(enum.Enum):
+    """Why a drain began: a stop (signal, ``POST /drain``) or an upgrade, where a
+    new generation has taken the listening sockets and this one hands over."""
+
+    STOP = "stop"
+    UPGRADE = "upgrade"
 
 
 @dataclass(frozen=True)
@@ -108,11 +117,14 @@ class IllegalTransition(RuntimeError):
 
 
 class Lifecycle:
-    """Holds the state and the drain plan; the only code that changes either."""
+    """Holds the state, the drain plan and why it drains and stops; the only code
+    that changes any of them."""
 
     def __init__(self) -> None:
         self._state = State.STARTING
         self._drain: DrainPlan | None = None
+        self._cause: DrainCause | None = None
+        self._pending: StopReason | None = None  # FORCED or FAILED, once decided
         self.stop_reason: StopReason | None = None
 
     @property
@@ -125,16 +137,25 @@ class Lifecycle:
         return self._drain
 
     @property
+    def drain_cause(self) -> DrainCause | None:
+        return self._cause
+
+    @property
     def accepting(self) -> bool:
-        """Whether new WebSocket connections are welcome."""
-        return self._state is State.SERVING
+        """Whether WebSocket handshakes are completed. While handing over to a new
+        generation, a handshake on a connection this process had already accepted
+        completes too (the client is then told to move), so an upgrade refuses
+        nobody; a stop refuses them."""
+        return self._state is State.SERVING or (
+            self._state is State.DRAINING and self._cause is DrainCause.UPGRADE)
 
     def serve(self) -> None:
         if self._state is not State.STARTING:
             raise IllegalTransition(f"cannot serve from {self._state.value}")
         self._state = State.SERVING
 
-    def begin_drain(self, now_mono: float, now_unix: float, timeout: float) -> DrainPlan | None:
+    def begin_drain(self, now_mono: float, now_unix: float, timeout: float,
+                    cause: DrainCause = DrainCause.STOP) -> DrainPlan | None:
         """Enter DRAINING and fix the deadline.
 
         Idempotent: returns the new plan the first time, None when a drain (or the
@@ -144,11 +165,34 @@ class Lifecycle:
             return None
         self._drain = DrainPlan(started_mono=now_mono, started_unix=now_unix, timeout=timeout)
         self._state = State.DRAINING
+        self._cause = cause
         return self._drain
 
+    def escalate(self) -> bool:
+        """A stop requested while handing over to a new generation: the drain goes
+        on (same deadline) as a stop's, so the next stop request forces it. True if
+        this changed the cause."""
+        if self._state is State.DRAINING and self._cause is DrainCause.UPGRADE:
+            self._cause = DrainCause.STOP
+            return True
+        return False
+
+    def record(self, reason: StopReason) -> None:
+        """Decide how the stop will be reported before it happens: FAILED outranks
+        FORCED, which outranks how the drain ends by itself."""
+        if reason is StopReason.FAILED or self._pending is None:
+            self._pending = reason
+
+    def finish_drain(self, now_mono: float) -> None:
+        """Enter STOPPING at the end of a drain: with the reason recorded, else
+        DEADLINE if it expired, else DRAINED."""
+        plan = self._drain
+        expired = plan is not None and plan.expired(now_mono)
+        self.stop(self._pending or (StopReason.DEADLINE if expired else StopReason.DRAINED))
+
     def stop(self, reason: StopReason) -> None:
-        """Enter STOPPING; the first reason given is kept."""
+        """Enter STOPPING; the first reason given is kept (a recorded one first)."""
         if self._state is State.STOPPING:
             return
         self._state = State.STOPPING
-        self.stop_reason = reason
+        self.stop_reason = self._pending or reason

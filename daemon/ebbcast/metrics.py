@@ -13,8 +13,12 @@ process's backplane is connected). Without workers the modes are ignored.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterable, Iterator
+
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
                                generate_latest)
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from ebbcast import __version__
 
@@ -22,6 +26,14 @@ REJECT_REASONS = ("draining", "max_connections", "origin")
 DISCONNECT_REASONS = ("client", "ping_timeout", "slow_consumer", "too_big", "policy",
                       "drain_deadline", "forced", "error")
 BROADCAST_SOURCES = ("client", "periodic", "admin")
+UPGRADE_RESULTS = ("ok", "failed")
+BUILD_INFO = ("ebbcast_build_info", "Build information; always 1.")
+
+
+def multiprocess_mode() -> bool:
+    """Whether prometheus_client writes this process's values to files for a main
+    process to merge (see ``ebbcast.cli``)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 #: Fan-out to one process's clients takes microseconds to tens of milliseconds.
 _DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
@@ -77,16 +89,24 @@ class Metrics:
             "ebbcast_backplane_missed_total",
             "Frames other instances published that this one never received (gaps in "
             "their sequence numbers, e.g. while its subscription was down).", registry=r)
-        self.build_info = Gauge("ebbcast_build_info", "Build information; always 1.",
-                                ["version"], registry=r, multiprocess_mode="max")
+        self.generation = Gauge("ebbcast_generation", "Generation serving new clients: 1 at "
+                                "start, +1 per successful upgrade.", registry=r,
+                                multiprocess_mode="livemax")
+        self.upgrades = Counter("ebbcast_upgrades_total", "Upgrades (SIGUSR2, POST /upgrade), "
+                                "by result.", ["result"], registry=r)
         ProcessCollector(registry=r)  # process_* (CPU, RSS, open fds) of this process
+        if not multiprocess_mode():  # else the main process reports every live version
+            build_info = Gauge(*BUILD_INFO, ["version"], registry=r)
+            build_info.labels(__version__).set(1)
+            self.generation.set(1)
+        for result in UPGRADE_RESULTS:
+            self.upgrades.labels(result)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
         for reason in DISCONNECT_REASONS:
             self.disconnections.labels(reason)
         for source in BROADCAST_SOURCES:
             self.broadcasts.labels(source)
-        self.build_info.labels(__version__).set(1)
 
     def drain_started_at(self, started_unix: float, deadline_unix: float) -> None:
         self.draining.set(1)
@@ -102,7 +122,7 @@ class MergedMetrics:
     """The main process's view in multiprocess mode: every process's metrics,
     merged from the files in ``path`` (prometheus_client's documented recipe)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, versions: Callable[[], Iterable[str]]) -> None:
         from prometheus_client import multiprocess
 
         self._multiprocess = multiprocess
@@ -110,6 +130,8 @@ class MergedMetrics:
         self.registry = CollectorRegistry()
         collector = multiprocess.MultiProcessCollector
         collector(self.registry, path=path)  # type: ignore[no-untyped-call]
+        self.registry.register(BuildInfo(versions))
+        ProcessCollector(registry=self.registry)  # the main process's own process_*
 
     def mark_process_dead(self, pid: int) -> None:
         """Drop a finished process's live gauges (its counters still count)."""
@@ -117,3 +139,17 @@ class MergedMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class BuildInfo:
+    """``ebbcast_build_info{version}`` for each version that serves clients now:
+    two while a new generation takes over from an old one of another version."""
+
+    def __init__(self, versions: Callable[[], Iterable[str]]) -> None:
+        self._versions = versions
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(*BUILD_INFO, labels=["version"])
+        for version in sorted(set(self._versions())):
+            family.add_metric([version], 1)
+        yield family

@@ -7,12 +7,20 @@ byte><body>``:
 
 worker -> main
     ``F`` a frame to relay to every other worker (body: ``backplane.encode``);
-    ``R`` the worker is serving; ``C`` its connection count (ASCII digits);
-    ``H`` a heartbeat, every HEARTBEAT_SECONDS (a worker that goes silent is stuck).
+    ``R`` the worker is ready (body: its ebbcast version); ``C`` its connection
+    count (ASCII digits); ``H`` a heartbeat, every HEARTBEAT_SECONDS (a worker that
+    goes silent is stuck).
 main -> worker
     ``F`` a frame another worker relayed: deliver it to local clients only;
     ``I`` an admin broadcast to inject: deliver locally *and* publish it, as if a
-    local client had sent it; ``T`` connections on the other workers (ASCII).
+    local client had sent it; ``T`` connections on the other workers (ASCII);
+    ``A`` start accepting (a worker of a new generation, started ``--hold``, is
+    ready but waits for this); ``U`` a new generation serves: drain as an upgrade.
+
+The records are the interface between two versions of ebbcast during an upgrade
+(the main process keeps the code it started with; a new generation's workers run
+the code installed now), so a kind is never given a new meaning, and a side
+ignores kinds it does not know.
 
 A stream is FIFO and the main process relays each worker's records in the order
 it reads them, so every worker receives one sender's frames in the order they
@@ -27,7 +35,7 @@ import logging
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from tornado.ioloop import PeriodicCallback
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
@@ -37,6 +45,7 @@ from ebbcast.backplane import MemoryBackplane, decode, encode
 log = logging.getLogger(__name__)
 
 FRAME, READY, COUNT, HEARTBEAT, INJECT, OTHERS = b"F", b"R", b"C", b"H", b"I", b"T"
+ACCEPT, HAND_OVER = b"A", b"U"
 HEARTBEAT_SECONDS = 1.0
 _HEADER = struct.Struct(">IB")
 #: What one side may leave unread on the link before the writer gives up on it
@@ -141,30 +150,39 @@ def _ignore_closed(future: Any) -> None:
         future.exception()  # retrieved, so a closed link is not logged as unhandled
 
 
+class LinkPeer(Protocol):
+    """What a serving process does with the main process's records."""
+
+    def deliver_remote(self, payload: str | bytes, source: str) -> None:
+        """A frame another worker sent: fan it out to this one's clients only."""
+
+    def inject(self, payload: str | bytes, source: str) -> None:
+        """An admin broadcast: deliver it here and publish it on."""
+
+    def set_elsewhere(self, count: int) -> None:
+        """Connections on the daemon's other serving processes."""
+
+    def start_accepting(self) -> None: ...
+
+    def hand_over(self) -> None:
+        """A new generation serves: drain as an upgrade."""
+
+    def main_lost(self) -> None: ...
+
+
 class WorkerLink:
-    """The worker's end: frames in and out, readiness and counts to the main process.
+    """The worker's end: frames in and out, readiness and counts to the main
+    process, commands from it to ``peer``."""
 
-    ``deliver(payload, source)`` fans a frame out to this worker's clients;
-    ``inject(payload, source)`` does that and publishes it on the backplane;
-    ``on_others(n)`` records the connections on the other workers;
-    ``on_lost()`` is called if the main process goes away.
-    """
-
-    def __init__(self, sock: socket.socket, node: str,
-                 deliver: Callable[[str | bytes, str], None],
-                 inject: Callable[[str | bytes, str], None],
-                 on_others: Callable[[int], None], on_lost: Callable[[], None]) -> None:
+    def __init__(self, sock: socket.socket, node: str, peer: LinkPeer) -> None:
         self._node = node
-        self._deliver = deliver
-        self._inject = inject
-        self._on_others = on_others
-        self._on_lost = on_lost
+        self._peer = peer
         self._sock = sock
         self._link: Link | None = None  # made in start(), on the running loop
         self._heartbeat: PeriodicCallback | None = None
 
     def start(self) -> None:
-        self._link = Link(self._sock, self._on_record, self._on_lost)
+        self._link = Link(self._sock, self._on_record, self._peer.main_lost)
         self._link.start()
         self._heartbeat = PeriodicCallback(self._beat, HEARTBEAT_SECONDS * 1000)
         self._heartbeat.start()
@@ -172,8 +190,8 @@ class WorkerLink:
     def _send(self, kind: bytes, body: bytes = b"") -> bool:
         return self._link is not None and self._link.send(kind, body)
 
-    def ready(self) -> None:
-        self._send(READY)
+    def ready(self, version: str) -> None:
+        self._send(READY, version.encode())
 
     def _beat(self) -> None:
         self._send(HEARTBEAT)
@@ -186,11 +204,16 @@ class WorkerLink:
         return self._send(FRAME, encode(self._node, source, payload))
 
     def _on_record(self, kind: bytes, body: bytes) -> None:
+        peer = self._peer
         if kind == FRAME or kind == INJECT:
             _, source, _, payload = decode(body)
-            (self._deliver if kind == FRAME else self._inject)(payload, source)
+            (peer.deliver_remote if kind == FRAME else peer.inject)(payload, source)
         elif kind == OTHERS:
-            self._on_others(int(body))
+            peer.set_elsewhere(int(body))
+        elif kind == ACCEPT:
+            peer.start_accepting()
+        elif kind == HAND_OVER:
+            peer.hand_over()
 
     def close(self) -> None:
         if self._heartbeat is not None:

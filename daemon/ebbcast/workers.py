@@ -1,11 +1,12 @@
 """Worker processes as the main process sees them: sockets, start, exit, health.
 
-A ``WorkerSlot`` is one worker position. Its listening sockets are bound once and
-kept for the life of the main process; the process in the slot is replaced when
-it dies. Each start is a fresh interpreter (``python -m ebbcast _worker``), in its
-own session, with the slot's sockets and its end of a new relay socketpair
-(``ebbcast.relay``); its exit is noticed through a pidfd (Linux 5.3+) on the
-event loop, with no SIGCHLD handler.
+A ``Worker`` is one worker position in a generation. Its listening sockets are
+bound by the main process and kept for its whole life; the process is replaced
+when it dies. A ``ChildWorker`` starts a fresh interpreter (``python -m ebbcast
+_worker``) in its own session with the sockets and its end of a new relay
+socketpair (``ebbcast.relay``); its exit is noticed through a pidfd (Linux 5.3+)
+on the event loop, with no SIGCHLD handler. A ``LocalWorker`` serves inside the
+main process.
 """
 
 from __future__ import annotations
@@ -18,12 +19,9 @@ import socket
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Protocol
 
-from tornado.netutil import bind_sockets
-
-from ebbcast.daemon import LISTEN_BACKLOG, BindError
 from ebbcast.lifecycle import HANDLED_SIGNALS
 from ebbcast.relay import Link
 
@@ -87,28 +85,6 @@ class RestartBudget:
         return min(RESTART_DELAY_FIRST * 2.0 ** (recent - 1), RESTART_DELAY_MAX)
 
 
-def bind_public(host: str, port: int, count: int) -> list[list[socket.socket]]:
-    """``count`` sets of listening sockets on one address, with SO_REUSEPORT, so
-    the kernel spreads new connections over the workers.
-
-    Port 0 picks a free port for the first set; the others use the same one. A
-    given port is first bound once without SO_REUSEPORT and released: otherwise a
-    second ebbcast with workers on the same port would quietly share it, taking
-    part of the first one's connections, instead of failing with exit 3.
-    """
-    try:
-        if port:
-            for sock in bind_sockets(port, host or None):
-                sock.close()
-        first = bind_sockets(port, host or None, backlog=LISTEN_BACKLOG, reuse_port=True)
-        port = first[0].getsockname()[1]
-        rest = [bind_sockets(port, host or None, backlog=LISTEN_BACKLOG, reuse_port=True)
-                for _ in range(count - 1)]
-    except OSError as exc:
-        raise BindError(f"public listener {host}:{port}", exc) from exc
-    return [first, *rest]
-
-
 def worker_environment() -> dict[str, str]:
     """The main process's environment, minus what is systemd's business, with this
     package importable whatever the current directory."""
@@ -119,21 +95,78 @@ def worker_environment() -> dict[str, str]:
     return env
 
 
-@dataclass
-class WorkerSlot:
-    """One worker position: its sockets stay, its process is replaced on restart."""
+class Worker:
+    """One serving process as the main process sees it. Its sockets stay with its
+    position; the process itself is replaced when it dies (``start`` again).
 
-    index: int
-    public: list[socket.socket]
-    budget: RestartBudget = field(default_factory=RestartBudget)
-    process: subprocess.Popen[bytes] | None = None
-    link: Link | None = None
-    pidfd: int | None = None
-    ready: bool = False
-    connections: int = 0
-    starts: int = 0
-    last_heard: float = 0.0
-    restart: asyncio.TimerHandle | None = None
+    ``ChildWorker`` is a process of its own; ``LocalWorker`` runs inside the main
+    process (the single serving process of ``server.workers = 1``), so that the
+    default daemon stays one process until its first upgrade.
+    """
+
+    def __init__(self, index: int, public: list[socket.socket], generation: int = 1) -> None:
+        self.index = index
+        self.public = public
+        self.generation = generation
+        self.budget = RestartBudget()
+        self.link: Link | None = None
+        self.ready = False
+        self.version = ""
+        self.connections = 0
+        self.starts = 0
+        self.last_heard = 0.0
+        self.restart: asyncio.TimerHandle | None = None
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.index}" if self.generation == 1 else \
+            f"worker {self.index} of generation {self.generation}"
+
+    @property
+    def pid(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def alive(self) -> bool:
+        raise NotImplementedError
+
+    def start(self, args: Sequence[str], on_record: Callable[[bytes, bytes], None],
+              on_exit: Callable[[], None], now: float, hold: bool = False) -> None:
+        raise NotImplementedError
+
+    def reap(self) -> int | None:
+        """The exit status once the worker has exited (then it is empty), else None."""
+        raise NotImplementedError
+
+    def signal(self, signum: int) -> None:
+        raise NotImplementedError
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since the serving worker last sent anything (0 if not serving)."""
+        return now - self.last_heard if self.ready else 0.0
+
+    def _started(self, link: Link, now: float) -> None:
+        self.ready, self.connections, self.version = False, 0, ""
+        self.starts += 1
+        self.last_heard = now
+        self.link = link
+        link.start()
+
+    def _emptied(self) -> None:
+        if self.link is not None:
+            self.link.close()
+        self.link, self.ready, self.connections = None, False, 0
+
+
+class ChildWorker(Worker):
+    """A worker in a fresh interpreter (``python -m ebbcast _worker``), in its own
+    session, with its sockets and its end of a new relay socketpair; its exit is
+    noticed through a pidfd (Linux 5.3+) on the event loop."""
+
+    def __init__(self, index: int, public: list[socket.socket], generation: int = 1) -> None:
+        super().__init__(index, public, generation)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.pidfd: int | None = None
 
     @property
     def pid(self) -> int:
@@ -144,14 +177,15 @@ class WorkerSlot:
         return self.process is not None
 
     def start(self, args: Sequence[str], on_record: Callable[[bytes, bytes], None],
-              on_exit: Callable[[], None], now: float) -> None:
-        """Start this slot's worker. Raises OSError (with nothing left open) if it
-        cannot be started."""
+              on_exit: Callable[[], None], now: float, hold: bool = False) -> None:
+        """Start the worker. Raises OSError (with nothing left open) if it cannot be
+        started."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds = [s.fileno() for s in self.public]
         command = [sys.executable, "-m", "ebbcast", "_worker", "--index", str(self.index),
-                   "--relay-fd", str(theirs.fileno()),
-                   "--listen-fds", ",".join(map(str, fds)), *args]
+                   "--generation", str(self.generation), "--relay-fd", str(theirs.fileno()),
+                   "--listen-fds", ",".join(map(str, fds)), *(["--hold"] if hold else []),
+                   *args]
         # the worker starts with stop signals blocked until its handlers are in place
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         try:
@@ -164,35 +198,35 @@ class WorkerSlot:
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
             theirs.close()
-        self.process, self.ready, self.connections = process, False, 0
-        self.starts += 1
-        self.last_heard = now
-        self.link = Link(mine, on_record, lambda: None)
-        self.link.start()
+        self.process = process
+        self._started(Link(mine, on_record, lambda: None), now)
         try:
             self.pidfd = os.pidfd_open(process.pid)
             asyncio.get_running_loop().add_reader(self.pidfd, on_exit)
         except OSError:
             self.signal(signal.SIGKILL)
-            self.reap(wait=True)
+            process.wait()
+            self._close_pidfd()
+            self.process = None
+            self._emptied()
             raise
 
-    def reap(self, wait: bool = False) -> int | None:
-        """The worker's exit status once it has exited (then the slot is empty),
-        else None."""
+    def reap(self) -> int | None:
         if self.process is None:
             return None
-        returncode = self.process.wait() if wait else self.process.poll()
+        returncode = self.process.poll()
         if returncode is None:
             return None
+        self._close_pidfd()
+        self.process = None
+        self._emptied()
+        return returncode
+
+    def _close_pidfd(self) -> None:
         if self.pidfd is not None:
             asyncio.get_running_loop().remove_reader(self.pidfd)
             os.close(self.pidfd)
-        if self.link is not None:
-            self.link.close()
-        self.process, self.link, self.pidfd, self.ready = None, None, None, False
-        self.connections = 0
-        return returncode
+            self.pidfd = None
 
     def signal(self, signum: int) -> None:
         if self.process is not None:
@@ -201,6 +235,63 @@ class WorkerSlot:
             except ProcessLookupError:
                 pass  # it has just exited; its pidfd reports it
 
+
+#: Runs a serving process inside the main process: ``(relay, public)`` -> its run().
+ServeHere = Callable[[socket.socket, list[socket.socket]], "LocalRun"]
+
+
+class LocalRun(Protocol):
+    """The serving process a LocalWorker runs (an ``ebbcast.daemon.Daemon``)."""
+
+    def record_signal(self, signum: int) -> None: ...
+    def run(self) -> Coroutine[Any, Any, object]: ...
+
+
+class LocalWorker(Worker):
+    """The one serving process of a single-process daemon, inside the main
+    process: same link records, same events, no second interpreter. Signals
+    reach it from the main process's loop; it cannot be killed or go silent
+    alone (a stuck loop is the main process's, which the watchdog catches)."""
+
+    def __init__(self, index: int, public: list[socket.socket], serve_here: ServeHere) -> None:
+        super().__init__(index, public)
+        self._serve_here = serve_here
+        self._daemon: LocalRun | None = None
+        self._task: asyncio.Task[object] | None = None
+
+    @property
+    def pid(self) -> int:
+        return os.getpid() if self._task is not None else 0
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None
+
+    def start(self, args: Sequence[str], on_record: Callable[[bytes, bytes], None],
+              on_exit: Callable[[], None], now: float, hold: bool = False) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # copies, so that its server closing them leaves the main process's open
+        self._daemon = self._serve_here(theirs, [sock.dup() for sock in self.public])
+        self._started(Link(mine, on_record, lambda: None), now)
+        self._task = asyncio.ensure_future(self._daemon.run())
+        self._task.add_done_callback(lambda _: on_exit())
+
+    def reap(self) -> int | None:
+        if self._task is None or not self._task.done():
+            return None
+        task, self._task, self._daemon = self._task, None, None
+        self._emptied()
+        if task.cancelled():
+            return 1
+        failure = task.exception()
+        if failure is not None:
+            log.error("the serving process failed", exc_info=failure)
+            return 1
+        return 0
+
+    def signal(self, signum: int) -> None:
+        if self._daemon is not None and signum != signal.SIGKILL:
+            self._daemon.record_signal(signum)
+
     def silent_for(self, now: float) -> float:
-        """Seconds since the serving worker last sent anything (0 if not serving)."""
-        return now - self.last_heard if self.ready else 0.0
+        return 0.0
