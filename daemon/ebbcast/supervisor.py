@@ -381,6 +381,7 @@ class Supervisor:
         failed upgrade; an old generation's is the end of its hand-over."""
         if self._next is not None and worker in self._next.workers:
             self._fail_upgrade(f"{what} before serving", now)
+            return
         if worker in self._leaving:
             self._leaving.remove(worker)
             log.debug("%s", what)

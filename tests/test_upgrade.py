@@ -1,0 +1,327 @@
+"""Upgrades without downtime: generations that hand over the listening sockets.
+
+Process tests: ``python -m ebbcast`` as a subprocess, SIGUSR2 and POST /upgrade,
+``websockets`` clients on real sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection
+
+from conftest import REPO, STEP_TIMEOUT, DaemonProcess
+from helpers import (QUICK, close_all, dial, metric, notifications, recv_frame, status,
+                     wait_for)
+
+UPGRADE_ENV = {**QUICK, "EBBCAST_SHUTDOWN_UPGRADE_SPREAD": "2s"}
+
+
+def start(spawn: Any, workers: int = 1, *args: str, env: dict[str, str] | None = None,
+          **kwargs: Any) -> DaemonProcess:
+    return spawn("--port", "0", "--admin-port", "0", "--workers", str(workers), *args,
+                 env={**UPGRADE_ENV, **(env or {})}, **kwargs)
+
+
+def upgrade(d: DaemonProcess, generation: int) -> None:
+    """SIGUSR2, then wait until ``generation`` serves."""
+    mark = len(d.lines)
+    d.signal(signal.SIGUSR2)
+    d.wait_for_log(rf"generation {generation} serving", start=mark)
+
+
+def pid_of(welcome: dict[str, Any]) -> int:
+    return int(welcome["server"].rsplit(":", 1)[1])
+
+
+def welcomed(d: DaemonProcess) -> tuple[ClientConnection, dict[str, Any]]:
+    ws = dial(d.ws_url)
+    return ws, recv_frame(ws, "welcome")
+
+
+def texts(ws: ClientConnection, count: int) -> list[str]:
+    return [recv_frame(ws)["text"] for _ in range(count)]
+
+
+def broadcast(d: DaemonProcess, text: str) -> None:
+    code, body = d.admin_json("/broadcast", "POST", text.encode(), token="secret-token")
+    assert code == 202, body
+
+
+def promtool_accepts(d: DaemonProcess) -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: install Debian's prometheus package (make test-deps)"
+    checked = subprocess.run([promtool, "check", "metrics"], input=d.metrics_text(),
+                             capture_output=True, text=True, timeout=STEP_TIMEOUT)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+# -- a successful upgrade --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_upgrade_hands_over_and_both_generations_are_one_conversation(spawn, workers):
+    d = start(spawn, workers, "--drain-timeout", "60s")
+    first = {w["pid"] for w in status(d)["workers"]}
+    assert first == ({d.proc.pid} if workers == 1 else set(d.children()))
+    old, old_welcome = welcomed(d)
+    upgrade(d, 2)
+    before = time.time()
+    moving = recv_frame(old, "shutdown")
+    assert moving["reason"] == "upgrade"
+    assert 0 <= moving["reconnect_after_ms"] <= 2000  # spread over upgrade_spread
+    assert before < moving["deadline"] <= before + 61
+    new, new_welcome = welcomed(d)
+    assert pid_of(new_welcome) not in first | {d.proc.pid}  # a fresh interpreter
+    report = status(d)
+    assert report["state"] == "serving" and report["generation"] == 2
+    assert report["upgrade"] == {"state": "idle", "last_result": "ok", "last_error": None}
+    assert len(report["workers"]) == workers
+    assert {w["pid"] for w in report["workers"]}.isdisjoint(first)
+    assert [(p["generation"], p["connections"]) for p in report["previous"]] == [(1, 1)]
+    assert report["connections"] == 2
+    # one conversation: each side's frame reaches both, once, in order
+    old.send("from the old generation")
+    assert texts(old, 1) == texts(new, 1) == ["from the old generation"]
+    new.send("from the new generation")
+    broadcast(d, "from the admin API")
+    expected = ["from the new generation", "from the admin API"]
+    assert texts(old, 2) == texts(new, 2) == expected
+    assert metric(d, "ebbcast_generation") == 2
+    assert metric(d, 'ebbcast_upgrades_total{result="ok"}') == 1
+    assert metric(d, 'ebbcast_upgrades_total{result="failed"}') == 0
+    wait_for(lambda: metric(d, "ebbcast_connections") == 2)  # summed over generations
+    promtool_accepts(d)
+    mark = len(d.lines)
+    old.close()
+    d.wait_for_log("generation 1 has finished", start=mark)
+    assert status(d)["previous"] == []
+    assert d.proc.poll() is None and set(d.children()) == {w["pid"] for w in
+                                                           status(d)["workers"]}
+    d.signal(signal.SIGTERM)
+    assert recv_frame(new, "shutdown")["reason"] == "draining"
+    new.close()
+    assert d.wait_exit() == 0
+
+
+def test_post_upgrade_and_repeated_upgrades_keep_the_admin_listener_and_the_port(spawn):
+    d = start(spawn)
+    for generation in (2, 3, 4):
+        mark = len(d.lines)
+        code, body = d.admin_json("/upgrade", "POST", b"", token="secret-token")
+        assert (code, body) == (202, {"upgrade": "starting"})
+        d.wait_for_log(rf"generation {generation} serving", start=mark)
+        ws, welcome = welcomed(d)
+        assert pid_of(welcome) == status(d)["workers"][0]["pid"]
+        ws.close()
+    assert status(d)["generation"] == 4
+    assert metric(d, 'ebbcast_upgrades_total{result="ok"}') == 3
+    code, _ = d.admin_json("/upgrade", "POST", b"")
+    assert code == 401  # the admin token guards it, as it does /drain
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+
+
+# -- upgrades that fail change nothing ------------------------------------------------
+
+
+def test_an_invalid_config_fails_the_upgrade_and_nothing_changes(spawn, tmp_path):
+    config = tmp_path / "ebbcast.toml"
+    config.write_text("[broadcast]\nperiodic_interval = 0\n")
+    d = start(spawn, 1, "--config", str(config))
+    ws, welcome = welcomed(d)
+    config.write_text("[broadcast]\nperiodic_interval = 0\nno_such_key = 1\n")
+    mark = len(d.lines)
+    d.signal(signal.SIGUSR2)
+    d.wait_for_log(r"upgrade to generation 2 failed: invalid configuration: "
+                   r"broadcast\.no_such_key", start=mark)
+    broadcast(d, "still here")  # the next frame: no shutdown frame came before it
+    assert json.loads(ws.recv(timeout=STEP_TIMEOUT))["text"] == "still here"
+    report = status(d)
+    assert report["generation"] == 1 and report["previous"] == []
+    assert report["workers"] == [{"pid": d.proc.pid, "connections": 1}]
+    assert report["upgrade"]["state"] == "idle" and report["upgrade"]["last_result"] == "failed"
+    assert "broadcast.no_such_key" in report["upgrade"]["last_error"]
+    assert metric(d, 'ebbcast_upgrades_total{result="failed"}') == 1
+    config.write_text("[broadcast]\nperiodic_interval = 0\n")
+    upgrade(d, 2)  # fixed: the next attempt goes through
+    assert recv_frame(ws, "shutdown")["reason"] == "upgrade"
+    ws.close()
+
+
+def package_copy(tmp_path: Path) -> Path:
+    """A copy of the ebbcast package to run from (PYTHONPATH) and upgrade in place."""
+    root = tmp_path / "site"
+    shutil.copytree(REPO / "daemon" / "ebbcast", root / "ebbcast",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def set_version(root: Path, version: str) -> None:
+    init = root / "ebbcast" / "__init__.py"
+    init.write_text(re.sub(r'__version__ = "[^"]*"', f'__version__ = "{version}"',
+                           init.read_text()))
+
+
+def slow_release(root: Path) -> None:
+    """Make the copy a release whose workers take 3 s to start: an upgrade to it
+    stays "starting" long enough to act on it meanwhile."""
+    daemon_module = root / "ebbcast" / "daemon.py"
+    daemon_module.write_text(daemon_module.read_text() +
+                             "import time\ntime.sleep(3)  # a release slow to start\n")
+
+
+def build_versions(d: DaemonProcess) -> set[str]:
+    return set(re.findall(r'^ebbcast_build_info\{version="([^"]+)"\} 1\.0$', d.metrics_text(),
+                          re.M))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_crashing_release_fails_then_a_good_one_takes_over(spawn, tmp_path, workers):
+    root = package_copy(tmp_path)
+    set_version(root, "1.0.0")
+    d = start(spawn, workers, env={"PYTHONPATH": str(root)}, cwd=tmp_path)
+    assert build_versions(d) == {"1.0.0"}
+    ws, _ = welcomed(d)
+    daemon_module = root / "ebbcast" / "daemon.py"
+    good = daemon_module.read_text()
+    daemon_module.write_text(good + 'raise RuntimeError("a broken release")\n')
+    mark = len(d.lines)
+    d.signal(signal.SIGUSR2)
+    d.wait_for_log(r"upgrade to generation 2 failed: worker \d of generation 2 \(pid \d+\) "
+                   r"exited with status 1 before serving", start=mark)
+    assert "RuntimeError: a broken release" in d.log_text()
+    broadcast(d, "still here")
+    assert json.loads(ws.recv(timeout=STEP_TIMEOUT))["text"] == "still here"
+    assert status(d)["generation"] == 1
+    assert metric(d, 'ebbcast_upgrades_total{result="failed"}') == 1
+    daemon_module.write_text(good)
+    set_version(root, "2.0.0-new")
+    upgrade(d, 2)
+    assert recv_frame(ws, "shutdown")["reason"] == "upgrade"
+    assert build_versions(d) == {"1.0.0", "2.0.0-new"}  # both serve while it moves
+    mark = len(d.lines)
+    ws.close()
+    d.wait_for_log("generation 1 has finished", start=mark)
+    assert build_versions(d) == {"2.0.0-new"}
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+
+
+def test_a_second_upgrade_request_during_one_is_refused_not_queued(spawn, tmp_path):
+    root = package_copy(tmp_path)
+    d = start(spawn, env={"PYTHONPATH": str(root)}, cwd=tmp_path)
+    slow_release(root)
+    mark = len(d.lines)
+    d.signal(signal.SIGUSR2)
+    d.wait_for_log("upgrade requested by SIGUSR2: starting generation 2", start=mark)
+    assert status(d)["upgrade"]["state"] == "starting"
+    d.signal(signal.SIGUSR2)
+    d.wait_for_log("upgrade requested by SIGUSR2 refused: an upgrade is already under way",
+                   start=mark)
+    code, body = d.admin_json("/upgrade", "POST", b"", token="secret-token")
+    assert code == 409 and body == {"error": "upgrade refused: an upgrade is already under way"}
+    d.wait_for_log("generation 2 serving", start=mark)
+    ws, _ = welcomed(d)  # a later event: had a request been queued, it would run by now
+    ws.close()
+    assert status(d)["generation"] == 2
+    assert metric(d, 'ebbcast_upgrades_total{result="ok"}') == 1
+    assert "generation 3" not in d.log_text()
+
+
+# -- stopping during and after an upgrade --------------------------------------------
+
+
+def test_sigterm_during_an_upgrade_drains_and_the_new_generation_never_serves(spawn,
+                                                                            tmp_path):
+    root = package_copy(tmp_path)
+    d = start(spawn, 1, "--drain-timeout", "60s", env={"PYTHONPATH": str(root)}, cwd=tmp_path)
+    ws, _ = welcomed(d)
+    slow_release(root)
+    mark = len(d.lines)
+    d.signal(signal.SIGUSR2)
+    d.wait_for_log("upgrade requested by SIGUSR2: starting generation 2", start=mark)
+    d.signal(signal.SIGTERM)
+    d.wait_for_log("upgrade to generation 2 failed: the drain started by SIGTERM", start=mark)
+    assert recv_frame(ws, "shutdown")["reason"] == "draining"
+    code, body = d.admin_json("/upgrade", "POST", b"", token="secret-token")
+    assert code == 409 and "draining" in body["error"]
+    ws.close()
+    assert d.wait_exit() == 0
+    assert "generation 2 serving" not in d.log_text()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_stop_drains_every_generation_and_a_second_signal_forces_them_all(spawn, workers):
+    d = start(spawn, workers, "--drain-timeout", "60s")
+    old, _ = welcomed(d)
+    upgrade(d, 2)
+    recv_frame(old, "shutdown")
+    new, _ = welcomed(d)
+    mark = len(d.lines)
+    d.signal(signal.SIGTERM)
+    assert recv_frame(new, "shutdown")["reason"] == "draining"
+    d.wait_for_log("SIGTERM while handing over: the drain goes on", start=mark)
+    old.send("still chatting")  # both generations keep serving their clients
+    assert texts(new, 1) == texts(old, 1) == ["still chatting"]
+    d.signal(signal.SIGTERM)
+    for ws in (old, new):
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                ws.recv(timeout=STEP_TIMEOUT)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    assert d.wait_exit() == 0
+
+
+def test_an_old_generation_worker_killed_while_it_drains_is_not_restarted(spawn):
+    d = start(spawn, 2)
+    olds = [welcomed(d)[0] for _ in range(6)]
+    old_pids = set(d.children())
+    upgrade(d, 2)
+    for ws in olds:
+        recv_frame(ws, "shutdown")
+    victim = next(iter(old_pids))
+    mark = len(d.lines)
+    os.kill(victim, signal.SIGKILL)
+    d.wait_for_log(rf"worker \d \(pid {victim}\) was killed by SIGKILL$", start=mark)
+    new, _ = welcomed(d)
+    new.send("after the kill")
+    assert texts(new, 1) == ["after the kill"]
+    assert "restarting" not in "\n".join(d.lines[mark:])
+    assert victim not in d.children()
+    assert status(d)["generation"] == 2
+    close_all([*olds, new])
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+
+
+# -- systemd ------------------------------------------------------------------------
+
+
+def test_systemd_hears_reloading_then_ready_from_the_same_main_pid(spawn, tmp_path):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        sock.bind(str(tmp_path / "notify.sock"))
+        sock.settimeout(STEP_TIMEOUT)
+        d = start(spawn, env={"NOTIFY_SOCKET": sock.getsockname()})
+        sent = notifications(sock, "READY=1")
+        assert sent[-1][1]["MAINPID"] == str(d.proc.pid)
+        d.signal(signal.SIGUSR2)
+        sent += notifications(sock, "RELOADING=1")
+        assert int(sent[-1][1]["MONOTONIC_USEC"]) > 0
+        sent += notifications(sock, "READY=1")
+        assert sent[-1][1]["STATUS"].startswith("serving generation 2")
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit() == 0
+        assert {pid for pid, _ in sent} == {d.proc.pid}
