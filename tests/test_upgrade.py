@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -325,3 +328,69 @@ def test_systemd_hears_reloading_then_ready_from_the_same_main_pid(spawn, tmp_pa
         d.signal(signal.SIGTERM)
         assert d.wait_exit() == 0
         assert {pid for pid, _ in sent} == {d.proc.pid}
+
+
+# -- clients follow --------------------------------------------------------------------
+
+
+class ClientProcess:
+    """``ebbcast client --reconnect`` as a subprocess, its stdout read line by line."""
+
+    def __init__(self, url: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ebbcast", "client", url, "--reconnect", "--listen", "60s"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put("")
+
+    def next_frame(self) -> dict[str, Any]:
+        line = self.lines.get(timeout=STEP_TIMEOUT)
+        assert line, "the client exited"
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def until(self, frame_type: str) -> list[dict[str, Any]]:
+        frames = [self.next_frame()]
+        while frames[-1].get("type") != frame_type:
+            frames.append(self.next_frame())
+        return frames
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(STEP_TIMEOUT)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def test_client_reconnect_moves_make_before_break_and_survives_a_dropped_connection(spawn):
+    d = start(spawn, 1, "--log-level", "debug")
+    client = ClientProcess(d.ws_url)
+    try:
+        first = client.next_frame()
+        assert first["type"] == "welcome" and pid_of(first) == d.proc.pid
+        upgrade(d, 2)
+        frames = client.until("welcome")
+        assert [f["type"] for f in frames] == ["shutdown", "welcome"]
+        assert frames[0]["reason"] == "upgrade"
+        new_pid = pid_of(frames[1])
+        assert new_pid == status(d)["workers"][0]["pid"] != d.proc.pid
+        d.wait_for_log("generation 1 has finished")
+        log = d.log_text()
+        made = log.index(f"[{new_pid}]: client {frames[1]['client_id']} connected")
+        broke = log.index(f"client {first['client_id']} disconnected: client (close code 1000)")
+        assert made < broke  # the old connection closed only once the new one was welcomed
+        broadcast(d, "after the move")
+        broadcast(d, "marker")
+        assert [client.next_frame()["text"] for _ in range(2)] == ["after the move", "marker"]
+        os.kill(new_pid, signal.SIGKILL)  # a dropped connection: no shutdown frame
+        closed = client.next_frame()
+        assert "closed" in closed
+        again = client.next_frame()
+        assert again["type"] == "welcome" and pid_of(again) not in (new_pid, d.proc.pid)
+    finally:
+        client.stop()

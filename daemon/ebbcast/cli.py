@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: when the server closes, or --count is reached)")
     client.add_argument("--count", type=int, metavar="N", help="stop after N frames")
     client.add_argument("--quiet", action="store_true", help="print no frames")
+    client.add_argument("--reconnect", action="store_true", help="keep the session going: "
+                        "move on shutdown frames (make before break), reconnect with "
+                        "backoff when a connection drops")
     return parser
 
 

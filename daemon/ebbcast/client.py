@@ -1,4 +1,12 @@
-"""``ebbcast client``: connect, send, print every received frame as one JSON line."""
+"""``ebbcast client``: connect, send, print every received frame as one JSON line.
+
+With ``--reconnect`` the session outlives its connections: a shutdown frame (a
+drain, or an upgrade handing over to a new generation) makes it *move*: after the
+frame's reconnect_after_ms it opens a new connection and closes the old one only
+once the new one is welcomed (make before break); a connection that drops is
+replaced with jittered exponential backoff (0.1 s doubling up to 10 s). Every
+welcome is printed, so the output shows each move.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +14,17 @@ import argparse
 import asyncio
 import base64
 import json
+import random
 import sys
 import time
+from typing import Any
 
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
+from ebbcast.backplane import backoff_delays
 from ebbcast.config import parse_duration
+
+CONNECT_TIMEOUT = 10.0
 
 
 def frame_as_json_line(frame: str | bytes) -> str:
@@ -60,6 +73,113 @@ async def _session(url: str, sends: list[str], listen: float | None, count: int 
     return 0
 
 
+class ReconnectingSession:
+    """One logical session over successive connections (``--reconnect``)."""
+
+    def __init__(self, url: str, quiet: bool, deadline: float | None) -> None:
+        self.url = url
+        self.quiet = quiet
+        self.deadline = deadline
+        self.rng = random.Random()
+        self.current: WebSocketClientConnection | None = None
+        self.moving: asyncio.Task[None] | None = None
+        self.frames: asyncio.Queue[tuple[WebSocketClientConnection, str | bytes | None]] = \
+            asyncio.Queue()
+
+    def _left(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    async def connect(self) -> WebSocketClientConnection | None:
+        """A new connection, retried with backoff; None once the deadline passes."""
+        delays = backoff_delays(self.rng)
+        while True:
+            left = self._left()
+            try:
+                conn = await asyncio.wait_for(websocket_connect(self.url),
+                                              min(CONNECT_TIMEOUT, left or CONNECT_TIMEOUT))
+            except Exception as exc:  # any failure to connect: try again
+                if not self.quiet:
+                    print(f"ebbcast client: cannot connect to {self.url}: {exc}; retrying",
+                          file=sys.stderr)
+            else:
+                asyncio.ensure_future(self._pump(conn))
+                return conn
+            pause = next(delays)
+            left = self._left()
+            if left is not None and left <= pause:
+                return None
+            await asyncio.sleep(pause)
+
+    async def _pump(self, conn: WebSocketClientConnection) -> None:
+        while True:
+            frame = await conn.read_message()
+            await self.frames.put((conn, frame))
+            if frame is None:
+                return
+
+    def move(self, delay: float) -> None:
+        """Open a new connection after ``delay`` seconds (once at a time)."""
+        if self.moving is None or self.moving.done():
+            self.moving = asyncio.ensure_future(self._move(delay))
+
+    async def _move(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await self.connect()  # it becomes current when its welcome arrives
+
+    def on_frame(self, conn: WebSocketClientConnection, frame: str | bytes) -> None:
+        try:
+            parsed: Any = json.loads(frame) if isinstance(frame, str) else None
+        except ValueError:
+            parsed = None
+        kind = parsed.get("type") if isinstance(parsed, dict) else None
+        if kind == "welcome" and conn is not self.current:  # a move is made: break
+            old, self.current = self.current, conn
+            if old is not None:
+                old.close(1000)
+        elif kind == "shutdown" and conn is self.current:
+            self.move(max(0.0, float(parsed.get("reconnect_after_ms", 0))) / 1000)
+
+    def on_closed(self, conn: WebSocketClientConnection) -> None:
+        if conn is not self.current:
+            return  # one this session closed after moving
+        if not self.quiet:
+            print(json.dumps({"closed": conn.close_code, "reason": conn.close_reason}),
+                  flush=True)
+        self.move(self.rng.uniform(0.05, 0.1))
+
+    def close(self) -> None:
+        if self.moving is not None:
+            self.moving.cancel()
+        if self.current is not None:
+            self.current.close(1000)
+
+
+async def _reconnecting(url: str, sends: list[str], listen: float | None, count: int | None,
+                        quiet: bool) -> int:
+    session = ReconnectingSession(url, quiet,
+                                  None if listen is None else time.monotonic() + listen)
+    session.current = await session.connect()
+    if session.current is None:
+        return 1
+    for text in sends:
+        await session.current.write_message(text)
+    received = 0
+    while count is None or received < count:
+        try:
+            conn, frame = await asyncio.wait_for(session.frames.get(), session._left())
+        except asyncio.TimeoutError:
+            break
+        if frame is None:
+            session.on_closed(conn)
+            continue
+        received += 1
+        if not quiet:
+            print(frame_as_json_line(frame), flush=True)
+        session.on_frame(conn, frame)
+    session.close()
+    return 0
+
+
 def run_client(args: argparse.Namespace) -> int:
     try:
         listen = None if args.listen is None else parse_duration(args.listen)
@@ -67,6 +187,7 @@ def run_client(args: argparse.Namespace) -> int:
         print(f"ebbcast client: --listen: {exc}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(_session(args.url, args.send, listen, args.count, args.quiet))
+        run = _reconnecting if args.reconnect else _session
+        return asyncio.run(run(args.url, args.send, listen, args.count, args.quiet))
     except KeyboardInterrupt:
         return 0
