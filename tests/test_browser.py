@@ -42,6 +42,7 @@ FAST = ("--port", "0", "--admin-port", "0")
 #: Quiet daemons: no periodic frames unless a test asks for them.
 QUIET = {"EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0"}
 DOCS_SCREENSHOT = REPO / "docs" / "screenshot-drain.png"
+UPGRADE_SCREENSHOT = REPO / "docs" / "screenshot-upgrade.png"
 #: What Chromium logs when a WebSocket connect finds nothing listening.
 REFUSED_RE = re.compile(r"^WebSocket connection to 'ws://127\.0\.0\.1:\d+/ws' failed: "
                         r".*net::ERR_CONNECTION_REFUSED")
@@ -289,7 +290,8 @@ def test_sigterm_shows_the_drain_banner_and_the_daemon_exits_when_pages_close(
     wait_frame(one, "message", "still here during the drain")
     assert one.evaluate("document.body.dataset.state") == "connected"
     assert d.proc.poll() is None, "the daemon exited while clients were connected"
-    tabs.assert_no_console_errors()
+    # the pages try to move after reconnect_after_ms: nothing else listens on the port
+    tabs.assert_no_console_errors(allow_refused=True)
     one.close()
     assert d.proc.poll() is None, "the daemon exited with a client still connected"
     two.close()  # the last client leaves: the drain is over
@@ -319,7 +321,7 @@ def test_drain_screenshot(spawn: Callable[..., Any], tabs: Tabs, tmp_path: Path)
     if os.environ.get("EBBCAST_UPDATE_SCREENSHOT") == "1":
         DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
         shutil.copyfile(shot, DOCS_SCREENSHOT)
-    tabs.assert_no_console_errors()
+    tabs.assert_no_console_errors(allow_refused=True)
     tabs.close()
     assert d.wait_exit(STEP_TIMEOUT) == 0, d.log_text()
 
@@ -356,3 +358,49 @@ def test_page_reconnects_to_a_new_daemon_on_the_same_port(spawn: Callable[..., A
     assert new_id not in ("", "\u2014", None) and new_id != first_id, (first_id, new_id)
     assert new_id in frames(page, "welcome")[-1]
     tabs.assert_no_console_errors(allow_refused=True)
+
+
+def test_pages_move_to_the_new_generation_make_before_break(spawn: Callable[..., Any],
+                                                            tabs: Tabs, tmp_path: Path) -> None:
+    d = spawn(*FAST, "--drain-timeout", "5m",
+              env={**QUIET, "EBBCAST_SHUTDOWN_UPGRADE_SPREAD": "4s"})
+    alice = tabs.open(page_url(d.ws_url) + "?client_id=alice")
+    bob = tabs.open(page_url(d.ws_url) + "?client_id=bob")
+    for page in (alice, bob):
+        wait_welcomed(page)
+        page.evaluate("""() => {
+            window.__states = [document.body.dataset.state];
+            new MutationObserver(() => window.__states.push(document.body.dataset.state))
+                .observe(document.body, {attributes: true, attributeFilter: ["data-state"]});
+            window.__banners = [];  // each banner shown, however briefly
+            const banner = document.getElementById("drain-banner");
+            new MutationObserver(() => { if (!banner.hidden) window.__banners.push(
+                document.getElementById("drain-what").textContent); })
+                .observe(banner, {attributes: true, attributeFilter: ["hidden"]});
+        }""")
+    first_server = alice.text_content("#server-id")
+    d.signal(signal.SIGUSR2)
+    wait_js(alice, "the upgrade banner", "window.__banners.length > 0")
+    assert alice.evaluate("window.__banners") == ["Server is being upgraded"]
+    assert "shutdownupgrade" in frames(alice, "shutdown")[-1]
+    send(bob, "chat goes on while the pages move")
+    wait_frame(alice, "message", "chat goes on while the pages move")
+    shot = tmp_path / "screenshot-upgrade.png"
+    alice.screenshot(path=str(shot), animations="disabled", caret="hide")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("EBBCAST_UPDATE_SCREENSHOT") == "1":
+        assert alice.is_visible("#drain-banner"), "moved before the screenshot: run it again"
+        shutil.copyfile(shot, UPGRADE_SCREENSHOT)
+    for page in (alice, bob):  # within upgrade_spread (4 s) each opens a new connection
+        wait_welcomed(page, count=2)
+        assert page.text_content("#server-id") != first_server
+        assert page.is_hidden("#drain-banner")
+        # make before break: connected all along, never "connecting" or "reconnecting"
+        assert set(page.evaluate("window.__states")) == {"connected"}
+    d.wait_for_log("generation 1 has finished")  # both old connections were closed
+    send(alice, "hello from the new generation")
+    wait_frame(bob, "message", "hello from the new generation")
+    tabs.assert_no_console_errors()
+    tabs.close()
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(STEP_TIMEOUT) == 0, d.log_text()
