@@ -136,6 +136,42 @@ def test_post_upgrade_and_repeated_upgrades_keep_the_admin_listener_and_the_port
     assert d.wait_exit() == 0
 
 
+def test_a_handshake_on_a_connection_the_old_generation_holds_completes_and_moves(spawn):
+    d = start(spawn)
+    host, port = d.ws_url.split("/")[2].split(":")
+    with socket.create_connection((host, int(port)), timeout=STEP_TIMEOUT) as sock:
+        stream = sock.makefile("rb")
+        sock.sendall(f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        head = read_head(stream)  # the page, from generation 1: it holds this connection
+        assert head[0].startswith(b"HTTP/1.1 200")
+        stream.read(int(next(h for h in head if h.lower().startswith(b"content-length"))
+                        .split(b":")[1]))
+        upgrade(d, 2)  # generation 1 has stopped accepting; this connection is its own
+        sock.sendall((f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                      "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                      "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        answer = read_head(stream)
+        assert answer[0].startswith(b"HTTP/1.1 101"), answer  # not refused: moved
+        welcome, moving = (json.loads(read_text_frame(stream)) for _ in range(2))
+        assert welcome["type"] == "welcome" and pid_of(welcome) == d.proc.pid
+        assert moving["type"] == "shutdown" and moving["reason"] == "upgrade"
+
+
+def read_head(stream: Any) -> list[bytes]:
+    lines = []
+    while (line := stream.readline().rstrip(b"\r\n")):
+        lines.append(line)
+    return lines
+
+
+def read_text_frame(stream: Any) -> str:
+    first, length = stream.read(2)
+    assert first == 0x81, first
+    if length == 126:
+        length = int.from_bytes(stream.read(2), "big")
+    return stream.read(length).decode()  # type: ignore[no-any-return]
+
+
 # -- upgrades that fail change nothing ------------------------------------------------
 
 

@@ -59,9 +59,15 @@ from ebbcast.notify import SystemdNotifier
 from ebbcast.periodic import PeriodicBroadcaster
 from ebbcast.registry import ConnectionRegistry
 from ebbcast.relay import RelayBackplane, WorkerLink
+from ebbcast.wire import open_http_connections
 
 log = logging.getLogger(__name__)
 
+#: After handing over, how long a generation with no clients left still waits for
+#: the HTTP connections it had accepted (a handshake not yet read, a keep-alive
+#: connection about to send one) before it exits; a handshake on one completes
+#: and the client is told to move.
+HANDOVER_GRACE = 2.0
 #: Caps on what the public listener reads before a handshake.
 MAX_HEADER_BYTES = 16 * 1024
 MAX_PUBLIC_BODY_BYTES = 64 * 1024
@@ -388,6 +394,8 @@ class Daemon:
             for conn in self.ctx.registry.snapshot():
                 conn.send_shutdown()
         self._next_tick = plan.next_tick(now_mono, self.ctx.config.shutdown.progress_interval)
+        if cause is DrainCause.UPGRADE:  # look again when the grace ends
+            self._next_tick = min(self._next_tick, now_mono + HANDOVER_GRACE)
 
     def _drain_status(self, now_mono: float) -> str:
         plan = self.lifecycle.drain
@@ -401,7 +409,7 @@ class Daemon:
     def _drain_step(self, now_mono: float) -> None:
         plan = self.lifecycle.drain
         assert plan is not None
-        if len(self.ctx.registry) == 0:
+        if len(self.ctx.registry) == 0 and not self._accepted_pending(now_mono):
             log.info("drain complete: no connections remain")
             self.lifecycle.finish_drain(now_mono)
         elif plan.expired(now_mono):
@@ -417,6 +425,14 @@ class Daemon:
                 self._role.notifier.progress(status, self._extend_seconds())
             self._next_tick = plan.next_tick(now_mono,
                                              self.ctx.config.shutdown.progress_interval)
+
+    def _accepted_pending(self, now_mono: float) -> bool:
+        """While handing over: HTTP connections accepted before, within the grace."""
+        plan = self.lifecycle.drain
+        assert plan is not None
+        return self.lifecycle.drain_cause is DrainCause.UPGRADE and \
+            now_mono < plan.started_mono + HANDOVER_GRACE and \
+            open_http_connections(self.servers["public"]) > 0
 
     def _close_all(self, reason: str, code: int, text: str) -> None:
         for conn in self.ctx.registry.snapshot():

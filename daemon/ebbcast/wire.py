@@ -11,7 +11,10 @@ This relies on ``WebSocketProtocol13.stream`` and ``is_closing()``, on
 ``IOStream.write``/``max_write_buffer_size``/``socket`` (public attributes in
 Tornado 6, but outside the documented WebSocketHandler API) and on the stream's
 private ``_write_buffer`` (to send directly only when nothing is queued), hence
-the pinned Tornado range in setup.py. The protocol subclass also fixes one conformance gap: Tornado echoes
+the pinned Tornado range in setup.py. :func:`open_http_connections` reads
+``HTTPServer._connections`` (the HTTP connections not yet upgraded or closed), so
+that a generation handing over does not exit under a handshake it has accepted.
+The protocol subclass also fixes one conformance gap: Tornado echoes
 whatever close code a client sends, where RFC 6455 section 7.4 requires a server
 to fail the connection with 1002 when the code is not one a peer may send.
 """
@@ -23,6 +26,7 @@ import socket
 import struct
 from typing import Any
 
+from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.websocket import WebSocketProtocol13
 
@@ -152,3 +156,9 @@ def write_frame(protocol: Any, frame: bytes, queue_limit: int) -> bool:
     except StreamClosedError:
         return False
     return True
+
+
+def open_http_connections(server: HTTPServer) -> int:
+    """HTTP connections of ``server`` still open and not upgraded to WebSocket: a
+    page load, a keep-alive connection, or a handshake not yet complete."""
+    return len(server._connections)
