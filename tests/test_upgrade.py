@@ -258,6 +258,30 @@ def test_a_crashing_release_fails_then_a_good_one_takes_over(spawn, tmp_path, wo
     assert d.wait_exit() == 0
 
 
+def test_a_failed_upgrades_stuck_worker_is_killed_and_nothing_else(spawn, tmp_path):
+    root = package_copy(tmp_path)
+    d = start(spawn, 2, env={"PYTHONPATH": str(root)}, cwd=tmp_path)
+    old = [welcomed(d)[0] for _ in range(4)]
+    old_pids = set(d.children())
+    daemon_module = root / "ebbcast" / "daemon.py"
+    daemon_module.write_text(daemon_module.read_text() + (
+        "import sys, time\n"
+        "if sys.argv[sys.argv.index('--index') + 1] == '0':\n"
+        "    raise RuntimeError('worker 0 cannot start')\n"
+        "time.sleep(30)  # worker 1: stuck, with its stop signals still blocked\n"))
+    mark = len(d.lines)
+    d.signal(signal.SIGUSR2)
+    d.wait_for_log(r"upgrade to generation 2 failed: worker 0 of generation 2", start=mark)
+    d.wait_for_log(r"worker 1 of generation 2 \(pid \d+\) did not stop in time: SIGKILL",
+                   start=mark)
+    broadcast(d, "after the kill")
+    for ws in old:  # the old generation noticed nothing
+        assert json.loads(ws.recv(timeout=STEP_TIMEOUT))["text"] == "after the kill"
+    assert set(d.children()) == old_pids
+    assert status(d)["generation"] == 1
+    close_all(old)
+
+
 def test_a_second_upgrade_request_during_one_is_refused_not_queued(spawn, tmp_path):
     root = package_copy(tmp_path)
     d = start(spawn, env={"PYTHONPATH": str(root)}, cwd=tmp_path)

@@ -552,7 +552,10 @@ class Supervisor:
         self._kill_at = time.monotonic() + last_resort + KILL_MARGIN
 
     def _kill_stragglers(self) -> None:
-        for worker in self._workers():
+        """SIGKILL what should have stopped by now: while serving, only what a
+        failed upgrade left; once stopping, every worker."""
+        serving = self.lifecycle.state in (State.STARTING, State.SERVING)
+        for worker in list(self._leaving) if serving else self._workers():
             if worker.alive:
                 log.error("%s (pid %d) did not stop in time: SIGKILL", worker.name,
                           worker.pid)
