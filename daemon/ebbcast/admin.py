@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import os
 import time
 from typing import Any, Protocol
 
@@ -14,7 +13,6 @@ from tornado.web import Application, RequestHandler
 
 from ebbcast import frames
 from ebbcast.config import Config
-from ebbcast.context import DaemonContext
 from ebbcast.lifecycle import Lifecycle, State
 
 log = logging.getLogger(__name__)
@@ -24,8 +22,9 @@ ADMIN_MAX_BODY_BYTES = 1024 * 1024
 
 
 class AdminBackend(Protocol):
-    """What the admin endpoints read and act on: one serving process
-    (``ProcessAdmin``) or the main process over its workers (``Supervisor``)."""
+    """What the admin endpoints read and act on: the main process
+    (``ebbcast.supervisor.Supervisor``) or a serving process on its own
+    (``ebbcast.daemon.ProcessAdmin``)."""
 
     @property
     def config(self) -> Config: ...
@@ -37,39 +36,6 @@ class AdminBackend(Protocol):
     def request_drain(self, source: str) -> None: ...
     def request_upgrade(self, source: str) -> str | None:
         """Queue an upgrade (SPEC section 9); or why it is refused now."""
-
-
-class ProcessAdmin:
-    """The admin backend of a single process that serves its own clients."""
-
-    def __init__(self, ctx: DaemonContext) -> None:
-        self.ctx = ctx
-
-    @property
-    def config(self) -> Config:
-        return self.ctx.config
-
-    @property
-    def state(self) -> State:
-        return self.ctx.lifecycle.state
-
-    def status_report(self, now_mono: float) -> dict[str, Any]:
-        return build_status(self.ctx.lifecycle, self.ctx.started_mono, now_mono,
-                            [(os.getpid(), len(self.ctx.registry))])
-
-    def exposition(self) -> bytes:
-        return self.ctx.metrics.exposition()
-
-    def broadcast(self, payload: str) -> int:
-        recipients = self.ctx.fanout.broadcast(payload, "admin")
-        self.ctx.backplane.publish(payload, "admin")
-        return recipients
-
-    def request_drain(self, source: str) -> None:
-        self.ctx.request_drain(source)
-
-    def request_upgrade(self, source: str) -> str | None:
-        return "this process serves on its own, with no main process to run an upgrade"
 
 
 class AdminHandler(RequestHandler):

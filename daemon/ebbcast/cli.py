@@ -178,12 +178,15 @@ def serve(args: argparse.Namespace) -> int:
     worker_args = (["--config", path] if path else []) + \
         [f"--set={key}={value}" for key, value in overrides.items()]
     try:
-        from ebbcast.daemon import Daemon, WorkerSetup
         from ebbcast.metrics import Metrics
         from ebbcast.supervisor import Supervisor
 
         def serve_here(relay: socket.socket, public: list[socket.socket], running: Config,
-                       metrics: Metrics) -> Daemon:
+                       metrics: Metrics) -> Any:
+            """The serving process inside the main one (``server.workers = 1``); the
+            serving stack is imported only then."""
+            from ebbcast.daemon import Daemon, WorkerSetup
+
             return Daemon(running, reload, metrics=metrics,
                           worker=WorkerSetup(0, relay, public, local=True))
 

@@ -31,14 +31,14 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 from tornado.web import Application
 
 from ebbcast import __version__
-from ebbcast.admin import ADMIN_MAX_BODY_BYTES, ProcessAdmin, admin_application, log_request
+from ebbcast.admin import ADMIN_MAX_BODY_BYTES, admin_application, build_status, log_request
 from ebbcast.backplane import Backplane, MemoryBackplane, RedisBackplane
 from ebbcast.config import Config, reload_config
 from ebbcast.context import DaemonContext
@@ -105,6 +105,8 @@ class Role(Protocol):
     def start(self, daemon: Daemon) -> None: ...
     def serving(self, daemon: Daemon) -> None: ...
     def report_count(self, count: int) -> None: ...
+    def drain_progress(self, status: str, extend_seconds: float, first: bool) -> None:
+        """The drain's progress, for whoever tells systemd (``first``: it began)."""
     def close(self) -> None: ...
 
 
@@ -153,11 +155,49 @@ class Standalone:
     def report_count(self, count: int) -> None:
         pass
 
+    def drain_progress(self, status: str, extend_seconds: float, first: bool) -> None:
+        if first:
+            self.notifier.stopping(status)
+        self.notifier.progress(status, extend_seconds)
+
     def close(self) -> None:
         if self._watchdog is not None:
             self._watchdog.stop()
         self.notifier.notify("STATUS=stopped")
         self.notifier.close()
+
+
+class ProcessAdmin:
+    """The admin backend (``ebbcast.admin.AdminBackend``) of a process on its own."""
+
+    def __init__(self, ctx: DaemonContext) -> None:
+        self.ctx = ctx
+
+    @property
+    def config(self) -> Config:
+        return self.ctx.config
+
+    @property
+    def state(self) -> State:
+        return self.ctx.lifecycle.state
+
+    def status_report(self, now_mono: float) -> dict[str, Any]:
+        return build_status(self.ctx.lifecycle, self.ctx.started_mono, now_mono,
+                            [(os.getpid(), len(self.ctx.registry))])
+
+    def exposition(self) -> bytes:
+        return self.ctx.metrics.exposition()
+
+    def broadcast(self, payload: str) -> int:
+        recipients = self.ctx.fanout.broadcast(payload, "admin")
+        self.ctx.backplane.publish(payload, "admin")
+        return recipients
+
+    def request_drain(self, source: str) -> None:
+        self.ctx.request_drain(source)
+
+    def request_upgrade(self, source: str) -> str | None:
+        return "this process serves on its own, with no main process to run an upgrade"
 
 
 class Member:
@@ -194,6 +234,9 @@ class Member:
     def report_count(self, count: int) -> None:
         if self.link is not None:
             self.link.report_count(count)
+
+    def drain_progress(self, status: str, extend_seconds: float, first: bool) -> None:
+        pass  # the main process tells systemd, with the totals
 
     def close(self) -> None:
         if self.link is not None:
@@ -386,10 +429,7 @@ class Daemon:
             self.metrics.drain_started_at(plan.started_unix, plan.deadline_unix)
             log.info("drain started by %s: %d connections, %s", source, remaining,
                      plan.deadline_text())
-        if isinstance(self._role, Standalone):
-            status = self._drain_status(now_mono)
-            self._role.notifier.stopping(status)
-            self._role.notifier.progress(status, self._extend_seconds())
+        self._role.drain_progress(self._drain_status(now_mono), self._extend_seconds(), True)
         if self.ctx.config.broadcast.envelope == "json":
             for conn in self.ctx.registry.snapshot():
                 conn.send_shutdown()
@@ -421,8 +461,7 @@ class Daemon:
         elif now_mono >= self._next_tick:
             status = self._drain_status(now_mono)
             log.log(logging.DEBUG if self._role.quiet else logging.INFO, "%s", status)
-            if isinstance(self._role, Standalone):
-                self._role.notifier.progress(status, self._extend_seconds())
+            self._role.drain_progress(status, self._extend_seconds(), False)
             self._next_tick = plan.next_tick(now_mono,
                                              self.ctx.config.shutdown.progress_interval)
 
@@ -462,7 +501,7 @@ class Daemon:
         if len(registry):
             log.info("aborting %d connections that did not finish closing", len(registry))
             for conn in registry.snapshot():
-                conn.on_connection_close()
+                conn.abort()
         log.log(logging.DEBUG if self._role.quiet else logging.INFO, "stopped (%s)",
                 self.lifecycle.stop_reason.value if self.lifecycle.stop_reason else "normal")
 

@@ -10,7 +10,6 @@ from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
 
-from tornado.httputil import HTTPHeaders
 from tornado.web import RequestHandler
 from tornado.websocket import WebSocketHandler, WebSocketProtocol
 
@@ -18,7 +17,8 @@ from ebbcast import frames
 from ebbcast.context import DaemonContext
 from ebbcast.lifecycle import State
 from ebbcast.ratelimit import TokenBucket
-from ebbcast.wire import (EbbcastProtocol, SlowConsumer, configure_stream, encode_frame,
+from ebbcast.wire import (EbbcastProtocol, SlowConsumer, abort, configure_stream,
+                          drop_http_state, encode_frame, forget_stream_error, wrap_protocol,
                           write_frame)
 
 log = logging.getLogger(__name__)
@@ -27,16 +27,6 @@ log = logging.getLogger(__name__)
 RATE_LIMIT_STRIKES = 10
 #: The placeholder in static/index.html that the page handler fills in.
 WS_PATH_TOKEN = "__EBBCAST_WS_PATH__"
-class _NoHeaders(HTTPHeaders):
-    """Stands in for the headers of a finished handshake; refuses every change."""
-
-    def _refuse(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("the handshake is over: its headers are gone")
-
-    __setitem__ = __delitem__ = add = parse_line = _refuse
-
-
-_NO_HEADERS = _NoHeaders()
 #: Ids a client may choose in /ws/{client_id}.
 CLIENT_ID_PATTERN = r"[A-Za-z0-9_.~-]{1,64}"
 
@@ -110,7 +100,7 @@ class BroadcastSocket(WebSocketHandler):
         protocol = super().get_websocket_protocol()
         if protocol is None:
             return None
-        return EbbcastProtocol(self, False, protocol.params)  # type: ignore[attr-defined]
+        return wrap_protocol(self, protocol)
 
     @property
     def ping_interval(self) -> float | None:
@@ -130,7 +120,7 @@ class BroadcastSocket(WebSocketHandler):
         self.client_id = client_id or secrets.token_hex(8)
         configure_stream(self._protocol)
         self._bucket = TokenBucket(ctx.config.limits.burst, time.monotonic())
-        self._drop_http_state()
+        drop_http_state(self)
         ctx.registry.add(self)
         ctx.fanout.joined(self)
         ctx.metrics.accepted.inc()
@@ -147,13 +137,6 @@ class BroadcastSocket(WebSocketHandler):
         if self._protocol is not None and self._disconnect_reason is None:
             self.ctx.fanout.flush_one(self)
 
-    def _drop_http_state(self) -> None:
-        """Let the finished HTTP exchange go: its headers and HTTP connection object
-        are a few kilobytes per client, and nothing reads them after the handshake."""
-        self.request.headers = _NO_HEADERS
-        self.request.connection = None
-        self._headers = _NO_HEADERS
-
     def send_frame(self, frame: bytes) -> bool:
         """Write encoded frames now (the fan-out's flush calls this); False if not sent."""
         try:
@@ -161,7 +144,7 @@ class BroadcastSocket(WebSocketHandler):
         except SlowConsumer:
             log.debug("client %s is a slow consumer: aborted", self.client_id)
             self._disconnect_reason = "slow_consumer"  # and it is owed nothing more
-            self.on_connection_close()
+            abort(self)
             return False
 
     def send_text(self, text: str) -> None:
@@ -171,6 +154,10 @@ class BroadcastSocket(WebSocketHandler):
     def send_shutdown(self) -> None:
         """The shutdown frame, with a per-client reconnect delay to spread reconnects."""
         self.send_text(self.ctx.shutdown_frame())
+
+    def abort(self) -> None:
+        """Drop the connection now, without a close handshake."""
+        abort(self)
 
     def end(self, reason: str, code: int, text: str | None = None) -> None:
         """Close this connection with ``code``, counting it under ``reason``."""
@@ -232,11 +219,11 @@ class BroadcastSocket(WebSocketHandler):
         A stream closed by a socket error keeps the exception, whose traceback's
         frames point back at the stream; and this handler and its protocol point at
         each other. Left alone, every closed connection waits for a full garbage
-        collection, which with many connections open stalls the loop (see gc.py).
+        collection, which with many connections open stalls the loop (see
+        gcpolicy.py).
         """
         protocol, self._protocol = self._protocol, None
-        if protocol is not None and protocol.stream is not None:
-            protocol.stream.error = None
+        forget_stream_error(protocol)
 
     def _reason_from_protocol(self) -> str:
         protocol = self._protocol

@@ -1,14 +1,18 @@
 """Prometheus metrics of SPEC section 6, on an explicit registry.
 
-With worker processes, prometheus_client runs in its multiprocess mode: every
-process writes its values to files in ``PROMETHEUS_MULTIPROC_DIR`` (set, to a
-fresh directory, before prometheus_client is imported; see ``ebbcast.supervisor``)
-and the main process's ``/metrics`` merges them with ``MultiProcessCollector``.
+Under ``ebbcast serve`` prometheus_client runs in its multiprocess mode, whatever
+the number of workers (an upgrade adds processes to any daemon): every process
+writes its values to files in ``PROMETHEUS_MULTIPROC_DIR`` (set, to a fresh
+directory, before prometheus_client is imported; see ``ebbcast.cli``) and the
+main process's ``/metrics`` merges them with ``MultiProcessCollector``.
 Counters and the histogram add up over every process that ever ran; each gauge
 declares how its per-process values combine (``multiprocess_mode``): the live
 sum for connections, the live maximum for the drain gauges (the drain is the
 same for all), the live minimum for ``ebbcast_backplane_up`` (1 only when every
-process's backplane is connected). Without workers the modes are ignored.
+process's backplane is connected). ``ebbcast_build_info`` is made by the main
+process from the versions its serving processes report, and ``process_*`` are
+the main process's own. A Daemon on its own (the in-process tests) uses a plain
+registry, where the modes are ignored.
 """
 
 from __future__ import annotations

@@ -7,13 +7,23 @@ permessage-deflate, so a server frame (RFC 6455 section 5.2: unmasked) is the sa
 bytes for every client: it is built once by :func:`encode_frame` and written
 straight to each connection's IOStream by :func:`write_frame`.
 
-This relies on ``WebSocketProtocol13.stream`` and ``is_closing()``, on
-``IOStream.write``/``max_write_buffer_size``/``socket`` (public attributes in
-Tornado 6, but outside the documented WebSocketHandler API) and on the stream's
-private ``_write_buffer`` (to send directly only when nothing is queued), hence
-the pinned Tornado range in setup.py. :func:`open_http_connections` reads
-``HTTPServer._connections`` (the HTTP connections not yet upgraded or closed), so
-that a generation handing over does not exit under a handshake it has accepted.
+Every use of Tornado beyond its documented API is here, hence the pinned Tornado
+range in setup.py:
+
+- ``WebSocketProtocol13``: subclassed (:class:`EbbcastProtocol`), overriding the
+  private ``_abort`` and reading ``server_terminated``, ``client_terminated``,
+  ``close_code``, ``stream`` and ``is_closing()``; built from the handler's own
+  protocol's private ``params`` (``_WebSocketParams``) by :func:`wrap_protocol`.
+- ``IOStream``: the private ``_write_buffer`` (send directly only when nothing is
+  queued), ``socket``, ``write``, ``set_nodelay`` and, in
+  :func:`forget_stream_error`, the ``error`` attribute.
+- ``WebSocketHandler.on_connection_close()`` used as "abort this connection now"
+  (:func:`abort`); ``RequestHandler._headers`` and ``request.connection``
+  replaced once the handshake is over (:func:`drop_http_state`).
+- ``HTTPServer._connections``, the HTTP connections not yet upgraded or closed
+  (:func:`open_http_connections`), so that a generation handing over does not exit
+  under a handshake it has accepted.
+
 The protocol subclass also fixes one conformance gap: Tornado echoes
 whatever close code a client sends, where RFC 6455 section 7.4 requires a server
 to fail the connection with 1002 when the code is not one a peer may send.
@@ -27,8 +37,9 @@ import struct
 from typing import Any
 
 from tornado.httpserver import HTTPServer
+from tornado.httputil import HTTPHeaders
 from tornado.iostream import IOStream, StreamClosedError
-from tornado.websocket import WebSocketProtocol13
+from tornado.websocket import WebSocketHandler, WebSocketProtocol, WebSocketProtocol13
 
 log = logging.getLogger(__name__)
 
@@ -162,3 +173,41 @@ def open_http_connections(server: HTTPServer) -> int:
     """HTTP connections of ``server`` still open and not upgraded to WebSocket: a
     page load, a keep-alive connection, or a handshake not yet complete."""
     return len(server._connections)
+
+
+def wrap_protocol(handler: WebSocketHandler, protocol: WebSocketProtocol) -> EbbcastProtocol:
+    """The handshake's protocol, as an EbbcastProtocol with the same parameters."""
+    return EbbcastProtocol(handler, False, protocol.params)  # type: ignore[attr-defined]
+
+
+class _NoHeaders(HTTPHeaders):
+    """Stands in for the headers of a finished handshake; refuses every change."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("the handshake is over: its headers are gone")
+
+    __setitem__ = __delitem__ = add = parse_line = _refuse
+
+
+_NO_HEADERS = _NoHeaders()
+
+
+def drop_http_state(handler: WebSocketHandler) -> None:
+    """Let a finished handshake's HTTP exchange go: its headers and HTTP connection
+    object are a few kilobytes per client, and nothing reads them afterwards."""
+    handler.request.headers = _NO_HEADERS
+    handler.request.connection = None
+    handler._headers = _NO_HEADERS
+
+
+def abort(handler: WebSocketHandler) -> None:
+    """Drop the connection now, with no close handshake (its on_close still runs)."""
+    handler.on_connection_close()
+
+
+def forget_stream_error(protocol: Any) -> None:
+    """A stream closed by a socket error keeps the exception, whose traceback's
+    frames point back at the stream: forget it, so reference counting can free
+    the connection without the cyclic GC."""
+    if protocol is not None and protocol.stream is not None:
+        protocol.stream.error = None
