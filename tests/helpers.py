@@ -1,20 +1,342 @@
-"""Helpers for process tests: ``websockets`` clients of a daemon subprocess, and its
-status and metrics read from the admin listener."""
+"""Helpers the tests share: an in-process daemon on real sockets, the daemon as a
+subprocess, a real redis-server, and ``websockets`` clients of a subprocess with its
+status and metrics read from the admin listener. Fixtures are in conftest.py."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
+import os
 import re
+import signal
 import socket
 import struct
+import subprocess
+import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
+from tornado.websocket import WebSocketClientConnection, websocket_connect
 from websockets.sync.client import ClientConnection, connect
 
-from conftest import STEP_TIMEOUT, DaemonProcess
+from ebbcast.config import Config, load_config
+from ebbcast.daemon import Daemon
+from ebbcast.lifecycle import StopReason
+
+REPO = Path(__file__).resolve().parent.parent
+#: Every await in a test is bounded by this, so a broken daemon fails, never hangs.
+STEP_TIMEOUT = 10.0
+
+#: Settings that keep tests quiet and quick unless a test overrides them.
+TEST_DEFAULTS = {
+    "server.port": "0",
+    "admin.port": "0",
+    "broadcast.periodic_interval": "0",
+    "admin.token": "secret-token",
+}
+
+
+def test_config(**overrides: str) -> Config:
+    """A Config on free ports; keyword names use ``__`` for the dot."""
+    values = dict(TEST_DEFAULTS)
+    values.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return load_config(None, env={}, overrides=values)
+
+
+test_config.__test__ = False  # type: ignore[attr-defined]  # not a test function
+
+
+@dataclass
+class RunningDaemon:
+    daemon: Daemon
+    task: asyncio.Task[StopReason]
+    http: AsyncHTTPClient = field(default_factory=AsyncHTTPClient)
+    clients: list[WebSocketClientConnection] = field(default_factory=list)
+
+    @property
+    def ws_url(self) -> str:
+        return self.daemon.urls["ws"].replace("http", "ws", 1)
+
+    @property
+    def admin_url(self) -> str:
+        return self.daemon.urls["admin"]
+
+    async def connect(self, path: str = "", **kwargs: Any) -> WebSocketClientConnection:
+        conn = await asyncio.wait_for(
+            websocket_connect(HTTPRequest(self.ws_url + path, **kwargs)), STEP_TIMEOUT)
+        self.clients.append(conn)
+        return conn
+
+    async def connect_welcomed(self, path: str = "") -> tuple[WebSocketClientConnection,
+                                                               dict[str, Any]]:
+        conn = await self.connect(path)
+        welcome = await recv_json(conn)
+        assert welcome["type"] == "welcome"
+        return conn, welcome
+
+    async def admin(self, path: str, method: str = "GET", body: str | None = None,
+                    token: str | None = None) -> HTTPResponse:
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        request = HTTPRequest(self.admin_url + path, method=method, body=body,
+                              headers=headers, request_timeout=STEP_TIMEOUT)
+        try:
+            return await self.http.fetch(request)
+        except HTTPClientError as exc:
+            assert exc.response is not None
+            return exc.response
+
+    async def stopped(self) -> StopReason:
+        return await asyncio.wait_for(asyncio.shield(self.task), STEP_TIMEOUT)
+
+
+async def recv(conn: WebSocketClientConnection) -> str | bytes | None:
+    return await asyncio.wait_for(conn.read_message(), STEP_TIMEOUT)
+
+
+async def recv_json(conn: WebSocketClientConnection) -> dict[str, Any]:
+    frame = await recv(conn)
+    assert isinstance(frame, str), f"expected a text frame, got {frame!r}"
+    return json.loads(frame)  # type: ignore[no-any-return]
+
+
+async def recv_until(conn: WebSocketClientConnection, frame_type: str) -> dict[str, Any]:
+    """Skip frames until one of ``frame_type`` arrives."""
+    while True:
+        frame = await recv_json(conn)
+        if frame["type"] == frame_type:
+            return frame
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = STEP_TIMEOUT) -> None:
+    """Poll a cheap in-process condition on the event loop until it holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+async def never_reading_client(ws_url: str) -> socket.socket:
+    """See _never_reading_client; the blocking handshake runs in a thread."""
+    return await asyncio.to_thread(_never_reading_client, ws_url)
+
+
+def _never_reading_client(ws_url: str) -> socket.socket:
+    """A raw TCP client that completes the WebSocket handshake, then never reads.
+
+    Its receive buffer is made small, so what the daemon sends it piles up in the
+    daemon: the slow consumer that limits.client_queue_bytes is there for.
+    """
+    host, port = ws_url.split("/")[2].rsplit(":", 1)
+    path = "/" + ws_url.split("/", 3)[3]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(STEP_TIMEOUT)
+    sock.connect((host, int(port)))
+    sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                  "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    response = b""
+    while b"\r\n\r\n" not in response:
+        response += sock.recv(1)  # byte by byte: leave every frame unread
+    assert response.startswith(b"HTTP/1.1 101"), response
+    return sock
+
+
+def read_server_frames(sock: socket.socket) -> list[tuple[int, bytes]]:
+    """Read unmasked server frames (RFC 6455 5.2) until a close frame; return them all."""
+    frames: list[tuple[int, bytes]] = []
+    buffer = b""
+
+    def take(n: int) -> bytes:
+        nonlocal buffer
+        while len(buffer) < n:
+            chunk = sock.recv(65536)
+            assert chunk, "connection ended without a close frame"
+            buffer += chunk
+        data, buffer = buffer[:n], buffer[n:]
+        return data
+
+    while True:
+        head, length = take(2)
+        if length == 126:
+            length = int.from_bytes(take(2), "big")
+        elif length == 127:
+            length = int.from_bytes(take(8), "big")
+        frames.append((head & 0x0F, take(length)))
+        if head & 0x0F == 0x8:
+            return frames
+
+
+# -- the daemon as a subprocess ---------------------------------------------------
+
+SERVING_RE = re.compile(r"serving ws=(\S+) admin=(\S+)")
+
+
+class DaemonProcess:
+    """``python -m ebbcast serve ...`` with its stderr collected line by line."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None,
+                 cwd: Path | None = None, preexec_fn: Callable[[], Any] | None = None) -> None:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("EBBCAST_")}
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ebbcast", *args], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+            cwd=cwd, preexec_fn=preexec_fn)
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.ws_url = ""
+        self.admin_url = ""
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self.lines.append("<EOF>")
+            self._cond.notify_all()
+
+    def wait_for_log(self, pattern: str, timeout: float = STEP_TIMEOUT,
+                     start: int = 0) -> re.Match[str]:
+        """The first log line from index ``start`` on that matches ``pattern``."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        index = start
+        with self._cond:
+            while True:
+                while index < len(self.lines):
+                    match = regex.search(self.lines[index])
+                    if match:
+                        return match
+                    if self.lines[index] == "<EOF>":
+                        raise AssertionError(f"exited before logging {pattern!r}:\n"
+                                             + self.log_text())
+                    index += 1
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no log line {pattern!r} in {timeout}s:\n"
+                                         + self.log_text())
+                self._cond.wait(left)
+
+    def wait_serving(self) -> DaemonProcess:
+        match = self.wait_for_log(SERVING_RE.pattern)
+        self.ws_url = match.group(1).replace("http", "ws", 1)
+        self.admin_url = match.group(2)
+        return self
+
+    def log_text(self) -> str:
+        return "\n".join(self.lines)
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait_exit(self, timeout: float = STEP_TIMEOUT) -> int:
+        return self.proc.wait(timeout)
+
+    def admin_json(self, path: str, method: str = "GET", body: bytes | None = None,
+                   token: str | None = None) -> tuple[int, Any]:
+        return http_json(self.admin_url + path, method, body, token)
+
+    def children(self) -> list[int]:
+        """Pids of the main process's children (its workers)."""
+        try:
+            text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(pid) for pid in text.split()]
+
+    def metrics_text(self) -> str:
+        """The admin listener's Prometheus exposition."""
+        with urllib.request.urlopen(self.admin_url + "/metrics", timeout=STEP_TIMEOUT) as resp:
+            return resp.read().decode()  # type: ignore[no-any-return]
+
+    def kill(self) -> None:
+        """SIGKILL the process and its workers (in their own sessions, they would
+        otherwise outlive a killed main process for as long as they drain)."""
+        workers = self.children()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(STEP_TIMEOUT)
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._reader.join(STEP_TIMEOUT)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def http_json(url: str, method: str = "GET", body: bytes | None = None,
+              token: str | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(url, data=body, method=method)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=STEP_TIMEOUT) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+
+# -- a real redis-server ----------------------------------------------------------
+
+class RedisServer:
+    """``redis-server`` on a free loopback port, no persistence; stop() and start()
+    again on the same port to simulate an outage."""
+
+    def __init__(self) -> None:
+        import shutil
+
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is missing: install Debian's redis-server (make test-deps)"
+        self.binary = binary
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.proc: subprocess.Popen[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--loglevel", "warning"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(STEP_TIMEOUT)
+        self.proc = None
 
 QUICK = {"EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0", "EBBCAST_ADMIN_TOKEN": "secret-token",
          "EBBCAST_LIMITS_MESSAGES_PER_SECOND": "0"}

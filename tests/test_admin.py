@@ -7,7 +7,7 @@ import json
 import signal
 import time
 
-from conftest import recv, recv_json, recv_until, wait_until
+from helpers import recv, recv_json, recv_until, wait_until
 from ebbcast.lifecycle import StopReason
 
 TOKEN = "secret-token"
@@ -206,7 +206,7 @@ async def test_admin_broadcast_larger_than_a_client_queue_reaches_everyone(start
 
 
 async def test_second_signal_during_the_deadline_close_aborts_at_once(start_daemon):
-    from conftest import never_reading_client
+    from helpers import never_reading_client
 
     d = await start_daemon(shutdown__drain_timeout="100ms")
     silent = await never_reading_client(d.ws_url)  # will never answer the close frame
@@ -223,7 +223,7 @@ async def test_second_signal_during_the_deadline_close_aborts_at_once(start_daem
 
 
 async def test_frames_from_a_client_the_server_is_closing_are_not_relayed(start_daemon):
-    from conftest import never_reading_client
+    from helpers import never_reading_client
 
     d = await start_daemon()
     listener, _ = await d.connect_welcomed("/listener")

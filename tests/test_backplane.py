@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from conftest import recv_json, wait_until
+from helpers import recv_json, wait_until
 from ebbcast.backplane import BACKOFF_MAX, backoff_delays, decode, encode
 
 
@@ -103,7 +103,7 @@ def test_a_daemon_whose_redis_is_down_serves_locally_and_says_so(spawn):
 
     from websockets.sync.client import connect
 
-    from conftest import STEP_TIMEOUT
+    from helpers import STEP_TIMEOUT
 
     with socket.socket() as sock:  # a port where no Redis listens
         sock.bind(("127.0.0.1", 0))

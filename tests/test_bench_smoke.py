@@ -10,7 +10,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_benchmark_quick_run_produces_a_table_for_every_variant(tmp_path):

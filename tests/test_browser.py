@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from conftest import REPO, STEP_TIMEOUT
+from helpers import REPO, STEP_TIMEOUT
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, BrowserContext, Page, Playwright

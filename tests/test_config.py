@@ -149,7 +149,7 @@ def test_render_toml_masks_the_token():
 
 
 def test_shipped_config_file_lists_every_key_with_its_default():
-    from conftest import REPO
+    from helpers import REPO
 
     shipped = (REPO / "config" / "ebbcast.toml").read_text()
     assert load_config(str(REPO / "config" / "ebbcast.toml"), env={}) == Config()

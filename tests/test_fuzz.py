@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.sync.client import connect
 
-from conftest import STEP_TIMEOUT, DaemonProcess, _never_reading_client, http_json
+from helpers import STEP_TIMEOUT, DaemonProcess, _never_reading_client, http_json
 from ebbcast.config import SECTIONS, ConfigError, iter_keys, load_config
 
 KNOWN = [key for key, _ in iter_keys()]

@@ -10,7 +10,7 @@ from pathlib import Path
 from websockets.exceptions import WebSocketException
 from websockets.sync.client import connect
 
-from conftest import STEP_TIMEOUT, _never_reading_client, http_json
+from helpers import STEP_TIMEOUT, _never_reading_client, http_json
 
 FAST = ("--port", "0", "--admin-port", "0")
 TOKEN = "s3cr3t-t0ken-never-logged"

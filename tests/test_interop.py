@@ -14,7 +14,7 @@ import subprocess
 
 from websockets.sync.client import connect
 
-from conftest import REPO, STEP_TIMEOUT
+from helpers import REPO, STEP_TIMEOUT
 
 NODE_MODULES = REPO / "bench" / "servers" / "node_ws" / "node_modules"
 

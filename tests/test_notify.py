@@ -9,7 +9,7 @@ import socket
 import pytest
 from websockets.sync.client import connect
 
-from conftest import STEP_TIMEOUT
+from helpers import STEP_TIMEOUT
 from ebbcast.notify import SystemdNotifier
 
 

@@ -18,7 +18,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
-from conftest import REPO, STEP_TIMEOUT, http_json
+from helpers import REPO, STEP_TIMEOUT, http_json
 
 FAST = ("--port", "0", "--admin-port", "0")
 QUICK_PROGRESS = {"EBBCAST_SHUTDOWN_PROGRESS_INTERVAL": "200ms",

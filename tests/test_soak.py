@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 LOADGEN_DIR = REPO / "bench" / "loadgen"
 SUBSCRIBERS = 3000

@@ -24,9 +24,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 
-from conftest import REPO, STEP_TIMEOUT, DaemonProcess
-from helpers import (QUICK, close_all, dial, metric, notifications, recv_frame, status,
-                     wait_for)
+from helpers import (QUICK, REPO, STEP_TIMEOUT, close_all, DaemonProcess, dial, metric,
+                     notifications, recv_frame, status, wait_for)
 
 UPGRADE_ENV = {**QUICK, "EBBCAST_SHUTDOWN_UPGRADE_SPREAD": "2s"}
 

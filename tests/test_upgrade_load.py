@@ -1,7 +1,7 @@
 """Ten upgrades in a row under load refuse and reset nothing (SPEC section 9).
 
 A thousand clients stay connected and move on each shutdown frame, make before
-break; a hammer completes handshakes at 200 a second throughout. Every handshake
+break; a hammer completes handshakes at 250 a second (paced) throughout. Every handshake
 must succeed, on one generation or the other. The figures (how long each
 generation took to serve, how long the clients took to move) are recorded by
 ``bench/upgrade.py``, not asserted here.
@@ -16,7 +16,7 @@ import pytest
 from helpers import QUICK, metric, status, wait_for
 from wsload import raise_open_files_limit, upgrades_under_load
 
-CLIENTS, UPGRADES, RATE = 1000, 10, 200.0
+CLIENTS, UPGRADES, RATE = 1000, 10, 250.0  # paced at 250/s to achieve 200/s at least
 
 
 @pytest.mark.slow
@@ -28,8 +28,13 @@ def test_ten_upgrades_under_a_connection_hammer_fail_no_handshake(spawn, workers
               env={**QUIET_LOAD, "EBBCAST_SHUTDOWN_UPGRADE_SPREAD": "1s"})
     rounds, hammer, held = asyncio.run(upgrades_under_load(d, CLIENTS, UPGRADES, RATE,
                                                            move_timeout=30.0))
+    print(f"\nworkers={workers}: {hammer.attempts} handshakes "
+          f"({hammer.achieved_rate:.0f}/s), "
+          f"{len(hammer.failures)} failed; " + ", ".join(
+              f"gen {r.generation}: {r.ready_seconds:.2f}s + {r.moved_seconds:.2f}s"
+              for r in rounds))
     assert hammer.failures == [] and held.failures == []
-    assert held.unexpected_closes == 0  # nobody was closed on: they all moved
+    assert held.close_reasons == []  # nobody was closed on: they all moved
     assert len(held.moves) == CLIENTS * UPGRADES
     assert [r.generation for r in rounds] == list(range(2, UPGRADES + 2))
     assert all(r.handshakes > 0 for r in rounds)  # the hammer ran through every upgrade
@@ -38,11 +43,7 @@ def test_ten_upgrades_under_a_connection_hammer_fail_no_handshake(spawn, workers
     assert report["generation"] == UPGRADES + 1
     assert metric(d, 'ebbcast_upgrades_total{result="ok"}') == UPGRADES
     wait_for(lambda: status(d)["previous"] == [])  # every old generation has finished
-    print(f"\nworkers={workers}: {hammer.attempts} handshakes, "
-          f"{len(hammer.failures)} failed; " + ", ".join(
-              f"gen {r.generation}: {r.ready_seconds:.2f}s + {r.moved_seconds:.2f}s"
-              for r in rounds))
 
 
-QUIET_LOAD = {**QUICK, "EBBCAST_KEEPALIVE_PING_INTERVAL": "60s",
+QUIET_LOAD = {**QUICK,
               "EBBCAST_LIMITS_MESSAGES_PER_SECOND": "0"}

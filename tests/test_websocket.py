@@ -10,7 +10,7 @@ import pytest
 from tornado.httpclient import HTTPClientError
 from tornado.websocket import WebSocketClosedError
 
-from conftest import (never_reading_client, read_server_frames, recv, recv_json, recv_until,
+from helpers import (never_reading_client, read_server_frames, recv, recv_json, recv_until,
                       wait_until)
 
 
@@ -246,7 +246,7 @@ async def test_a_ping_timeout_of_zero_never_closes_a_silent_client(start_daemon)
     silent = await never_reading_client(d.ws_url)
     try:
         def pings() -> int:
-            from conftest import STEP_TIMEOUT
+            from helpers import STEP_TIMEOUT
             silent.settimeout(STEP_TIMEOUT)
             seen, buffer = 0, b""
             while seen < 4:

@@ -7,7 +7,7 @@ import struct
 
 import websockets
 
-from conftest import never_reading_client, read_server_frames, wait_until
+from helpers import never_reading_client, read_server_frames, wait_until
 
 
 def masked_close(code: int) -> bytes:

@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 from websockets.sync.client import ClientConnection
 
-from conftest import STEP_TIMEOUT, http_json
-from helpers import (QUICK, clients_on_every_worker, close_all, dial, metric, notifications,
-                     recv_frame,
-                     start_workers, status, wait_for)
+from helpers import (QUICK, STEP_TIMEOUT, clients_on_every_worker, close_all, dial, http_json,
+                     metric, notifications, recv_frame, start_workers, status,
+                     wait_for)
 from ebbcast.listener import bind_public
 from ebbcast.relay import FRAME, READY, Unpacker, pack
 from ebbcast.workers import (RESTART_DELAY_MAX, ChildWorker, RestartBudget, describe_exit,

@@ -98,10 +98,17 @@ class Hammer:
     attempts: int = 0
     failures: list[str] = field(default_factory=list)
     completed_at: list[tuple[float, int]] = field(default_factory=list)  # (time, server pid)
+    seconds: float = 0.0  # how long it ran
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self, lanes: int = 4) -> None:
+        started = time.monotonic()
         await asyncio.gather(*(self._lane(lanes) for _ in range(lanes)))
+        self.seconds = time.monotonic() - started
+
+    @property
+    def achieved_rate(self) -> float:
+        return self.attempts / self.seconds if self.seconds else 0.0
 
     def stop(self) -> None:
         self._stop.set()
@@ -132,6 +139,7 @@ class HeldClients:
     moves: list[tuple[float, int]] = field(default_factory=list)  # (time, new server pid)
     failures: list[str] = field(default_factory=list)
     unexpected_closes: int = 0
+    close_reasons: list[str] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def connect(self, batch: int = 50) -> None:
@@ -143,21 +151,39 @@ class HeldClients:
     def pids(self) -> set[int]:
         return {conn.server_pid for conn in self.connections}
 
+    def pid_counts(self) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for conn in self.connections:
+            counts[conn.server_pid] = counts.get(conn.server_pid, 0) + 1
+        return counts
+
+    def following(self) -> int:
+        """Clients whose task still reads (a dead one would never move)."""
+        return sum(1 for task in self._tasks if not task.done())
+
     async def _follow(self, index: int) -> None:
         while True:
             conn = self.connections[index]
             try:
                 opcode, payload = await read_frame(conn.reader)
-            except (asyncio.IncompleteReadError, OSError):
-                self.unexpected_closes += 1
+            except (asyncio.IncompleteReadError, OSError) as exc:
+                self._closed(f"{type(exc).__name__}: {exc}")
                 return
             if opcode == 0x8:
-                self.unexpected_closes += 1
+                self._closed(f"close frame {int.from_bytes(payload[:2], 'big')} "
+                             f"{payload[2:].decode(errors='replace')}")
                 return
+            if opcode == 0x9:  # a ping: answer it, as every client must
+                conn.writer.write(_masked(0xA, payload))
+                continue
             frame = json.loads(payload) if opcode == 0x1 else {}
             if frame.get("type") == "shutdown":
                 await asyncio.sleep(frame["reconnect_after_ms"] / 1000)
                 await self._move(index)
+
+    def _closed(self, reason: str) -> None:
+        self.unexpected_closes += 1
+        self.close_reasons.append(reason)
 
     async def _move(self, index: int) -> None:
         old = self.connections[index]
@@ -200,7 +226,7 @@ async def upgrades_under_load(daemon: Any, clients: int, upgrades: int, rate: fl
                                                               HeldClients]:
     """Connect ``clients`` held clients, start the hammer, then run ``upgrades``
     upgrades (SIGUSR2) one after the other, each once every held client has moved
-    to the previous one. ``daemon`` is a ``conftest.DaemonProcess``."""
+    to the previous one. ``daemon`` is a ``helpers.DaemonProcess``."""
     held = HeldClients(daemon.ws_url, clients)
     await held.connect()
     hammer = Hammer(daemon.ws_url, rate)
@@ -215,8 +241,11 @@ async def upgrades_under_load(daemon: Any, clients: int, upgrades: int, rate: fl
                                     start=mark)
             serving = time.monotonic()
             while len(held.moves) - moved_before < clients:
-                assert time.monotonic() < serving + move_timeout, \
-                    f"{len(held.moves) - moved_before} of {clients} clients moved in time"
+                assert time.monotonic() < serving + move_timeout, (
+                    f"{len(held.moves) - moved_before} of {clients} clients moved in time; "
+                    f"on pids {held.pid_counts()}, {held.unexpected_closes} closed, "
+                    f"failures {held.failures[:5]}, following {held.following()}\n"
+                    + "\n".join(daemon.lines[-60:]))
                 await asyncio.sleep(0.02)
             moved = time.monotonic()
             done = sum(1 for at, _ in hammer.completed_at if signalled <= at <= moved)

@@ -57,8 +57,8 @@ from ebbcast.generations import (UPGRADE_READY_TIMEOUT, Generation, UpgradeStatu
                                  assign_sets)
 from ebbcast.lifecycle import (DEADLINE_CLOSE_GRACE, FORCED_CLOSE_GRACE, UPGRADE_SIGNAL,
                                Lifecycle, State, StopReason, handle_signals, unhandle_signals)
-from ebbcast.listener import (Spare, bind_idle_like, bind_listener, bind_public, listener_url,
-                              tls_context)
+from ebbcast.listener import (BindError, Spare, bind_idle_like, bind_listener, bind_public,
+                              listener_url, tls_context)
 from ebbcast.logs import set_level
 from ebbcast.metrics import MergedMetrics, Metrics
 from ebbcast.notify import SystemdNotifier
@@ -215,7 +215,7 @@ class Supervisor:
             "ws": ",".join(listener_url(scheme, s, config.server.ws_path)
                            for s in self._sets[0]),
             "admin": ",".join(listener_url("http", s) for s in admin)}
-        self._write_effective_config(1)
+        self._write_effective_config(1, config)
         log.info("ebbcast %s (pid %d) started%s", __version__, os.getpid(),
                  f": {count} workers" if count > 1 else "")
         if count == 1 and self._serve_here is not None:
@@ -241,14 +241,14 @@ class Supervisor:
     def _effective_config(self, generation: int) -> str:
         return os.path.join(self._rundir, f"effective-{generation}.toml")
 
-    def _write_effective_config(self, generation: int) -> None:
+    def _write_effective_config(self, generation: int, config: Config) -> None:
         """The configuration a generation's workers start with, replaced atomically
         (a worker starting during a reload reads the old file or the new, never
         half)."""
         path = self._effective_config(generation)
         partial = path + ".new"
         with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
-            out.write(render_toml(self.config, mask_secrets=False))
+            out.write(render_toml(config, mask_secrets=False))
         os.replace(partial, path)
 
     def _start_worker(self, worker: Worker, hold: bool = False) -> None:
@@ -386,13 +386,12 @@ class Supervisor:
             self._leaving.remove(worker)
             log.debug("%s", what)
             return
-        for generation in self._previous:
-            if worker in generation.workers:
-                log.log(logging.WARNING if failed else logging.INFO, "%s", what)
-                if not generation.alive:
-                    self._previous.remove(generation)
-                    log.info("generation %d has finished", generation.number)
-                return
+        if worker not in self._current.workers:  # an old generation's: never restarted
+            log.log(logging.WARNING if failed else logging.INFO, "%s", what)
+            for generation in [g for g in self._previous if not g.alive]:
+                self._previous.remove(generation)
+                log.info("generation %d has finished", generation.number)
+            return
         state = self.lifecycle.state
         if state not in (State.STARTING, State.SERVING):
             log.log(logging.WARNING if failed else logging.INFO, "%s", what)
@@ -433,40 +432,36 @@ class Supervisor:
         self._notifier.notify("RELOADING=1", f"STATUS=upgrading to generation {number}",
                               f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         try:
-            config = self._reload_config()
-            tls_context(config)
+            config = self._upgrade_config()
+            count = worker_count(config.server.workers)
+            while len(self._sets) < count:  # bound now, listening once the new one accepts
+                self._idle_sets.append(bind_idle_like(self._sets[0]))
+                self._sets.append(self._idle_sets[-1])
         except ConfigError as exc:
             for key, reason in exc.problems:
                 log.error("upgrade: config error: %s: %s", key, reason)
             self._fail_upgrade("invalid configuration: " + "; ".join(
                 f"{key}: {reason}" for key, reason in exc.problems), now)
             return
+        except BindError as exc:
+            self._fail_upgrade(str(exc), now)
+            return
+        self._next_config = config
+        self._write_effective_config(number, config)
+        self._next = Generation(number, [ChildWorker(i, public, number) for i, public in
+                                         enumerate(assign_sets(self._sets, count))])
+        for worker in self._next.workers:
+            self._start_worker(worker, hold=True)
+
+    def _upgrade_config(self) -> Config:
+        """The configuration as it is on disk now; ConfigError if it is not valid."""
+        config = self._reload_config()
+        tls_context(config)
         for key in changed_keys(self.config, config):
             if key in HANDED_OVER_KEYS:
                 log.warning("upgrade: %s changed; the listening sockets are handed over as "
                             "they are, so it needs a restart to apply", key)
-        count = worker_count(config.server.workers)
-        try:
-            while len(self._sets) < count:
-                self._idle_sets.append(bind_idle_like(self._sets[0]))
-                self._sets.append(self._idle_sets[-1])
-        except OSError as exc:
-            self._fail_upgrade(f"cannot bind more sockets: {exc}", now)
-            return
-        self._next_config = config
-        self._next = Generation(number, [
-            ChildWorker(i, public, number) for i, public in
-            enumerate(assign_sets(self._sets, count))])
-        self._write_effective_config_for(number, config)
-        for worker in self._next.workers:
-            self._start_worker(worker, hold=True)
-
-    def _write_effective_config_for(self, generation: int, config: Config) -> None:
-        running, self.config = self.config, config
-        try:
-            self._write_effective_config(generation)
-        finally:
-            self.config = running
+        return config
 
     def _switch(self, now: float) -> None:
         """Every worker of the new generation is ready: it accepts, and the old one
@@ -592,7 +587,7 @@ class Supervisor:
             return
         self.config, changed = reloaded
         set_level(self.config.logging.level)
-        self._write_effective_config(self._current.number)
+        self._write_effective_config(self._current.number, self.config)
         plan = self.lifecycle.drain
         if plan is not None and "shutdown.progress_interval" in changed:
             self._next_tick = plan.next_tick(time.monotonic(),
