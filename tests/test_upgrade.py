@@ -109,6 +109,7 @@ def test_upgrade_hands_over_and_both_generations_are_one_conversation(spawn, wor
     old.close()
     d.wait_for_log("generation 1 has finished", start=mark)
     assert status(d)["previous"] == []
+    promtool_accepts(d)
     assert d.proc.poll() is None and set(d.children()) == {w["pid"] for w in
                                                            status(d)["workers"]}
     d.signal(signal.SIGTERM)
@@ -279,6 +280,23 @@ def test_a_failed_upgrades_stuck_worker_is_killed_and_nothing_else(spawn, tmp_pa
     assert set(d.children()) == old_pids
     assert status(d)["generation"] == 1
     close_all(old)
+
+
+def test_a_generation_not_serving_in_time_fails_the_upgrade(spawn, tmp_path):
+    root = package_copy(tmp_path)
+    d = start(spawn, env={"PYTHONPATH": str(root), "EBBCAST_SHUTDOWN_UPGRADE_TIMEOUT": "1s"},
+              cwd=tmp_path)
+    ws, _ = welcomed(d)
+    slow_release(root)  # 3 s to start
+    mark = len(d.lines)
+    d.signal(signal.SIGUSR2)
+    d.wait_for_log("upgrade to generation 2 failed: the new generation was not serving "
+                   "within 1s; generation 1 goes on serving", start=mark)
+    broadcast(d, "still here")
+    assert json.loads(ws.recv(timeout=STEP_TIMEOUT))["text"] == "still here"
+    wait_for(lambda: d.children() == [])  # the late one was stopped, never served
+    assert status(d)["generation"] == 1 and "generation 2 serving" not in d.log_text()
+    ws.close()
 
 
 def test_a_second_upgrade_request_during_one_is_refused_not_queued(spawn, tmp_path):
@@ -453,3 +471,21 @@ def test_client_reconnect_moves_make_before_break_and_survives_a_dropped_connect
         assert again["type"] == "welcome" and pid_of(again) not in (new_pid, d.proc.pid)
     finally:
         client.stop()
+
+
+def test_upgrade_with_the_redis_backplane_is_one_conversation(spawn, redis_server):
+    d = start(spawn, 1, env={"EBBCAST_BACKPLANE_URL": redis_server.url})
+    other = start(spawn, 1, env={"EBBCAST_BACKPLANE_URL": redis_server.url})  # an instance
+    wait_for(lambda: metric(d, "ebbcast_backplane_up") == 1 and
+             metric(other, "ebbcast_backplane_up") == 1)
+    old, _ = welcomed(d)
+    elsewhere, _ = welcomed(other)
+    upgrade(d, 2)
+    recv_frame(old, "shutdown")
+    new, _ = welcomed(d)
+    wait_for(lambda: metric(d, "ebbcast_backplane_up") == 1)  # the new generation's too
+    for sender, text in ((old, "from the old generation"), (new, "from the new generation"),
+                         (elsewhere, "from another instance")):
+        sender.send(text)
+        assert texts(old, 1) == texts(new, 1) == texts(elsewhere, 1) == [text]
+    close_all([old, new, elsewhere])

@@ -273,6 +273,9 @@ class ShutdownConfig:
                            "deadline", _check_close_code)
     upgrade_spread: float = _key("duration", 30.0, "after an upgrade (SIGUSR2), the old "
                                  "generation's clients are told to reconnect spread over this")
+    upgrade_timeout: float = _key("duration", 60.0, "a new generation not serving this long "
+                                  "after SIGUSR2 fails the upgrade",
+                                  lambda v: None if v > 0 else "must be > 0")
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,6 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-#: A new generation that is not ready this long after SIGUSR2 has failed.
-UPGRADE_READY_TIMEOUT = 60.0
-
-
 @dataclass
 class Generation:
     """``workers`` (``ebbcast.workers.Worker``) started together; ``deadline_unix``
@@ -68,10 +64,12 @@ class UpgradeStatus:
     last_result: str | None = None
     last_error: str | None = None
     ready_by: float = field(default=float("inf"))
+    timeout: float = 0.0
 
-    def begin(self, now_mono: float) -> None:
+    def begin(self, now_mono: float, timeout: float) -> None:
         self.starting = True
-        self.ready_by = now_mono + UPGRADE_READY_TIMEOUT
+        self.ready_by = now_mono + timeout
+        self.timeout = timeout
 
     def end(self, error: str | None) -> None:
         self.starting = False

@@ -53,8 +53,7 @@ from ebbcast.backplane import encode
 from ebbcast.config import Config, ConfigError, changed_keys, reload_config, render_toml
 from ebbcast.events import (DrainRequested, Event, EventQueue, SignalReceived,
                             UpgradeRequested, WorkerExited, WorkerReady, who_asked)
-from ebbcast.generations import (UPGRADE_READY_TIMEOUT, Generation, UpgradeStatus,
-                                 assign_sets)
+from ebbcast.generations import Generation, UpgradeStatus, assign_sets
 from ebbcast.lifecycle import (DEADLINE_CLOSE_GRACE, FORCED_CLOSE_GRACE, UPGRADE_SIGNAL,
                                Lifecycle, State, StopReason, handle_signals, unhandle_signals)
 from ebbcast.listener import (BindError, Spare, bind_idle_like, bind_listener, bind_public,
@@ -354,8 +353,8 @@ class Supervisor:
             case WorkerExited(worker, what, failed):
                 self._on_exited(worker, what, failed, now)
         if self._upgrade.overdue(now):
-            self._fail_upgrade("the new generation was not ready within "
-                               f"{UPGRADE_READY_TIMEOUT:g}s", now)
+            self._fail_upgrade("the new generation was not serving within "
+                               f"{self._upgrade.timeout:g}s", now)
         if self.lifecycle.state is State.DRAINING:
             self._drain_step(now)
         if now >= self._kill_at:
@@ -428,7 +427,7 @@ class Supervisor:
             return
         number = self._current.number + 1
         log.info("upgrade requested by %s: starting generation %d", source, number)
-        self._upgrade.begin(now)
+        self._upgrade.begin(now, self.config.shutdown.upgrade_timeout)
         self._notifier.notify("RELOADING=1", f"STATUS=upgrading to generation {number}",
                               f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         try:
