@@ -178,6 +178,18 @@ def read_server_frames(sock: socket.socket) -> list[tuple[int, bytes]]:
 
 # -- the daemon as a subprocess ---------------------------------------------------
 
+def package_copy(tmp_path: Path) -> Path:
+    """A copy of the ebbcast package to run from (PYTHONPATH), to change in place: a
+    new release for an upgrade, or a bug put there on purpose."""
+    import shutil
+
+    root = tmp_path / "site"
+    shutil.copytree(REPO / "daemon" / "ebbcast", root / "ebbcast",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+
 SERVING_RE = re.compile(r"serving ws=(\S+) admin=(\S+)")
 
 

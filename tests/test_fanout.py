@@ -131,3 +131,38 @@ async def test_flush_is_sliced_and_later_broadcasts_wait_for_the_next_batch(io_l
         assert conn.writes == [frames("1", "2"), frames("3")]
     assert metrics.sent._value.get() == 15
     assert metrics.broadcast_duration._sum.get() > 0
+
+
+class Broken(Recorder):
+    """A connection whose write raises: a bug in the fan-out's path, or a Tornado
+    internal that changed."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.broken = True
+
+    def send_frame(self, frame: bytes) -> bool:
+        if self.broken:
+            raise AttributeError("'IOStream' object has no attribute '_write_buffer'")
+        return super().send_frame(frame)
+
+
+async def test_failing_batches_are_reported_in_a_row_and_a_good_one_resets_the_count(io_loop):
+    registry: ConnectionRegistry[Recorder] = ConnectionRegistry()
+    failing: list[int] = []
+    fanout = Fanout(registry, Metrics(CollectorRegistry()),  # type: ignore[arg-type]
+                    on_failing=failing.append)
+    broken = Broken("a")
+    registry.add(broken)
+    for n in range(3):
+        fanout.broadcast(f"m{n}", "client")
+        await all_written(fanout)  # the guard drops the batch; later ones still run
+    assert failing == [1, 2, 3]
+    broken.broken = False
+    fanout.broadcast("works again", "client")
+    await all_written(fanout)
+    assert broken.received() == frames("works again")
+    broken.broken = True
+    fanout.broadcast("fails again", "client")
+    await all_written(fanout)
+    assert failing == [1, 2, 3, 1]  # counted afresh after the good batch

@@ -18,7 +18,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
-from helpers import REPO, STEP_TIMEOUT, http_json
+from helpers import REPO, STEP_TIMEOUT, http_json, package_copy
 
 FAST = ("--port", "0", "--admin-port", "0")
 QUICK_PROGRESS = {"EBBCAST_SHUTDOWN_PROGRESS_INTERVAL": "200ms",
@@ -261,3 +261,32 @@ def test_the_daemon_raises_its_open_files_limit_to_the_hard_limit(spawn):
     (line,) = [row for row in limits.splitlines() if row.startswith("Max open files")]
     soft, hard = line.split()[3:5]
     assert soft == hard == str(resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+
+
+def test_a_serving_process_whose_fanout_keeps_failing_exits_1_and_is_replaced(spawn,
+                                                                             tmp_path):
+    """A bug in the fan-out (here one put there on purpose) must not leave a
+    daemon that accepts clients and silently drops every broadcast."""
+    root = package_copy(tmp_path)
+    fanout = root / "ebbcast" / "fanout.py"
+    fanout.write_text(fanout.read_text().replace(
+        "    def _write_some(self, flush: _Flush, budget: int) -> bool:\n",
+        "    def _write_some(self, flush: _Flush, budget: int) -> bool:\n"
+        "        raise AttributeError(\"a changed internal\")\n"))
+    d = spawn(*FAST, env={"PYTHONPATH": str(root), "EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0"},
+              cwd=tmp_path)
+    failed = "fan-out failed; the rest of this batch is dropped"
+    mark = len(d.lines)
+    with ws_connect(d.ws_url) as ws:
+        d.wait_for_log(failed, start=mark)  # the welcome's batch: the first to fail
+        for n in range(4):  # four more batches, each failing (awaited one by one)
+            mark = len(d.lines)
+            ws.send(f"frame {n}")
+            d.wait_for_log(failed, start=mark)
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=STEP_TIMEOUT)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+    d.wait_for_log("broadcasts failed 5 times in a row: closing every client and stopping")
+    d.wait_for_log(rf"worker 0 \(pid {d.proc.pid}\) exited with status 1 while serving; "
+                   "restarting it")
+    d.wait_for_log(rf"worker 0 \(pid {d.proc.pid}\) restarted and serving")

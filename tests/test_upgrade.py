@@ -24,7 +24,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 
-from helpers import (QUICK, REPO, STEP_TIMEOUT, close_all, DaemonProcess, dial, metric,
+from helpers import (QUICK, STEP_TIMEOUT, close_all, DaemonProcess, dial, metric,
+                     package_copy,
                      notifications, recv_frame, status, wait_for)
 
 UPGRADE_ENV = {**QUICK, "EBBCAST_SHUTDOWN_UPGRADE_SPREAD": "2s"}
@@ -197,14 +198,6 @@ def test_an_invalid_config_fails_the_upgrade_and_nothing_changes(spawn, tmp_path
     upgrade(d, 2)  # fixed: the next attempt goes through
     assert recv_frame(ws, "shutdown")["reason"] == "upgrade"
     ws.close()
-
-
-def package_copy(tmp_path: Path) -> Path:
-    """A copy of the ebbcast package to run from (PYTHONPATH) and upgrade in place."""
-    root = tmp_path / "site"
-    shutil.copytree(REPO / "daemon" / "ebbcast", root / "ebbcast",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    return root
 
 
 def set_version(root: Path, version: str) -> None:

@@ -12,6 +12,7 @@ from tornado.websocket import WebSocketClosedError
 
 from helpers import (never_reading_client, read_server_frames, recv, recv_json, recv_until,
                       wait_until)
+from ebbcast.lifecycle import StopReason
 
 
 async def test_welcome_names_client_server_and_count(start_daemon):
@@ -259,3 +260,25 @@ async def test_a_ping_timeout_of_zero_never_closes_a_silent_client(start_daemon)
         assert len(d.daemon.ctx.registry) == 1
     finally:
         silent.close()
+
+
+async def test_a_fanout_that_keeps_failing_closes_everyone_and_stops_failed(start_daemon,
+                                                                           monkeypatch):
+    from ebbcast.daemon import FANOUT_FAILURE_LIMIT
+    from ebbcast.fanout import Fanout
+
+    d = await start_daemon()
+    conn, _ = await d.connect_welcomed()
+
+    def broken(self: Fanout, flush: object, budget: int) -> bool:
+        raise AttributeError("'IOStream' object has no attribute '_write_buffer'")
+
+    monkeypatch.setattr(Fanout, "_write_some", broken)
+    fanout = d.daemon.ctx.fanout
+    for n in range(FANOUT_FAILURE_LIMIT):  # one batch each (frames in one pass coalesce)
+        await conn.write_message(f"frame {n}")
+        await wait_until(lambda: fanout._failures_in_a_row == n + 1 or d.task.done())
+    assert await d.stopped() is StopReason.FAILED
+    while await recv(conn) is not None:
+        pass
+    assert conn.close_code == 1011

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import struct
+import subprocess
+import sys
 
+import tornado
 import websockets
 
-from helpers import never_reading_client, read_server_frames, wait_until
+from helpers import STEP_TIMEOUT, never_reading_client, read_server_frames, wait_until
+from ebbcast.wire import check_tornado, tornado_problem_report
 
 
 def masked_close(code: int) -> bytes:
@@ -123,3 +129,35 @@ async def test_client_sockets_send_at_once_with_a_modest_kernel_buffer(start_dae
     sock = conn.ws_connection.stream.socket
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) <= 2 * CLIENT_SNDBUF_BYTES
+
+
+# -- the start-up check of what wire.py relies on ---------------------------------------
+
+
+def test_the_installed_tornado_has_everything_ebbcast_relies_on():
+    assert check_tornado() == []
+
+
+def test_a_tornado_that_changed_is_named_change_by_change(monkeypatch):
+    import tornado.websocket
+
+    monkeypatch.delattr(tornado.websocket.WebSocketProtocol, "_abort")
+    monkeypatch.delattr(tornado.websocket, "_WebSocketParams")
+    problems = check_tornado()
+    assert "WebSocketProtocol13._abort()" in problems
+    assert any(p.startswith("tornado.websocket._WebSocketParams") for p in problems)
+    report = tornado_problem_report(problems)
+    assert report.startswith(f"Tornado {tornado.version} lacks what ebbcast relies on: ")
+
+
+def test_the_daemon_refuses_to_serve_on_a_tornado_that_changed(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-c", "import tornado.websocket as w; del w.WebSocketProtocol._abort; "
+         "from ebbcast.cli import main; raise SystemExit(main(['serve', '--port', '0', "
+         "'--admin-port', '0']))"],
+        capture_output=True, text=True, timeout=STEP_TIMEOUT, cwd=tmp_path,
+        env={**os.environ, "RUNTIME_DIRECTORY": str(tmp_path)}, stdin=subprocess.DEVNULL)
+    assert run.returncode == 1
+    assert re.search(r"ERROR ebbcast\.cli\[\d+\]: Tornado 6\.\d+\.\d+ lacks what ebbcast relies "
+                     r"on: WebSocketProtocol13\._abort\(\)\.", run.stderr), run.stderr
+    assert "serving ws=" not in run.stderr

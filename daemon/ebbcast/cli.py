@@ -149,6 +149,17 @@ def _load_and_log(load: Callable[[], Config]) -> Config | None:
     return config
 
 
+def _tornado_as_expected() -> bool:
+    """Check, before serving anything, that the installed Tornado still has what
+    ebbcast.wire relies on; log what changed if not."""
+    from ebbcast.wire import check_tornado, tornado_problem_report
+
+    problems = check_tornado()
+    if problems:
+        log.error("%s", tornado_problem_report(problems))
+    return not problems
+
+
 def serve(args: argparse.Namespace) -> int:
     """The daemon: a main process (ebbcast.supervisor) over its serving processes;
     with ``server.workers = 1`` the one serving process runs inside it.
@@ -168,6 +179,8 @@ def serve(args: argparse.Namespace) -> int:
     config = _load_and_log(reload)
     if config is None:
         return ExitCode.USAGE
+    if not _tornado_as_expected():
+        return ExitCode.FAILURE
     if "prometheus_client" in sys.modules:
         raise RuntimeError("serve must run before prometheus_client is imported")
     runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
@@ -248,6 +261,8 @@ def run_worker(argv: Sequence[str]) -> int:
     config = _load_and_log(lambda: load_config(args.effective_config, env={}))
     if config is None:
         return ExitCode.USAGE
+    if not _tornado_as_expected():
+        return ExitCode.FAILURE
     from ebbcast.daemon import Daemon, WorkerSetup
 
     setup = WorkerSetup(args.index, socket.socket(fileno=args.relay_fd),

@@ -42,8 +42,8 @@ from ebbcast.admin import ADMIN_MAX_BODY_BYTES, admin_application, build_status,
 from ebbcast.backplane import Backplane, MemoryBackplane, RedisBackplane
 from ebbcast.config import Config, reload_config
 from ebbcast.context import DaemonContext
-from ebbcast.events import (DrainRequested, Event, EventQueue, HandOver, NoConnections,
-                            SignalReceived, who_asked)
+from ebbcast.events import (DrainRequested, Event, EventQueue, FanoutBroken, HandOver,
+                            NoConnections, SignalReceived, who_asked)
 from ebbcast.fanout import Fanout
 from ebbcast.gcpolicy import CollectorPolicy
 from ebbcast.handlers import CLIENT_ID_PATTERN, BroadcastSocket, PageHandler, load_page
@@ -68,6 +68,10 @@ log = logging.getLogger(__name__)
 #: connection about to send one) before it exits; a handshake on one completes
 #: and the client is told to move.
 HANDOVER_GRACE = 2.0
+#: Broadcast batches that may fail in a row before this process gives up: it
+#: closes its clients (1011) and stops with exit 1, so that its supervisor (the
+#: main process, or systemd) starts a fresh one instead of it serving broken.
+FANOUT_FAILURE_LIMIT = 5
 #: Caps on what the public listener reads before a handshake.
 MAX_HEADER_BYTES = 16 * 1024
 MAX_PUBLIC_BODY_BYTES = 64 * 1024
@@ -261,7 +265,8 @@ class Daemon:
         registry: ConnectionRegistry[BroadcastSocket] = ConnectionRegistry(self._on_count)
         self.ctx = DaemonContext(
             config=config, lifecycle=self.lifecycle, registry=registry,
-            fanout=Fanout(registry, self.metrics),  # type: ignore[arg-type]
+            fanout=Fanout(registry, self.metrics,  # type: ignore[arg-type]
+                          on_failing=self._on_fanout_failing),
             metrics=self.metrics, node_id=f"{socket.gethostname()}:{os.getpid()}",
             request_drain=self._request_drain, started_mono=time.monotonic())
         self._role: Role
@@ -382,6 +387,10 @@ class Daemon:
     def _request_drain(self, source: str) -> None:
         self._events.put(DrainRequested(source))
 
+    def _on_fanout_failing(self, in_a_row: int) -> None:
+        if in_a_row == FANOUT_FAILURE_LIMIT:
+            self._events.put(FanoutBroken(in_a_row))
+
     def _on_count(self, count: int) -> None:
         self.metrics.connections.set(count)
         self._role.report_count(count)
@@ -409,6 +418,12 @@ class Daemon:
                 self.lifecycle.stop(StopReason.FORCED)
             case HandOver() if state is State.SERVING:
                 self._begin_drain("the new generation", DrainCause.UPGRADE, now)
+            case FanoutBroken(failures) if state is not State.STOPPING:
+                log.error("broadcasts failed %d times in a row: closing every client and "
+                          "stopping (exit 1), so that a fresh process takes over", failures)
+                self.lifecycle.record(StopReason.FAILED)
+                self._close_all("error", 1011, "internal error")
+                self.lifecycle.stop(StopReason.FAILED)
         if self.lifecycle.state is State.DRAINING:
             self._drain_step(now)
 

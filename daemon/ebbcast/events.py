@@ -66,12 +66,21 @@ class NoConnections:
 
 
 @dataclass(frozen=True)
+class FanoutBroken:
+    """Broadcasts kept failing (``failures`` batches in a row): a bug, or a
+    dependency that changed under us. The process gives up rather than serve
+    broken."""
+
+    failures: int
+
+
+@dataclass(frozen=True)
 class Tick:
     """A timer the loop asked for (``wake_at``) has come."""
 
 
 Event = Union[SignalReceived, DrainRequested, UpgradeRequested, HandOver, WorkerReady,
-              WorkerExited, NoConnections, Tick]
+              WorkerExited, NoConnections, FanoutBroken, Tick]
 
 
 def who_asked(event: Event) -> str:

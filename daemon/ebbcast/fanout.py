@@ -79,11 +79,19 @@ class _Flush:
 
 
 class Fanout:
+    """``on_failing(n)`` is called after each batch that failed, with how many
+    failed in a row (reset by one that does not): the guard keeps one bug from
+    wedging every later broadcast, and the owner decides when failing has gone on
+    long enough to stop (``ebbcast.daemon``)."""
+
     def __init__(self, registry: ConnectionRegistry[Recipient], metrics: Metrics,
                  slice_seconds: float = SLICE_SECONDS,
-                 writes_per_check: int = WRITES_PER_CLOCK_CHECK) -> None:
+                 writes_per_check: int = WRITES_PER_CLOCK_CHECK,
+                 on_failing: Callable[[int], None] | None = None) -> None:
         self._registry = registry
         self._metrics = metrics
+        self._on_failing = on_failing or (lambda failures: None)
+        self._failures_in_a_row = 0
         self._slice_seconds = slice_seconds
         self._writes_per_check = writes_per_check
         self._pending = _Batch()
@@ -178,9 +186,12 @@ class Fanout:
             self._pending = _Batch()
         try:
             done = self._write_slice(self._flush)
+            self._failures_in_a_row = 0
         except Exception:  # a bug must not wedge every later broadcast
             log.exception("fan-out failed; the rest of this batch is dropped")
             done = True
+            self._failures_in_a_row += 1
+            self._on_failing(self._failures_in_a_row)
         if done:
             self._finish(self._flush)
             self._flush = None

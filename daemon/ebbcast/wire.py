@@ -24,6 +24,10 @@ range in setup.py:
   (:func:`open_http_connections`), so that a generation handing over does not exit
   under a handshake it has accepted.
 
+:func:`check_tornado` checks every one of these on the installed Tornado at
+start-up, so that a Tornado that changed them stops ebbcast with a message naming
+what changed, instead of serving broken.
+
 The protocol subclass also fixes one conformance gap: Tornado echoes
 whatever close code a client sends, where RFC 6455 section 7.4 requires a server
 to fail the connection with 1002 when the code is not one a peer may send.
@@ -34,11 +38,16 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+from collections.abc import Callable
+from functools import partial
 from typing import Any
+
+import tornado
 
 from tornado.httpserver import HTTPServer
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import IOStream, StreamClosedError
+from tornado.web import Application, RequestHandler
 from tornado.websocket import WebSocketHandler, WebSocketProtocol, WebSocketProtocol13
 
 log = logging.getLogger(__name__)
@@ -211,3 +220,85 @@ def forget_stream_error(protocol: Any) -> None:
     the connection without the cyclic GC."""
     if protocol is not None and protocol.stream is not None:
         protocol.stream.error = None
+
+
+#: Tornado minor versions this code was written and tested against (setup.py pins them).
+TESTED_TORNADO = ("6.5", "6.6")
+
+
+def check_tornado() -> list[str]:
+    """What ebbcast relies on beyond Tornado's documented API and cannot find in
+    the installed Tornado: one line each, empty when everything is there."""
+    problems: list[str] = []
+
+    def need(what: str, check: Callable[[], object]) -> None:
+        try:
+            if not check():
+                problems.append(what)
+        except Exception as exc:  # whatever the change, name it
+            problems.append(f"{what} ({type(exc).__name__}: {exc})")
+
+    from tornado import websocket
+
+    need("tornado.websocket._WebSocketParams(max_message_size=...)",
+         lambda: websocket._WebSocketParams(max_message_size=1))
+    protocol = _probe(lambda: WebSocketProtocol13(_FakeHandler(), False,  # type: ignore
+                                                  websocket._WebSocketParams()))
+    for name in ("stream", "server_terminated", "client_terminated", "close_code", "params"):
+        need(f"WebSocketProtocol13.{name}", partial(hasattr, protocol, name))
+    for name in ("_abort", "close", "is_closing", "on_connection_close"):
+        need(f"WebSocketProtocol13.{name}()", partial(_has_method, WebSocketProtocol13, name))
+    need("WebSocketHandler.on_connection_close()",
+         partial(_has_method, WebSocketHandler, "on_connection_close"))
+    mine, theirs = socket.socketpair()
+    try:
+        stream = IOStream(mine)
+        need("IOStream._write_buffer (with len())", lambda: len(stream._write_buffer) == 0)
+        for name in ("error", "socket", "max_write_buffer_size"):
+            need(f"IOStream.{name}", partial(hasattr, stream, name))
+        for name in ("write", "set_nodelay", "closed"):
+            need(f"IOStream.{name}()", partial(_has_method, stream, name))
+        stream.close()
+    finally:
+        mine.close()
+        theirs.close()
+    server = _probe(lambda: HTTPServer(lambda request: None))
+    need("HTTPServer._connections (with len())", lambda: len(server._connections) == 0)
+    handler = _probe(_request_handler)
+    need("RequestHandler._headers", lambda: hasattr(handler, "_headers"))
+    need("HTTPServerRequest.connection", lambda: hasattr(handler.request, "connection"))
+    return problems
+
+
+def _has_method(owner: object, name: str) -> bool:
+    return callable(getattr(owner, name, None))
+
+
+def _probe(make: Callable[[], Any]) -> Any:
+    try:
+        return make()
+    except Exception:  # the checks that use it will name what is missing
+        return None
+
+
+class _FakeHandler:
+    """Stands in for a handler where a Tornado object only stores it."""
+
+    def set_close_callback(self, callback: Any) -> None:
+        pass
+
+
+def _request_handler() -> RequestHandler:
+    from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
+
+    request = HTTPServerRequest(start_line=RequestStartLine("GET", "/", "HTTP/1.1"),
+                                headers=HTTPHeaders({"Host": "localhost"}),
+                                connection=_FakeHandler())  # type: ignore[arg-type]
+    return RequestHandler(Application(), request)
+
+
+def tornado_problem_report(problems: list[str]) -> str:
+    """The message ebbcast stops with when ``check_tornado()`` found problems."""
+    return (f"Tornado {tornado.version} lacks what ebbcast relies on: {'; '.join(problems)}. "
+            f"ebbcast is tested with Tornado {' and '.join(TESTED_TORNADO)}; install one of "
+            "those (setup.py pins them)")

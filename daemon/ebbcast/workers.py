@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
-from ebbcast.lifecycle import HANDLED_SIGNALS
+from ebbcast.lifecycle import HANDLED_SIGNALS, StopReason
 from ebbcast.relay import Link
 
 log = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ class LocalWorker(Worker):
         if failure is not None:
             log.error("the serving process failed", exc_info=failure)
             return 1
-        return 0
+        return 1 if task.result() is StopReason.FAILED else 0
 
     def signal(self, signum: int) -> None:
         if self._daemon is not None and signum != signal.SIGKILL:
