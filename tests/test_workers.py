@@ -378,3 +378,23 @@ def test_a_port_in_use_is_exit_3_even_for_another_ebbcast_with_workers(spawn):
         assert second.wait_exit() == 3
         assert re.search(rf"cannot bind public listener 127\.0\.0\.1:{port}: .*in use",
                          second.log_text())
+
+
+def test_each_workers_memory_cpu_and_descriptors_are_exported(spawn):
+    d = start_workers(spawn, 2)
+    pids = {w["pid"] for w in status(d)["workers"]}
+
+    def per_worker(name: str) -> dict[int, float]:
+        found = re.findall(rf'^{name}\{{generation="1",pid="(\d+)",worker="[01]"\}} (\S+)$',
+                           d.metrics_text(), re.M)
+        return {int(pid): float(value) for pid, value in found}
+
+    assert set(per_worker("ebbcast_worker_resident_memory_bytes")) == pids
+    assert all(rss > 10e6 for rss in per_worker("ebbcast_worker_resident_memory_bytes").values())
+    assert set(per_worker("ebbcast_worker_cpu_seconds_total")) == pids
+    before = sum(per_worker("ebbcast_worker_open_fds").values())
+    opened = [dial(d.ws_url) for _ in range(10)]
+    for ws in opened:
+        recv_frame(ws, "welcome")
+    assert sum(per_worker("ebbcast_worker_open_fds").values()) >= before + 10
+    close_all(opened)

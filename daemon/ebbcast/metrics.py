@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
                                generate_latest)
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ebbcast import __version__
 
@@ -126,7 +126,8 @@ class MergedMetrics:
     """The main process's view in multiprocess mode: every process's metrics,
     merged from the files in ``path`` (prometheus_client's documented recipe)."""
 
-    def __init__(self, path: str, versions: Callable[[], Iterable[str]]) -> None:
+    def __init__(self, path: str, versions: Callable[[], Iterable[str]],
+                 processes: Callable[[], Iterable[tuple[int, str, int]]] = tuple) -> None:
         from prometheus_client import multiprocess
 
         self._multiprocess = multiprocess
@@ -135,6 +136,7 @@ class MergedMetrics:
         collector = multiprocess.MultiProcessCollector
         collector(self.registry, path=path)  # type: ignore[no-untyped-call]
         self.registry.register(BuildInfo(versions))
+        self.registry.register(ServingProcesses(processes))
         ProcessCollector(registry=self.registry)  # the main process's own process_*
 
     def mark_process_dead(self, pid: int) -> None:
@@ -157,3 +159,49 @@ class BuildInfo:
         for version in sorted(set(self._versions())):
             family.add_metric([version], 1)
         yield family
+
+
+#: Clock ticks per second, for /proc/PID/stat's CPU times.
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class ServingProcesses:
+    """Resident memory, CPU time and open descriptors of each serving process, read
+    from /proc when scraped: the multiprocess mode cannot merge ``process_*``, and
+    an operator must still see a worker that grows. ``processes()`` gives
+    ``(generation, worker, pid)`` for each live one; one that has just exited is
+    left out."""
+
+    LABELS = ["generation", "worker", "pid"]
+
+    def __init__(self, processes: Callable[[], Iterable[tuple[int, str, int]]]) -> None:
+        self._processes = processes
+
+    def collect(self) -> Iterator[Metric]:
+        memory = GaugeMetricFamily("ebbcast_worker_resident_memory_bytes",
+                                   "Resident memory of each serving process.",
+                                   labels=self.LABELS)
+        cpu = CounterMetricFamily("ebbcast_worker_cpu_seconds",
+                                  "User and system CPU time of each serving process.",
+                                  labels=self.LABELS)
+        fds = GaugeMetricFamily("ebbcast_worker_open_fds",
+                                "Open file descriptors of each serving process.",
+                                labels=self.LABELS)
+        for generation, worker, pid in self._processes():
+            try:
+                stat = _read(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
+                rss_pages = int(_read(f"/proc/{pid}/statm").split()[1])
+                open_fds = len(os.listdir(f"/proc/{pid}/fd"))
+            except (OSError, IndexError, ValueError):
+                continue  # it has just exited
+            labels = [str(generation), worker, str(pid)]
+            memory.add_metric(labels, rss_pages * _PAGE)
+            cpu.add_metric(labels, (int(stat[11]) + int(stat[12])) / _TICKS)
+            fds.add_metric(labels, open_fds)
+        yield from (memory, cpu, fds)
+
+
+def _read(path: str) -> str:
+    with open(path) as file:
+        return file.read()

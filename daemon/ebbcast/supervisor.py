@@ -104,7 +104,7 @@ class Supervisor:
         self.metrics = Metrics()
         self.metrics.backplane_up.set(1)
         self.metrics.generation.set(1)
-        self._merged = MergedMetrics(metrics_dir, self._versions)
+        self._merged = MergedMetrics(metrics_dir, self._versions, self._serving_processes)
         self._sets: list[list[socket.socket]] = []
         self._current = Generation(1, [])
         self._previous: list[Generation] = []
@@ -131,6 +131,9 @@ class Supervisor:
         if self._next is not None:
             yield from self._next.workers
         yield from self._leaving
+
+    def _serving_processes(self) -> list[tuple[int, str, int]]:
+        return [(w.generation, str(w.index), w.pid) for w in self._workers() if w.alive]
 
     def _versions(self) -> list[str]:
         return [w.version for w in self._workers() if w.alive and w.ready and w.version]
