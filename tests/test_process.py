@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -65,7 +66,7 @@ def test_sigterm_drain_story_end_to_end(connect, spawn):
         shutdown = recv_json(ws)
         assert shutdown["type"] == "shutdown" and shutdown["deadline"] > time.time() + 50
     assert d.admin_json("/readyz")[0] == 503
-    with pytest.raises(OSError):  # the public listener is closed: refused at once
+    with pytest.raises(ConnectionRefusedError):  # the public listener is closed: refused
         connect(d.ws_url, open_timeout=STEP_TIMEOUT)
     a.send("during the drain")
     assert recv_json(b)["text"] == "during the drain"
@@ -163,6 +164,13 @@ def test_port_in_use_exits_3_naming_the_address(spawn):
     assert f"127.0.0.1:{port}" in d.log_text() and "in use" in d.log_text()
 
 
+def wait_until_status(d: Any, predicate: Any) -> None:
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while not predicate(d.admin_json("/status")[1]):
+        assert time.monotonic() < deadline, "status did not get there in time"
+        time.sleep(0.02)
+
+
 def run_cli(*args: str, timeout: float = STEP_TIMEOUT) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "ebbcast", *args], capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
@@ -198,8 +206,20 @@ def test_client_command_sends_and_prints_json_lines(spawn):
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert lines[0]["type"] == "welcome" and lines[0]["client_id"] == "cli"
     assert (lines[1]["type"], lines[1]["text"]) == ("message", "hello")
-    done = run_cli("client", d.ws_url, "--listen", "200ms", "--quiet")
-    assert done.returncode == 0 and done.stdout == ""
+    # --quiet prints nothing; --listen keeps the connection for its duration, during
+    # which an admin broadcast reaches it, then closes it normally
+    client = subprocess.Popen([sys.executable, "-m", "ebbcast", "client", d.ws_url,
+                               "--listen", "1s", "--quiet"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    started = time.monotonic()
+    wait_until_status(d, lambda status: status["connections"] == 1)
+    assert d.admin_json("/broadcast", "POST", b"to the quiet one", token="tok") == \
+        (202, {"recipients": 1})
+    out, err = client.communicate(timeout=STEP_TIMEOUT)
+    assert client.returncode == 0 and out == "" and err == ""
+    assert time.monotonic() - started >= 1.0  # it listened for the whole second
+    metrics = d.metrics_text()
+    assert 'ebbcast_disconnections_total{reason="client"} 2.0' in metrics  # both runs
 
 
 def test_json_log_format_is_one_object_per_line(spawn):

@@ -143,8 +143,9 @@ async def test_allowed_origins_opens_named_origins(start_daemon):
     d = await start_daemon(server__allowed_origins="https://app.example")
     conn = await d.connect(headers={"Origin": "https://app.example"})
     assert (await recv_json(conn))["type"] == "welcome"
-    with pytest.raises(HTTPClientError):
+    with pytest.raises(HTTPClientError) as refused:
         await d.connect(headers={"Origin": "https://other.example"})
+    assert refused.value.code == 403
 
 
 async def test_slow_consumer_is_aborted_and_others_keep_receiving(start_daemon):
