@@ -8,7 +8,8 @@ Usage (from the repository root, after `make test` has built .venv):
 For `--workers 1` and `--workers 2`, a fresh `ebbcast serve` gets 1,000 held clients
 that move on every shutdown frame (make before break, as the page and `ebbcast
 client --reconnect` do) and a hammer that opens, handshakes, reads the welcome and
-closes connections at 250 a second (paced; the rate achieved is reported) throughout. Then 10 upgrades (SIGUSR2), each once
+closes connections at 250 a second (paced; the rate achieved is reported)
+throughout. Then 10 upgrades (SIGUSR2), each once
 the clients have all moved to the previous one. Reported: handshakes attempted and
 failed (refused, reset, an HTTP error, a timeout), the time from SIGUSR2 until the
 main process logs that the new generation serves, and the time from then until
@@ -53,7 +54,8 @@ def run(workers: int, clients: int, upgrades: int, rate: float, spread: str) -> 
     return {
         "workers": workers, "clients": clients, "upgrades": upgrades, "rate": rate,
         "spread": spread, "handshakes": hammer.attempts, "failed": len(hammer.failures),
-        "hammer_seconds": round(hammer.seconds, 2), "achieved_rate": round(hammer.achieved_rate, 1),
+        "hammer_seconds": round(hammer.seconds, 2),
+        "achieved_rate": round(hammer.achieved_rate, 1),
         "failures": hammer.failures[:20], "moves": len(held.moves),
         "move_failures": len(held.failures), "unexpected_closes": held.unexpected_closes,
         "rounds": [vars(r) for r in rounds],
@@ -61,7 +63,8 @@ def run(workers: int, clients: int, upgrades: int, rate: float, spread: str) -> 
 
 
 def report(results: list[dict[str, Any]]) -> str:
-    lines = ["| workers | handshakes (hammer) | per second | failed | client moves | failed moves | "
+    lines = ["| workers | handshakes (hammer) | per second | failed | client moves | "
+             "failed moves | "
              "SIGUSR2 to serving, median / max | all clients moved, median / max |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:

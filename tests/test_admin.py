@@ -80,7 +80,7 @@ async def test_admin_actions_are_404_without_a_token(start_daemon):
 
 
 async def test_drain_refuses_new_clients_notifies_and_keeps_serving(start_daemon):
-    d = await start_daemon(shutdown__drain_timeout="60s")
+    d = await start_daemon(shutdown__drain_timeout="60s", shutdown__progress_interval="50ms")
     a, _ = await d.connect_welcomed("/a")
     b, _ = await d.connect_welcomed("/b")
     before = time.time()
@@ -109,7 +109,8 @@ async def test_drain_refuses_new_clients_notifies_and_keeps_serving(start_daemon
     assert (await recv_json(b))["text"] == "still chatting"
     a.close()
     await wait_until(lambda: len(d.daemon.ctx.registry) == 1)
-    await asyncio.sleep(0.05)  # give a wrong early exit the chance to show
+    ticked = d.daemon._next_tick
+    await wait_until(lambda: d.daemon._next_tick > ticked)  # a drain step has run since
     assert d.daemon.lifecycle.state.value == "draining" and not d.task.done()
     b.close()
     assert await d.stopped() is StopReason.DRAINED
@@ -236,8 +237,10 @@ async def test_frames_from_a_client_the_server_is_closing_are_not_relayed(start_
                           if c.client_id != "listener"]
         server_side.end("policy", 1008, "go away")
         # a masked text frame (zero key) sent after the server's close frame
-        closing.sendall(b"\x81\x85\x00\x00\x00\x00late!")
-        await asyncio.sleep(0.05)
+        # then the client's close frame: once the daemon has read that (the connection
+        # leaves the registry), it has read the frame before it
+        closing.sendall(b"\x81\x85\x00\x00\x00\x00late!" + b"\x88\x82\x00\x00\x00\x00\x03\xe8")
+        await wait_until(lambda: len(d.daemon.ctx.registry) == 1)
         d.daemon.ctx.fanout.broadcast("marker", "admin")
         assert await recv(listener) == "marker"  # and not "late!" before it
     finally:

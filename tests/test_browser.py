@@ -273,7 +273,8 @@ def test_periodic_frames_show(spawn: Callable[..., Any], tabs: Tabs) -> None:
 
 def test_sigterm_shows_the_drain_banner_and_the_daemon_exits_when_pages_close(
         spawn: Callable[..., Any], tabs: Tabs) -> None:
-    d = spawn(*FAST, "--drain-timeout", "60s", env=QUIET)
+    d = spawn(*FAST, "--drain-timeout", "60s",
+              env={**QUIET, "EBBCAST_SHUTDOWN_PROGRESS_INTERVAL": "200ms"})
     one = tabs.open(page_url(d.ws_url))
     two = tabs.open(page_url(d.ws_url))
     wait_welcomed(one)
@@ -292,7 +293,10 @@ def test_sigterm_shows_the_drain_banner_and_the_daemon_exits_when_pages_close(
     assert d.proc.poll() is None, "the daemon exited while clients were connected"
     # the pages try to move after reconnect_after_ms: nothing else listens on the port
     tabs.assert_no_console_errors(allow_refused=True)
+    mark = len(d.lines)
     one.close()
+    # a progress tick after the first page left: the drain went on with one client
+    d.wait_for_log(r"draining: 1 connections remain", start=mark)
     assert d.proc.poll() is None, "the daemon exited with a client still connected"
     two.close()  # the last client leaves: the drain is over
     assert d.wait_exit(STEP_TIMEOUT) == 0, d.log_text()

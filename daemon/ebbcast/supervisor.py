@@ -431,8 +431,9 @@ class Supervisor:
         number = self._current.number + 1
         log.info("upgrade requested by %s: starting generation %d", source, number)
         self._upgrade.begin(now, self.config.shutdown.upgrade_timeout)
+        monotonic_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         self._notifier.notify("RELOADING=1", f"STATUS=upgrading to generation {number}",
-                              f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+                              f"MONOTONIC_USEC={monotonic_usec}")
         try:
             config = self._upgrade_config()
             count = worker_count(config.server.workers)
