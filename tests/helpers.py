@@ -309,8 +309,16 @@ def http_json(url: str, method: str = "GET", body: bytes | None = None,
 # -- a real redis-server ----------------------------------------------------------
 
 class RedisServer:
-    """``redis-server`` on a free loopback port, no persistence; stop() and start()
-    again on the same port to simulate an outage."""
+    """``redis-server`` on a loopback port, no persistence; stop() and start() again
+    on the same port to simulate an outage.
+
+    redis-server cannot be handed a bound socket, and its port 0 means "no TCP", so
+    the port is chosen here: below the kernel's ephemeral range, which port 0 binds
+    and outgoing connections never take, so no other test's socket can hold it;
+    and if something bound it all the same, redis-server exits and another is
+    tried. Only a restart must have the same port: it fails, naming why, if the
+    port was taken meanwhile.
+    """
 
     def __init__(self) -> None:
         import shutil
@@ -318,9 +326,7 @@ class RedisServer:
         binary = shutil.which("redis-server")
         assert binary, "redis-server is missing: install Debian's redis-server (make test-deps)"
         self.binary = binary
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
+        self.port = 0
         self.proc: subprocess.Popen[str] | None = None
 
     @property
@@ -328,27 +334,51 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        if self.port:
+            assert self._run(self.port), f"port {self.port} was taken while Redis was down"
+            return
+        for _ in range(10):
+            port = _below_ephemeral_ports()
+            if self._run(port):
+                self.port = port
+                return
+        raise AssertionError("redis-server found no free port in 10 tries")
+
+    def _run(self, port: int) -> bool:
+        """Start redis-server on ``port``; False if it exited (the port was in use)."""
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--loglevel", "warning"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + STEP_TIMEOUT
-        while True:
+        while self.proc.poll() is None:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
                     sock.sendall(b"PING\r\n")
                     if sock.recv(16).startswith(b"+PONG"):
-                        return
+                        return True
             except OSError:
                 pass
             assert time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.02)
+        self.proc = None
+        return False
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(STEP_TIMEOUT)
         self.proc = None
+
+
+def _below_ephemeral_ports() -> int:
+    """A random port under net.ipv4.ip_local_port_range (never handed out by the
+    kernel for port 0 or an outgoing connection)."""
+    import random
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    return random.randrange(max(1024, low - 10_000), low)
+
 
 QUICK = {"EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0", "EBBCAST_ADMIN_TOKEN": "secret-token",
          "EBBCAST_LIMITS_MESSAGES_PER_SECOND": "0"}

@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,12 +51,6 @@ def page_url(ws_url: str) -> str:
     """ws://host:port/ws -> http://host:port/"""
     parts = urlsplit(ws_url)
     return urlunsplit(("https" if parts.scheme == "wss" else "http", parts.netloc, "/", "", ""))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- the browser ------------------------------------------------------------------
@@ -332,8 +325,8 @@ def test_drain_screenshot(spawn: Callable[..., Any], tabs: Tabs, tmp_path: Path)
 
 def test_page_reconnects_to_a_new_daemon_on_the_same_port(spawn: Callable[..., Any],
                                                           tabs: Tabs) -> None:
-    port = str(free_port())
-    first = spawn("--port", port, "--admin-port", "0", "--drain-timeout", "60s", env=QUIET)
+    first = spawn("--port", "0", "--admin-port", "0", "--drain-timeout", "60s", env=QUIET)
+    port = first.ws_url.rsplit(":", 1)[1].split("/")[0]  # the second daemon takes it over
     page = tabs.open(page_url(first.ws_url))
     wait_welcomed(page)
     first_id = page.text_content("#client-id")

@@ -9,7 +9,6 @@ import struct
 import subprocess
 import sys
 
-import tornado
 import websockets
 
 from helpers import STEP_TIMEOUT, never_reading_client, read_server_frames, wait_until
