@@ -1,0 +1,139 @@
+"""SIGHUP end to end: every reloadable key, each change observed from outside the
+process (the admin API, a client's frames, the log, the metrics).
+
+Reloadable: broadcast.*, limits.*, keepalive.*, logging.level, admin.token and
+shutdown.progress_interval.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+from helpers import (STEP_TIMEOUT, DaemonProcess, _never_reading_client, close_all, dial,
+                     http_json, metric, recv_frame, wait_for)
+
+FAST = ("--port", "0", "--admin-port", "0")
+
+
+def reload(d: DaemonProcess, path: Path, text: str, applied: str) -> None:
+    """Write the config file, SIGHUP, wait until the daemon says it applied ``applied``."""
+    path.write_text(text)
+    mark = len(d.lines)
+    d.signal(signal.SIGHUP)
+    d.wait_for_log(rf"config reloaded: .*{applied}", start=mark)
+
+
+def post(d: DaemonProcess, token: str, text: str) -> int:
+    return http_json(d.admin_url + "/broadcast", "POST", text.encode(), token)[0]
+
+
+def test_admin_token_echo_and_periodic_frames_change_on_sighup(spawn, tmp_path):
+    path = tmp_path / "ebbcast.toml"
+    path.write_text('[admin]\ntoken = "tok-one-7f"\n[broadcast]\nperiodic_interval = 0\n')
+    d = spawn("--config", str(path), *FAST)
+    ws = dial(d.ws_url)
+    recv_frame(ws, "welcome")
+    assert post(d, "tok-one-7f", "x") == 202 and post(d, "tok-two-7f", "x") == 401
+    ws.send("echoed")
+    assert recv_frame(ws)["text"] == "x" and recv_frame(ws)["text"] == "echoed"
+    reload(d, path, '[admin]\ntoken = "tok-two-7f"\n[broadcast]\nperiodic_interval = "100ms"\n'
+                    'periodic_text = "now periodic"\necho_to_sender = false\n',
+           "admin.token")
+    assert post(d, "tok-one-7f", "x") == 401 and post(d, "tok-two-7f", "after") == 202
+    ws.send("not echoed any more")  # then a later frame: the echo would come before it
+    assert post(d, "tok-two-7f", "later") == 202
+    texts = [f.get("text") for f in (json.loads(ws.recv(timeout=STEP_TIMEOUT))
+                                     for _ in range(6)) if f["type"] == "message"]
+    assert texts[:2] == ["after", "later"]
+    assert recv_frame(ws, "periodic")["text"] == "now periodic"
+    assert "tok-two-7f" not in d.log_text()  # the token is never logged
+    ws.close()
+
+
+def test_rate_limits_and_the_client_queue_change_on_sighup(spawn, tmp_path):
+    path = tmp_path / "ebbcast.toml"
+    config = '[admin]\ntoken = "t"\n[broadcast]\nperiodic_interval = 0\n[limits]\n'
+    path.write_text(config + "messages_per_second = 0\n")
+    d = spawn("--config", str(path), *FAST)
+    ws = dial(d.ws_url)
+    recv_frame(ws, "welcome")
+    for n in range(30):
+        ws.send(f"unlimited {n}")
+    assert [recv_frame(ws)["text"] for _ in range(30)] == [f"unlimited {n}" for n in range(30)]
+    reload(d, path, config + "messages_per_second = 1\nburst = 1\nclient_queue_bytes = 4096\n",
+           "limits.burst")
+    ws.send("first")
+    ws.send("second, over the limit")
+    assert recv_frame(ws)["text"] == "first"
+    assert recv_frame(ws, "error") == {"type": "error", "error": "rate_limited"}
+    ws.close()
+    # a client that never reads is cut off once 4 KiB (no longer 1 MiB) wait for it:
+    # well within 300 kB of broadcasts (the kernel's buffers take the first ~70 kB)
+    silent = _never_reading_client(d.ws_url)
+    try:
+        wait_for(lambda: http_json(d.admin_url + "/status")[1]["connections"] == 1)
+        for _ in range(300):
+            assert post(d, "t", "k" * 1000) == 202
+            if http_json(d.admin_url + "/status")[1]["connections"] == 0:
+                break
+        assert metric(d, 'ebbcast_disconnections_total{reason="slow_consumer"}') == 1
+    finally:
+        silent.close()
+
+
+def read_frames(sock: socket.socket) -> Any:
+    """Server frames from a raw client, as (opcode, payload), as they come."""
+    buffer = b""
+    while True:
+        while len(buffer) < 2:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            buffer += chunk
+        length = buffer[1] & 0x7F
+        start = 2 + {126: 2, 127: 8}.get(length, 0)
+        while len(buffer) < start:
+            buffer += sock.recv(65536)
+        if length >= 126:
+            length = int.from_bytes(buffer[2:start], "big")
+        while len(buffer) < start + length:
+            buffer += sock.recv(65536)
+        yield buffer[0] & 0x0F, buffer[start:start + length]
+        buffer = buffer[start + length:]
+
+
+def test_keepalive_logging_and_progress_change_on_sighup(spawn, tmp_path):
+    path = tmp_path / "ebbcast.toml"
+    path.write_text('[broadcast]\nperiodic_interval = 0\n')
+    d = spawn("--config", str(path), *FAST, "--drain-timeout", "60s")
+    quiet = dial(d.ws_url + "/before")
+    recv_frame(quiet, "welcome")
+    assert "client before connected" not in d.log_text()  # info: no per-client lines
+    reload(d, path, '[broadcast]\nperiodic_interval = 0\n[logging]\nlevel = "debug"\n'
+                    '[keepalive]\nping_interval = "200ms"\nping_timeout = "300ms"\n',
+           "keepalive.ping_interval")
+    loud = dial(d.ws_url + "/after")
+    d.wait_for_log("client after connected")
+    # pings every 200 ms now; a client that never answers them is closed for it
+    silent = _never_reading_client(d.ws_url)
+    silent.settimeout(STEP_TIMEOUT)
+    frames = read_frames(silent)
+    assert next(frames)[0] == 0x1  # the welcome
+    assert next(frames)[0] == 0x9  # a ping, well before the old 20 s interval
+    wait_for(lambda: metric(d, 'ebbcast_disconnections_total{reason="ping_timeout"}') == 1)
+    silent.close()
+    close_all([quiet])
+    d.signal(signal.SIGTERM)
+    d.wait_for_log("drain started by SIGTERM")
+    reload(d, path, '[broadcast]\nperiodic_interval = 0\n[logging]\nlevel = "debug"\n'
+                    '[keepalive]\nping_interval = "200ms"\nping_timeout = "300ms"\n'
+                    '[shutdown]\nprogress_interval = "100ms"\n', "shutdown.progress_interval")
+    mark = len(d.lines)  # with the 10 s default, none would come before the client leaves
+    d.wait_for_log(r"draining: 1 connections remain", start=mark)
+    d.wait_for_log(r"draining: 1 connections remain", start=len(d.lines))
+    loud.close()
+    assert d.wait_exit() == 0
