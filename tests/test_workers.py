@@ -402,3 +402,19 @@ def test_each_workers_memory_cpu_and_descriptors_are_exported(spawn):
         recv_frame(ws, "welcome")
     assert sum(per_worker("ebbcast_worker_open_fds").values()) >= before + 10
     close_all(opened)
+
+
+def test_a_hung_worker_is_killed_after_worker_timeout_and_replaced(spawn):
+    d = start_workers(spawn, 2, EBBCAST_SERVER_WORKER_TIMEOUT="1s")
+    groups = clients_on_every_worker(d, 2)
+    hung, other = groups
+    os.kill(hung, signal.SIGSTOP)  # its loop stands still: no heartbeat
+    d.wait_for_log(rf"worker \d \(pid {hung}\) sent nothing for [12]s: killing it")
+    d.wait_for_log(rf"worker \d \(pid {hung}\) was killed by SIGKILL while serving; "
+                   "restarting it")
+    d.wait_for_log(r"worker \d \(pid \d+\) restarted and serving")
+    (stays,) = groups[other]
+    stays.send("the other worker never noticed")
+    assert recv_frame(stays)["text"] == "the other worker never noticed"
+    assert hung not in {w["pid"] for w in status(d)["workers"]}
+    close_all([ws for group in groups.values() for ws in group])

@@ -218,6 +218,9 @@ class ServerConfig:
     ws_path: str = _key("str", "/ws", "WebSocket path; /ws/{client_id} is accepted too",
                         _check_ws_path)
     workers: int = _key("int", 1, "worker processes; 0 = one per CPU", _at_least(0))
+    worker_timeout: float = _key("duration", 30.0, "a worker that sends no heartbeat this long "
+                                 "is stuck: killed and restarted",
+                                 lambda v: None if v > 0 else "must be > 0")
     max_connections: int = _key("int", 0, "WebSocket connections per process; 0 = unlimited "
                                 "(over it: HTTP 503)", _at_least(0))
     max_message_bytes: int = _key("int", 65536, "largest inbound frame; larger: close 1009",

@@ -62,7 +62,7 @@ from ebbcast.logs import set_level
 from ebbcast.metrics import MergedMetrics, Metrics
 from ebbcast.notify import SystemdNotifier
 from ebbcast.relay import ACCEPT, COUNT, FRAME, HAND_OVER, INJECT, OTHERS, READY, pack
-from ebbcast.workers import (WORKER_TIMEOUT, ChildWorker, LocalRun, LocalWorker, Worker,
+from ebbcast.workers import (ChildWorker, LocalRun, LocalWorker, Worker,
                              describe_exit, worker_count)
 
 log = logging.getLogger(__name__)
@@ -294,7 +294,7 @@ class Supervisor:
         ``connections`` of welcome and periodic frames); kill a stuck worker."""
         now = time.monotonic()
         for worker in self._workers():
-            if worker.alive and worker.silent_for(now) > WORKER_TIMEOUT:
+            if worker.alive and worker.silent_for(now) > self.config.server.worker_timeout:
                 log.error("%s (pid %d) sent nothing for %ds: killing it", worker.name,
                           worker.pid, int(worker.silent_for(now)))
                 worker.signal(signal.SIGKILL)

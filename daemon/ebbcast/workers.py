@@ -32,10 +32,6 @@ log = logging.getLogger(__name__)
 RESTART_LIMIT, RESTART_WINDOW = 5, 60.0
 #: Delay before a restart: none after the first death, then doubling, capped.
 RESTART_DELAY_FIRST, RESTART_DELAY_MAX = 0.25, 5.0
-#: A serving worker that sends nothing (it sends a heartbeat every
-#: ``relay.HEARTBEAT_SECONDS``) for this long is stuck: it is killed and restarted.
-#: The same figure as gunicorn's default worker timeout.
-WORKER_TIMEOUT = 30.0
 #: Environment a worker must not inherit: only the main process talks to systemd.
 _MAIN_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
                   "LISTEN_PID", "LISTEN_FDNAMES")
