@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import threading
+import time
 
 import pytest
 from websockets.sync.client import connect
 
-from helpers import STEP_TIMEOUT
+from helpers import STEP_TIMEOUT, http_json, package_copy
 from ebbcast.notify import SystemdNotifier
 
 
@@ -84,3 +87,33 @@ def test_notifier_survives_a_vanished_socket(tmp_path):
     notifier = SystemdNotifier(env={"NOTIFY_SOCKET": str(tmp_path / "gone.sock")})
     assert notifier.enabled and not notifier.ready("x") and not notifier.watchdog()
     notifier.close()
+
+
+def test_the_watchdog_stops_while_the_event_loop_is_stuck(spawn, notify_socket, tmp_path):
+    """WATCHDOG=1 comes from the event loop itself, so a stuck loop (here a handler
+    put there on purpose that blocks it for 1.5 s) is what systemd sees."""
+    root = package_copy(tmp_path)
+    admin = root / "ebbcast" / "admin.py"
+    admin.write_text(admin.read_text().replace(
+        'class HealthzHandler(AdminHandler):\n    def get(self) -> None:\n',
+        'class HealthzHandler(AdminHandler):\n    def get(self) -> None:\n'
+        '        __import__("time").sleep(1.5)  # the loop is stuck\n'))
+    d = spawn("--port", "0", "--admin-port", "0", cwd=tmp_path,
+              env={"PYTHONPATH": str(root), "NOTIFY_SOCKET": notify_socket.getsockname(),
+                   "WATCHDOG_USEC": "200000"})
+    messages_until(notify_socket, "WATCHDOG=1")  # every 100 ms
+    notify_socket.setblocking(False)  # forget those sent before now: read them as they come
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            notify_socket.recv(4096)
+    notify_socket.settimeout(STEP_TIMEOUT)
+    stuck = threading.Thread(target=http_json, args=(d.admin_url + "/healthz",))
+    stuck.start()
+    arrivals = [time.monotonic()]
+    while len(arrivals) < 20:  # 2 s of pings if the loop were free
+        messages_until(notify_socket, "WATCHDOG=1")
+        arrivals.append(time.monotonic())
+    stuck.join(STEP_TIMEOUT)
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert max(gaps) >= 1.2, gaps  # none while the loop was stuck...
+    assert gaps[-1] < 0.5, gaps  # ...and again every 100 ms once it runs
