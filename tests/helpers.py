@@ -5,6 +5,7 @@ status and metrics read from the admin listener. Fixtures are in conftest.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import os
@@ -320,7 +321,7 @@ class RedisServer:
     port was taken meanwhile.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tls_dir: Path | None = None) -> None:
         import shutil
 
         binary = shutil.which("redis-server")
@@ -328,10 +329,34 @@ class RedisServer:
         self.binary = binary
         self.port = 0
         self.proc: subprocess.Popen[str] | None = None
+        self.tls_dir = tls_dir
+        if tls_dir is not None:  # TLS only (port 0 turns plain TCP off), from a test CA
+            import trustme
+
+            ca = trustme.CA()
+            cert = ca.issue_cert("127.0.0.1")
+            ca.cert_pem.write_to_path(str(tls_dir / "ca.pem"))
+            cert.cert_chain_pems[0].write_to_path(str(tls_dir / "redis.crt"))
+            cert.private_key_pem.write_to_path(str(tls_dir / "redis.key"))
 
     @property
     def url(self) -> str:
+        if self.tls_dir is not None:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls_dir / 'ca.pem'}"
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def _ping(self, port: int) -> bool:
+        with contextlib.ExitStack() as closing:
+            sock = closing.enter_context(socket.create_connection(("127.0.0.1", port),
+                                                                  timeout=1))
+            if self.tls_dir is not None:
+                import ssl
+
+                trusting = ssl.create_default_context(cafile=str(self.tls_dir / "ca.pem"))
+                sock = closing.enter_context(trusting.wrap_socket(
+                    sock, server_hostname="127.0.0.1"))
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
 
     def start(self) -> None:
         if self.port:
@@ -346,17 +371,22 @@ class RedisServer:
 
     def _run(self, port: int) -> bool:
         """Start redis-server on ``port``; False if it exited (the port was in use)."""
+        listen = ["--port", str(port)]
+        if self.tls_dir is not None:
+            listen = ["--port", "0", "--tls-port", str(port),
+                      "--tls-cert-file", str(self.tls_dir / "redis.crt"),
+                      "--tls-key-file", str(self.tls_dir / "redis.key"),
+                      "--tls-ca-cert-file", str(self.tls_dir / "ca.pem"),
+                      "--tls-auth-clients", "no"]
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            [self.binary, *listen, "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--loglevel", "warning"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + STEP_TIMEOUT
         while self.proc.poll() is None:
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return True
+                if self._ping(port):
+                    return True
             except OSError:
                 pass
             assert time.monotonic() < deadline, "redis-server did not start"
@@ -407,8 +437,8 @@ def recv_frame(ws: ClientConnection, frame_type: str = "message") -> dict[str, A
 
 
 def clients_on_every_worker(d: DaemonProcess, workers: int, each: int = 1,
-                            opened: list[ClientConnection] | None = None
-                            ) -> dict[int, list[ClientConnection]]:
+                            opened: list[ClientConnection] | None = None,
+                            **dial_args: Any) -> dict[int, list[ClientConnection]]:
     """Connect until each of ``workers`` pids has ``each`` clients (the kernel spreads
     connections over the workers' sockets by a hash, so it takes a few tries);
     extra connections are closed. Keyed by worker pid, from the welcome frame."""
@@ -416,7 +446,7 @@ def clients_on_every_worker(d: DaemonProcess, workers: int, each: int = 1,
     for _ in range(200):
         if len(by_pid) == workers and all(len(c) >= each for c in by_pid.values()):
             return dict(by_pid)
-        ws = dial(d.ws_url)
+        ws = dial(d.ws_url, **dial_args)
         pid = int(recv_frame(ws, "welcome")["server"].rsplit(":", 1)[1])
         if len(by_pid[pid]) < each:
             by_pid[pid].append(ws)

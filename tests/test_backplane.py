@@ -190,7 +190,7 @@ def test_an_instance_with_workers_and_a_single_one_share_redis(spawn, redis_serv
     one Redis. Every client of either sees every frame exactly once."""
     import signal
 
-    from test_workers import clients_on_every_worker, metric, recv_frame, wait_for
+    from helpers import clients_on_every_worker, metric, recv_frame, wait_for
 
     env = {"EBBCAST_BACKPLANE_URL": redis_server.url,
            "EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0"}
@@ -213,3 +213,31 @@ def test_an_instance_with_workers_and_a_single_one_share_redis(spawn, redis_serv
     for d in (many, single):
         d.signal(signal.SIGTERM)
         assert d.wait_exit() == 0
+
+
+def test_rediss_reaches_a_redis_server_that_speaks_only_tls(spawn, tmp_path):
+    import signal
+
+    from helpers import RedisServer, close_all, dial, metric, recv_frame, wait_for
+
+    redis = RedisServer(tls_dir=tmp_path)
+    redis.start()
+    try:
+        assert redis.url.startswith("rediss://127.0.0.1:")
+        env = {"EBBCAST_BACKPLANE_URL": redis.url, "EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0"}
+        one = spawn("--port", "0", "--admin-port", "0", env=env)
+        two = spawn("--port", "0", "--admin-port", "0", env=env)
+        for d in (one, two):
+            wait_for(lambda: metric(d, "ebbcast_backplane_up") == 1)
+        a, b = dial(one.ws_url), dial(two.ws_url)
+        recv_frame(a, "welcome")
+        recv_frame(b, "welcome")
+        a.send("over TLS to Redis and back")
+        assert recv_frame(b)["text"] == "over TLS to Redis and back"
+        close_all([a, b])
+        for d in (one, two):
+            d.signal(signal.SIGTERM)
+            assert d.wait_exit() == 0
+            assert "backplane connected: 127.0.0.1:" in d.log_text()
+    finally:
+        redis.stop()

@@ -17,10 +17,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
+from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK, InvalidStatus
 from websockets.sync.client import ClientConnection
 
-from helpers import (QUICK, STEP_TIMEOUT, clients_on_every_worker, close_all, dial, http_json,
+from helpers import (QUICK, STEP_TIMEOUT, _never_reading_client, clients_on_every_worker,
+                     close_all, dial, http_json,
                      metric, notifications, recv_frame, start_workers, status,
                      wait_for)
 from ebbcast.listener import bind_public
@@ -418,3 +419,74 @@ def test_a_hung_worker_is_killed_after_worker_timeout_and_replaced(spawn):
     assert recv_frame(stays)["text"] == "the other worker never noticed"
     assert hung not in {w["pid"] for w in status(d)["workers"]}
     close_all([ws for group in groups.values() for ws in group])
+
+
+# -- TLS and limits with workers ----------------------------------------------------------
+
+
+def test_tls_from_the_command_line_with_two_workers(spawn, tmp_path):
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "server.pem"))
+    d = start_workers(spawn, 2, EBBCAST_SERVER_TLS_CERT=str(tmp_path / "server.pem"),
+                      EBBCAST_SERVER_TLS_KEY=str(tmp_path / "server.pem"))
+    assert d.ws_url.startswith("wss://127.0.0.1:")
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    groups = clients_on_every_worker(d, 2, ssl=trusting)
+    (a,), (b,) = groups.values()
+    a.send("over tls, across workers")
+    assert recv_frame(b)["text"] == "over tls, across workers"
+    with pytest.raises(ssl.SSLCertVerificationError):  # it is TLS, with that certificate
+        dial(d.ws_url, ssl=ssl.create_default_context())
+    close_all([a, b])
+
+
+def test_max_connections_holds_per_worker(spawn):
+    d = start_workers(spawn, 2, EBBCAST_SERVER_MAX_CONNECTIONS="1")
+    kept: list[ClientConnection] = []
+    refused = 0
+    for _ in range(20):  # per worker: two at most, one on each
+        try:
+            ws = dial(d.ws_url)
+        except InvalidStatus as exc:
+            assert exc.response.status_code == 503
+            refused += 1
+            continue
+        recv_frame(ws, "welcome")
+        kept.append(ws)
+    assert len(kept) <= 2 and refused == 20 - len(kept) >= 18
+    assert metric(d, 'ebbcast_connections_rejected_total{reason="max_connections"}') == refused
+    close_all(kept)
+
+
+def test_origin_rate_and_slow_consumer_limits_hold_on_every_worker(spawn):
+    d = start_workers(spawn, 2, EBBCAST_LIMITS_MESSAGES_PER_SECOND="1",
+                      EBBCAST_LIMITS_BURST="1", EBBCAST_LIMITS_CLIENT_QUEUE_BYTES="4096")
+    for _ in range(4):  # whichever worker takes them
+        with pytest.raises(InvalidStatus) as foreign:
+            dial(d.ws_url, origin="https://evil.example")
+        assert foreign.value.response.status_code == 403
+    assert metric(d, 'ebbcast_connections_rejected_total{reason="origin"}') == 4
+    (sender,), (other,) = clients_on_every_worker(d, 2).values()
+    sender.send("first")
+    sender.send("over the rate")
+    assert recv_frame(sender)["text"] == "first" and recv_frame(other)["text"] == "first"
+    assert recv_frame(sender, "error") == {"type": "error", "error": "rate_limited"}
+    close_all([sender, other])
+    silent = _never_reading_client(d.ws_url)  # on either worker: cut off at 4 KiB
+    try:
+        wait_for(lambda: status(d)["connections"] == 1)
+        for _ in range(300):
+            code, _ = http_json(d.admin_url + "/broadcast", "POST", b"k" * 1000,
+                                "secret-token")
+            assert code == 202
+            if status(d)["connections"] == 0:
+                break
+        assert metric(d, 'ebbcast_disconnections_total{reason="slow_consumer"}') == 1
+    finally:
+        silent.close()
