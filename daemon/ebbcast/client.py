@@ -22,6 +22,7 @@ from typing import Any
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from ebbcast.backplane import backoff_delays
+from ebbcast.cli import ExitCode
 from ebbcast.config import parse_duration
 
 CONNECT_TIMEOUT = 10.0
@@ -50,7 +51,7 @@ async def _session(url: str, sends: list[str], listen: float | None, count: int 
         conn: WebSocketClientConnection = await asyncio.wait_for(websocket_connect(url), 10)
     except Exception as exc:  # any failure to connect is reported the same way
         print(f"ebbcast client: cannot connect to {url}: {exc}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILURE
     for text in sends:
         await conn.write_message(text)
     deadline = None if listen is None else time.monotonic() + listen
@@ -65,12 +66,12 @@ async def _session(url: str, sends: list[str], listen: float | None, count: int 
             code = conn.close_code
             if not quiet:
                 print(json.dumps({"closed": code, "reason": conn.close_reason}), flush=True)
-            return 0
+            return ExitCode.OK
         received += 1
         if not quiet:
             print(frame_as_json_line(frame), flush=True)
     conn.close(1000)
-    return 0
+    return ExitCode.OK
 
 
 class ReconnectingSession:
@@ -160,7 +161,7 @@ async def _reconnecting(url: str, sends: list[str], listen: float | None, count:
                                   None if listen is None else time.monotonic() + listen)
     session.current = await session.connect()
     if session.current is None:
-        return 1
+        return ExitCode.FAILURE
     for text in sends:
         await session.current.write_message(text)
     received = 0
@@ -177,7 +178,7 @@ async def _reconnecting(url: str, sends: list[str], listen: float | None, count:
             print(frame_as_json_line(frame), flush=True)
         session.on_frame(conn, frame)
     session.close()
-    return 0
+    return ExitCode.OK
 
 
 def run_client(args: argparse.Namespace) -> int:
@@ -185,9 +186,9 @@ def run_client(args: argparse.Namespace) -> int:
         listen = None if args.listen is None else parse_duration(args.listen)
     except ValueError as exc:
         print(f"ebbcast client: --listen: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     try:
         run = _reconnecting if args.reconnect else _session
         return asyncio.run(run(args.url, args.send, listen, args.count, args.quiet))
     except KeyboardInterrupt:
-        return 0
+        return ExitCode.OK
