@@ -283,3 +283,16 @@ async def test_a_fanout_that_keeps_failing_closes_everyone_and_stops_failed(star
     while await recv(conn) is not None:
         pass
     assert conn.close_code == 1011
+
+
+async def test_invalid_client_ids_are_refused_400_and_counted(start_daemon):
+    d = await start_daemon()
+    for bad in ("two%20words", "a" * 65, "caf%C3%A9", "a/b", "semi;colon"):
+        with pytest.raises(HTTPClientError) as refused:
+            await d.connect("/" + bad)
+        assert refused.value.code == 400, bad
+        assert b"invalid client id" in refused.value.response.body
+    assert d.daemon.metrics.rejected.labels("client_id")._value.get() == 5
+    conn, welcome = await d.connect_welcomed("/" + "a" * 64)  # the longest valid one
+    assert welcome["client_id"] == "a" * 64
+    conn.close()

@@ -46,7 +46,8 @@ from ebbcast.events import (DrainRequested, Event, EventQueue, FanoutBroken, Han
                             NoConnections, SignalReceived, who_asked)
 from ebbcast.fanout import Fanout
 from ebbcast.gcpolicy import CollectorPolicy
-from ebbcast.handlers import CLIENT_ID_PATTERN, BroadcastSocket, PageHandler, load_page
+from ebbcast.handlers import (CLIENT_ID_PATTERN, BroadcastSocket, InvalidClientId, PageHandler,
+                              load_page)
 from ebbcast.keepalive import Keepalive
 from ebbcast.lifecycle import (DEADLINE_CLOSE_GRACE, FORCED_CLOSE_GRACE, STOP_SIGNALS,
                                UPGRADE_SIGNAL, DrainCause, Lifecycle, State, StopReason,
@@ -375,6 +376,7 @@ class Daemon:
             (r"/", PageHandler, {"page": load_page(self.ctx.config.server.ws_path)}),
             (path, BroadcastSocket, ws_args),
             (rf"{path}/({CLIENT_ID_PATTERN})", BroadcastSocket, ws_args),
+            (rf"{path}/(.*)", InvalidClientId, ws_args),
         ], log_function=log_request)
 
     # -- events ------------------------------------------------------------------

@@ -37,6 +37,21 @@ def load_page(ws_path: str) -> bytes:
     return html.replace(WS_PATH_TOKEN, json.dumps(ws_path)).encode()
 
 
+class InvalidClientId(RequestHandler):
+    """``/ws/{client_id}`` with an id that is not 1 to 64 of ``A-Z a-z 0-9 _ . ~ -``:
+    400 naming the rule, counted as ``rejected{reason="client_id"}``."""
+
+    def initialize(self, ctx: DaemonContext) -> None:
+        self.ctx = ctx
+
+    def get(self, client_id: str) -> None:
+        self.ctx.metrics.rejected.labels("client_id").inc()
+        log.debug("refused WebSocket handshake from %s: invalid client id",
+                  self.request.remote_ip)
+        self.set_status(400)
+        self.finish("invalid client id: use 1 to 64 of A-Z a-z 0-9 _ . ~ -\n")
+
+
 class PageHandler(RequestHandler):
     """``GET /``: the HTML test client."""
 

@@ -26,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from ebbcast import __version__
 
-REJECT_REASONS = ("draining", "max_connections", "origin")
+REJECT_REASONS = ("draining", "max_connections", "origin", "client_id")
 DISCONNECT_REASONS = ("client", "ping_timeout", "slow_consumer", "too_big", "policy",
                       "drain_deadline", "forced", "error")
 BROADCAST_SOURCES = ("client", "periodic", "admin")
