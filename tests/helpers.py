@@ -179,6 +179,15 @@ def read_server_frames(sock: socket.socket) -> list[tuple[int, bytes]]:
 
 # -- the daemon as a subprocess ---------------------------------------------------
 
+def patch_module(root: Path, module: str, after: str, code: str) -> None:
+    """Insert ``code`` after the line ``after`` of ebbcast/``module`` in a package
+    copy; the line must be there (a patch that no longer applies fails loudly)."""
+    path = root / "ebbcast" / module
+    text = path.read_text()
+    assert text.count(after) == 1, f"{module} no longer has {after!r}"
+    path.write_text(text.replace(after, after + code))
+
+
 def package_copy(tmp_path: Path) -> Path:
     """A copy of the ebbcast package to run from (PYTHONPATH), to change in place: a
     new release for an upgrade, or a bug put there on purpose."""
@@ -416,6 +425,18 @@ QUICK = {"EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0", "EBBCAST_ADMIN_TOKEN": "sec
 
 #: websockets 17.1+ warns when connect() is not a context manager unless told this.
 _DIRECT = {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
+
+
+def closed_code(ws: ClientConnection) -> int:
+    """Read until the server closes the connection; the code of its close frame."""
+    from websockets.exceptions import ConnectionClosed
+
+    try:
+        while True:
+            ws.recv(timeout=STEP_TIMEOUT)
+    except ConnectionClosed as closed:
+        assert closed.rcvd is not None, "closed without a close frame"
+        return closed.rcvd.code
 
 
 def dial(url: str, **kwargs: Any) -> ClientConnection:

@@ -12,7 +12,7 @@ import time
 import pytest
 from websockets.sync.client import connect
 
-from helpers import STEP_TIMEOUT, http_json, package_copy
+from helpers import STEP_TIMEOUT, http_json, package_copy, patch_module
 from ebbcast.notify import SystemdNotifier
 
 
@@ -93,11 +93,9 @@ def test_the_watchdog_stops_while_the_event_loop_is_stuck(spawn, notify_socket, 
     """WATCHDOG=1 comes from the event loop itself, so a stuck loop (here a handler
     put there on purpose that blocks it for 1.5 s) is what systemd sees."""
     root = package_copy(tmp_path)
-    admin = root / "ebbcast" / "admin.py"
-    admin.write_text(admin.read_text().replace(
-        'class HealthzHandler(AdminHandler):\n    def get(self) -> None:\n',
-        'class HealthzHandler(AdminHandler):\n    def get(self) -> None:\n'
-        '        __import__("time").sleep(1.5)  # the loop is stuck\n'))
+    patch_module(root, "admin.py",
+                 "class HealthzHandler(AdminHandler):\n    def get(self) -> None:\n",
+                 '        __import__("time").sleep(1.5)  # the loop is stuck\n')
     d = spawn("--port", "0", "--admin-port", "0", cwd=tmp_path,
               env={"PYTHONPATH": str(root), "NOTIFY_SOCKET": notify_socket.getsockname(),
                    "WATCHDOG_USEC": "200000"})
