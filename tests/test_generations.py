@@ -34,6 +34,10 @@ def test_every_socket_set_keeps_a_worker_whatever_the_new_worker_count():
 def test_upgrade_status_reports_the_last_result_and_times_out():
     status = UpgradeStatus()
     assert status.report() == {"state": "idle", "last_result": None, "last_error": None}
+    status.queue()  # POST /upgrade: under way from the answer on, a second is refused
+    assert status.under_way and status.report()["state"] == "starting"
+    status.dequeue()
+    assert not status.under_way
     assert not status.overdue(math.inf) and status.ready_by == math.inf
     status.begin(100.0, 60.0)
     assert status.report()["state"] == "starting"

@@ -89,11 +89,14 @@ class StatusHandler(AdminHandler):
 
 
 def build_status(lifecycle: Lifecycle, started_mono: float, now_mono: float,
-                 workers: list[tuple[int, int]]) -> dict[str, Any]:
-    """The ``/status`` document (SPEC section 3) at monotonic time ``now_mono``,
-    from the lifecycle and the ``(pid, connections)`` of every process serving
-    clients."""
-    connections = sum(count for _, count in workers)
+                 workers: list[tuple[int, int]], connections: int | None = None
+                 ) -> dict[str, Any]:
+    """The ``/status`` document at monotonic time ``now_mono``, from the lifecycle
+    and the ``(pid, connections)`` of every process serving new clients;
+    ``connections`` is the total, when more processes (an older generation) hold
+    clients too."""
+    if connections is None:
+        connections = sum(count for _, count in workers)
     report: dict[str, Any] = {
         "state": lifecycle.state.value,
         "connections": connections,

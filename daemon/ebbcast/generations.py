@@ -58,13 +58,25 @@ def assign_sets(sets: list[list[socket.socket]], count: int) -> list[list[socket
 @dataclass
 class UpgradeStatus:
     """The ``upgrade`` object of ``/status``: whether one is under way, how the
-    last one ended, and (monotonic) when the one under way must be ready by."""
+    last one ended, and (monotonic) when the one under way must be serving by."""
 
     starting: bool = False
     last_result: str | None = None
     last_error: str | None = None
     ready_by: float = field(default=float("inf"))
     timeout: float = 0.0
+    queued: bool = False  # asked for by the admin API, not begun yet
+
+    @property
+    def under_way(self) -> bool:
+        """Asked for or starting: a further request is refused, not queued."""
+        return self.starting or self.queued
+
+    def queue(self) -> None:
+        self.queued = True
+
+    def dequeue(self) -> None:
+        self.queued = False
 
     def begin(self, now_mono: float, timeout: float) -> None:
         self.starting = True
@@ -81,5 +93,5 @@ class UpgradeStatus:
         return self.starting and now_mono >= self.ready_by
 
     def report(self) -> dict[str, Any]:
-        return {"state": "starting" if self.starting else "idle",
+        return {"state": "starting" if self.under_way else "idle",
                 "last_result": self.last_result, "last_error": self.last_error}

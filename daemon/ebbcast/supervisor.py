@@ -113,7 +113,6 @@ class Supervisor:
         self._next_config = config
         self._idle_sets: list[list[socket.socket]] = []  # bound for the new generation
         self._upgrade = UpgradeStatus()
-        self._upgrade_queued = False
         self._spare = Spare()  # a descriptor in reserve, see ebbcast.listener
         self._admin: HTTPServer | None = None
         self._timers: list[PeriodicCallback] = []
@@ -150,10 +149,8 @@ class Supervisor:
 
     def status_report(self, now_mono: float) -> dict[str, Any]:
         workers = [(w.pid, w.connections) for w in self._current.workers if w.alive]
-        report = build_status(self.lifecycle, self._started_mono, now_mono, workers)
-        report["connections"] = self.total_connections
-        if "drain" in report:
-            report["drain"]["remaining"] = self.total_connections
+        report = build_status(self.lifecycle, self._started_mono, now_mono, workers,
+                              self.total_connections)
         report["generation"] = self._current.number
         report["upgrade"] = self._upgrade.report()
         report["previous"] = [
@@ -180,7 +177,7 @@ class Supervisor:
         """Queue an upgrade; or the reason it is refused now (answered 409)."""
         refusal = self._upgrade_refusal()
         if refusal is None:
-            self._upgrade_queued = True
+            self._upgrade.queue()
             self._events.put(UpgradeRequested(source))
         return refusal
 
@@ -339,7 +336,7 @@ class Supervisor:
             case SignalReceived(signum) if signum == UPGRADE_SIGNAL:
                 self._begin_upgrade("SIGUSR2", now)
             case UpgradeRequested(source):
-                self._upgrade_queued = False
+                self._upgrade.dequeue()
                 self._begin_upgrade(source, now)
             case SignalReceived() | DrainRequested() if state is State.STARTING:
                 log.info("%s during start-up: stopping", who_asked(event))
@@ -419,7 +416,7 @@ class Supervisor:
     def _upgrade_refusal(self) -> str | None:
         if self.lifecycle.state is not State.SERVING:
             return f"the daemon is {self.lifecycle.state.value}"
-        if self._upgrade.starting or self._upgrade_queued:
+        if self._upgrade.under_way:
             return "an upgrade is already under way"
         return None
 
