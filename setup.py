@@ -30,6 +30,8 @@ setup(
             # browser tests drive Debian's Chromium (never a downloaded browser)
             "playwright>=1.65",
             "mypy>=1.10",
+            # the upgrade test pip-installs a release into a folder, offline
+            "wheel>=0.40",
         ],
     },
     entry_points={"console_scripts": ["ebbcast = ebbcast.cli:main"]},

@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 from websockets.sync.client import ClientConnection
 
-from helpers import (QUICK, STEP_TIMEOUT, close_all, closed_code, DaemonProcess, dial, metric,
-                     package_copy,
-                     notifications, recv_frame, status, wait_for)
+from helpers import (QUICK, REPO, STEP_TIMEOUT, DaemonProcess, clients_on_every_worker,
+                     close_all, closed_code, dial, metric, notifications, package_copy,
+                     recv_frame, status, wait_for)
 
 UPGRADE_ENV = {**QUICK, "EBBCAST_SHUTDOWN_UPGRADE_SPREAD": "2s"}
 
@@ -478,3 +478,88 @@ def test_upgrade_with_the_redis_backplane_is_one_conversation(spawn, redis_serve
         sender.send(text)
         assert texts(old, 1) == texts(new, 1) == texts(elsewhere, 1) == [text]
     close_all([old, new, elsewhere])
+
+
+def test_pip_upgrading_the_installed_package_then_sigusr2_serves_the_new_release(spawn,
+                                                                                 tmp_path):
+    """As an operator upgrades: pip installs the new release over the running one's
+    files, then SIGUSR2 puts it into service."""
+    site, source = tmp_path / "site", tmp_path / "src"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "node_modules", "__pycache__", "*.egg-info", "build", "bench",
+        "conformance", "docs"))
+
+    def pip_install() -> None:
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                               "--no-build-isolation", "--upgrade", "--target", str(site),
+                               str(source)], capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    set_version(source / "daemon", "1.0.0")
+    pip_install()
+    d = start(spawn, env={"PYTHONPATH": str(site)}, cwd=tmp_path)
+    assert build_versions(d) == {"1.0.0"}
+    ws, _ = welcomed(d)
+    set_version(source / "daemon", "1.1.0")
+    pip_install()  # replaces the files the running daemon was started from
+    upgrade(d, 2)
+    assert recv_frame(ws, "shutdown")["reason"] == "upgrade"
+    assert build_versions(d) == {"1.0.0", "1.1.0"}
+    new, welcome = welcomed(d)
+    assert pid_of(welcome) != d.proc.pid
+    ws.close()
+    wait_for(lambda: build_versions(d) == {"1.1.0"})
+    new.close()
+
+
+def test_an_upgrade_can_change_the_worker_count_both_ways_without_refusing(spawn, tmp_path):
+    config = tmp_path / "ebbcast.toml"
+    config.write_text("[server]\nworkers = 1\n")
+    d = spawn("--port", "0", "--admin-port", "0", "--config", str(config), env=UPGRADE_ENV)
+    config.write_text("[server]\nworkers = 2\n")
+    upgrade(d, 2)  # a second socket set on the port, listening only from the switch
+    two = {w["pid"] for w in status(d)["workers"]}
+    assert len(two) == 2 and d.proc.pid not in two
+    spread = clients_on_every_worker(d, 2)  # the kernel spreads over both sets
+    assert set(spread) == two
+    close_all([ws for group in spread.values() for ws in group])
+    config.write_text("[server]\nworkers = 1\n")
+    upgrade(d, 3)  # one worker now takes both sets: none is closed, none left unserved
+    (one,) = [w["pid"] for w in status(d)["workers"]]
+    landed = set()
+    for _ in range(20):
+        ws, welcome = welcomed(d)
+        landed.add(pid_of(welcome))
+        ws.close()
+    assert landed == {one}
+
+
+def test_sockets_bound_for_a_failed_upgrade_are_released_and_bound_again(spawn, tmp_path):
+    root = package_copy(tmp_path)
+    config = tmp_path / "ebbcast.toml"
+    config.write_text("[server]\nworkers = 1\n")
+    d = spawn("--port", "0", "--admin-port", "0", "--config", str(config), cwd=tmp_path,
+              env={**UPGRADE_ENV, "PYTHONPATH": str(root)})
+    daemon_module = root / "ebbcast" / "daemon.py"
+    good = daemon_module.read_text()
+    daemon_module.write_text(good + 'raise RuntimeError("a broken release")\n')
+    config.write_text("[server]\nworkers = 3\n")
+    mark = len(d.lines)
+    d.signal(signal.SIGUSR2)
+    d.wait_for_log("upgrade to generation 2 failed", start=mark)
+    # the two extra socket sets never listened: closed, every connection still lands
+    # on generation 1 (an unserved set would leave a share of them hanging)
+    for _ in range(12):
+        ws, welcome = welcomed(d)
+        assert pid_of(welcome) == d.proc.pid
+        ws.close()
+    daemon_module.write_text(good)
+    upgrade(d, 2)
+    assert len(status(d)["workers"]) == 3
+    landed = set()
+    for _ in range(60):
+        ws, welcome = welcomed(d)
+        landed.add(pid_of(welcome))
+        ws.close()
+    assert landed == {w["pid"] for w in status(d)["workers"]}  # all three sets serve
