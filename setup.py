@@ -30,7 +30,9 @@ setup(
             # browser tests drive Debian's Chromium (never a downloaded browser)
             "playwright>=1.65",
             "mypy>=1.10",
-            # the upgrade test pip-installs a release into a folder, offline
+            # the upgrade test pip-installs a release into a folder, offline (a
+            # Python 3.12+ venv has no setuptools of its own)
+            "setuptools>=61",
             "wheel>=0.40",
         ],
     },
