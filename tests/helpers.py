@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,29 +152,42 @@ def _never_reading_client(ws_url: str) -> socket.socket:
     return sock
 
 
-def read_server_frames(sock: socket.socket) -> list[tuple[int, bytes]]:
-    """Read unmasked server frames (RFC 6455 5.2) until a close frame; return them all."""
-    frames: list[tuple[int, bytes]] = []
-    buffer = b""
+def exact_reader(sock: socket.socket) -> Callable[[int], bytes]:
+    """``read(n)``: exactly n bytes from ``sock``, however they arrive."""
+    buffer = bytearray()
 
-    def take(n: int) -> bytes:
-        nonlocal buffer
+    def read(n: int) -> bytes:
         while len(buffer) < n:
             chunk = sock.recv(65536)
             assert chunk, "connection ended without a close frame"
-            buffer += chunk
-        data, buffer = buffer[:n], buffer[n:]
+            buffer.extend(chunk)
+        data = bytes(buffer[:n])
+        del buffer[:n]
         return data
 
+    return read
+
+
+def server_frames(read: Callable[[int], bytes]) -> Iterator[tuple[int, bytes]]:
+    """Unmasked server frames (RFC 6455 5.2) as ``(opcode, payload)``, as they come;
+    ``read(n)`` gives exactly n bytes (``exact_reader``, or a binary file's read)."""
     while True:
-        head, length = take(2)
+        head, length = read(2)
         if length == 126:
-            length = int.from_bytes(take(2), "big")
+            length = int.from_bytes(read(2), "big")
         elif length == 127:
-            length = int.from_bytes(take(8), "big")
-        frames.append((head & 0x0F, take(length)))
-        if head & 0x0F == 0x8:
+            length = int.from_bytes(read(8), "big")
+        yield head & 0x0F, read(length)
+
+
+def read_server_frames(sock: socket.socket) -> list[tuple[int, bytes]]:
+    """Read unmasked server frames until a close frame; return them all."""
+    frames: list[tuple[int, bytes]] = []
+    for opcode, payload in server_frames(exact_reader(sock)):
+        frames.append((opcode, payload))
+        if opcode == 0x8:
             return frames
+    return frames
 
 
 # -- the daemon as a subprocess ---------------------------------------------------

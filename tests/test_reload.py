@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 from pathlib import Path
-from typing import Any
 
 from helpers import (STEP_TIMEOUT, DaemonProcess, _never_reading_client, close_all, dial,
-                     http_json, metric, recv_frame, wait_for)
+                     exact_reader, http_json, metric, recv_frame, server_frames, wait_for)
 
 FAST = ("--port", "0", "--admin-port", "0")
 
@@ -85,27 +83,6 @@ def test_rate_limits_and_the_client_queue_change_on_sighup(spawn, tmp_path):
         silent.close()
 
 
-def read_frames(sock: socket.socket) -> Any:
-    """Server frames from a raw client, as (opcode, payload), as they come."""
-    buffer = b""
-    while True:
-        while len(buffer) < 2:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return
-            buffer += chunk
-        length = buffer[1] & 0x7F
-        start = 2 + {126: 2, 127: 8}.get(length, 0)
-        while len(buffer) < start:
-            buffer += sock.recv(65536)
-        if length >= 126:
-            length = int.from_bytes(buffer[2:start], "big")
-        while len(buffer) < start + length:
-            buffer += sock.recv(65536)
-        yield buffer[0] & 0x0F, buffer[start:start + length]
-        buffer = buffer[start + length:]
-
-
 def test_keepalive_logging_and_progress_change_on_sighup(spawn, tmp_path):
     path = tmp_path / "ebbcast.toml"
     path.write_text('[broadcast]\nperiodic_interval = 0\n')
@@ -121,7 +98,7 @@ def test_keepalive_logging_and_progress_change_on_sighup(spawn, tmp_path):
     # pings every 200 ms now; a client that never answers them is closed for it
     silent = _never_reading_client(d.ws_url)
     silent.settimeout(STEP_TIMEOUT)
-    frames = read_frames(silent)
+    frames = server_frames(exact_reader(silent))
     assert next(frames)[0] == 0x1  # the welcome
     assert next(frames)[0] == 0x9  # a ping, well before the old 20 s interval
     wait_for(lambda: metric(d, 'ebbcast_disconnections_total{reason="ping_timeout"}') == 1)

@@ -25,7 +25,7 @@ from websockets.sync.client import ClientConnection
 
 from helpers import (QUICK, REPO, STEP_TIMEOUT, DaemonProcess, clients_on_every_worker,
                      close_all, closed_code, dial, metric, notifications, package_copy,
-                     recv_frame, status, wait_for)
+                     recv_frame, server_frames, status, wait_for)
 
 UPGRADE_ENV = {**QUICK, "EBBCAST_SHUTDOWN_UPGRADE_SPREAD": "2s"}
 
@@ -152,7 +152,10 @@ def test_a_handshake_on_a_connection_the_old_generation_holds_completes_and_move
                       "Sec-WebSocket-Version: 13\r\n\r\n").encode())
         answer = read_head(stream)
         assert answer[0].startswith(b"HTTP/1.1 101"), answer  # not refused: moved
-        welcome, moving = (json.loads(read_text_frame(stream)) for _ in range(2))
+        frames = server_frames(stream.read)
+        (kind, first), (kind_after, second) = next(frames), next(frames)
+        assert kind == kind_after == 0x1  # text frames
+        welcome, moving = json.loads(first), json.loads(second)
         assert welcome["type"] == "welcome" and pid_of(welcome) == d.proc.pid
         assert moving["type"] == "shutdown" and moving["reason"] == "upgrade"
 
@@ -162,14 +165,6 @@ def read_head(stream: Any) -> list[bytes]:
     while (line := stream.readline().rstrip(b"\r\n")):
         lines.append(line)
     return lines
-
-
-def read_text_frame(stream: Any) -> str:
-    first, length = stream.read(2)
-    assert first == 0x81, first
-    if length == 126:
-        length = int.from_bytes(stream.read(2), "big")
-    return stream.read(length).decode()  # type: ignore[no-any-return]
 
 
 # -- upgrades that fail change nothing ------------------------------------------------

@@ -45,7 +45,7 @@ class UpgradeRequested:
 @dataclass(frozen=True)
 class HandOver:
     """The main process tells a serving process: a new generation serves, drain as
-    an upgrade (``ebbcast.relay``'s UPGRADE record)."""
+    an upgrade (``ebbcast.relay``'s HAND_OVER record)."""
 
 
 @dataclass(frozen=True)

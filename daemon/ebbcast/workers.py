@@ -232,8 +232,8 @@ class ChildWorker(Worker):
                 pass  # it has just exited; its pidfd reports it
 
 
-#: Runs a serving process inside the main process: ``(relay, public)`` -> its run().
-ServeHere = Callable[[socket.socket, list[socket.socket]], "LocalRun"]
+#: Builds the serving process a LocalWorker runs: ``(relay, public)`` -> it.
+MakeLocalRun = Callable[[socket.socket, list[socket.socket]], "LocalRun"]
 
 
 class LocalRun(Protocol):
@@ -249,7 +249,7 @@ class LocalWorker(Worker):
     reach it from the main process's loop; it cannot be killed or go silent
     alone (a stuck loop is the main process's, which the watchdog catches)."""
 
-    def __init__(self, index: int, public: list[socket.socket], serve_here: ServeHere) -> None:
+    def __init__(self, index: int, public: list[socket.socket], serve_here: MakeLocalRun) -> None:
         super().__init__(index, public)
         self._serve_here = serve_here
         self._daemon: LocalRun | None = None
