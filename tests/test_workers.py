@@ -233,6 +233,7 @@ def test_one_ctrl_c_to_the_process_group_is_one_graceful_drain(spawn):
         recv_frame(ws, "shutdown")
     b.send("after ctrl+c")  # nobody was closed: not the forced stop
     assert recv_frame(a)["text"] == "after ctrl+c"
+    d.wait_for_log("drain started by SIGINT")  # read by the test's log thread by now
     log = d.log_text()
     assert log.count("drain started by SIGINT") == 1
     assert "closing the remaining clients now" not in log and "close their clients now" \

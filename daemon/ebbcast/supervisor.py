@@ -521,16 +521,17 @@ class Supervisor:
         plan = self.lifecycle.begin_drain(now, time.time(), self.config.shutdown.drain_timeout)
         if plan is None:
             return
+        # said before it is done, so the log's order is the order of events
+        log.info("drain started by %s: %d connections on %d workers, %s", source,
+                 self.total_connections, sum(w.alive for w in self._workers()),
+                 plan.deadline_text())
+        self.metrics.drain_started_at(plan.started_unix, plan.deadline_unix)
         if self._upgrade.starting:
             self._fail_upgrade(f"the drain started by {source}", now)
         for sockets in self._sets:  # with the workers' copies closed too, new
             for sock in sockets:  # connections are refused by the kernel
                 sock.close()
         self._stop_workers(plan.timeout + DEADLINE_CLOSE_GRACE)
-        self.metrics.drain_started_at(plan.started_unix, plan.deadline_unix)
-        log.info("drain started by %s: %d connections on %d workers, %s", source,
-                 self.total_connections, sum(w.alive for w in self._workers()),
-                 plan.deadline_text())
         status = self._drain_status(now)
         self._notifier.stopping(status)
         self._notifier.progress(status, self._extend_seconds())
