@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     package_dir={"": "daemon"},
     packages=find_packages("daemon"),
-    package_data={"ebbcast": ["static/*.html", "py.typed"]},
+    package_data={"ebbcast": ["static/*.html", "static/*.js", "py.typed"]},
     python_requires=">=3.10",
     install_requires=[
         # ebbcast.wire goes under Tornado's public API (and checks at start-up that

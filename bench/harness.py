@@ -93,7 +93,7 @@ class Server:
         return self._base_command() + self.args
 
     def _base_command(self) -> list[str]:
-        if self.variant == "ebbcast":
+        if self.variant.startswith("ebbcast"):
             return [sys.executable, "-m", "ebbcast", "serve", "--port", str(self.port),
                     "--admin-port", "0"]
         if self.variant == "tornado-naive":
@@ -105,7 +105,9 @@ class Server:
     def start(self) -> Server:
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("EBBCAST_")}
-        env.update(EBBCAST_BENCH_ENV if self.variant == "ebbcast" else {})
+        env.update(EBBCAST_BENCH_ENV if self.variant.startswith("ebbcast") else {})
+        if self.variant == "ebbcast-json":  # the JSON envelope: offsets, history
+            env["EBBCAST_BROADCAST_ENVELOPE"] = "json"
         env.update(self.env)
         self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

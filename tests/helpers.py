@@ -470,6 +470,17 @@ def recv_frame(ws: ClientConnection, frame_type: str = "message") -> dict[str, A
             return frame
 
 
+def recv_kinds(ws: ClientConnection, count: int) -> dict[str, dict[str, Any]]:
+    """The next ``count`` frames, by type. An error frame answers a client's frame
+    at once, while its broadcast comes back from the sequencer: their order is
+    not fixed."""
+    got: dict[str, dict[str, Any]] = {}
+    for _ in range(count):
+        frame = json.loads(ws.recv(timeout=STEP_TIMEOUT))
+        got[frame["type"]] = frame
+    return got
+
+
 def clients_on_every_worker(d: DaemonProcess, workers: int, each: int = 1,
                             opened: list[ClientConnection] | None = None,
                             **dial_args: Any) -> dict[int, list[ClientConnection]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from helpers import recv_json, wait_until
 from ebbcast.backplane import BACKOFF_MAX, backoff_delays, decode, encode
@@ -41,20 +42,24 @@ async def pair(start_daemon, redis_server, **overrides):
     return one, two
 
 
-async def test_frames_cross_instances_both_ways_exactly_once(start_daemon, redis_server):
+async def test_frames_cross_instances_both_ways_exactly_once_in_one_order(start_daemon,
+                                                                         redis_server):
+    """Redis sequences every broadcast: every client of either instance sees the same
+    frames in the same order, with consecutive offsets, each sender's in its order."""
     one, two = await pair(start_daemon, redis_server)
-    a, _ = await one.connect_welcomed("/a")
+    a, welcome = await one.connect_welcomed("/a")
     a2, _ = await one.connect_welcomed("/a2")
     b, _ = await two.connect_welcomed("/b")
     for text in ("one", "two", "three"):
         await a.write_message(text)
     await b.write_message("from b")
-    for conn in (a, a2):  # local clients: their own instance's frames once, then b's
-        assert [(await recv_json(conn))["text"] for _ in range(4)] == \
-            ["one", "two", "three", "from b"]
-    texts = [(await recv_json(b))["text"] for _ in range(4)]
+    seen = [[await recv_json(conn) for _ in range(4)] for conn in (a, a2, b)]
+    assert seen[0] == seen[1] == seen[2]  # the same frames, offsets and order everywhere
+    texts = [frame["text"] for frame in seen[0]]
     assert sorted(texts) == ["from b", "one", "three", "two"]
     assert [t for t in texts if t != "from b"] == ["one", "two", "three"]  # sender's order
+    first = welcome["offset"] + 1
+    assert [frame["offset"] for frame in seen[0]] == list(range(first, first + 4))
     await a.write_message("marker")  # anything duplicated would arrive before it
     assert (await recv_json(b))["text"] == "marker"
     assert (await recv_json(a))["text"] == "marker"
@@ -89,11 +94,18 @@ async def test_redis_outage_keeps_local_delivery_and_counts_the_loss(start_daemo
     await wait_until(lambda: metrics.backplane_dropped._value.get() >= 1)
     exposition = (await one.admin("/metrics")).body.decode()
     assert "ebbcast_backplane_up 0.0" in exposition
+    during = await recv_json(a)  # its own frame, delivered here without an offset
+    assert during["text"] == "during the outage" and "offset" not in during
+    old_epoch = one.daemon.broadcasts.history.epoch
     redis_server.start()  # the same port: both instances reconnect with backoff
     await wait_until(lambda: metrics.backplane_up._value.get() == 1
                      and two.daemon.metrics.backplane_up._value.get() == 1, timeout=30)
+    for conn in (a, a2, b):  # a Redis without persistence lost the history: told first
+        epoch = await recv_json(conn)
+        assert epoch["type"] == "epoch" and epoch["epoch"] != old_epoch
     await a.write_message("after the outage")
-    assert (await recv_json(b))["text"] == "after the outage"  # and never the lost one
+    after = await recv_json(b)  # and never the lost one
+    assert (after["text"], after["offset"]) == ("after the outage", epoch["offset"] + 1)
 
 
 def test_a_daemon_whose_redis_is_down_serves_locally_and_says_so(spawn):
@@ -171,16 +183,24 @@ async def test_redis_restarted_under_load_loses_nothing_locally(start_daemon, re
         await send_some(10)
     await send_some(100)
     await sender.write_message("end")
-    for conn in (sender, local):  # nothing lost locally, in order
-        assert [(await recv_json(conn))["text"] for _ in range(sent + 1)] == \
-            [*map(str, range(sent)), "end"]
-    texts = []
-    while (text := (await recv_json(far))["text"]) != "end":
-        texts.append(int(text))
+
+    async def texts_and_epochs(conn: Any) -> tuple[list[str], int]:
+        texts, epochs = [], 0
+        while (frame := await recv_json(conn)).get("text") != "end":
+            if frame["type"] == "epoch":
+                epochs += 1
+            else:
+                texts.append(frame["text"])
+        return texts, epochs
+
+    for conn in (sender, local):  # nothing lost locally, in order; the new epoch told
+        assert await texts_and_epochs(conn) == ([*map(str, range(sent))], 1)
+    far_texts, far_epochs = await texts_and_epochs(far)
+    texts = [int(text) for text in far_texts]
     assert texts == sorted(set(texts)) and texts[:100] == list(range(100))
-    lost = sent - len(texts)  # each one counted once: not published, or missed there
-    missed = two.daemon.metrics.backplane_missed._value.get()
-    assert lost >= 1 and metrics.backplane_dropped._value.get() + missed == lost
+    assert far_epochs == 1  # the far side's clients know their offsets start again
+    # what was delivered on instance one without an offset never crossed, and is counted
+    assert sent - len(texts) >= metrics.backplane_dropped._value.get() >= 1
     exposition = (await one.admin("/metrics")).body.decode()
     assert "ebbcast_backplane_up 1.0" in exposition
 

@@ -10,16 +10,20 @@ Console errors of every page are collected and must be empty, apart from the
 connection-refused WebSocket errors a page logs while its daemon is down (reconnect
 test only).
 
-Set EBBCAST_UPDATE_SCREENSHOT=1 to refresh docs/screenshot-drain.png from the drain
-screenshot (each run also saves it in the test's tmp_path).
+Set EBBCAST_UPDATE_SCREENSHOT=1 to refresh the screenshots in docs/ (drain,
+upgrade, resume; each run also saves them in the test's tmp_path).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
+import socket
+import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,6 +46,7 @@ FAST = ("--port", "0", "--admin-port", "0")
 QUIET = {"EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0"}
 DOCS_SCREENSHOT = REPO / "docs" / "screenshot-drain.png"
 UPGRADE_SCREENSHOT = REPO / "docs" / "screenshot-upgrade.png"
+RESUME_SCREENSHOT = REPO / "docs" / "screenshot-resume.png"
 #: What Chromium logs when a WebSocket connect finds nothing listening.
 REFUSED_RE = re.compile(r"^WebSocket connection to 'ws://127\.0\.0\.1:\d+/ws' failed: "
                         r".*net::ERR_CONNECTION_REFUSED")
@@ -401,3 +406,109 @@ def test_pages_move_to_the_new_generation_make_before_break(spawn: Callable[...,
     tabs.close()
     d.signal(signal.SIGTERM)
     assert d.wait_exit(STEP_TIMEOUT) == 0, d.log_text()
+
+
+class CuttableProxy:
+    """A TCP proxy between the browser and the daemon whose ``cut()`` resets every
+    connection it carries (from the browser's side, the server closed the socket
+    without a close frame), as a network that drops a connection would."""
+
+    def __init__(self, target_port: int) -> None:
+        self._target = ("127.0.0.1", target_port)
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                browser, _ = self._server.accept()
+            except OSError:
+                return
+            daemon = socket.create_connection(self._target)
+            with self._lock:
+                self._pairs.append((browser, daemon))
+            for src, dst in ((browser, daemon), (daemon, browser)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def cut(self) -> None:
+        """Both sides end at once, without a WebSocket close frame; the browser's
+        side with a reset (SO_LINGER 0), once the pumps let go of the sockets."""
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for browser, daemon in pairs:
+            browser.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            for sock in (browser, daemon):  # wakes the pumps blocked in recv()
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._server.close()
+        self.cut()
+
+
+def test_page_resumes_after_its_connection_is_cut_and_shows_every_message_once(
+        spawn: Callable[..., Any], tabs: Tabs, tmp_path: Path) -> None:
+    from websockets.sync.client import connect
+
+    d = spawn(*FAST, env={**QUIET, "EBBCAST_LIMITS_MESSAGES_PER_SECOND": "0"})
+    proxy = CuttableProxy(int(d.ws_url.rsplit(":", 1)[1].split("/")[0]))
+    stop = threading.Event()
+    sent: list[int] = []
+
+    def publish() -> None:  # numbered messages, without pause, straight to the daemon
+        with connect(d.ws_url, max_queue=None) as ws:  # never reads: never blocks
+            while not stop.is_set():
+                ws.send(str(len(sent)))
+                sent.append(len(sent))
+                time.sleep(0.01)
+
+    try:
+        page = tabs.open(f"http://127.0.0.1:{proxy.port}/")
+        wait_welcomed(page)
+        publisher = threading.Thread(target=publish, daemon=True)
+        publisher.start()
+        count = "n => document.querySelectorAll('#frames > [data-type=message]').length >= n"
+        wait_js(page, "messages before the cut", count, arg=20)
+        proxy.cut()
+        wait_welcomed(page, count=2)  # reconnected through the proxy, resumed
+        shown = page.eval_on_selector_all("#frames > [data-type=message]", "e => e.length")
+        wait_js(page, "messages after the cut", count, arg=shown + 20)
+        stop.set()
+        publisher.join(STEP_TIMEOUT)
+        wait_frame(page, "message", f": {sent[-1]}")
+        assert page.evaluate("document.body.dataset.state") == "connected"
+        page.evaluate("document.querySelectorAll('#frames > [data-type=welcome]')[1]"
+                      ".scrollIntoView({block: 'center'})")
+        shot = tmp_path / "screenshot-resume.png"
+        page.screenshot(path=str(shot), animations="disabled", caret="hide")
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        if os.environ.get("EBBCAST_UPDATE_SCREENSHOT") == "1":
+            shutil.copyfile(shot, RESUME_SCREENSHOT)
+    finally:
+        stop.set()
+        proxy.close()
+    welcomes = frames(page, "welcome")
+    assert "resumed" in welcomes[1] and "resumed" not in welcomes[0], welcomes
+    rows = page.eval_on_selector_all(
+        "#frames > [data-type=message]",
+        "els => els.map(e => [e.textContent.split(': ').pop(), Number(e.dataset.offset)])")
+    numbers = [int(text) for text, _ in rows]
+    assert numbers == list(range(len(sent))), describe(page)  # every message, once, in order
+    offsets = [offset for _, offset in rows]
+    assert offsets == list(range(offsets[0], offsets[0] + len(offsets)))
+    tabs.assert_no_console_errors()

@@ -12,7 +12,8 @@ import signal
 from pathlib import Path
 
 from helpers import (STEP_TIMEOUT, DaemonProcess, _never_reading_client, close_all, dial,
-                     exact_reader, http_json, metric, recv_frame, server_frames, wait_for)
+                     exact_reader, http_json, metric, recv_frame, recv_kinds, server_frames,
+                     wait_for)
 
 FAST = ("--port", "0", "--admin-port", "0")
 
@@ -66,8 +67,9 @@ def test_rate_limits_and_the_client_queue_change_on_sighup(spawn, tmp_path):
            "limits.burst")
     ws.send("first")
     ws.send("second, over the limit")
-    assert recv_frame(ws)["text"] == "first"
-    assert recv_frame(ws, "error") == {"type": "error", "error": "rate_limited"}
+    got = recv_kinds(ws, 2)
+    assert got["message"]["text"] == "first"
+    assert got["error"] == {"type": "error", "error": "rate_limited"}
     ws.close()
     # a client that never reads is cut off once 4 KiB (no longer 1 MiB) wait for it:
     # well within 300 kB of broadcasts (the kernel's buffers take the first ~70 kB)

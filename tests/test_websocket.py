@@ -205,6 +205,15 @@ async def test_page_is_served_with_ws_path(start_daemon):
     assert "__EBBCAST_WS_PATH__" not in html
     conn = await d.connect()
     assert "/live" in d.ws_url and (await recv_json(conn))["type"] == "welcome"
+    assert 'import { EbbcastClient } from "./ebbcast.js";' in html  # the page uses the module
+
+
+async def test_the_client_module_is_served_for_any_page(start_daemon):
+    d = await start_daemon()
+    response = await d.http.fetch(d.daemon.urls["page"] + "ebbcast.js")
+    assert response.headers["Content-Type"] == "text/javascript; charset=utf-8"
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert b"export class EbbcastClient extends EventTarget" in response.body
 
 
 async def test_tls_serves_wss_and_https(start_daemon, tmp_path):

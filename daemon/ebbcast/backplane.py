@@ -14,6 +14,19 @@ either side of it: frames an instance could not publish are counted in its
 was down while others published are found as gaps in each publisher's sequence
 numbers and counted in its ``ebbcast_backplane_missed_total``. (Redis pub/sub is
 at most once: a subscriber that is away gets nothing from that time.)
+
+Offsets (SPEC section 10). With the JSON envelope a broadcast is *submitted*
+instead: one Lua script gives it the next offset (INCR), appends it to a capped
+stream (XADD, history.size entries, id ``0-<offset>``) and publishes it, in one
+atomic step, so every instance agrees on the order; the epoch is a key beside
+them, made anew (with the offset counter and the stream cleared) whenever it is
+missing, as after a Redis restart without persistence. Every instance, the
+sender's included, delivers sequenced broadcasts as they arrive, in offset
+order. After (re)subscribing, and on a gap in the offsets, it reads what it
+missed from the stream before it delivers anything newer; a changed epoch is
+told to the clients (``HistoryFeed.new_epoch``). A broadcast submitted while
+Redis is down cannot be sequenced: it is delivered locally without an offset
+and counted as dropped, never given a made-up offset.
 """
 
 from __future__ import annotations
@@ -22,14 +35,46 @@ import asyncio
 import logging
 import random
 import secrets
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from ebbcast.history import new_epoch
+
 log = logging.getLogger(__name__)
 
 CHANNEL = "ebbcast:broadcast"
+#: Sequenced broadcasts: ``<epoch>\n<offset>\n`` and ``encode(node, source, frame, token)``.
+SEQUENCED_CHANNEL = "ebbcast:sequenced"
+EPOCH_KEY, OFFSET_KEY, STREAM_KEY = "ebbcast:epoch", "ebbcast:offset", "ebbcast:history"
+#: The epoch, made anew (offsets and history cleared) when missing. Returns it.
+_ENSURE_EPOCH = """
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[1], epoch)
+  redis.call('DEL', KEYS[2], KEYS[3])
+end
+"""
+#: KEYS: epoch, offset, stream; ARGV: new epoch, history size, channel, header, frame.
+SEQUENCE_SCRIPT = _ENSURE_EPOCH + r"""
+local offset = redis.call('INCR', KEYS[2])
+local frame = string.sub(ARGV[5], 1, -2) .. ',"offset":' .. offset .. '}'
+local size = tonumber(ARGV[2])
+if size > 0 then
+  local now = redis.call('TIME')
+  redis.call('XADD', KEYS[3], 'MAXLEN', size, '0-' .. offset, 'f', frame, 'h', ARGV[4],
+             't', now[1] .. '.' .. string.format('%06d', tonumber(now[2])))
+end
+redis.call('PUBLISH', ARGV[3], epoch .. '\n' .. offset .. '\n' .. ARGV[4] .. frame)
+return offset
+"""
+#: KEYS: epoch, offset, stream; ARGV: new epoch. Returns {epoch, latest offset}.
+POSITION_SCRIPT = _ENSURE_EPOCH + """
+return {epoch, tonumber(redis.call('GET', KEYS[2]) or '0')}
+"""
 #: Each instance keeps a key NODE_PREFIX<id> = its WebSocket URL, with a TTL, so the
 #: others can name it in their shutdown frames; refreshed every HEARTBEAT_SECONDS.
 NODE_PREFIX = "ebbcast:node:"
@@ -41,6 +86,24 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.1, 10.0
 
 #: deliver(payload, source) fans a frame from another instance out locally.
 Deliver = Callable[[str | bytes, str], None]
+
+
+class HistoryFeed(Protocol):
+    """Where sequenced broadcasts go: a serving process's history and clients."""
+
+    def position(self) -> tuple[str, int]:
+        """The epoch and latest offset delivered ("" and 0 before the first)."""
+
+    def preload(self, epoch: str, base: int, entries: list[tuple[int, str, float]]) -> None:
+        """At start: the history as it is, ``(offset, frame, age in seconds)``."""
+
+    def new_epoch(self, epoch: str, base: int) -> None: ...
+
+    def sequencing_lost(self) -> None:
+        """Broadcasts submitted here may never come back: deliver them here."""
+
+    def deliver_sequenced(self, epoch: str, offset: int, frame: str, source: str,
+                          token: int, own: bool) -> None: ...
 
 
 class Backplane(Protocol):
@@ -98,7 +161,8 @@ class RedisBackplane:
     def __init__(self, url: str, node: str, deliver: Deliver,
                  on_state: Callable[[bool], None], on_dropped: Callable[[int], None],
                  on_missed: Callable[[int], None] | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, history: HistoryFeed | None = None,
+                 history_size: int = 0) -> None:
         self._url = url
         # unique per instance even when two share a process (tests) or a pid (containers)
         self._node = f"{node}/{secrets.token_hex(4)}"
@@ -107,7 +171,11 @@ class RedisBackplane:
         self._on_dropped = on_dropped
         self._on_missed = on_missed or (lambda count: None)
         self._rng = rng or random.Random()
-        self._queue: deque[tuple[str, str | bytes]] = deque()
+        self._history = history  # None: nothing is sequenced
+        self._history_size = history_size
+        self._scripts: dict[str, Any] = {}
+        #: (source, payload, token): token None for a frame published as it is
+        self._queue: deque[tuple[str, str | bytes, int | None]] = deque()
         self._seq = 0  # of the last frame handed to Redis
         self._last_seen: dict[str, int] = {}  # other publishers' last sequence numbers
         self._wakeup = asyncio.Event()
@@ -115,6 +183,7 @@ class RedisBackplane:
         self._tried = False
         self._tasks: list[asyncio.Task[None]] = []
         self._clients: list[Any] = []
+        self._publisher: Any = None  # the client that publishes
         self._url_advertised: str | None = None
         self._own_urls: set[str] = set()  # ever advertised: never a peer
         self._peers: list[str] = []
@@ -151,14 +220,23 @@ class RedisBackplane:
 
     def publish(self, payload: str | bytes, source: str) -> None:
         """Queue a frame for the other instances (delivered locally by the caller)."""
+        self._enqueue(source, payload, None)
+
+    def submit(self, frame: str, source: str, token: int) -> bool:
+        """Have ``frame`` sequenced by Redis (``ebbcast.ordering.Sequencing``); it is
+        delivered here too when it comes back. False while Redis is down."""
+        return self._enqueue(source, frame, token)
+
+    def _enqueue(self, source: str, payload: str | bytes, token: int | None) -> bool:
         if not self._up:
             self._on_dropped(1)
-            return
+            return False
         if len(self._queue) >= PUBLISH_QUEUE_LIMIT:
             self._queue.popleft()
             self._on_dropped(1)
-        self._queue.append((source, payload))
+        self._queue.append((source, payload, token))
         self._wakeup.set()
+        return True
 
     def _client(self) -> Any:
         import redis.asyncio as redis  # imported only when a redis:// URL is configured
@@ -166,6 +244,9 @@ class RedisBackplane:
         client = redis.Redis.from_url(self._url, socket_connect_timeout=2,
                                       health_check_interval=5)
         self._clients.append(client)
+        if not self._scripts:
+            self._scripts = {"sequence": client.register_script(SEQUENCE_SCRIPT),
+                             "position": client.register_script(POSITION_SCRIPT)}
         return client
 
     def _set_up(self, up: bool) -> None:
@@ -189,10 +270,14 @@ class RedisBackplane:
             client = self._client()
             try:
                 async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(CHANNEL)
+                    await pubsub.subscribe(CHANNEL, SEQUENCED_CHANNEL)
+                    if self._history is not None:
+                        await self._catch_up(client)
+                    if self._publisher is not None:  # its connections may predate an outage
+                        await self._publisher.connection_pool.disconnect()
                     self._set_up(True)
                     delays = backoff_delays(self._rng)
-                    await self._receive(pubsub)
+                    await self._receive(pubsub, client)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any Redis or network failure: retry
@@ -205,17 +290,67 @@ class RedisBackplane:
             if dropped:
                 self._queue.clear()
                 self._on_dropped(dropped)
+            if self._history is not None:
+                self._history.sequencing_lost()
             await asyncio.sleep(next(delays))
 
-    async def _receive(self, pubsub: Any) -> None:
+    async def _receive(self, pubsub: Any, client: Any) -> None:
         while True:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             if message is None or message.get("type") != "message":
+                continue
+            if message["channel"] == SEQUENCED_CHANNEL.encode():
+                await self._on_sequenced(message["data"], client)
                 continue
             node, source, seq, payload = decode(message["data"])
             if node != self._node:
                 self._check_sequence(node, seq)
                 self._deliver(payload, source)
+
+    async def _on_sequenced(self, data: bytes, client: Any) -> None:
+        """One sequenced broadcast; what came before it and was missed first."""
+        history = self._history
+        if history is None:
+            return
+        epoch_bytes, offset_bytes, rest = data.split(b"\n", 2)
+        epoch, offset = epoch_bytes.decode(), int(offset_bytes)
+        node, source, token, frame = decode(rest)
+        known_epoch, latest = history.position()
+        if epoch != known_epoch or offset > latest + 1:
+            await self._catch_up(client)
+        assert isinstance(frame, str)
+        history.deliver_sequenced(epoch, offset, frame, source, token, node == self._node)
+
+    async def _catch_up(self, client: Any) -> None:
+        """Bring this process's history up to Redis's: at start, load it; after a
+        gap, deliver what was missed from the stream; on a new epoch, say so and
+        deliver the new epoch's broadcasts so far."""
+        history = self._history
+        assert history is not None
+        epoch_bytes, latest = await self._scripts["position"](
+            keys=[EPOCH_KEY, OFFSET_KEY, STREAM_KEY], args=[new_epoch()], client=client)
+        epoch, latest = epoch_bytes.decode(), int(latest)
+        known_epoch, known = history.position()
+        if not known_epoch:
+            kept = _entries(reversed(await client.xrevrange(
+                STREAM_KEY, count=max(self._history_size, 1))))
+            history.preload(epoch, kept[0][0] - 1 if kept else latest,
+                            [(offset, frame, age) for offset, frame, age, _ in kept])
+            return
+        if epoch == known_epoch and latest <= known:
+            return
+        first = known + 1 if epoch == known_epoch else 1
+        missed = _entries(await client.xrange(STREAM_KEY, min=f"0-{first}"))
+        if epoch != known_epoch:
+            history.new_epoch(epoch, missed[0][0] - 1 if missed else latest)
+        lost = (missed[0][0] if missed else latest + 1) - first
+        if epoch == known_epoch and lost > 0:
+            log.warning("backplane: %d broadcasts were missed and are no longer in the "
+                        "history; clients resuming across them will not recover", lost)
+            self._on_missed(lost)
+        for offset, frame, _, header in missed:
+            node, source, token, _ = decode(header)
+            history.deliver_sequenced(epoch, offset, frame, source, token, node == self._node)
 
     def _check_sequence(self, node: str, seq: int) -> None:
         """Count the frames of ``node`` that never arrived (a gap before ``seq``)."""
@@ -246,7 +381,7 @@ class RedisBackplane:
             await asyncio.sleep(HEARTBEAT_SECONDS if self._url_advertised else 0.5)
 
     async def _publish_forever(self) -> None:
-        client = self._client()
+        client = self._publisher = self._client()
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
@@ -254,12 +389,35 @@ class RedisBackplane:
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), 256))]
                 try:
                     async with client.pipeline(transaction=False) as pipe:
-                        for source, payload in batch:
-                            self._seq += 1
-                            pipe.publish(CHANNEL, encode(self._node, source, payload,
-                                                         self._seq))
+                        for source, payload, token in batch:
+                            await self._queue_publish(pipe, source, payload, token)
                         await pipe.execute()
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # numbered, so the others count the gap
+                    unsequenced = sum(1 for _, _, token in batch if token is not None)
+                    if unsequenced and self._history is not None:
+                        log.warning("backplane: %d broadcasts may not have been sequenced "
+                                    "(%s)", unsequenced, exc)
+                        self._on_dropped(unsequenced)
+                        self._history.sequencing_lost()
                     log.debug("backplane publish of %d frames failed: %s", len(batch), exc)
+
+    async def _queue_publish(self, pipe: Any, source: str, payload: str | bytes,
+                             token: int | None) -> None:
+        if token is None:
+            self._seq += 1
+            pipe.publish(CHANNEL, encode(self._node, source, payload, self._seq))
+            return
+        await self._scripts["sequence"](
+            keys=[EPOCH_KEY, OFFSET_KEY, STREAM_KEY],
+            args=[new_epoch(), self._history_size, SEQUENCED_CHANNEL,
+                  encode(self._node, source, "", token), payload], client=pipe)
+
+
+def _entries(stream: Any) -> list[tuple[int, str, float, bytes]]:
+    """``(offset, frame, age, header)`` of history stream entries (ids
+    ``0-<offset>``; the header is ``encode(node, source, "", token)``)."""
+    now = time.time()
+    return [(int(entry_id.split(b"-")[1]), fields[b"f"].decode(),
+             max(0.0, now - float(fields[b"t"])), fields[b"h"]) for entry_id, fields in stream]

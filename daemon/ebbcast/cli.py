@@ -201,7 +201,7 @@ def serve(args: argparse.Namespace) -> int:
             from ebbcast.daemon import Daemon, WorkerSetup
 
             return Daemon(running, reload, metrics=metrics,
-                          worker=WorkerSetup(0, relay, public, local=True))
+                          worker=WorkerSetup(0, relay, public, hold=True, local=True))
 
         return _run_until_stopped(lambda: Supervisor(config, reload, rundir, worker_args,
                                                      metrics_dir, serve_here=serve_here))

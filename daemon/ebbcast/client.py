@@ -6,6 +6,12 @@ frame's reconnect_after_ms it opens a new connection and closes the old one only
 once the new one is welcomed (make before break); a connection that drops is
 replaced with jittered exponential backoff (0.1 s doubling up to 10 s). Every
 welcome is printed, so the output shows each move.
+
+It resumes, too: each new connection asks for the broadcasts after the last
+offset it printed (``?since=N&epoch=E``), and a broadcast is printed once, even
+when the old and the new connection of a move both deliver it. When the daemon
+cannot replay what was missed (``"recovered": false``), a line
+``{"resume":"not_recovered","since":N,"epoch":"E"}`` says so.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import random
 import sys
 import time
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
@@ -86,6 +93,18 @@ class ReconnectingSession:
         self.moving: asyncio.Task[None] | None = None
         self.frames: asyncio.Queue[tuple[WebSocketClientConnection, str | bytes | None]] = \
             asyncio.Queue()
+        self.epoch: str | None = None  # of the last offset printed
+        self.offset = 0
+        self.resuming: dict[WebSocketClientConnection, int] = {}  # conn -> since
+
+    def resume_url(self) -> str:
+        """The URL with ``since`` and ``epoch`` once there is something to resume."""
+        if self.epoch is None:
+            return self.url
+        parts = urlsplit(self.url)
+        query = [(k, v) for k, v in parse_qsl(parts.query) if k not in ("since", "epoch")]
+        query += [("since", str(self.offset)), ("epoch", self.epoch)]
+        return urlunsplit(parts._replace(query=urlencode(query)))
 
     def _left(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
@@ -95,14 +114,17 @@ class ReconnectingSession:
         delays = backoff_delays(self.rng)
         while True:
             left = self._left()
+            since = self.offset
             try:
-                conn = await asyncio.wait_for(websocket_connect(self.url),
+                conn = await asyncio.wait_for(websocket_connect(self.resume_url()),
                                               min(CONNECT_TIMEOUT, left or CONNECT_TIMEOUT))
             except Exception as exc:  # any failure to connect: try again
                 if not self.quiet:
                     print(f"ebbcast client: cannot connect to {self.url}: {exc}; retrying",
                           file=sys.stderr)
             else:
+                if self.epoch is not None:
+                    self.resuming[conn] = since
                 asyncio.ensure_future(self._pump(conn))
                 return conn
             pause = next(delays)
@@ -127,18 +149,38 @@ class ReconnectingSession:
         await asyncio.sleep(delay)
         await self.connect()  # it becomes current when its welcome arrives
 
-    def on_frame(self, conn: WebSocketClientConnection, frame: str | bytes) -> None:
+    def on_frame(self, conn: WebSocketClientConnection, frame: str | bytes) -> bool:
+        """Act on a frame; whether it is new (a broadcast seen already is not)."""
         try:
             parsed: Any = json.loads(frame) if isinstance(frame, str) else None
         except ValueError:
             parsed = None
         kind = parsed.get("type") if isinstance(parsed, dict) else None
-        if kind == "welcome" and conn is not self.current:  # a move is made: break
+        if kind == "welcome":
+            self._welcomed(conn, parsed)
+        elif kind == "shutdown" and conn is self.current:
+            self.move(max(0.0, float(parsed.get("reconnect_after_ms", 0))) / 1000)
+        elif kind == "epoch":
+            self.epoch, self.offset = str(parsed.get("epoch")), int(parsed.get("offset", 0))
+        elif kind == "message" and isinstance(parsed.get("offset"), int):
+            if parsed["offset"] <= self.offset:
+                return False  # printed already, from the connection before a move
+            self.offset = parsed["offset"]
+        return True
+
+    def _welcomed(self, conn: WebSocketClientConnection, welcome: dict[str, Any]) -> None:
+        if conn is not self.current:  # a move is made: break
             old, self.current = self.current, conn
             if old is not None:
                 old.close(1000)
-        elif kind == "shutdown" and conn is self.current:
-            self.move(max(0.0, float(parsed.get("reconnect_after_ms", 0))) / 1000)
+        since = self.resuming.pop(conn, None)
+        if "epoch" not in welcome:
+            return
+        if since is not None and not welcome.get("recovered") and not self.quiet:
+            print(json.dumps({"resume": "not_recovered", "since": since,
+                              "epoch": self.epoch}), flush=True)
+        if since is None or not welcome.get("recovered") or welcome["epoch"] != self.epoch:
+            self.epoch, self.offset = str(welcome["epoch"]), int(welcome.get("offset", 0))
 
     def on_closed(self, conn: WebSocketClientConnection) -> None:
         if conn is not self.current:
@@ -173,10 +215,11 @@ async def _reconnecting(url: str, sends: list[str], listen: float | None, count:
         if frame is None:
             session.on_closed(conn)
             continue
+        if not session.on_frame(conn, frame):
+            continue
         received += 1
         if not quiet:
             print(frame_as_json_line(frame), flush=True)
-        session.on_frame(conn, frame)
     session.close()
     return ExitCode.OK
 

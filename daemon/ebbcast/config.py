@@ -282,6 +282,14 @@ class ShutdownConfig:
 
 
 @dataclass(frozen=True)
+class HistoryConfig:
+    size: int = _key("int", 1000, "broadcasts kept for clients that resume "
+                     "(/ws?since=N&epoch=E); 0 keeps none", _at_least(0))
+    ttl: float = _key("duration", 300.0, "broadcasts older than this are not replayed; "
+                      "0 = no age limit")
+
+
+@dataclass(frozen=True)
 class BackplaneConfig:
     url: str = _key("str", "memory://", "\"memory://\" or \"redis://host:port/db\" for "
                     "several hosts", _check_backplane)
@@ -304,6 +312,7 @@ class Config:
     keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
     backplane: BackplaneConfig = field(default_factory=BackplaneConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -320,7 +329,7 @@ class Config:
 SECTIONS: dict[str, type] = {
     "server": ServerConfig, "admin": AdminConfig, "broadcast": BroadcastConfig,
     "keepalive": KeepaliveConfig, "limits": LimitsConfig, "shutdown": ShutdownConfig,
-    "backplane": BackplaneConfig, "logging": LoggingConfig,
+    "history": HistoryConfig, "backplane": BackplaneConfig, "logging": LoggingConfig,
 }
 
 

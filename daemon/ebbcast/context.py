@@ -17,6 +17,7 @@ from ebbcast.registry import ConnectionRegistry
 
 if TYPE_CHECKING:
     from ebbcast.handlers import BroadcastSocket
+    from ebbcast.ordering import Broadcasts
 
 
 @dataclass
@@ -41,6 +42,8 @@ class DaemonContext:
     #: Connections on the daemon's other worker processes, as last reported by
     #: the main process (0 without workers).
     elsewhere: int = 0
+    #: Submits, delivers and replays broadcasts (set right after construction).
+    broadcasts: Broadcasts = field(init=False)
 
     def total_connections(self) -> int:
         """This process's connections plus the other workers': what clients are told."""

@@ -46,8 +46,9 @@ from ebbcast.events import (DrainRequested, Event, EventQueue, FanoutBroken, Han
                             NoConnections, SignalReceived, who_asked)
 from ebbcast.fanout import Fanout
 from ebbcast.gcpolicy import CollectorPolicy
-from ebbcast.handlers import (CLIENT_ID_PATTERN, BroadcastSocket, InvalidClientId, PageHandler,
-                              load_page)
+from ebbcast.handlers import (CLIENT_ID_PATTERN, BroadcastSocket, InvalidClientId,
+                              StaticHandler, load_page, load_script)
+from ebbcast.history import History, new_epoch
 from ebbcast.keepalive import Keepalive
 from ebbcast.lifecycle import (DEADLINE_CLOSE_GRACE, FORCED_CLOSE_GRACE, STOP_SIGNALS,
                                UPGRADE_SIGNAL, DrainCause, Lifecycle, State, StopReason,
@@ -57,6 +58,7 @@ from ebbcast.listener import (LISTEN_BACKLOG, ShedOnExhaustion, Spare, bind_list
 from ebbcast.logs import set_level
 from ebbcast.metrics import Metrics
 from ebbcast.notify import SystemdNotifier
+from ebbcast.ordering import Broadcasts, LocalSequencing
 from ebbcast.periodic import PeriodicBroadcaster
 from ebbcast.registry import ConnectionRegistry
 from ebbcast.relay import RelayBackplane, WorkerLink
@@ -107,6 +109,8 @@ class Role(Protocol):
 
     def public_sockets(self, spare: Spare) -> list[socket.socket]: ...
     def memory_backplane(self, metrics: Metrics) -> Backplane: ...
+    def memory_sequencing(self, daemon: Daemon) -> None:
+        """Who gives ``memory://`` broadcasts their offsets (``daemon.broadcasts``)."""
     def start(self, daemon: Daemon) -> None: ...
     def serving(self, daemon: Daemon) -> None: ...
     def report_count(self, count: int) -> None: ...
@@ -132,6 +136,11 @@ class Standalone:
 
     def memory_backplane(self, metrics: Metrics) -> Backplane:
         return MemoryBackplane()
+
+    def memory_sequencing(self, daemon: Daemon) -> None:
+        broadcasts = daemon.broadcasts
+        broadcasts.history.reset(new_epoch(), 0)
+        broadcasts.sequencing = LocalSequencing(broadcasts, time.monotonic)
 
     def start(self, daemon: Daemon) -> None:
         config = daemon.ctx.config
@@ -194,9 +203,7 @@ class ProcessAdmin:
         return self.ctx.metrics.exposition()
 
     def broadcast(self, payload: str) -> int:
-        recipients = self.ctx.fanout.broadcast(payload, "admin")
-        self.ctx.backplane.publish(payload, "admin")
-        return recipients
+        return self.ctx.broadcasts.submit(payload, "admin")
 
     def request_drain(self, source: str) -> None:
         self.ctx.request_drain(source)
@@ -223,6 +230,9 @@ class Member:
     def memory_backplane(self, metrics: Metrics) -> Backplane:
         assert self.link is not None
         return RelayBackplane(self.link, metrics.backplane_dropped.inc)
+
+    def memory_sequencing(self, daemon: Daemon) -> None:
+        pass  # the main process says so first, if it sequences (ebbcast.relay)
 
     def start(self, daemon: Daemon) -> None:
         assert self.link is not None
@@ -270,6 +280,8 @@ class Daemon:
                           on_failing=self._on_fanout_failing),
             metrics=self.metrics, node_id=f"{socket.gethostname()}:{os.getpid()}",
             request_drain=self._request_drain, started_mono=time.monotonic())
+        self.broadcasts = self.ctx.broadcasts = Broadcasts(
+            self.ctx, History(config.history.size, config.history.ttl))
         self._role: Role
         if worker is None:
             self._role = Standalone(notifier or SystemdNotifier(), config)
@@ -291,13 +303,17 @@ class Daemon:
     def _make_backplane(self, config: Config) -> Backplane:
         if config.backplane.url == "memory://":
             self.metrics.backplane_up.set(1)
+            self._role.memory_sequencing(self)
             return self._role.memory_backplane(self.metrics)
         metrics = self.metrics
-        return RedisBackplane(config.backplane.url, self.ctx.node_id,
-                              deliver=self.deliver_remote,
-                              on_state=lambda up: metrics.backplane_up.set(1 if up else 0),
-                              on_dropped=metrics.backplane_dropped.inc,
-                              on_missed=metrics.backplane_missed.inc)
+        redis = RedisBackplane(config.backplane.url, self.ctx.node_id,
+                               deliver=self.deliver_remote,
+                               on_state=lambda up: metrics.backplane_up.set(1 if up else 0),
+                               on_dropped=metrics.backplane_dropped.inc,
+                               on_missed=metrics.backplane_missed.inc,
+                               history=self, history_size=config.history.size)
+        self.broadcasts.sequencing = redis
+        return redis
 
     # -- what the main process asks (ebbcast.relay.LinkPeer) ----------------------
 
@@ -306,10 +322,40 @@ class Daemon:
         self.ctx.fanout.broadcast(payload, source, relayed=True)
 
     def inject(self, payload: str | bytes, source: str) -> None:
-        """An admin broadcast the main process handed to this worker: deliver it
-        here and publish it, as a local client's frame would be."""
-        self.ctx.fanout.broadcast(payload, source)
-        self.ctx.backplane.publish(payload, source)
+        """An admin broadcast the main process handed to this worker: submitted as
+        a local client's frame would be."""
+        self.broadcasts.submit(payload, source)
+
+    def sequenced_by_main(self, epoch: str, base: int) -> None:
+        assert isinstance(self._role, Member) and self._role.link is not None
+        self.broadcasts.history.reset(epoch, base)
+        self.broadcasts.sequencing = self._role.link
+
+    def recorded(self, offset: int, frame: str) -> None:
+        self.broadcasts.record(offset, frame, time.monotonic())
+
+    def deliver_sequenced(self, epoch: str, offset: int, frame: str, source: str,
+                          token: int, own: bool) -> None:
+        self.broadcasts.deliver(epoch, offset, frame, source, token, own, time.monotonic())
+
+    # -- what the Redis backplane asks (ebbcast.backplane.HistoryFeed) -------------
+
+    def position(self) -> tuple[str, int]:
+        return self.broadcasts.history.epoch, self.broadcasts.history.latest
+
+    def preload(self, epoch: str, base: int, entries: list[tuple[int, str, float]]) -> None:
+        """The history as Redis has it, at start: ``(offset, frame, age)``."""
+        history, now = self.broadcasts.history, time.monotonic()
+        history.reset(epoch, base)
+        for offset, frame, age in entries:
+            history.append(offset, frame, now - age)
+        history.trim(now)
+
+    def new_epoch(self, epoch: str, base: int) -> None:
+        self.broadcasts.new_epoch(epoch, base)
+
+    def sequencing_lost(self) -> None:
+        self.broadcasts.sequencing_lost()
 
     def set_elsewhere(self, count: int) -> None:
         self.ctx.elsewhere = count
@@ -318,6 +364,7 @@ class Daemon:
         self._events.put(HandOver())
 
     def main_lost(self) -> None:
+        self.broadcasts.sequencing_lost()
         if self.lifecycle.state is not State.STOPPING:
             log.warning("the main process is gone: draining")
             self._request_drain("the main process's exit")
@@ -373,7 +420,10 @@ class Daemon:
         path = re.escape(self.ctx.config.server.ws_path)
         ws_args = {"ctx": self.ctx}
         return Application([
-            (r"/", PageHandler, {"page": load_page(self.ctx.config.server.ws_path)}),
+            (r"/", StaticHandler, {"body": load_page(self.ctx.config.server.ws_path),
+                                   "content_type": "text/html; charset=utf-8"}),
+            (r"/ebbcast\.js", StaticHandler, {"body": load_script(), "shared": True,
+                                             "content_type": "text/javascript; charset=utf-8"}),
             (path, BroadcastSocket, ws_args),
             (rf"{path}/({CLIENT_ID_PATTERN})", BroadcastSocket, ws_args),
             (rf"{path}/(.*)", InvalidClientId, ws_args),

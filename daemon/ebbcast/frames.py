@@ -16,8 +16,25 @@ def _frame(**fields: Any) -> str:
     return _dumps(fields)
 
 
-def welcome(client_id: str, server: str, connections: int) -> str:
-    return _frame(type="welcome", client_id=client_id, server=server, connections=connections)
+def welcome(client_id: str, server: str, connections: int, epoch: str | None = None,
+            offset: int = 0, recovered: bool | None = None, missed: int = 0) -> str:
+    """The first frame. With offsets (``epoch`` given): the epoch and the latest
+    offset; after a resume, whether it ``recovered`` and how many broadcasts it
+    ``missed`` (the replay that follows)."""
+    fields: dict[str, Any] = {"type": "welcome", "client_id": client_id, "server": server,
+                              "connections": connections}
+    if epoch is not None:
+        fields.update(epoch=epoch, offset=offset)
+    if recovered is not None:
+        fields["recovered"] = recovered
+        if recovered:
+            fields["missed"] = missed
+    return _frame(**fields)
+
+
+def epoch(name: str, offset: int) -> str:
+    """The history was lost: broadcasts go on from ``offset`` in epoch ``name``."""
+    return _frame(type="epoch", epoch=name, offset=offset)
 
 
 def message(sender: str, text: str, ts: float) -> str:

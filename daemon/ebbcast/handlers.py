@@ -15,6 +15,7 @@ from tornado.websocket import WebSocketHandler, WebSocketProtocol
 
 from ebbcast import frames
 from ebbcast.context import DaemonContext
+from ebbcast.history import Resume
 from ebbcast.lifecycle import State
 from ebbcast.ratelimit import TokenBucket
 from ebbcast.wire import (EbbcastProtocol, SlowConsumer, abort, configure_stream,
@@ -37,6 +38,11 @@ def load_page(ws_path: str) -> bytes:
     return html.replace(WS_PATH_TOKEN, json.dumps(ws_path)).encode()
 
 
+def load_script() -> bytes:
+    """``/ebbcast.js``: the client module the page uses, for any application."""
+    return resources.files("ebbcast").joinpath("static/ebbcast.js").read_bytes()
+
+
 class InvalidClientId(RequestHandler):
     """``/ws/{client_id}`` with an id that is not 1 to 64 of ``A-Z a-z 0-9 _ . ~ -``:
     400 naming the rule, counted as ``rejected{reason="client_id"}``."""
@@ -52,17 +58,22 @@ class InvalidClientId(RequestHandler):
         self.finish("invalid client id: use 1 to 64 of A-Z a-z 0-9 _ . ~ -\n")
 
 
-class PageHandler(RequestHandler):
-    """``GET /``: the HTML test client."""
+class StaticHandler(RequestHandler):
+    """``GET /`` (the HTML test client) and ``GET /ebbcast.js`` (the client module
+    it uses; ``shared``: importable from any origin's page)."""
 
-    def initialize(self, page: bytes) -> None:
-        self.page = page
+    def initialize(self, body: bytes, content_type: str, shared: bool = False) -> None:
+        self.body = body
+        self.content_type = content_type
+        self.shared = shared
 
     def get(self) -> None:
-        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.set_header("Content-Type", self.content_type)
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Content-Type-Options", "nosniff")
-        self.write(self.page)
+        if self.shared:
+            self.set_header("Access-Control-Allow-Origin", "*")
+        self.write(self.body)
 
 
 class BroadcastSocket(WebSocketHandler):
@@ -75,6 +86,7 @@ class BroadcastSocket(WebSocketHandler):
         self._bucket: TokenBucket | None = None
         self._strikes = 0
         self._disconnect_reason: str | None = None
+        self._resume: Resume | None = None
         self.ping_sent_at = self.last_pong = 0.0  # see ebbcast.keepalive
 
     # -- handshake ---------------------------------------------------------------
@@ -88,6 +100,15 @@ class BroadcastSocket(WebSocketHandler):
         if limit and len(ctx.registry) >= limit:
             self._refuse(503, "max_connections", "too many connections")
             return
+        since = self.get_query_argument("since", None)
+        if since is not None:
+            if not since.isascii() or not since.isdigit() or len(since) > 18:
+                log.debug("refused WebSocket handshake from %s: invalid since",
+                          self.request.remote_ip)
+                self.set_status(400)
+                self.finish("invalid since: an offset from a welcome or message frame\n")
+                return
+            self._resume = Resume(int(since), self.get_query_argument("epoch", ""))
         await super().get(*args, **kwargs)
         if self.get_status() == 403:
             ctx.metrics.rejected.labels("origin").inc()
@@ -141,10 +162,26 @@ class BroadcastSocket(WebSocketHandler):
         ctx.metrics.accepted.inc()
         log.debug("client %s connected from %s", self.client_id, self.request.remote_ip)
         if ctx.config.broadcast.envelope == "json":
-            self.send_text(frames.welcome(self.client_id, ctx.node_id,
-                                          ctx.total_connections()))
+            self._welcome()
             if ctx.lifecycle.state is State.DRAINING:
                 self.send_shutdown()
+
+    def _welcome(self) -> None:
+        """The welcome and, for a resume, the broadcasts missed: queued in the step
+        that joined this client to the fan-out, so live broadcasts follow seamlessly."""
+        ctx = self.ctx
+        broadcasts = ctx.broadcasts
+        history = broadcasts.history
+        epoch = history.epoch if broadcasts.sequenced else None
+        if self._resume is None:
+            self.send_text(frames.welcome(self.client_id, ctx.node_id, ctx.total_connections(),
+                                          epoch, history.latest))
+            return
+        replay = broadcasts.replay(self._resume, time.monotonic())
+        self.send_text(frames.welcome(self.client_id, ctx.node_id, ctx.total_connections(),
+                                      epoch, history.latest, replay.recovered, replay.missed))
+        for frame in replay.frames:
+            self.send_text(frame)
 
     def flush_before_abort(self) -> None:
         """Called by EbbcastProtocol._abort: write what this client is owed, unless
@@ -200,8 +237,7 @@ class BroadcastSocket(WebSocketHandler):
                 assert isinstance(message, str)
                 payload = frames.message(self.client_id, message, time.time())
             exclude = None if ctx.config.broadcast.echo_to_sender else self
-            ctx.fanout.broadcast(payload, "client", exclude=exclude)
-            ctx.backplane.publish(payload, "client")
+            ctx.broadcasts.submit(payload, "client", exclude)
         except Exception:
             log.exception("error handling a frame from client %s", self.client_id)
             self.end("error", 1011, "internal error")

@@ -31,6 +31,7 @@ DISCONNECT_REASONS = ("client", "ping_timeout", "slow_consumer", "too_big", "pol
                       "drain_deadline", "forced", "error")
 BROADCAST_SOURCES = ("client", "periodic", "admin")
 UPGRADE_RESULTS = ("ok", "failed")
+RESUME_RESULTS = ("recovered", "not_recovered")
 BUILD_INFO = ("ebbcast_build_info", "Build information; always 1.")
 
 
@@ -98,6 +99,10 @@ class Metrics:
                                 multiprocess_mode="livemax")
         self.upgrades = Counter("ebbcast_upgrades_total", "Upgrades (SIGUSR2, POST /upgrade), "
                                 "by result.", ["result"], registry=r)
+        self.resumes = Counter("ebbcast_resumes_total", "Resumes (/ws?since=N&epoch=E), by "
+                               "result.", ["result"], registry=r)
+        self.resumed_messages = Counter("ebbcast_resumed_messages_total",
+                                        "Broadcasts replayed to resuming clients.", registry=r)
         ProcessCollector(registry=r)  # process_* (CPU, RSS, open fds) of this process
         if not multiprocess_mode():  # else the main process reports every live version
             build_info = Gauge(*BUILD_INFO, ["version"], registry=r)
@@ -105,6 +110,8 @@ class Metrics:
             self.generation.set(1)
         for result in UPGRADE_RESULTS:
             self.upgrades.labels(result)
+        for result in RESUME_RESULTS:
+            self.resumes.labels(result)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
         for reason in DISCONNECT_REASONS:

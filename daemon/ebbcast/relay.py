@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 FRAME, READY, COUNT, HEARTBEAT, INJECT, OTHERS = b"F", b"R", b"C", b"H", b"I", b"T"
 ACCEPT, HAND_OVER = b"A", b"U"
+SEQUENCE, SEQUENCER, HISTORY, ORDERED = b"S", b"E", b"Y", b"O"
 HEARTBEAT_SECONDS = 1.0
 _HEADER = struct.Struct(">IB")
 #: What one side may leave unread on the link before the writer gives up on it
@@ -164,6 +165,16 @@ class LinkPeer(Protocol):
 
     def start_accepting(self) -> None: ...
 
+    def sequenced_by_main(self, epoch: str, base: int) -> None:
+        """The main process sequences broadcasts; its history after ``base`` follows."""
+
+    def recorded(self, offset: int, frame: str) -> None:
+        """One broadcast of the main process's history: record it, deliver it to nobody."""
+
+    def deliver_sequenced(self, epoch: str, offset: int, frame: str, source: str,
+                          token: int, own: bool) -> None:
+        """A sequenced broadcast (``own``: sent from this process, with ``token``)."""
+
     def hand_over(self) -> None:
         """A new generation serves: drain as an upgrade."""
 
@@ -180,6 +191,7 @@ class WorkerLink:
         self._sock = sock
         self._link: Link | None = None  # made in start(), on the running loop
         self._heartbeat: PeriodicCallback | None = None
+        self._epoch = ""  # the main process's, once it says it sequences
 
     def start(self) -> None:
         self._link = Link(self._sock, self._on_record, self._peer.main_lost)
@@ -203,11 +215,29 @@ class WorkerLink:
     def publish(self, payload: str | bytes, source: str) -> bool:
         return self._send(FRAME, encode(self._node, source, payload))
 
+    def submit(self, frame: str, source: str, token: int) -> bool:
+        """Have the main process sequence ``frame`` (``ebbcast.ordering.Sequencing``):
+        it comes back as ``O``."""
+        return self._send(SEQUENCE, encode(self._node, source, frame, token))
+
     def _on_record(self, kind: bytes, body: bytes) -> None:
         peer = self._peer
-        if kind == FRAME or kind == INJECT:
+        if kind == ORDERED:
+            offset, rest = body.split(b"\n", 1)
+            node, source, token, frame = decode(rest)
+            assert isinstance(frame, str)
+            peer.deliver_sequenced(self._epoch, int(offset), frame, source, token,
+                                   node == self._node)
+        elif kind == FRAME or kind == INJECT:
             _, source, _, payload = decode(body)
             (peer.deliver_remote if kind == FRAME else peer.inject)(payload, source)
+        elif kind == HISTORY:
+            offset, frame = body.split(b"\n", 1)
+            peer.recorded(int(offset), frame.decode())
+        elif kind == SEQUENCER:
+            epoch, base = body.decode().split("\n")
+            self._epoch = epoch
+            peer.sequenced_by_main(epoch, int(base))
         elif kind == OTHERS:
             peer.set_elsewhere(int(body))
         elif kind == ACCEPT:

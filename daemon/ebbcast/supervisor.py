@@ -25,6 +25,13 @@ Upgrades (SIGUSR2, ``POST /upgrade``; ``ebbcast.generations``): a new generation
 starts held on the same sockets; once all of it is ready it accepts and the old
 one hands over and drains. A failure leaves the old generation as it was.
 
+Offsets (``memory://``, SPEC section 10). This process is the sequencer: a worker
+sends each broadcast that begins on it (a client's frame) here, this process
+gives it the next offset, keeps it in its history and sends it to every worker
+of every generation, the sender's included, so every worker delivers in one
+order. It outlives the generations, and so do the epoch and the history: a new
+worker starts with the history as it is (``ebbcast.relay``).
+
 systemd sees one service: only this process speaks sd_notify (READY=1 once every
 worker serves; RELOADING=1 ... READY=1 around an upgrade; STOPPING=1, STATUS= and
 EXTEND_TIMEOUT_USEC with the totals while draining). Metrics use
@@ -49,7 +56,7 @@ from tornado.ioloop import PeriodicCallback
 
 from ebbcast import __version__
 from ebbcast.admin import ADMIN_MAX_BODY_BYTES, admin_application, build_status
-from ebbcast.backplane import encode
+from ebbcast.backplane import decode, encode
 from ebbcast.config import Config, ConfigError, changed_keys, reload_config, render_toml
 from ebbcast.events import (DrainRequested, Event, EventQueue, SignalReceived,
                             UpgradeRequested, WorkerExited, WorkerReady, who_asked)
@@ -61,7 +68,9 @@ from ebbcast.listener import (BindError, Spare, bind_idle_like, bind_listener, b
 from ebbcast.logs import set_level
 from ebbcast.metrics import MergedMetrics, Metrics
 from ebbcast.notify import SystemdNotifier
-from ebbcast.relay import ACCEPT, COUNT, FRAME, HAND_OVER, INJECT, OTHERS, READY, pack
+from ebbcast.history import Sequencer
+from ebbcast.relay import (ACCEPT, COUNT, FRAME, HAND_OVER, HISTORY, INJECT, ORDERED, OTHERS,
+                           READY, SEQUENCE, SEQUENCER, pack)
 from ebbcast.workers import (ChildWorker, LocalRun, LocalWorker, Worker,
                              describe_exit, worker_count)
 
@@ -121,6 +130,9 @@ class Supervisor:
         self._kill_at = math.inf
         self._others_dirty = False
         self.urls: dict[str, str] = {}
+        self._sequencer: Sequencer | None = None
+        if config.backplane.url == "memory://":  # with Redis, Redis gives the offsets
+            self._sequencer = Sequencer(config.history.size, config.history.ttl)
 
     def _workers(self) -> Iterator[Worker]:
         """Every worker of every generation, the current one first."""
@@ -162,8 +174,12 @@ class Supervisor:
         return self._merged.exposition()
 
     def broadcast(self, payload: str) -> int:
-        """Hand an admin broadcast to one serving worker of the current generation,
-        which delivers it to its clients and publishes it on to the others."""
+        """An admin broadcast: sequenced here and sent to every worker (``memory://``
+        and the JSON envelope); else handed to one serving worker of the current
+        generation, which delivers it to its clients and publishes it on."""
+        if self._sequencer is not None and self.config.broadcast.envelope == "json":
+            self._sequence("main", "admin", payload, 0)
+            return self.total_connections
         for worker in self._current.workers:
             if worker.ready and worker.link is not None and \
                     worker.link.send(INJECT, encode("main", "admin", payload)):
@@ -260,18 +276,40 @@ class Supervisor:
                 *self._worker_args]
         try:
             worker.start(args, lambda kind, body: self._on_record(worker, kind, body),
-                         lambda: self._reap(worker), time.monotonic(), hold=hold)
+                         lambda: self._reap(worker), time.monotonic(), hold=True)
         except OSError as exc:
             self._events.put(WorkerExited(
                 worker, f"{worker.name} could not be started ({exc})", True))
             return
         log.debug("%s started (pid %d)", worker.name, worker.pid)
+        self._introduce(worker, hold)
+
+    def _introduce(self, worker: Worker, hold: bool) -> None:
+        """A worker's first records: the sequencer and its history, then ACCEPT,
+        unless it is held for an upgrade (it is always started held, so it knows
+        before its first client whether broadcasts are sequenced)."""
+        link = worker.link
+        assert link is not None
+        if self._sequencer is not None:
+            history = self._sequencer.history
+            history.trim(time.monotonic())
+            kept = history.after(0)
+            base = kept[0][0] - 1 if kept else history.latest
+            link.send(SEQUENCER, f"{history.epoch}\n{base}".encode())
+            for offset, frame in kept:
+                link.send(HISTORY, b"%d\n%s" % (offset, frame.encode()))
+        if not hold:
+            link.send(ACCEPT)
 
     # -- what workers report -----------------------------------------------------
 
     def _on_record(self, worker: Worker, kind: bytes, body: bytes) -> None:
         worker.last_heard = time.monotonic()
-        if kind == FRAME:  # to every other worker, ready or still starting
+        if kind == SEQUENCE:
+            node, source, token, payload = decode(body)
+            if self._sequencer is not None and isinstance(payload, str):
+                self._sequence(node, source, payload, token)
+        elif kind == FRAME:  # to every other worker, ready or still starting
             record = pack(FRAME, body)
             for other in self._workers():
                 if other is not worker and other.link is not None:
@@ -285,6 +323,15 @@ class Supervisor:
             worker.version = body.decode(errors="replace")
             self._others_dirty = True
             self._events.put(WorkerReady(worker))
+
+    def _sequence(self, node: str, source: str, frame: str, token: int) -> None:
+        """Give ``frame`` the next offset and send it to every worker in that order."""
+        assert self._sequencer is not None
+        offset, sequenced = self._sequencer.sequence(frame, time.monotonic())
+        record = pack(ORDERED, b"%d\n%s" % (offset, encode(node, source, sequenced, token)))
+        for worker in self._workers():
+            if worker.link is not None and not worker.link.send_packed(record):
+                self.metrics.backplane_dropped.inc()
 
     def _housekeeping(self) -> None:
         """Tell each worker how many connections the others have (for the

@@ -1,0 +1,185 @@
+"""Broadcasts in one order: submitting, delivering and replaying them (SPEC section 10).
+
+A broadcast that begins in this serving process (a client's frame, an admin
+broadcast) is *submitted*. With the JSON envelope and a sequencer it goes to the
+sequencer first (``Sequencing``: this process's own counter, the main process
+over the relay link, or Redis) and is delivered here only when it comes back
+with its offset, in offset order with every other process's broadcasts: every
+client of every process sees one order. Without one (the raw envelope, or a
+main process from before offsets) it is delivered here at once and published.
+
+Each sequenced broadcast delivered is appended to the ``History`` first, then
+handed to the fan-out, in one step on the loop; a resuming client's replay is
+read from the history in the step that joins it to the fan-out, so the seam has
+no gap and no repeat. The frame carries its offset in its text: the fan-out
+still encodes it once for every client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from ebbcast import frames
+from ebbcast.history import History, Replay, Resume, with_offset
+
+if TYPE_CHECKING:
+    from ebbcast.context import DaemonContext
+    from ebbcast.fanout import Recipient
+
+log = logging.getLogger(__name__)
+
+#: Broadcasts submitted here and not yet back from the sequencer that are
+#: remembered; beyond this (the sequencer would have to be stuck) the oldest are
+#: forgotten, with a warning.
+IN_FLIGHT_LIMIT = 10_000
+
+
+class Sequencing(Protocol):
+    def submit(self, frame: str, source: str, token: int) -> bool:
+        """Have ``frame`` sequenced; it is delivered (``Broadcasts.deliver``) with
+        ``token`` when it comes back. False: it cannot be sequenced now."""
+
+
+@dataclass
+class Submitted:
+    frame: str
+    source: str
+    exclude: Recipient | None
+
+
+class InFlight:
+    """Broadcasts submitted here, by token, until they come back sequenced; and the
+    tokens of those delivered here without an offset when the sequencer was lost
+    (if one comes back after all, it is recorded, not delivered twice)."""
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._waiting: OrderedDict[int, Submitted] = OrderedDict()
+        self._delivered_here: OrderedDict[int, None] = OrderedDict()
+
+    def add(self, submitted: Submitted) -> int:
+        self._last += 1
+        self._waiting[self._last] = submitted
+        if len(self._waiting) > IN_FLIGHT_LIMIT:
+            self._waiting.popitem(last=False)
+            log.warning("a broadcast never came back from the sequencer: forgotten")
+        return self._last
+
+    def take(self, token: int) -> Submitted | None:
+        return self._waiting.pop(token, None)
+
+    def delivered_here(self, token: int) -> bool:
+        return token in self._delivered_here
+
+    def give_up(self) -> list[Submitted]:
+        """Every broadcast still waiting, oldest first; they will be delivered here."""
+        waiting = list(self._waiting.values())
+        for token in self._waiting:
+            self._delivered_here[token] = None
+        while len(self._delivered_here) > IN_FLIGHT_LIMIT:
+            self._delivered_here.popitem(last=False)
+        self._waiting.clear()
+        return waiting
+
+
+class Broadcasts:
+    """Submits, delivers and replays the broadcasts of one serving process."""
+
+    def __init__(self, ctx: DaemonContext, history: History) -> None:
+        self._ctx = ctx
+        self.history = history
+        self.sequencing: Sequencing | None = None
+        self._in_flight = InFlight()
+
+    @property
+    def sequenced(self) -> bool:
+        """Whether broadcasts get offsets now."""
+        return self.sequencing is not None and self._ctx.config.broadcast.envelope == "json"
+
+    def submit(self, payload: str | bytes, source: str,
+               exclude: Recipient | None = None) -> int:
+        """A broadcast that begins here (counted here); how many local connections
+        it is for (those of other processes not included)."""
+        ctx = self._ctx
+        if self.sequencing is not None and isinstance(payload, str) and self.sequenced:
+            ctx.metrics.broadcasts.labels(source).inc()
+            token = self._in_flight.add(Submitted(payload, source, exclude))
+            if self.sequencing.submit(payload, source, token):
+                return len(ctx.registry) - (exclude is not None and exclude in ctx.registry)
+            self._in_flight.take(token)  # the backplane is down: here only, with no offset
+            return ctx.fanout.broadcast(payload, source, exclude=exclude, relayed=True)
+        recipients = ctx.fanout.broadcast(payload, source, exclude=exclude)
+        ctx.backplane.publish(payload, source)
+        return recipients
+
+    def deliver(self, epoch: str, offset: int, frame: str, source: str, token: int,
+                own: bool, now: float) -> None:
+        """A sequenced broadcast, in offset order (``own``: submitted here)."""
+        history = self.history
+        if epoch != history.epoch:
+            self.new_epoch(epoch, offset - 1)
+        elif offset <= history.latest:
+            return  # delivered already (a catch-up overlapping live frames)
+        exclude = None
+        if own:
+            submitted = self._in_flight.take(token)
+            if submitted is None and self._in_flight.delivered_here(token):
+                history.append(offset, frame, now)  # its clients have it, without offset
+                return
+            exclude = submitted.exclude if submitted is not None else None
+        history.append(offset, frame, now)
+        self._ctx.fanout.broadcast(frame, source, exclude=exclude, relayed=True)
+
+    def sequencing_lost(self) -> None:
+        """The sequencer is gone (Redis down, a publish failed): what was submitted
+        here and has not come back is delivered here now, without an offset, so
+        local delivery never stops; one that comes back after all is not repeated."""
+        waiting = self._in_flight.give_up()
+        for submitted in waiting:
+            self._ctx.fanout.broadcast(submitted.frame, submitted.source,
+                                       exclude=submitted.exclude, relayed=True)
+        if waiting:
+            log.info("%d broadcasts delivered here without an offset: the sequencer "
+                     "is unreachable", len(waiting))
+    def record(self, offset: int, frame: str, now: float) -> None:
+        """A broadcast from before this process: history only, delivered to nobody."""
+        self.history.append(offset, frame, now)
+
+    def new_epoch(self, epoch: str, base: int) -> None:
+        """The history was lost (``base``: the offset the new epoch goes on from);
+        every client is told first, so it knows its offsets no longer count."""
+        if self.history.epoch and len(self._ctx.registry):
+            log.warning("history epoch changed (%s -> %s): clients told", self.history.epoch,
+                        epoch)
+            self._ctx.fanout.broadcast(frames.epoch(epoch, base), "epoch", relayed=True)
+        self.history.reset(epoch, base)
+
+    def replay(self, resume: Resume, now: float) -> Replay:
+        """What a resuming client missed (counted), or not recovered."""
+        metrics = self._ctx.metrics
+        replay = self.history.replay(resume, now) if self.sequenced else Replay(False)
+        metrics.resumes.labels("recovered" if replay.recovered else "not_recovered").inc()
+        metrics.resumed_messages.inc(replay.missed)
+        return replay
+
+
+class LocalSequencing:
+    """The sequencer of a serving process on its own: its history's next offset."""
+
+    def __init__(self, broadcasts: Broadcasts, clock: Clock) -> None:
+        self._broadcasts = broadcasts
+        self._clock = clock
+
+    def submit(self, frame: str, source: str, token: int) -> bool:
+        history = self._broadcasts.history
+        offset = history.latest + 1
+        self._broadcasts.deliver(history.epoch, offset, with_offset(frame, offset), source,
+                                 token, True, self._clock())
+        return True
+
+
+class Clock(Protocol):
+    def __call__(self) -> float: ...

@@ -1,0 +1,267 @@
+// ebbcast.js: a WebSocket client for ebbcast, as an ES module with no dependencies.
+//
+//   import { EbbcastClient } from "/ebbcast.js";
+//   const client = new EbbcastClient("wss://example.org/ws");
+//   client.addEventListener("message", (e) => console.log(e.detail.from, e.detail.text));
+//   client.addEventListener("notrecovered", () => reloadState());
+//   client.connect();
+//
+// What it does for you:
+// - reconnects after a dropped connection with jittered exponential backoff
+//   (full jitter from 0.5 s, doubling, capped at 30 s);
+// - on a shutdown frame (the server drains, or an upgrade hands over), moves:
+//   after reconnect_after_ms it opens a new connection and closes the old one
+//   only once the new one is welcomed (make before break);
+// - resumes: every new connection asks for the broadcasts after the last offset
+//   it delivered (?since=N&epoch=E), so a move or a dropped connection costs no
+//   message; "message" fires once per broadcast, in order, even when the old and
+//   the new connection of a move both deliver it. When the server cannot replay
+//   what was missed, "notrecovered" fires: reload the application's state.
+//
+// Events (CustomEvent; the frame itself, or what is named, in `detail`):
+//   "state"        {state, retryInMs}: "connecting", "connected", "reconnecting",
+//                  "disconnected" (a move keeps "connected")
+//   "welcome"      the welcome frame (also after a move or a reconnect)
+//   "message"      a broadcast, once, in offset order
+//   "recovered"    {missed, since}: a resume replayed what was missed
+//   "notrecovered" {since, epoch}: broadcasts may have been missed
+//   "epoch"        the epoch frame: the server's history was lost
+//   "shutdown"     the shutdown frame, {frame, moveInMs} in detail
+//   "moving"       {inMs}: a move will start; "moved" {url}: it is done
+//   "frame"        every frame delivered, of any type (after the typed event)
+//   "binary"       {data: ArrayBuffer} (the raw envelope)
+//   "closed"       {code, reason}: the connection in use closed
+
+const DEFAULTS = {
+  backoffBaseMs: 500,
+  backoffCapMs: 30000,
+  connectTimeoutMs: 10000,
+  stableResetMs: 15000, // a connection this old resets backoff even without a welcome
+  resume: true,
+};
+
+function fullJitter(attempt, options) {
+  const ceiling = Math.min(options.backoffCapMs, options.backoffBaseMs * Math.pow(2, attempt));
+  return Math.random() * ceiling;
+}
+
+export class EbbcastClient extends EventTarget {
+  constructor(url, options = {}) {
+    super();
+    this.url = url;
+    this.options = Object.assign({}, DEFAULTS, options);
+    this.state = "disconnected";
+    this.epoch = null;      // of the last broadcast delivered
+    this.offset = 0;        // the last broadcast delivered
+    this.clientId = null;
+    this.server = null;
+    this._ws = null;        // the connection in use
+    this._pending = null;   // a connection opened to move to
+    this._attempt = 0;      // reconnect backoff
+    this._moveAttempt = 0;  // move backoff
+    this._retryTimer = null;
+    this._moveTimer = null;
+    this._wanted = false;
+  }
+
+  // Start (again); idempotent while connected.
+  connect() {
+    this._wanted = true;
+    if (this._ws || this._retryTimer) return;
+    this._attempt = 0;
+    this._open(false);
+  }
+
+  // Stop for good: no reconnect, no move.
+  close(code = 1000, reason = "client disconnect") {
+    this._wanted = false;
+    clearTimeout(this._retryTimer);
+    clearTimeout(this._moveTimer);
+    this._retryTimer = this._moveTimer = null;
+    for (const sock of [this._pending, this._ws]) {
+      if (sock) this._drop(sock, code, reason);
+    }
+    this._ws = this._pending = null;
+    this._setState("disconnected");
+  }
+
+  // Send a text (or binary) frame on the connection in use; false if none is open.
+  send(data) {
+    if (!this._ws || this._ws.readyState !== WebSocket.OPEN) return false;
+    this._ws.send(data);
+    return true;
+  }
+
+  get connected() {
+    return !!this._ws && this._ws.readyState === WebSocket.OPEN;
+  }
+
+  resumeUrl() {
+    if (!this.options.resume || this.epoch === null) return this.url;
+    const url = new URL(this.url);
+    url.searchParams.set("since", String(this.offset));
+    url.searchParams.set("epoch", this.epoch);
+    return url.toString();
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail: detail }));
+  }
+
+  _setState(state, retryInMs) {
+    if (state === this.state && retryInMs === undefined) return;
+    this.state = state;
+    this._emit("state", { state: state, retryInMs: retryInMs });
+  }
+
+  _drop(sock, code, reason) {
+    sock.onopen = sock.onmessage = sock.onerror = sock.onclose = null;
+    try { sock.close(code, reason); } catch (e) { /* already closing */ }
+  }
+
+  _open(moving) {
+    let sock;
+    const since = this.options.resume && this.epoch !== null ? this.offset : null;
+    try {
+      sock = new WebSocket(this.resumeUrl());
+    } catch (e) {
+      if (moving) { this._scheduleMove(null); } else { this._scheduleRetry(null); }
+      return;
+    }
+    sock.binaryType = "arraybuffer";
+    const conn = { welcomed: false, shutdown: null, openedAt: 0, since: since };
+    if (moving) {
+      this._pending = sock;
+    } else {
+      this._ws = sock;
+      this._setState("connecting");
+    }
+    const timer = setTimeout(() => {
+      if (sock.readyState === WebSocket.CONNECTING) sock.close();
+    }, this.options.connectTimeoutMs);
+    sock.onopen = () => {
+      clearTimeout(timer);
+      conn.openedAt = Date.now();
+      if (this._ws === sock) this._setState("connected");
+    };
+    sock.onmessage = (ev) => this._onFrame(sock, conn, ev.data);
+    sock.onclose = (ev) => {
+      clearTimeout(timer);
+      this._onClose(sock, conn, ev);
+    };
+  }
+
+  _onFrame(sock, conn, data) {
+    if (this._pending === sock) {  // its first frame, the welcome: it takes over
+      const old = this._ws;
+      this._ws = sock;
+      this._pending = null;
+      this._moveAttempt = 0;
+      if (old) this._drop(old, 1000, "moved");
+      this._emit("moved", { url: sock.url });
+      this._setState("connected");
+    }
+    if (this._ws !== sock) return;
+    if (typeof data !== "string") {
+      this._emit("binary", { data: data });
+      return;
+    }
+    let frame = null;
+    try { frame = JSON.parse(data); } catch (e) { frame = null; }
+    if (!frame || typeof frame !== "object" || typeof frame.type !== "string") {
+      this._emit("frame", { type: "raw", text: data });
+      return;
+    }
+    if (!this._accept(conn, frame)) return;  // a broadcast delivered already
+    if (frame.type === "shutdown") {
+      conn.shutdown = frame;
+      const inMs = this._scheduleMove(frame);
+      this._emit("shutdown", { frame: frame, moveInMs: inMs });
+    } else if (["welcome", "message", "epoch"].includes(frame.type)) {
+      this._emit(frame.type, frame);
+    }
+    this._emit("frame", frame);
+  }
+
+  // Bookkeeping of offsets; false for a broadcast delivered already.
+  _accept(conn, frame) {
+    if (frame.type === "welcome") {
+      conn.welcomed = true;
+      this._attempt = 0;
+      this.clientId = frame.client_id === undefined ? null : String(frame.client_id);
+      this.server = frame.server === undefined ? null : String(frame.server);
+      if (frame.epoch === undefined) return true;  // a server without offsets
+      const resumed = conn.since !== null;
+      if (resumed && frame.recovered === true && frame.epoch === this.epoch) {
+        this._emit("recovered", { missed: Number(frame.missed) || 0, since: conn.since });
+        return true;  // the replay follows
+      }
+      if (resumed) this._emit("notrecovered", { since: conn.since, epoch: this.epoch });
+      this.epoch = String(frame.epoch);
+      this.offset = Number(frame.offset) || 0;
+    } else if (frame.type === "epoch") {
+      this.epoch = String(frame.epoch);
+      this.offset = Number(frame.offset) || 0;
+    } else if (frame.type === "message" && Number.isInteger(frame.offset)) {
+      if (frame.offset <= this.offset) return false;
+      this.offset = frame.offset;
+    }
+    return true;
+  }
+
+  _onClose(sock, conn, ev) {
+    if (this._pending === sock) {  // a move that did not work out: try again later
+      this._pending = null;
+      this._scheduleMove(null);
+      return;
+    }
+    if (this._ws !== sock) return;
+    this._ws = null;
+    clearTimeout(this._moveTimer);
+    this._moveTimer = null;
+    if (this._pending) { this._drop(this._pending, 1000, ""); this._pending = null; }
+    this._emit("closed", { code: ev.code, reason: ev.reason });
+    if (!conn.welcomed && conn.openedAt &&
+        Date.now() - conn.openedAt >= this.options.stableResetMs) this._attempt = 0;
+    if (this._wanted) {
+      this._scheduleRetry(conn.shutdown);
+    } else {
+      this._setState("disconnected");
+    }
+  }
+
+  _hinted(shutdown) {
+    const hinted = shutdown ? Number(shutdown.reconnect_after_ms) : NaN;
+    return Number.isFinite(hinted) && hinted >= 0 ? hinted : null;
+  }
+
+  _scheduleRetry(shutdown) {
+    clearTimeout(this._retryTimer);
+    let delay = this._hinted(shutdown);
+    if (delay === null) {
+      delay = fullJitter(this._attempt, this.options);
+      this._attempt += 1;
+    }
+    this._retryTimer = setTimeout(() => {
+      this._retryTimer = null;
+      if (this._wanted) this._open(false);
+    }, delay);
+    this._setState("reconnecting", delay);
+  }
+
+  // A shutdown frame means "move"; returns the delay, or null if one is under way.
+  _scheduleMove(shutdown) {
+    if (this._moveTimer || this._pending || !this._wanted) return null;
+    let delay = this._hinted(shutdown);
+    if (delay === null) {
+      delay = fullJitter(this._moveAttempt, this.options);
+      this._moveAttempt += 1;
+    }
+    this._emit("moving", { inMs: delay });
+    this._moveTimer = setTimeout(() => {
+      this._moveTimer = null;
+      if (this._wanted && this._ws) this._open(true);
+    }, delay);
+    return delay;
+  }
+}

@@ -1,0 +1,336 @@
+"""Resume (``/ws?since=N&epoch=E``) end to end, with daemons as subprocesses: a
+publisher that never pauses, a subscriber cut off and resumed again and again;
+across upgrades, drains, restarts and Redis restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from helpers import QUICK, STEP_TIMEOUT, DaemonProcess, RedisServer, metric, wait_for
+
+ROUNDS = 100
+
+
+async def recv(ws: ClientConnection) -> dict[str, Any]:
+    return json.loads(await asyncio.wait_for(ws.recv(), STEP_TIMEOUT))  # type: ignore
+
+
+async def next_message(ws: ClientConnection) -> dict[str, Any]:
+    while (frame := await recv(ws))["type"] != "message":
+        pass
+    return frame
+
+
+class Publisher:
+    """Sends 0, 1, 2, ... as fast as the loop turns (1 ms apart), until stopped."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.sent = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Publisher:
+        self._ws = await connect(self.url, max_queue=None)  # never reads: never blocks
+        await recv(self._ws)  # welcome
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            await self._ws.send(str(self.sent))
+            self.sent += 1
+            await asyncio.sleep(0.001)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._task is not None
+        await self._task
+        await self._ws.close()
+
+
+class Subscriber:
+    """One logical subscriber over many connections: checks every offset follows
+    the last and records the numbers it was given."""
+
+    def __init__(self) -> None:
+        self.epoch: str | None = None
+        self.offset = 0
+        self.numbers: list[int] = []
+        self.servers: set[str] = set()
+
+    def url(self, base: str) -> str:
+        if self.epoch is None:
+            return base
+        return f"{base}?since={self.offset}&epoch={self.epoch}"
+
+    async def connect(self, base: str) -> tuple[ClientConnection, dict[str, Any]]:
+        ws = await connect(self.url(base))
+        welcome = await recv(ws)
+        assert welcome["type"] == "welcome"
+        if self.epoch is None:
+            self.epoch, self.offset = welcome["epoch"], welcome["offset"]
+        else:
+            assert welcome["recovered"] is True, welcome
+            assert welcome["epoch"] == self.epoch
+        self.servers.add(welcome["server"])
+        return ws, welcome
+
+    def take(self, frame: dict[str, Any]) -> None:
+        assert frame["offset"] == self.offset + 1, (frame, self.offset)
+        self.offset = frame["offset"]
+        self.numbers.append(int(frame["text"]))
+
+    async def read(self, ws: ClientConnection, count: int) -> None:
+        for _ in range(count):
+            self.take(await next_message(ws))
+
+    def assert_every_number_once_in_order(self) -> None:
+        first = self.numbers[0]
+        assert self.numbers == list(range(first, first + len(self.numbers)))
+
+
+async def kill_and_resume(publish_url: str, subscribe_urls: list[str]) -> Subscriber:
+    """ROUNDS times: connect (resuming after the first), read a few live frames,
+    then drop the TCP connection without a close handshake while the publisher
+    goes on."""
+    subscriber = Subscriber()
+    async with Publisher(publish_url):
+        for round_ in range(ROUNDS):
+            ws, _ = await subscriber.connect(subscribe_urls[round_ % len(subscribe_urls)])
+            await subscriber.read(ws, 3)
+            ws.transport.abort()
+            await ws.wait_closed()
+    subscriber.assert_every_number_once_in_order()
+    assert len(subscriber.numbers) >= 3 * ROUNDS
+    return subscriber
+
+
+def serve(spawn: Any, *args: str, **env: str) -> DaemonProcess:
+    return spawn("--port", "0", "--admin-port", "0", *args, env={**QUICK, **env})
+
+
+def test_a_killed_client_resumes_100_times_in_one_process(spawn):
+    d = serve(spawn)
+    subscriber = asyncio.run(kill_and_resume(d.ws_url, [d.ws_url]))
+    assert metric(d, 'ebbcast_resumes_total{result="recovered"}') == ROUNDS - 1
+    assert metric(d, "ebbcast_resumed_messages_total") >= 1  # some were sent meanwhile
+    assert len(subscriber.servers) == 1
+
+
+def test_a_killed_client_resumes_100_times_on_either_worker(spawn):
+    d = serve(spawn, "--workers", "2")
+    subscriber = asyncio.run(kill_and_resume(d.ws_url, [d.ws_url]))
+    assert len(subscriber.servers) == 2  # resumed on the other worker too
+    assert metric(d, 'ebbcast_resumes_total{result="recovered"}') == ROUNDS - 1
+
+
+def test_a_killed_client_resumes_100_times_on_either_instance(spawn, redis_server):
+    one = serve(spawn, EBBCAST_BACKPLANE_URL=redis_server.url)
+    two = serve(spawn, "--workers", "2", EBBCAST_BACKPLANE_URL=redis_server.url)
+    for d in (one, two):
+        wait_for(lambda: metric(d, "ebbcast_backplane_up") == 1)
+    subscriber = asyncio.run(kill_and_resume(one.ws_url, [one.ws_url, two.ws_url]))
+    assert len(subscriber.servers) >= 2
+    recovered = sum(metric(d, 'ebbcast_resumes_total{result="recovered"}') for d in (one, two))
+    assert recovered == ROUNDS - 1
+
+
+# -- moves: an upgrade, a drain to another instance ----------------------------------
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_command_line_client_misses_nothing_across_an_upgrade(spawn, workers):
+    """`ebbcast client --reconnect` moves make-before-break when the new generation
+    serves, resuming from the last offset it printed, while the publisher goes on."""
+    d = serve(spawn, "--workers", str(workers), EBBCAST_SHUTDOWN_UPGRADE_SPREAD="1s")
+
+    async def scenario() -> list[dict[str, Any]]:
+        client = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ebbcast", "client", d.ws_url, "--reconnect",
+            "--listen", "30", stdout=subprocess.PIPE)
+        assert client.stdout is not None
+        lines: list[dict[str, Any]] = []
+
+        async def line() -> dict[str, Any]:
+            raw = await asyncio.wait_for(client.stdout.readline(), STEP_TIMEOUT)  # type: ignore
+            lines.append(json.loads(raw))
+            return lines[-1]
+
+        assert (await line())["type"] == "welcome"
+        async with Publisher(d.ws_url) as publisher:
+            while len(lines) < 50:
+                await line()
+            d.signal(signal.SIGUSR2)
+            while sum(1 for frame in lines if frame.get("type") == "welcome") < 2:
+                await line()  # moved: the new generation's welcome, recovered
+            for _ in range(50):
+                await line()
+        while lines[-1].get("text") != str(publisher.sent - 1):
+            await line()
+        client.terminate()
+        await client.wait()
+        return lines
+
+    lines = asyncio.run(scenario())
+    welcomes = [frame for frame in lines if frame.get("type") == "welcome"]
+    assert welcomes[1]["recovered"] is True and welcomes[1]["server"] != welcomes[0]["server"]
+    messages = [frame for frame in lines if frame.get("type") == "message"]
+    numbers = [int(frame["text"]) for frame in messages]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # once, in order
+    offsets = [frame["offset"] for frame in messages]
+    assert offsets == list(range(offsets[0], offsets[0] + len(offsets)))
+    assert not any("resume" in frame for frame in lines)
+
+
+def test_a_client_moved_by_a_drain_to_another_instance_misses_nothing(spawn, redis_server):
+    one = serve(spawn, EBBCAST_BACKPLANE_URL=redis_server.url)
+    two = serve(spawn, EBBCAST_BACKPLANE_URL=redis_server.url)
+    for d in (one, two):
+        wait_for(lambda: metric(d, "ebbcast_backplane_up") == 1)
+
+    async def scenario() -> Subscriber:
+        subscriber = Subscriber()
+        async with Publisher(two.ws_url):
+            old, _ = await subscriber.connect(one.ws_url)
+            await subscriber.read(old, 20)
+            one.signal(signal.SIGTERM)
+            while (frame := await recv(old))["type"] != "shutdown":
+                if frame["type"] == "message":
+                    subscriber.take(frame)
+            new, welcome = await subscriber.connect(two.ws_url)  # make...
+            await old.close()  # ...before break
+            await subscriber.read(new, 50)
+            await new.close()
+        return subscriber
+
+    subscriber = asyncio.run(scenario())
+    subscriber.assert_every_number_once_in_order()
+    assert one.wait_exit() == 0
+
+
+# -- when it cannot recover ----------------------------------------------------------
+
+async def resume_once(url: str, since: int, epoch: str,
+                      then: Callable[[], Awaitable[object]]) -> tuple[dict[str, Any], ...]:
+    """Resume, then make a broadcast happen; the welcome and the next message."""
+    async with connect(f"{url}?since={since}&epoch={epoch}") as ws:
+        welcome = await recv(ws)
+        await then()
+        return welcome, await next_message(ws)
+
+
+def test_after_a_full_restart_the_epoch_is_new_and_nothing_is_recovered(spawn):
+    d = serve(spawn)
+
+    async def first_life() -> dict[str, Any]:
+        async with connect(d.ws_url) as ws:
+            await recv(ws)
+            await ws.send("before the restart")
+            return await next_message(ws)
+
+    before = asyncio.run(first_life())
+    epoch = json.loads(subprocess.run(
+        [sys.executable, "-m", "ebbcast", "client", d.ws_url, "--count", "1"],
+        capture_output=True, text=True, timeout=STEP_TIMEOUT).stdout)["epoch"]
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    port = d.ws_url.rsplit(":", 1)[1].split("/")[0]
+    again = spawn("--port", port, "--admin-port", "0", env=QUICK)
+
+    async def resume() -> tuple[dict[str, Any], ...]:
+        async def publish() -> None:
+            async with connect(again.ws_url) as other:
+                await recv(other)
+                await other.send("after the restart")
+        return await resume_once(again.ws_url, before["offset"], epoch, publish)
+
+    welcome, live = asyncio.run(resume())
+    assert welcome["recovered"] is False and welcome["epoch"] != epoch
+    assert "missed" not in welcome
+    assert (live["text"], live["offset"]) == ("after the restart", 1)  # then live frames
+    assert metric(again, 'ebbcast_resumes_total{result="not_recovered"}') == 1
+
+
+def test_an_offset_older_than_the_history_is_not_recovered(spawn):
+    d = serve(spawn, "--workers", "2", EBBCAST_HISTORY_SIZE="3")
+
+    async def scenario() -> tuple[dict[str, Any], ...]:
+        async with connect(d.ws_url) as ws:
+            welcome = await recv(ws)
+            for n in range(6):
+                await ws.send(str(n))
+            for _ in range(6):
+                await next_message(ws)
+
+            async def publish() -> None:
+                await ws.send("live")
+
+            old = await resume_once(d.ws_url, welcome["offset"] + 1, welcome["epoch"],
+                                    publish)
+            # 7 broadcasts now ("live" too), 3 kept: the 5th, 6th and 7th
+            recent = await resume_once(d.ws_url, welcome["offset"] + 4, welcome["epoch"],
+                                       publish)
+            return (*old, *recent)
+
+    old, live, recent, _ = asyncio.run(scenario())
+    assert old["recovered"] is False and live["text"] == "live"  # 2 is no longer kept
+    assert recent["recovered"] is True and recent["missed"] == 3
+
+
+def test_invalid_since_is_refused_with_400_and_a_reason(spawn):
+    d = serve(spawn)
+    from websockets.exceptions import InvalidStatus
+
+    async def attempt(query: str) -> Any:
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(f"{d.ws_url}?{query}")
+        return refused.value.response
+
+    for query in ("since=-1&epoch=x", "since=abc&epoch=x", "since=1e3&epoch=x"):
+        response = asyncio.run(attempt(query))
+        assert response.status_code == 400 and b"invalid since" in response.body
+
+    async def fine() -> dict[str, Any]:  # the same request with a valid since is served
+        async with connect(f"{d.ws_url}?since=0&epoch=x") as ws:
+            return await recv(ws)
+
+    assert asyncio.run(fine())["recovered"] is False
+
+
+def test_a_redis_restart_starts_a_new_epoch_that_clients_are_told(spawn, redis_server):
+    d = serve(spawn, EBBCAST_BACKPLANE_URL=redis_server.url)
+    wait_for(lambda: metric(d, "ebbcast_backplane_up") == 1)
+
+    async def scenario() -> tuple[dict[str, Any], ...]:
+        async with connect(d.ws_url) as ws:
+            welcome = await recv(ws)
+            await ws.send("one")
+            one = await next_message(ws)
+            restart(redis_server)
+            epoch_frame = await recv(ws)  # the history was lost with Redis: told
+
+            async def publish() -> None:
+                await ws.send("two")
+
+            resumed, live = await resume_once(d.ws_url, one["offset"], welcome["epoch"],
+                                              publish)
+            return welcome, epoch_frame, resumed, live
+
+    welcome, epoch_frame, resumed, live = asyncio.run(scenario())
+    assert epoch_frame["type"] == "epoch" and epoch_frame["epoch"] != welcome["epoch"]
+    assert resumed["recovered"] is False and resumed["epoch"] == epoch_frame["epoch"]
+    assert (live["text"], live["offset"]) == ("two", epoch_frame["offset"] + 1)
+
+
+def restart(redis_server: RedisServer) -> None:
+    redis_server.stop()
+    redis_server.start()
