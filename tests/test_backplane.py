@@ -97,6 +97,9 @@ async def test_redis_outage_keeps_local_delivery_and_counts_the_loss(start_daemo
     during = await recv_json(a)  # its own frame, delivered here without an offset
     assert during["text"] == "during the outage" and "offset" not in during
     old_epoch = one.daemon.broadcasts.history.epoch
+    since = f"?since={one.daemon.broadcasts.history.latest}&epoch={old_epoch}"
+    _, resumed = await one.connect_welcomed(since)  # it would have missed that frame
+    assert resumed["recovered"] is False
     redis_server.start()  # the same port: both instances reconnect with backoff
     await wait_until(lambda: metrics.backplane_up._value.get() == 1
                      and two.daemon.metrics.backplane_up._value.get() == 1, timeout=30)

@@ -68,11 +68,24 @@ def test_a_hole_in_the_offsets_drops_what_came_before_it() -> None:
     assert history.replay(Resume(5, "e1"), 0) == Replay(True, (frame(6),))
 
 
+def test_after_a_hole_only_a_resume_from_after_it_recovers() -> None:
+    history = filled(10, 0, 3)
+    history.hole()  # broadcasts went out here without offsets after 3
+    assert history.replay(Resume(2, "e1"), 0) == Replay(False)
+    assert history.replay(Resume(3, "e1"), 0) == Replay(False)  # it may have missed them
+    history.append(4, frame(4), 0)
+    history.append(5, frame(5), 0)
+    assert history.replay(Resume(3, "e1"), 0) == Replay(False)
+    assert history.replay(Resume(4, "e1"), 0) == Replay(True, (frame(5),))
+    history.reset("e2", 0)  # a new epoch forgets the hole
+    assert history.replay(Resume(0, "e2"), 0) == Replay(True)
+
+
 def test_sequencer_numbers_from_one_and_keeps_what_it_numbered() -> None:
     sequencer = Sequencer(10, 0, epoch="e9")
     assert sequencer.sequence('{"t":1}', 0) == (1, '{"t":1,"offset":1}')
     assert sequencer.sequence('{"t":2}', 0) == (2, '{"t":2,"offset":2}')
-    assert sequencer.history.after(1) == [(2, '{"t":2,"offset":2}')]
+    assert sequencer.history.after(1, now=3.0) == [(2, 3.0, '{"t":2,"offset":2}')]
     assert (sequencer.epoch, sequencer.latest) == ("e9", 2)
 
 
@@ -92,20 +105,25 @@ operations = st.lists(st.one_of(
 def test_every_client_sees_a_gap_free_run_or_is_told_it_did_not_recover(
         size: int, ttl: float, ops: list[tuple[str, float]]) -> None:
     """Three clients against one history: connected ones get every broadcast
-    live; a resume either replays exactly the offsets missed (so each client's
-    view is a run of consecutive offsets with no repeat) or says not recovered
-    (and the client starts a new run). ``restart`` is a full stop: a new epoch."""
+    live; a resume replays exactly the offsets missed, so each client's view is a
+    run of consecutive offsets with no repeat, or says not recovered (and the
+    client starts a new run); and it recovers exactly when the model says every
+    missed broadcast is still kept (within size and ttl, in the same epoch).
+    ``restart`` is a full stop: a new epoch."""
     history = History(size, ttl, "epoch-0")
+    published: list[float] = []  # when each offset of this epoch was published
     restarts, now = 0, 0.0
     connected = [True, True, True]
     last = [0, 0, 0]  # offset each client has seen last
     epoch_of = ["epoch-0"] * 3
     runs: list[list[list[int]]] = [[[]], [[]], [[]]]  # per client: runs of offsets
+    recoveries = 0
     for op, arg in ops:
         if op == "publish":
             for _ in range(int(arg)):
                 offset = history.latest + 1
                 history.append(offset, frame(offset), now)
+                published.append(now)
                 for c in range(3):
                     if connected[c]:
                         runs[c][-1].append(offset)
@@ -117,11 +135,15 @@ def test_every_client_sees_a_gap_free_run_or_is_told_it_did_not_recover(
         elif op == "restart":
             restarts += 1
             history = History(size, ttl, f"epoch-{restarts}")
+            published = []
             connected = [False] * 3
         elif op == "resume" and not connected[int(arg)]:
             c = int(arg)
             replay = history.replay(Resume(last[c], epoch_of[c]), now)
+            assert replay.recovered == kept_in_model(
+                size, ttl, published, last[c], epoch_of[c] == history.epoch, now)
             if replay.recovered:
+                recoveries += 1
                 runs[c][-1].extend(json.loads(f)["offset"] for f in replay.frames)
             else:
                 runs[c].append([])  # the application reloads: a new run starts
@@ -129,6 +151,18 @@ def test_every_client_sees_a_gap_free_run_or_is_told_it_did_not_recover(
     for client_runs in runs:
         for run in client_runs:
             assert run == list(range(run[0], run[0] + len(run))) if run else True
+
+
+def kept_in_model(size: int, ttl: float, published: list[float], since: int,
+                  same_epoch: bool, now: float) -> bool:
+    """Whether every broadcast after ``since`` is still kept: the model's answer."""
+    latest = len(published)
+    if size == 0 or not same_epoch or since > latest:
+        return False
+    if since == latest:
+        return True
+    within_size = since + 1 > latest - size
+    return within_size and (ttl == 0 or now - published[since] <= ttl)
 
 
 # -- the command-line client's resume bookkeeping ------------------------------------
@@ -147,7 +181,7 @@ def test_reconnecting_client_prints_each_broadcast_once_across_a_move() -> None:
     welcome = {"type": "welcome", "epoch": "e", "offset": 4}
     assert session.on_frame(old, json.dumps(welcome))  # type: ignore[arg-type]
     assert session.resume_url() == "ws://h/ws?x=1&since=4&epoch=e"
-    session.resuming[new] = 4  # type: ignore[index]
+    session.opening[new] = 4  # type: ignore[index]
     message = {"type": "message", "text": "x"}
     assert session.on_frame(old, json.dumps({**message, "offset": 5}))  # type: ignore
     resumed = {**welcome, "offset": 6, "recovered": True, "missed": 2}
@@ -156,3 +190,21 @@ def test_reconnecting_client_prints_each_broadcast_once_across_a_move() -> None:
     assert not session.on_frame(new, json.dumps({**message, "offset": 5}))  # type: ignore
     assert session.on_frame(new, json.dumps({**message, "offset": 6}))  # type: ignore
     assert session.resume_url() == "ws://h/ws?x=1&since=6&epoch=e"
+    assert not session.on_frame(old, json.dumps({**message, "offset": 7}))  # type: ignore
+    assert session.offset == 6  # nothing from the connection it moved away from
+
+
+def test_reconnecting_client_never_goes_back_in_an_epoch() -> None:
+    session = ReconnectingSession("ws://h/ws", quiet=True, deadline=None)
+    conn, lagging = FakeConnection(), FakeConnection()
+    session.current = conn  # type: ignore[assignment]
+    welcome = {"type": "welcome", "epoch": "e", "offset": 9}
+    session.on_frame(conn, json.dumps(welcome))  # type: ignore[arg-type]
+    session.opening[lagging] = 9  # type: ignore[index]
+    session.on_frame(lagging, json.dumps(  # type: ignore[arg-type]
+        {"type": "welcome", "epoch": "e", "offset": 8, "recovered": False}))
+    assert (session.epoch, session.offset) == ("e", 9)  # 9 is not shown again
+    session.opening[conn] = 9  # type: ignore[index]
+    session.on_frame(conn, json.dumps(  # type: ignore[arg-type]
+        {"type": "welcome", "epoch": "f", "offset": 2, "recovered": False}))
+    assert (session.epoch, session.offset) == ("f", 2)  # a new epoch starts anew

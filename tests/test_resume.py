@@ -334,3 +334,40 @@ def test_a_redis_restart_starts_a_new_epoch_that_clients_are_told(spawn, redis_s
 def restart(redis_server: RedisServer) -> None:
     redis_server.stop()
     redis_server.start()
+
+
+# -- in one process on its own (the embedded daemon) ---------------------------------
+
+async def test_an_embedded_daemon_sequences_and_replays_by_itself(start_daemon):
+    from helpers import recv_json
+
+    d = await start_daemon()
+    a, welcome = await d.connect_welcomed()
+    await a.write_message("one")
+    one = await recv_json(a)
+    assert one["offset"] == welcome["offset"] + 1 == 1
+    await a.write_message("two")
+    await recv_json(a)
+    b, resumed = await d.connect_welcomed(f"?since=1&epoch={welcome['epoch']}")
+    assert (resumed["recovered"], resumed["missed"]) == (True, 1)
+    assert (await recv_json(b))["text"] == "two"
+
+
+async def test_a_client_ahead_of_this_process_waits_for_it_instead_of_not_recovering(
+        start_daemon):
+    """A client may have seen an offset (on another worker or instance) that this
+    process has not delivered yet: its handshake waits for it, then recovers."""
+    from helpers import recv_json, wait_until
+
+    d = await start_daemon()
+    a, welcome = await d.connect_welcomed()
+    ahead = asyncio.ensure_future(
+        d.connect_welcomed(f"?since={welcome['offset'] + 1}&epoch={welcome['epoch']}"))
+    broadcasts = d.daemon.broadcasts
+    await wait_until(lambda: bool(broadcasts._waiters))  # it waits for offset 1
+    await a.write_message("seen elsewhere already")
+    b, resumed = await asyncio.wait_for(ahead, STEP_TIMEOUT)
+    assert (resumed["recovered"], resumed["missed"]) == (True, 0)
+    await a.write_message("new")
+    frame = await recv_json(b)  # not the one it had seen
+    assert (frame["text"], frame["offset"]) == ("new", welcome["offset"] + 2)

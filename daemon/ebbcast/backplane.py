@@ -80,7 +80,7 @@ return {epoch, tonumber(redis.call('GET', KEYS[2]) or '0')}
 NODE_PREFIX = "ebbcast:node:"
 HEARTBEAT_SECONDS, NODE_TTL_SECONDS = 3.0, 10
 #: Frames waiting to be published; beyond this (Redis far slower than the
-#: clients), the oldest are dropped and counted.
+#: clients), new ones are not published (delivered locally only) and counted.
 PUBLISH_QUEUE_LIMIT = 10_000
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 10.0
 
@@ -231,9 +231,9 @@ class RedisBackplane:
         if not self._up:
             self._on_dropped(1)
             return False
-        if len(self._queue) >= PUBLISH_QUEUE_LIMIT:
-            self._queue.popleft()
+        if len(self._queue) >= PUBLISH_QUEUE_LIMIT:  # Redis far slower than the clients
             self._on_dropped(1)
+            return False
         self._queue.append((source, payload, token))
         self._wakeup.set()
         return True

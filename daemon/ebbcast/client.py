@@ -95,7 +95,8 @@ class ReconnectingSession:
             asyncio.Queue()
         self.epoch: str | None = None  # of the last offset printed
         self.offset = 0
-        self.resuming: dict[WebSocketClientConnection, int] = {}  # conn -> since
+        #: Connections opened and not welcomed yet, with the offset each resumes from.
+        self.opening: dict[WebSocketClientConnection, int | None] = {}
 
     def resume_url(self) -> str:
         """The URL with ``since`` and ``epoch`` once there is something to resume."""
@@ -123,8 +124,7 @@ class ReconnectingSession:
                     print(f"ebbcast client: cannot connect to {self.url}: {exc}; retrying",
                           file=sys.stderr)
             else:
-                if self.epoch is not None:
-                    self.resuming[conn] = since
+                self.opening[conn] = since if self.epoch is not None else None
                 asyncio.ensure_future(self._pump(conn))
                 return conn
             pause = next(delays)
@@ -150,7 +150,10 @@ class ReconnectingSession:
         await self.connect()  # it becomes current when its welcome arrives
 
     def on_frame(self, conn: WebSocketClientConnection, frame: str | bytes) -> bool:
-        """Act on a frame; whether it is new (a broadcast seen already is not)."""
+        """Act on a frame; whether it is new (a broadcast seen already is not, nor is
+        anything more from a connection this session has moved away from)."""
+        if conn is not self.current and conn not in self.opening:
+            return False
         try:
             parsed: Any = json.loads(frame) if isinstance(frame, str) else None
         except ValueError:
@@ -173,18 +176,23 @@ class ReconnectingSession:
             old, self.current = self.current, conn
             if old is not None:
                 old.close(1000)
-        since = self.resuming.pop(conn, None)
+        since = self.opening.pop(conn, None)
         if "epoch" not in welcome:
             return
-        if since is not None and not welcome.get("recovered") and not self.quiet:
+        recovered = since is not None and welcome.get("recovered") is True
+        if since is not None and not recovered and not self.quiet:
             print(json.dumps({"resume": "not_recovered", "since": since,
                               "epoch": self.epoch}), flush=True)
-        if since is None or not welcome.get("recovered") or welcome["epoch"] != self.epoch:
-            self.epoch, self.offset = str(welcome["epoch"]), int(welcome.get("offset", 0))
+        if not recovered:  # in the same epoch, never go back (the server may lag)
+            same = welcome["epoch"] == self.epoch
+            offset = int(welcome.get("offset", 0))
+            self.epoch, self.offset = str(welcome["epoch"]), \
+                max(self.offset, offset) if same else offset
 
     def on_closed(self, conn: WebSocketClientConnection) -> None:
+        self.opening.pop(conn, None)
         if conn is not self.current:
-            return  # one this session closed after moving
+            return  # one this session closed after moving, or a move that failed
         if not self.quiet:
             print(json.dumps({"closed": conn.close_code, "reason": conn.close_reason}),
                   flush=True)

@@ -58,7 +58,7 @@ from ebbcast.listener import (LISTEN_BACKLOG, ShedOnExhaustion, Spare, bind_list
 from ebbcast.logs import set_level
 from ebbcast.metrics import Metrics
 from ebbcast.notify import SystemdNotifier
-from ebbcast.ordering import Broadcasts, LocalSequencing
+from ebbcast.ordering import Broadcasts, LocalSequencing, Sequencing
 from ebbcast.periodic import PeriodicBroadcaster
 from ebbcast.registry import ConnectionRegistry
 from ebbcast.relay import RelayBackplane, WorkerLink
@@ -326,13 +326,16 @@ class Daemon:
         a local client's frame would be."""
         self.broadcasts.submit(payload, source)
 
-    def sequenced_by_main(self, epoch: str, base: int) -> None:
+    def sequenced_by_main(self, epoch: str, base: int,
+                          direct: Sequencing | None = None) -> None:
+        """The main process sequences: over the link, or ``direct`` by calls (this
+        process runs inside it)."""
         assert isinstance(self._role, Member) and self._role.link is not None
         self.broadcasts.history.reset(epoch, base)
-        self.broadcasts.sequencing = self._role.link
+        self.broadcasts.sequencing = direct or self._role.link
 
-    def recorded(self, offset: int, frame: str) -> None:
-        self.broadcasts.record(offset, frame, time.monotonic())
+    def recorded(self, offset: int, age: float, frame: str) -> None:
+        self.broadcasts.record(offset, frame, time.monotonic() - age)
 
     def deliver_sequenced(self, epoch: str, offset: int, frame: str, source: str,
                           token: int, own: bool) -> None:
@@ -346,7 +349,7 @@ class Daemon:
     def preload(self, epoch: str, base: int, entries: list[tuple[int, str, float]]) -> None:
         """The history as Redis has it, at start: ``(offset, frame, age)``."""
         history, now = self.broadcasts.history, time.monotonic()
-        history.reset(epoch, base)
+        self.broadcasts.new_epoch(epoch, base)  # clients welcomed before it was known
         for offset, frame, age in entries:
             history.append(offset, frame, now - age)
         history.trim(now)

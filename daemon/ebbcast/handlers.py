@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 RATE_LIMIT_STRIKES = 10
 #: The placeholder in static/index.html that the page handler fills in.
 WS_PATH_TOKEN = "__EBBCAST_WS_PATH__"
+#: Longest a resuming client's handshake waits for this process to have delivered
+#: the offset it has seen (another worker or instance was a little ahead).
+CATCH_UP_SECONDS = 1.0
 #: Ids a client may choose in /ws/{client_id}.
 CLIENT_ID_PATTERN = r"[A-Za-z0-9_.~-]{1,64}"
 
@@ -109,6 +112,7 @@ class BroadcastSocket(WebSocketHandler):
                 self.finish("invalid since: an offset from a welcome or message frame\n")
                 return
             self._resume = Resume(int(since), self.get_query_argument("epoch", ""))
+            await ctx.broadcasts.caught_up(self._resume, CATCH_UP_SECONDS)
         await super().get(*args, **kwargs)
         if self.get_status() == 403:
             ctx.metrics.rejected.labels("origin").inc()

@@ -64,6 +64,8 @@ class History:
         self.epoch = epoch
         self.latest = latest  # the last offset delivered (0: none yet)
         self._entries: deque[tuple[int, float, str]] = deque()  # (offset, added, frame)
+        #: A resume from before this offset cannot be vouched for (see ``hole``).
+        self._floor = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -72,6 +74,14 @@ class History:
         """A new epoch (or a hole in this one): nothing before ``latest`` is kept."""
         self.epoch, self.latest = epoch, latest
         self._entries.clear()
+        self._floor = 0
+
+    def hole(self) -> None:
+        """Broadcasts were delivered here without an offset (the sequencer was out
+        of reach): a client that left before them cannot be told it missed nothing,
+        so only a resume from after the next sequenced broadcast recovers."""
+        self._entries.clear()
+        self._floor = self.latest + 1
 
     def append(self, offset: int, frame: str, now: float) -> None:
         """Record the broadcast with ``offset``; they come in order. An offset
@@ -97,7 +107,8 @@ class History:
         """The broadcasts after ``resume.since``, if this history holds every one."""
         self.trim(now)
         since = resume.since
-        if self.size == 0 or resume.epoch != self.epoch or since > self.latest:
+        if self.size == 0 or resume.epoch != self.epoch or not \
+                self._floor <= since <= self.latest:
             return Replay(False)
         if since == self.latest:
             return Replay(True)
@@ -107,9 +118,9 @@ class History:
         skip = since + 1 - entries[0][0]
         return Replay(True, tuple(entries[i][2] for i in range(skip, len(entries))))
 
-    def after(self, offset: int) -> list[tuple[int, str]]:
-        """``(offset, frame)`` of every kept broadcast after ``offset``."""
-        return [(o, frame) for o, _, frame in self._entries if o > offset]
+    def after(self, offset: int, now: float) -> list[tuple[int, float, str]]:
+        """``(offset, age, frame)`` of every kept broadcast after ``offset``."""
+        return [(o, now - added, frame) for o, added, frame in self._entries if o > offset]
 
 
 class Sequencer:

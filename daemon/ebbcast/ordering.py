@@ -17,6 +17,7 @@ still encodes it once for every client.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -59,13 +60,17 @@ class InFlight:
         self._last = 0
         self._waiting: OrderedDict[int, Submitted] = OrderedDict()
         self._delivered_here: OrderedDict[int, None] = OrderedDict()
+        self.forgotten = 0
 
     def add(self, submitted: Submitted) -> int:
         self._last += 1
         self._waiting[self._last] = submitted
         if len(self._waiting) > IN_FLIGHT_LIMIT:
             self._waiting.popitem(last=False)
-            log.warning("a broadcast never came back from the sequencer: forgotten")
+            self.forgotten += 1
+            if self.forgotten in (1, 10, 100) or self.forgotten % 1000 == 0:
+                log.warning("%d broadcasts never came back from the sequencer: forgotten",
+                            self.forgotten)
         return self._last
 
     def take(self, token: int) -> Submitted | None:
@@ -93,11 +98,42 @@ class Broadcasts:
         self.history = history
         self.sequencing: Sequencing | None = None
         self._in_flight = InFlight()
+        #: Handshakes of clients ahead of this process, waiting (see ``caught_up``).
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     @property
     def sequenced(self) -> bool:
-        """Whether broadcasts get offsets now."""
-        return self.sequencing is not None and self._ctx.config.broadcast.envelope == "json"
+        """Whether broadcasts get offsets now (the epoch known, the JSON envelope)."""
+        return self.sequencing is not None and bool(self.history.epoch) and \
+            self._ctx.config.broadcast.envelope == "json"
+
+    async def caught_up(self, resume: Resume, timeout: float) -> None:
+        """Wait (at most ``timeout``) until this process has delivered the offset a
+        client resuming in this epoch has seen already: another worker or instance
+        may be ahead of this one by a broadcast or two."""
+        if resume.epoch != self.history.epoch or resume.since <= self.history.latest:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((resume.since, waiter))
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+                self._waiters.remove((resume.since, waiter))
+
+    def _wake(self) -> None:
+        latest = self.history.latest
+        waiting = []
+        for since, waiter in self._waiters:
+            if since <= latest:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                waiting.append((since, waiter))
+        self._waiters = waiting
 
     def submit(self, payload: str | bytes, source: str,
                exclude: Recipient | None = None) -> int:
@@ -110,6 +146,7 @@ class Broadcasts:
             if self.sequencing.submit(payload, source, token):
                 return len(ctx.registry) - (exclude is not None and exclude in ctx.registry)
             self._in_flight.take(token)  # the backplane is down: here only, with no offset
+            self.history.hole()
             return ctx.fanout.broadcast(payload, source, exclude=exclude, relayed=True)
         recipients = ctx.fanout.broadcast(payload, source, exclude=exclude)
         ctx.backplane.publish(payload, source)
@@ -132,18 +169,23 @@ class Broadcasts:
             exclude = submitted.exclude if submitted is not None else None
         history.append(offset, frame, now)
         self._ctx.fanout.broadcast(frame, source, exclude=exclude, relayed=True)
+        if self._waiters:
+            self._wake()
 
     def sequencing_lost(self) -> None:
         """The sequencer is gone (Redis down, a publish failed): what was submitted
         here and has not come back is delivered here now, without an offset, so
         local delivery never stops; one that comes back after all is not repeated."""
         waiting = self._in_flight.give_up()
+        if waiting:
+            self.history.hole()
         for submitted in waiting:
             self._ctx.fanout.broadcast(submitted.frame, submitted.source,
                                        exclude=submitted.exclude, relayed=True)
         if waiting:
             log.info("%d broadcasts delivered here without an offset: the sequencer "
                      "is unreachable", len(waiting))
+
     def record(self, offset: int, frame: str, now: float) -> None:
         """A broadcast from before this process: history only, delivered to nobody."""
         self.history.append(offset, frame, now)
@@ -151,19 +193,27 @@ class Broadcasts:
     def new_epoch(self, epoch: str, base: int) -> None:
         """The history was lost (``base``: the offset the new epoch goes on from);
         every client is told first, so it knows its offsets no longer count."""
-        if self.history.epoch and len(self._ctx.registry):
-            log.warning("history epoch changed (%s -> %s): clients told", self.history.epoch,
-                        epoch)
+        if len(self._ctx.registry):
+            log.warning("history epoch %s -> %s: connected clients told",
+                        self.history.epoch or "(none yet)", epoch)
             self._ctx.fanout.broadcast(frames.epoch(epoch, base), "epoch", relayed=True)
         self.history.reset(epoch, base)
 
     def replay(self, resume: Resume, now: float) -> Replay:
-        """What a resuming client missed (counted), or not recovered."""
+        """What a resuming client missed (counted), or not recovered: also when the
+        replay would not fit in limits.client_queue_bytes, so that writing it does
+        not make the client a slow consumer at once."""
         metrics = self._ctx.metrics
         replay = self.history.replay(resume, now) if self.sequenced else Replay(False)
+        if sum(map(len, replay.frames)) > self._ctx.config.limits.client_queue_bytes:
+            replay = Replay(False)
         metrics.resumes.labels("recovered" if replay.recovered else "not_recovered").inc()
         metrics.resumed_messages.inc(replay.missed)
         return replay
+
+
+class Clock(Protocol):
+    def __call__(self) -> float: ...
 
 
 class LocalSequencing:
@@ -179,7 +229,3 @@ class LocalSequencing:
         self._broadcasts.deliver(history.epoch, offset, with_offset(frame, offset), source,
                                  token, True, self._clock())
         return True
-
-
-class Clock(Protocol):
-    def __call__(self) -> float: ...

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import socket
 import struct
 from collections.abc import Callable
@@ -46,7 +47,9 @@ log = logging.getLogger(__name__)
 
 FRAME, READY, COUNT, HEARTBEAT, INJECT, OTHERS = b"F", b"R", b"C", b"H", b"I", b"T"
 ACCEPT, HAND_OVER = b"A", b"U"
-SEQUENCE, SEQUENCER, HISTORY, ORDERED = b"S", b"E", b"Y", b"O"
+SEQUENCE, SEQUENCER, HISTORY, ORDERED, CAPABILITIES = b"S", b"E", b"Y", b"O", b"K"
+#: What a worker of this release tells the main process it can do (``K``).
+OFFSETS = "offsets"
 HEARTBEAT_SECONDS = 1.0
 _HEADER = struct.Struct(">IB")
 #: What one side may leave unread on the link before the writer gives up on it
@@ -95,6 +98,8 @@ class Link:
         self._on_record = on_record
         self._on_closed = on_closed
         self._reader: asyncio.Task[None] | None = None
+        self._outgoing: list[bytes] = []  # records of this pass of the loop
+        self._backlog = 0  # bytes sent and not yet written to the socket
         self.dropped = 0
 
     def start(self) -> None:
@@ -106,19 +111,33 @@ class Link:
 
     def send_packed(self, record: bytes) -> bool:
         """``send`` for a record already packed (one frame relayed to many links is
-        packed once)."""
+        packed once). The records of one pass of the loop go out in one write."""
         if self._stream.closed():
             return False
-        try:
-            future = self._stream.write(record)
-        except StreamClosedError:
-            return False
-        except StreamBufferFullError:  # the other side has stopped reading
+        if self._backlog + len(record) > MAX_BACKLOG_BYTES:  # the other side has stopped
             self.dropped += 1
             log.debug("relay link backlogged: a record dropped")
             return False
-        future.add_done_callback(_ignore_closed)
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outgoing.append(record)
+        self._backlog += len(record)
         return True
+
+    def _flush(self) -> None:
+        data = b"".join(self._outgoing)
+        self._outgoing = []
+        if not data or self._stream.closed():
+            return
+        try:
+            future = self._stream.write(data)
+        except (StreamClosedError, StreamBufferFullError):
+            return
+        future.add_done_callback(lambda done: self._written(len(data), done))
+
+    def _written(self, size: int, future: Any) -> None:
+        self._backlog -= size
+        _ignore_closed(future)
 
     async def _read_forever(self) -> None:
         unpacker = Unpacker()
@@ -168,8 +187,9 @@ class LinkPeer(Protocol):
     def sequenced_by_main(self, epoch: str, base: int) -> None:
         """The main process sequences broadcasts; its history after ``base`` follows."""
 
-    def recorded(self, offset: int, frame: str) -> None:
-        """One broadcast of the main process's history: record it, deliver it to nobody."""
+    def recorded(self, offset: int, age: float, frame: str) -> None:
+        """One broadcast of the main process's history, ``age`` seconds old: record
+        it, deliver it to nobody."""
 
     def deliver_sequenced(self, epoch: str, offset: int, frame: str, source: str,
                           token: int, own: bool) -> None:
@@ -186,7 +206,9 @@ class WorkerLink:
     process, commands from it to ``peer``."""
 
     def __init__(self, sock: socket.socket, node: str, peer: LinkPeer) -> None:
-        self._node = node
+        # unique even for a serving process restarted inside the main process (same
+        # pid), whose tokens start again at 1
+        self._node = f"{node}/{secrets.token_hex(4)}"
         self._peer = peer
         self._sock = sock
         self._link: Link | None = None  # made in start(), on the running loop
@@ -203,6 +225,7 @@ class WorkerLink:
         return self._link is not None and self._link.send(kind, body)
 
     def ready(self, version: str) -> None:
+        self._send(CAPABILITIES, OFFSETS.encode())
         self._send(READY, version.encode())
 
     def _beat(self) -> None:
@@ -232,8 +255,8 @@ class WorkerLink:
             _, source, _, payload = decode(body)
             (peer.deliver_remote if kind == FRAME else peer.inject)(payload, source)
         elif kind == HISTORY:
-            offset, frame = body.split(b"\n", 1)
-            peer.recorded(int(offset), frame.decode())
+            offset, age, frame = body.split(b"\n", 2)
+            peer.recorded(int(offset), float(age), frame.decode())
         elif kind == SEQUENCER:
             epoch, base = body.decode().split("\n")
             self._epoch = epoch

@@ -69,8 +69,8 @@ from ebbcast.logs import set_level
 from ebbcast.metrics import MergedMetrics, Metrics
 from ebbcast.notify import SystemdNotifier
 from ebbcast.history import Sequencer
-from ebbcast.relay import (ACCEPT, COUNT, FRAME, HAND_OVER, HISTORY, INJECT, ORDERED, OTHERS,
-                           READY, SEQUENCE, SEQUENCER, pack)
+from ebbcast.relay import (ACCEPT, CAPABILITIES, COUNT, FRAME, HAND_OVER, HISTORY, INJECT,
+                           OFFSETS, ORDERED, OTHERS, READY, SEQUENCE, SEQUENCER, pack)
 from ebbcast.workers import (ChildWorker, LocalRun, LocalWorker, Worker,
                              describe_exit, worker_count)
 
@@ -86,6 +86,19 @@ HANDED_OVER_KEYS = ("server.host", "server.port", "admin.host", "admin.port")
 #: Builds the serving process that runs inside this one: (relay, public, config,
 #: metrics) -> an ``ebbcast.daemon.Daemon`` (given by ``ebbcast.cli``).
 ServeHere = Callable[[socket.socket, list[socket.socket], Config, Metrics], LocalRun]
+
+
+class DirectSequencing:
+    """How the serving process inside the main process has its broadcasts
+    sequenced (``ebbcast.ordering.Sequencing``): by a call, no relay link."""
+
+    def __init__(self, supervisor: Supervisor, worker: Worker) -> None:
+        self._supervisor = supervisor
+        self._worker = worker
+
+    def submit(self, frame: str, source: str, token: int) -> bool:
+        self._supervisor.sequence(self._worker, "local", source, frame, token)
+        return True
 
 
 class Supervisor:
@@ -178,7 +191,8 @@ class Supervisor:
         and the JSON envelope); else handed to one serving worker of the current
         generation, which delivers it to its clients and publishes it on."""
         if self._sequencer is not None and self.config.broadcast.envelope == "json":
-            self._sequence("main", "admin", payload, 0)
+            self.metrics.broadcasts.labels("admin").inc()
+            self.sequence(None, "main", "admin", payload, 0)
             return self.total_connections
         for worker in self._current.workers:
             if worker.ready and worker.link is not None and \
@@ -287,17 +301,24 @@ class Supervisor:
     def _introduce(self, worker: Worker, hold: bool) -> None:
         """A worker's first records: the sequencer and its history, then ACCEPT,
         unless it is held for an upgrade (it is always started held, so it knows
-        before its first client whether broadcasts are sequenced)."""
+        before its first client whether broadcasts are sequenced). The serving
+        process inside this one is told by calls, and sequences by calls too."""
         link = worker.link
         assert link is not None
         if self._sequencer is not None:
-            history = self._sequencer.history
-            history.trim(time.monotonic())
-            kept = history.after(0)
+            history, now = self._sequencer.history, time.monotonic()
+            history.trim(now)
+            kept = history.after(0, now)
             base = kept[0][0] - 1 if kept else history.latest
-            link.send(SEQUENCER, f"{history.epoch}\n{base}".encode())
-            for offset, frame in kept:
-                link.send(HISTORY, b"%d\n%s" % (offset, frame.encode()))
+            local = worker.local_run()
+            if local is not None:
+                local.sequenced_by_main(history.epoch, base, DirectSequencing(self, worker))
+                for offset, age, frame in kept:
+                    local.recorded(offset, age, frame)
+            else:
+                link.send(SEQUENCER, f"{history.epoch}\n{base}".encode())
+                for offset, age, frame in kept:
+                    link.send(HISTORY, b"%d\n%.3f\n%s" % (offset, age, frame.encode()))
         if not hold:
             link.send(ACCEPT)
 
@@ -308,13 +329,15 @@ class Supervisor:
         if kind == SEQUENCE:
             node, source, token, payload = decode(body)
             if self._sequencer is not None and isinstance(payload, str):
-                self._sequence(node, source, payload, token)
+                self.sequence(worker, node, source, payload, token)
         elif kind == FRAME:  # to every other worker, ready or still starting
             record = pack(FRAME, body)
             for other in self._workers():
                 if other is not worker and other.link is not None:
                     if not other.link.send_packed(record):
                         self.metrics.backplane_dropped.inc()
+        elif kind == CAPABILITIES:
+            worker.sequenced = OFFSETS in body.decode(errors="replace").split(",")
         elif kind == COUNT:
             worker.connections = int(body)
             self._others_dirty = True
@@ -324,13 +347,24 @@ class Supervisor:
             self._others_dirty = True
             self._events.put(WorkerReady(worker))
 
-    def _sequence(self, node: str, source: str, frame: str, token: int) -> None:
-        """Give ``frame`` the next offset and send it to every worker in that order."""
+    def sequence(self, origin: Worker | None, node: str, source: str, frame: str,
+                 token: int) -> None:
+        """Give ``frame`` the next offset and hand it to every worker in that order
+        (``origin`` sent it, with ``token``)."""
         assert self._sequencer is not None
         offset, sequenced = self._sequencer.sequence(frame, time.monotonic())
-        record = pack(ORDERED, b"%d\n%s" % (offset, encode(node, source, sequenced, token)))
+        record = b""
         for worker in self._workers():
-            if worker.link is not None and not worker.link.send_packed(record):
+            local = worker.local_run()
+            if local is not None:
+                local.deliver_sequenced(self._sequencer.epoch, offset, sequenced, source,
+                                        token, worker is origin)
+                continue
+            if worker.link is None:
+                continue
+            record = record or pack(ORDERED, b"%d\n%s" % (
+                offset, encode(node, source, sequenced, token)))
+            if not worker.link.send_packed(record):
                 self.metrics.backplane_dropped.inc()
 
     def _housekeeping(self) -> None:
@@ -409,7 +443,11 @@ class Supervisor:
 
     def _on_ready(self, worker: Worker, now: float) -> None:
         if self._next is not None and worker in self._next.workers:
-            if self._next.ready:
+            if self._sequencer is not None and not worker.sequenced:
+                self._fail_upgrade(f"its release ({worker.version}) does not take offsets "
+                                   "from this main process: going back to a release "
+                                   "without offsets takes a restart", now)
+            elif self._next.ready:
                 self._switch(now)
             return
         if worker.starts > 1:

@@ -20,10 +20,13 @@ import subprocess
 import sys
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ebbcast.lifecycle import HANDLED_SIGNALS, StopReason
 from ebbcast.relay import Link
+
+if TYPE_CHECKING:  # the serving modules are not loaded in the main process for them
+    from ebbcast.ordering import Sequencing
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,7 @@ class Worker:
         self.link: Link | None = None
         self.ready = False
         self.version = ""
+        self.sequenced = False  # it said it takes offsets from this process
         self.connections = 0
         self.starts = 0
         self.last_heard = 0.0
@@ -141,8 +145,13 @@ class Worker:
         """Seconds since the serving worker last sent anything (0 if not serving)."""
         return now - self.last_heard if self.ready else 0.0
 
+    def local_run(self) -> LocalRun | None:
+        """The serving process, when it runs inside the main process."""
+        return None
+
     def _started(self, link: Link, now: float) -> None:
         self.ready, self.connections, self.version = False, 0, ""
+        self.sequenced = False
         self.starts += 1
         self.last_heard = now
         self.link = link
@@ -237,10 +246,17 @@ MakeLocalRun = Callable[[socket.socket, list[socket.socket]], "LocalRun"]
 
 
 class LocalRun(Protocol):
-    """The serving process a LocalWorker runs (an ``ebbcast.daemon.Daemon``)."""
+    """The serving process a LocalWorker runs (an ``ebbcast.daemon.Daemon``); the
+    main process hands it sequenced broadcasts by calls (see ``ebbcast.relay``'s
+    ``E``, ``Y`` and ``O`` records for what each is)."""
 
     def record_signal(self, signum: int) -> None: ...
     def run(self) -> Coroutine[Any, Any, object]: ...
+    def sequenced_by_main(self, epoch: str, base: int,
+                          direct: Sequencing | None = None) -> None: ...
+    def recorded(self, offset: int, age: float, frame: str) -> None: ...
+    def deliver_sequenced(self, epoch: str, offset: int, frame: str, source: str,
+                          token: int, own: bool) -> None: ...
 
 
 class LocalWorker(Worker):
@@ -284,6 +300,9 @@ class LocalWorker(Worker):
             log.error("the serving process failed", exc_info=failure)
             return 1
         return 1 if task.result() is StopReason.FAILED else 0
+
+    def local_run(self) -> LocalRun | None:
+        return self._daemon
 
     def signal(self, signum: int) -> None:
         if self._daemon is not None and signum != signal.SIGKILL:

@@ -98,7 +98,8 @@ export class EbbcastClient extends EventTarget {
 
   resumeUrl() {
     if (!this.options.resume || this.epoch === null) return this.url;
-    const url = new URL(this.url);
+    const base = typeof location === "undefined" ? undefined : location.href;
+    const url = new URL(this.url, base);  // "/ws" is fine in a page
     url.searchParams.set("since", String(this.offset));
     url.searchParams.set("epoch", this.epoch);
     return url.toString();
@@ -197,8 +198,10 @@ export class EbbcastClient extends EventTarget {
         return true;  // the replay follows
       }
       if (resumed) this._emit("notrecovered", { since: conn.since, epoch: this.epoch });
+      const offset = Number(frame.offset) || 0;
+      // in the same epoch never go back: a server that lags would repeat broadcasts
+      this.offset = String(frame.epoch) === this.epoch ? Math.max(this.offset, offset) : offset;
       this.epoch = String(frame.epoch);
-      this.offset = Number(frame.offset) || 0;
     } else if (frame.type === "epoch") {
       this.epoch = String(frame.epoch);
       this.offset = Number(frame.offset) || 0;
