@@ -371,3 +371,31 @@ async def test_a_client_ahead_of_this_process_waits_for_it_instead_of_not_recove
     await a.write_message("new")
     frame = await recv_json(b)  # not the one it had seen
     assert (frame["text"], frame["offset"]) == ("new", welcome["offset"] + 2)
+
+
+def test_the_command_line_client_says_when_it_could_not_resume(spawn):
+    """A full restart loses an in-memory history: `ebbcast client --reconnect` comes
+    back to the new daemon, says it could not resume, and goes on."""
+    first = serve(spawn, "--drain-timeout", "60s")
+    client = subprocess.Popen(
+        [sys.executable, "-m", "ebbcast", "client", first.ws_url, "--reconnect",
+         "--listen", "60"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None
+        welcome = json.loads(client.stdout.readline())
+        first.signal(signal.SIGTERM)
+        first.wait_for_log("drain started")
+        first.signal(signal.SIGTERM)  # the second one closes the client now
+        assert first.wait_exit() == 0
+        port = first.ws_url.rsplit(":", 1)[1].split("/")[0]
+        serve(spawn, "--port", port)
+        lines = []
+        while not any("resume" in line for line in lines):
+            lines.append(json.loads(client.stdout.readline()))
+        assert lines[-1] == {"resume": "not_recovered", "since": welcome["offset"],
+                             "epoch": welcome["epoch"]}
+        again = json.loads(client.stdout.readline())
+        assert again["type"] == "welcome" and again["recovered"] is False
+    finally:
+        client.kill()
+        client.communicate()  # reaps it and closes its stdout
