@@ -45,6 +45,7 @@ bench: $(BIN)/ebbcast $(NODE_WS)
 	$(BIN)/pip install --quiet -r bench/requirements.txt py-spy
 	$(BIN)/python bench/run.py --out bench/results
 	$(BIN)/python bench/extras.py --out bench/results
+	$(BIN)/python bench/storm.py --out bench/results
 	bench/profile.sh
 
 # Root only: the system packages the tests use (fails, never skips, without them).

@@ -53,7 +53,9 @@ async def test_frames_cross_instances_both_ways_exactly_once_in_one_order(start_
     for text in ("one", "two", "three"):
         await a.write_message(text)
     await b.write_message("from b")
-    seen = [[await recv_json(conn) for _ in range(4)] for conn in (a, a2, b)]
+    seen = []
+    for conn in (a, a2, b):
+        seen.append([await recv_json(conn) for _ in range(4)])
     assert seen[0] == seen[1] == seen[2]  # the same frames, offsets and order everywhere
     texts = [frame["text"] for frame in seen[0]]
     assert sorted(texts) == ["from b", "one", "three", "two"]

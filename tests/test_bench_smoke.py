@@ -40,3 +40,16 @@ def test_sequencer_benchmark_quick_run_compares_two_codes_in_every_mode(tmp_path
         for mode in ("one process", "2 workers", "redis") for cell in ("latency", "throughput")}
     for row in rows:
         assert row["errors"] == 0 and row["deliveries_per_cpu_s"] > 0, row
+
+
+def test_connect_storm_quick_run_measures_every_server(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "storm.py"), "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=240, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (result,) = tmp_path.glob("storm-*.json")
+    rows = json.loads(result.read_text())["rows"]
+    assert {r["variant"] for r in rows} == {"ebbcast", "tornado-naive", "node-ws"}
+    for row in rows:
+        assert row["errors"] == 0 and row["connected"] == row["connections"] == 50, row
+        assert row["handshakes_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"], row

@@ -85,6 +85,7 @@ typedef struct conn {
     uint8_t *rbuf;
     uint8_t *wbuf;
     int64_t t_start;    /* connect start */
+    int64_t t_open;     /* handshake complete (101 read) */
     int64_t last_echo;
     int64_t t_shutdown; /* expect-close: shutdown frame seen */
     int64_t t_close;    /* expect-close: close frame or EOF seen; soak: socket closed */
@@ -150,6 +151,7 @@ static uint64_t c_epoll_waits, c_events, c_reads, s_epoll_waits, s_events, s_rea
 static uint64_t c_shutdown_frames, c_close_frames, c_eofs;
 static struct rusage ru_start, ru_end;
 static double srv_cpu_start = -1, srv_cpu_end = -1;
+static double srv_cpu_ramp_start = -1, srv_cpu_ramp_end = -1; /* over the connect phase */
 static long srv_rss_ready = -1, srv_rss_end = -1;
 static int g_exit_code = 0;
 
@@ -639,6 +641,7 @@ static void on_handshake_data(conn *c, int64_t now)
     size_t hlen = (size_t)(end + 4 - s);
     size_t rest = c->rlen - hlen;
     c->state = ST_OPEN;
+    c->t_open = now;
     pending--;
     n_done++;
     n_open++;
@@ -1008,14 +1011,15 @@ static int cmp_i64(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-static tstats time_stats(int which /* 0 shutdown, 1 close */)
+static tstats time_stats(int which /* 0 shutdown, 1 close, 2 handshake duration */)
 {
     tstats s;
     memset(&s, 0, sizeof s);
     int64_t *v = xrealloc(NULL, sizeof(int64_t) * (size_t)(total ? total : 1));
     long n = 0;
     for (long i = 0; i < total; i++) {
-        int64_t t = which ? conns[i].t_close : conns[i].t_shutdown;
+        int64_t t = which == 2 ? (conns[i].t_open ? conns[i].t_open - conns[i].t_start : 0)
+                    : which ? conns[i].t_close : conns[i].t_shutdown;
         if (t)
             v[n++] = t;
     }
@@ -1278,6 +1282,11 @@ static void report(void)
         fprintf(f, ",\"server_cpu_s\":%.6f,\"server_cpu_share\":%.6f", srv, dur > 0 ? srv / dur : 0);
     if (srv_rss_ready >= 0)
         fprintf(f, ",\"server_rss_kib_ready\":%ld,\"server_rss_kib_end\":%ld", srv_rss_ready, srv_rss_end);
+    if (srv_cpu_ramp_start >= 0 && srv_cpu_ramp_end >= 0)
+        fprintf(f, ",\"connect_server_cpu_s\":%.6f", srv_cpu_ramp_end - srv_cpu_ramp_start);
+    tstats hs = time_stats(2);
+    fprintf(f, ",\"handshake_us\":{\"count\":%ld,\"p50\":%.1f,\"p90\":%.1f,\"p99\":%.1f,\"max\":%.1f}",
+            hs.count, (double)hs.p50 / 1e3, (double)hs.p90 / 1e3, (double)hs.p99 / 1e3, (double)hs.max / 1e3);
     if (o_mode != MODE_PUBLISH)
         fprintf(f, ",\"ready_mono_ns\":%" PRId64 ",\"ready_realtime_ns\":%" PRId64, ready_mono, ready_real);
     if (o_mode == MODE_EXPECT_CLOSE) {
@@ -1555,6 +1564,7 @@ static void finish(int64_t now)
 static void ramp_done(int64_t now)
 {
     ramp_end = now;
+    srv_cpu_ramp_end = server_cpu();
     logmsg("connected %ld/%ld in %.3f s", n_connected, total, (double)(ramp_end - ramp_start) / 1e9);
     if (n_connected < total)
         g_exit_code = 3;
@@ -1998,6 +2008,7 @@ int main(int argc, char **argv)
     struct epoll_event evs[MAX_EVENTS];
     int64_t poll_ns = (int64_t)(o_poll_us * 1e3);
     ramp_start = last_housekeep = mono_ns();
+    srv_cpu_ramp_start = server_cpu();
     logmsg("connecting %ld connections to %s:%d%s", total, o_host, o_port, o_path);
     while (phase != PH_EXIT) {
         int64_t now = mono_ns();
