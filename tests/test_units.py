@@ -159,3 +159,13 @@ async def test_collector_policy_freezes_newcomers_and_unfreezes_on_stop(io_loop)
     finally:
         policy.stop()
     assert gc.get_freeze_count() == 0
+
+
+def test_the_full_collection_waits_for_a_reconnect_storm_to_pass():
+    from ebbcast.gcpolicy import collect_now
+
+    assert not collect_now(1900, 1900, 0)  # not yet doubled from the 1,000 floor
+    assert not collect_now(2500, 2100, 0)  # doubled, but still growing: a storm
+    assert collect_now(2500, 2500, 0)  # steady: now
+    assert collect_now(2400, 2500, 0)  # shrinking: now
+    assert not collect_now(9000, 9000, 5000) and collect_now(10_001, 10_001, 5000)

@@ -13,7 +13,10 @@ Safety valve: frozen objects that later become cyclic garbage are not collected.
 When the number of connections has doubled since the last full collection (so
 the frozen set has roughly doubled too), it is unfrozen, collected once and
 frozen again; that pass is logged at DEBUG with its duration. (It is not
-``gc.get_freeze_count()`` that decides: that walks the whole frozen list.)
+``gc.get_freeze_count()`` that decides: that walks the whole frozen list.) It
+waits until connections stop growing: in a reconnect storm (a drain or an upgrade
+elsewhere sending thousands of clients here) a pause of a few hundred
+milliseconds would hold up every handshake in flight, so it comes after the storm.
 """
 
 from __future__ import annotations
@@ -30,6 +33,13 @@ log = logging.getLogger(__name__)
 FREEZE_EVERY_SECONDS = 0.5
 
 
+def collect_now(connections: int, previous: int, at_last_collection: int) -> bool:
+    """Whether to run the full collection now: connections have doubled since the
+    last one (at least 2,000) and are no longer growing (``previous``: at the last
+    look, half a second ago)."""
+    return connections > 2 * max(at_last_collection, 1000) and connections <= previous
+
+
 class CollectorPolicy:
     def __init__(self, connections: Callable[[], int],
                  every: float = FREEZE_EVERY_SECONDS) -> None:
@@ -38,6 +48,7 @@ class CollectorPolicy:
         self._every = every
         self._timer: asyncio.TimerHandle | None = None
         self._connections_at_collect = 0
+        self._connections_before = 0
 
     def start(self) -> None:
         """Collect once and freeze what start-up left, then keep freezing newcomers."""
@@ -56,10 +67,12 @@ class CollectorPolicy:
         self._timer = asyncio.get_running_loop().call_later(self._every, self._tick)
 
     def _tick(self) -> None:
-        if self._connections() > 2 * max(self._connections_at_collect, 1000):
+        connections = self._connections()
+        if collect_now(connections, self._connections_before, self._connections_at_collect):
             self._full_collection()
         else:
             gc.freeze()
+        self._connections_before = connections
         self._schedule()
 
     def _full_collection(self) -> None:
