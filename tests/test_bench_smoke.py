@@ -1,7 +1,7 @@
-"""A smoke run of the benchmark harness (tiny sizes), so that it cannot rot.
+"""Smoke runs of the benchmarks (tiny sizes), so that they cannot rot.
 
-It needs gcc and make (to build bench/loadgen) and node with npm (for the ws
-reference server); it fails, never skips, when they are missing.
+They need gcc and make (to build bench/loadgen), node with npm (for the ws
+reference server) and redis-server; they fail, never skip, when these are missing.
 """
 
 from __future__ import annotations
@@ -9,18 +9,26 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 from helpers import REPO
 
 
-def test_benchmark_quick_run_produces_a_table_for_every_variant(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick",
-                           "--out", str(tmp_path)], capture_output=True, text=True,
+def quick_run(script: str, out: Path, *args: str) -> tuple[str, Any]:
+    """Run ``bench/<script> --quick --out OUT ARGS``; its stdout and saved JSON."""
+    done = subprocess.run([sys.executable, str(REPO / "bench" / script), "--quick",
+                           "--out", str(out), *args], capture_output=True, text=True,
                           timeout=240, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "| ebbcast | 20 | 2 |" in done.stdout
-    (result,) = tmp_path.glob("fanout-*.json")
-    rows = json.loads(result.read_text())["rows"]
+    (result,) = out.glob("*.json")
+    return done.stdout, json.loads(result.read_text())
+
+
+def test_benchmark_quick_run_produces_a_table_for_every_variant(tmp_path):
+    stdout, data = quick_run("run.py", tmp_path)
+    assert "| ebbcast | 20 | 2 |" in stdout
+    rows = data["rows"]
     assert {r["variant"] for r in rows} == {"ebbcast", "ebbcast-json", "tornado-naive",
                                             "node-ws"}
     for row in rows:
@@ -29,12 +37,8 @@ def test_benchmark_quick_run_produces_a_table_for_every_variant(tmp_path):
 
 
 def test_sequencer_benchmark_quick_run_compares_two_codes_in_every_mode(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "sequencer.py"), "--quick",
-                           "--before", str(REPO), "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, done.stdout + done.stderr
-    (result,) = tmp_path.glob("sequencer-*.json")
-    rows = json.loads(result.read_text())["rows"]
+    _, data = quick_run("sequencer.py", tmp_path, "--before", str(REPO))
+    rows = data["rows"]
     assert {(r["code"], r["mode"], r["cell"]) for r in rows} == {
         (code, mode, cell) for code in ("before", "after")
         for mode in ("one process", "2 workers", "redis") for cell in ("latency", "throughput")}
@@ -43,13 +47,16 @@ def test_sequencer_benchmark_quick_run_compares_two_codes_in_every_mode(tmp_path
 
 
 def test_connect_storm_quick_run_measures_every_server(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "storm.py"), "--quick",
-                           "--out", str(tmp_path)], capture_output=True, text=True,
-                          timeout=240, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, done.stdout + done.stderr
-    (result,) = tmp_path.glob("storm-*.json")
-    rows = json.loads(result.read_text())["rows"]
+    _, data = quick_run("storm.py", tmp_path)
+    rows = data["rows"]
     assert {r["variant"] for r in rows} == {"ebbcast", "tornado-naive", "node-ws"}
     for row in rows:
         assert row["errors"] == 0 and row["connected"] == row["connections"] == 50, row
         assert row["handshakes_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"], row
+
+
+def test_memory_breakdown_quick_run_reports_every_view(tmp_path):
+    _, data = quick_run("memory.py", tmp_path)
+    assert data["connections"] == 50 and data["rss_per_conn_bytes"] > 0
+    assert {name for name, count, _ in data["types"] if count >= 1} >= {"coroutine", "dict"}
+    assert data["sites"] and data["traced_per_conn_bytes"] > 0
