@@ -37,10 +37,19 @@ def start(spawn: Any, workers: int = 1, *args: str, env: dict[str, str] | None =
 
 
 def upgrade(d: DaemonProcess, generation: int) -> None:
-    """SIGUSR2, then wait until ``generation`` serves."""
+    """SIGUSR2, then wait until ``generation`` serves and every process of the one
+    before has stopped accepting (the main process logs the switch as it sends it;
+    each old process acts on it a moment later)."""
+    old_workers = len(status(d)["workers"])
     mark = len(d.lines)
     d.signal(signal.SIGUSR2)
     d.wait_for_log(rf"generation {generation} serving", start=mark)
+    wait_handed_over(d, old_workers, mark)
+
+
+def wait_handed_over(d: DaemonProcess, old_workers: int, mark: int) -> None:
+    wait_for(lambda: sum("serves: handing over" in line
+                         for line in d.lines[mark:]) >= old_workers)
 
 
 def pid_of(welcome: dict[str, Any]) -> int:
@@ -126,6 +135,7 @@ def test_post_upgrade_and_repeated_upgrades_keep_the_admin_listener_and_the_port
         code, body = d.admin_json("/upgrade", "POST", b"", token="secret-token")
         assert (code, body) == (202, {"upgrade": "starting"})
         d.wait_for_log(rf"generation {generation} serving", start=mark)
+        wait_handed_over(d, 1, mark)
         ws, welcome = welcomed(d)
         assert pid_of(welcome) == status(d)["workers"][0]["pid"]
         ws.close()

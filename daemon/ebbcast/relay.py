@@ -106,8 +106,13 @@ class Link:
         self._reader = asyncio.ensure_future(self._read_forever())
 
     def send(self, kind: bytes, body: bytes = b"") -> bool:
-        """Queue one record; False (and counted in ``dropped``) if it cannot be."""
-        return self.send_packed(pack(kind, body))
+        """Queue one record; False (and counted in ``dropped``) if it cannot be.
+        A command (``ACCEPT``, ``HAND_OVER``) goes out now, with what is queued
+        before it: the switch between generations must not wait for the loop."""
+        queued = self.send_packed(pack(kind, body))
+        if queued and kind in (ACCEPT, HAND_OVER):
+            self._flush()
+        return queued
 
     def send_packed(self, record: bytes) -> bool:
         """``send`` for a record already packed (one frame relayed to many links is
