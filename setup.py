@@ -16,6 +16,7 @@ setup(
         # (on Python 3.10) and 6.6.
         "tornado>=6.5,<6.7",
         "prometheus-client>=0.20",
+        "httptools>=0.6",  # reads WebSocket handshakes on the fast path (ebbcast.handshake)
         "redis[hiredis]>=5.0",  # the redis:// backplane (asyncio client)
         'tomli>=2.0; python_version < "3.11"',
     ],

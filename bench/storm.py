@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Server, build_loadgen, machine, run_loadgen, save_results
 from run import VARIANTS, ensure_node_ws
 
-STORM_VARIANTS = tuple(v for v in VARIANTS if v != "ebbcast-json")
+STORM_VARIANTS = VARIANTS
 
 
 def storm(variant: str, connections: int) -> dict[str, Any]:

@@ -49,7 +49,7 @@ def test_sequencer_benchmark_quick_run_compares_two_codes_in_every_mode(tmp_path
 def test_connect_storm_quick_run_measures_every_server(tmp_path):
     _, data = quick_run("storm.py", tmp_path)
     rows = data["rows"]
-    assert {r["variant"] for r in rows} == {"ebbcast", "tornado-naive", "node-ws"}
+    assert {r["variant"] for r in rows} == {"ebbcast", "ebbcast-json", "tornado-naive", "node-ws"}
     for row in rows:
         assert row["errors"] == 0 and row["connected"] == row["connections"] == 50, row
         assert row["handshakes_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"], row
@@ -58,5 +58,5 @@ def test_connect_storm_quick_run_measures_every_server(tmp_path):
 def test_memory_breakdown_quick_run_reports_every_view(tmp_path):
     _, data = quick_run("memory.py", tmp_path)
     assert data["connections"] == 50 and data["rss_per_conn_bytes"] > 0
-    assert {name for name, count, _ in data["types"] if count >= 1} >= {"coroutine", "dict"}
+    assert {name for name, count, _ in data["types"] if count >= 1} >= {"coroutine", "Connection"}
     assert data["sites"] and data["traced_per_conn_bytes"] > 0

@@ -300,10 +300,9 @@ def test_a_serving_process_whose_fanout_keeps_failing_exits_1_and_is_replaced(sp
     d = spawn(*FAST, env={"PYTHONPATH": str(root), "EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0"},
               cwd=tmp_path)
     failed = "fan-out failed; the rest of this batch is dropped"
-    mark = len(d.lines)
     with ws_connect(d.ws_url) as ws:
-        d.wait_for_log(failed, start=mark)  # the welcome's batch: the first to fail
-        for n in range(4):  # four more batches, each failing (awaited one by one)
+        assert json.loads(ws.recv())["type"] == "welcome"  # written with the 101
+        for n in range(5):  # five batches, each failing (awaited one by one)
             mark = len(d.lines)
             ws.send(f"frame {n}")
             d.wait_for_log(failed, start=mark)

@@ -125,7 +125,7 @@ async def test_client_sockets_send_at_once_with_a_modest_kernel_buffer(start_dae
     d = await start_daemon()
     await d.connect_welcomed()
     (conn,) = d.daemon.ctx.registry.snapshot()
-    sock = conn.ws_connection.stream.socket
+    sock = conn.protocol.stream.socket
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) <= 2 * CLIENT_SNDBUF_BYTES
 

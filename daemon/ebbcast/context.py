@@ -1,4 +1,4 @@
-"""What the handlers of one daemon process share, passed to them explicitly."""
+"""What the connections and handlers of one daemon process share, passed explicitly."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ebbcast.metrics import Metrics
 from ebbcast.registry import ConnectionRegistry
 
 if TYPE_CHECKING:
-    from ebbcast.handlers import BroadcastSocket
+    from ebbcast.connection import Connection
     from ebbcast.ordering import Broadcasts
 
 
@@ -31,7 +31,7 @@ class DaemonContext:
 
     config: Config
     lifecycle: Lifecycle
-    registry: ConnectionRegistry[BroadcastSocket]
+    registry: ConnectionRegistry[Connection]
     fanout: Fanout
     metrics: Metrics
     node_id: str

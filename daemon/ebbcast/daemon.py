@@ -25,7 +25,6 @@ import asyncio
 import logging
 import math
 import os
-import re
 import signal
 import socket
 import time
@@ -35,7 +34,6 @@ from typing import Any, Protocol
 
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
-from tornado.web import Application
 
 from ebbcast import __version__
 from ebbcast.admin import ADMIN_MAX_BODY_BYTES, admin_application, build_status, log_request
@@ -46,8 +44,7 @@ from ebbcast.events import (DrainRequested, Event, EventQueue, FanoutBroken, Han
                             NoConnections, SignalReceived, who_asked)
 from ebbcast.fanout import Fanout
 from ebbcast.gcpolicy import CollectorPolicy
-from ebbcast.handlers import (CLIENT_ID_PATTERN, BroadcastSocket, InvalidClientId,
-                              StaticHandler, load_page, load_script)
+from ebbcast.connection import Connection
 from ebbcast.history import History, new_epoch
 from ebbcast.keepalive import Keepalive
 from ebbcast.lifecycle import (DEADLINE_CLOSE_GRACE, FORCED_CLOSE_GRACE, STOP_SIGNALS,
@@ -60,6 +57,7 @@ from ebbcast.metrics import Metrics
 from ebbcast.notify import SystemdNotifier
 from ebbcast.ordering import Broadcasts, LocalSequencing, Sequencing
 from ebbcast.periodic import PeriodicBroadcaster
+from ebbcast.public import PublicRouter, PublicServer, public_application
 from ebbcast.registry import ConnectionRegistry
 from ebbcast.relay import RelayBackplane, WorkerLink
 from ebbcast.wire import open_http_connections
@@ -273,7 +271,7 @@ class Daemon:
         self._events = EventQueue()
         self.lifecycle = Lifecycle()
         self.metrics = metrics or Metrics()
-        registry: ConnectionRegistry[BroadcastSocket] = ConnectionRegistry(self._on_count)
+        registry: ConnectionRegistry[Connection] = ConnectionRegistry(self._on_count)
         self.ctx = DaemonContext(
             config=config, lifecycle=self.lifecycle, registry=registry,
             fanout=Fanout(registry, self.metrics,  # type: ignore[arg-type]
@@ -393,8 +391,8 @@ class Daemon:
         config = self.ctx.config
         scheme = "https" if self._tls else "http"
         self._public = self._role.public_sockets(self.spare)
-        self.servers["public"] = HTTPServer(
-            self._public_application(), ssl_options=self._tls, xheaders=False,
+        self.servers["public"] = PublicServer(
+            PublicRouter(self.ctx, public_application(self.ctx, log_request)), ssl_options=self._tls, xheaders=False,
             max_header_size=MAX_HEADER_BYTES, max_body_size=MAX_PUBLIC_BODY_BYTES,
             idle_connection_timeout=60)
         self.urls = {"ws": listener_url(scheme, self._public[0], config.server.ws_path),
@@ -418,19 +416,6 @@ class Daemon:
         self.serving.set()
         self._periodic.start()
         self._role.serving(self)
-
-    def _public_application(self) -> Application:
-        path = re.escape(self.ctx.config.server.ws_path)
-        ws_args = {"ctx": self.ctx}
-        return Application([
-            (r"/", StaticHandler, {"body": load_page(self.ctx.config.server.ws_path),
-                                   "content_type": "text/html; charset=utf-8"}),
-            (r"/ebbcast\.js", StaticHandler, {"body": load_script(), "shared": True,
-                                             "content_type": "text/javascript; charset=utf-8"}),
-            (path, BroadcastSocket, ws_args),
-            (rf"{path}/({CLIENT_ID_PATTERN})", BroadcastSocket, ws_args),
-            (rf"{path}/(.*)", InvalidClientId, ws_args),
-        ], log_function=log_request)
 
     # -- events ------------------------------------------------------------------
 

@@ -158,8 +158,10 @@ class Fanout:
         pending.owed[conn] = []  # owed nothing more from this batch
 
     def joined(self, conn: Recipient) -> None:
-        """A connection joined: it is owed only what is queued from now on."""
-        self._pending.owed.setdefault(conn, [])
+        """A connection joined: it is owed only what is queued from now on (with
+        nothing queued, it needs no entry of its own: it takes the shared frames)."""
+        if self._pending.frames:
+            self._pending.owed.setdefault(conn, [])
 
     @property
     def idle(self) -> bool:

@@ -3,8 +3,8 @@
 With 10,000 clients the daemon holds about half a million GC-tracked objects, and
 a full collection walks all of them: 300-400 ms here, during which nothing is
 sent, no timer fires and no handshake completes. Those objects are long-lived
-and, since handlers break their reference cycles on close
-(``BroadcastSocket._break_reference_cycles``), freed by reference counting when
+and, since connections break their reference cycles on close
+(``Connection._break_reference_cycles``), freed by reference counting when
 their client leaves. So, twice a second, this moves everything tracked into the
 permanent generation (``gc.freeze()``, which costs O(1)), and the collector's
 passes stay small: they only ever see what was allocated since.

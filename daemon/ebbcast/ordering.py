@@ -107,11 +107,15 @@ class Broadcasts:
         return self.sequencing is not None and bool(self.history.epoch) and \
             self._ctx.config.broadcast.envelope == "json"
 
+    def is_caught_up(self, resume: Resume) -> bool:
+        """Whether a resuming client can be answered now (see ``caught_up()``)."""
+        return resume.epoch != self.history.epoch or resume.since <= self.history.latest
+
     async def caught_up(self, resume: Resume, timeout: float) -> None:
         """Wait (at most ``timeout``) until this process has delivered the offset a
         client resuming in this epoch has seen already: another worker or instance
         may be ahead of this one by a broadcast or two."""
-        if resume.epoch != self.history.epoch or resume.since <= self.history.latest:
+        if self.is_caught_up(resume):
             return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append((resume.since, waiter))

@@ -12,14 +12,13 @@ range in setup.py:
 
 - ``WebSocketProtocol13``: subclassed (:class:`EbbcastProtocol`), overriding the
   private ``_abort`` and reading ``server_terminated``, ``client_terminated``,
-  ``close_code``, ``stream`` and ``is_closing()``; built from the handler's own
-  protocol's private ``params`` (``_WebSocketParams``) by :func:`wrap_protocol`.
+  ``close_code``, ``stream`` and ``is_closing()``; built with the private
+  ``_WebSocketParams`` and started on a detached stream by running its private
+  ``_receive_frame_loop()`` (:func:`start_protocol`), which is what Tornado's
+  ``WebSocketHandler`` does after its RequestHandler has written the 101.
 - ``IOStream``: the private ``_write_buffer`` (send directly only when nothing is
   queued), ``socket``, ``write``, ``set_nodelay`` and, in
   :func:`forget_stream_error`, the ``error`` attribute.
-- ``WebSocketHandler.on_connection_close()`` used as "abort this connection now"
-  (:func:`abort`); ``RequestHandler._headers`` and ``request.connection``
-  replaced once the handshake is over (:func:`drop_http_state`).
 - ``HTTPServer._connections``, the HTTP connections not yet upgraded or closed
   (:func:`open_http_connections`), so that a generation handing over does not exit
   under a handshake it has accepted.
@@ -35,6 +34,7 @@ to fail the connection with 1002 when the code is not one a peer may send.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import struct
@@ -45,10 +45,8 @@ from typing import Any
 import tornado
 
 from tornado.httpserver import HTTPServer
-from tornado.httputil import HTTPHeaders
 from tornado.iostream import IOStream, StreamClosedError
-from tornado.web import Application, RequestHandler
-from tornado.websocket import WebSocketHandler, WebSocketProtocol, WebSocketProtocol13
+from tornado.websocket import WebSocketProtocol13, _WebSocketParams
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +129,12 @@ def configure_stream(protocol: Any) -> None:
     max_write_buffer_size, so that Tornado's own small writes (pongs, the close
     frame) never fail and one large frame is not mistaken for a slow client.
     """
-    stream = protocol.stream
-    stream.set_nodelay(True)
+    sock = protocol.stream.socket
     try:
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CLIENT_SNDBUF_BYTES)
-    except OSError as exc:  # not fatal: only the kernel-side bound is lost
-        log.debug("could not set SO_SNDBUF: %s", exc)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CLIENT_SNDBUF_BYTES)
+    except OSError as exc:  # not fatal: a socket being reset, or not TCP
+        log.debug("could not set TCP_NODELAY or SO_SNDBUF: %s", exc)
 
 
 def write_frame(protocol: Any, frame: bytes, queue_limit: int) -> bool:
@@ -184,34 +182,22 @@ def open_http_connections(server: HTTPServer) -> int:
     return len(server._connections)
 
 
-def wrap_protocol(handler: WebSocketHandler, protocol: WebSocketProtocol) -> EbbcastProtocol:
-    """The handshake's protocol, as an EbbcastProtocol with the same parameters."""
-    return EbbcastProtocol(handler, False, protocol.params)  # type: ignore[attr-defined]
+def start_protocol(delegate: Any, stream: IOStream, max_message_size: int) -> EbbcastProtocol:
+    """The RFC 6455 protocol over a stream whose 101 is being written, reading
+    frames for ``delegate`` (``on_message``, ``on_pong``, ``on_ws_connection_close``
+    ...) until the connection ends. Tornado's own handshake does the same after its
+    RequestHandler has answered; ``ebbcast.public`` answers without one."""
+    protocol = EbbcastProtocol(delegate, False, _WebSocketParams(
+        max_message_size=max_message_size))
+    protocol.stream = stream
+    reader = asyncio.ensure_future(protocol._receive_frame_loop())
+    reader.add_done_callback(_reader_stopped)
+    return protocol
 
 
-class _NoHeaders(HTTPHeaders):
-    """Stands in for the headers of a finished handshake; refuses every change."""
-
-    def _refuse(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("the handshake is over: its headers are gone")
-
-    __setitem__ = __delitem__ = add = parse_line = _refuse
-
-
-_NO_HEADERS = _NoHeaders()
-
-
-def drop_http_state(handler: WebSocketHandler) -> None:
-    """Let a finished handshake's HTTP exchange go: its headers and HTTP connection
-    object are a few kilobytes per client, and nothing reads them afterwards."""
-    handler.request.headers = _NO_HEADERS
-    handler.request.connection = None
-    handler._headers = _NO_HEADERS
-
-
-def abort(handler: WebSocketHandler) -> None:
-    """Drop the connection now, with no close handshake (its on_close still runs)."""
-    handler.on_connection_close()
+def _reader_stopped(reader: asyncio.Future[None]) -> None:
+    if not reader.cancelled() and reader.exception() is not None:
+        log.error("a WebSocket reader failed", exc_info=reader.exception())
 
 
 def forget_stream_error(protocol: Any) -> None:
@@ -246,10 +232,8 @@ def check_tornado() -> list[str]:
                                                   websocket._WebSocketParams()))
     for name in ("stream", "server_terminated", "client_terminated", "close_code", "params"):
         need(f"WebSocketProtocol13.{name}", partial(hasattr, protocol, name))
-    for name in ("_abort", "close", "is_closing", "on_connection_close"):
+    for name in ("_abort", "close", "is_closing", "_receive_frame_loop"):
         need(f"WebSocketProtocol13.{name}()", partial(_has_method, WebSocketProtocol13, name))
-    need("WebSocketHandler.on_connection_close()",
-         partial(_has_method, WebSocketHandler, "on_connection_close"))
     mine, theirs = socket.socketpair()
     try:
         stream = IOStream(mine)
@@ -264,9 +248,6 @@ def check_tornado() -> list[str]:
         theirs.close()
     server = _probe(lambda: HTTPServer(lambda request: None))
     need("HTTPServer._connections (with len())", lambda: len(server._connections) == 0)
-    handler = _probe(_request_handler)
-    need("RequestHandler._headers", lambda: hasattr(handler, "_headers"))
-    need("HTTPServerRequest.connection", lambda: hasattr(handler.request, "connection"))
     return problems
 
 
@@ -286,15 +267,6 @@ class _FakeHandler:
 
     def set_close_callback(self, callback: Any) -> None:
         pass
-
-
-def _request_handler() -> RequestHandler:
-    from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
-
-    request = HTTPServerRequest(start_line=RequestStartLine("GET", "/", "HTTP/1.1"),
-                                headers=HTTPHeaders({"Host": "localhost"}),
-                                connection=_FakeHandler())  # type: ignore[arg-type]
-    return RequestHandler(Application(), request)
 
 
 def tornado_problem_report(problems: list[str]) -> str:

@@ -1,0 +1,213 @@
+"""The WebSocket opening handshake (RFC 6455 section 4.2), decided without I/O.
+
+``decide()`` takes what a request says and what the daemon is (accepting? full?
+which origins?) and returns an :class:`Acceptance` or a :class:`Refusal`. It reads
+and writes nothing, so every rule is tested by calling it; ``ebbcast.public``
+does the I/O. The rules, in the order they are checked:
+
+- a path ``{ws_path}/{id}`` whose id is not 1 to 64 of ``A-Z a-z 0-9 _ . ~ -``: 400
+  (counted as rejected ``client_id``);
+- the daemon is draining: 503 with ``Retry-After: 1`` (``draining``);
+- server.max_connections is reached: 503 with ``Retry-After: 1`` (``max_connections``);
+- ``since`` is not an offset: 400;
+- no ``Upgrade: websocket``, or no ``upgrade`` in ``Connection``: 400;
+- an origin the daemon does not serve: 403 (``origin``);
+- ``Sec-WebSocket-Version`` not 13: 426 with ``Sec-WebSocket-Version: 13``;
+- no ``Host``, or a ``Sec-WebSocket-Key`` that is not 16 bytes in base64: 400.
+
+An origin is served when the browser says the request is same-origin
+(``Sec-Fetch-Site: same-origin`` or ``none``), when the request has neither
+``Sec-Fetch-Site`` nor ``Origin`` (not a browser), when the origin's host is the
+``Host`` asked for, or when server.allowed_origins names it (``*``: any).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlsplit
+
+import httptools
+
+from ebbcast.history import Resume
+
+#: Ids a client may choose in /ws/{client_id}.
+CLIENT_ID_PATTERN = r"[A-Za-z0-9_.~-]{1,64}"
+_CLIENT_ID = re.compile(CLIENT_ID_PATTERN)
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_LONGEST_OFFSET = 18
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An HTTP answer instead of the upgrade."""
+
+    status: int
+    text: str
+    #: The ``ebbcast_connections_rejected_total`` label, when the refusal is counted.
+    counted_as: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """The upgrade goes ahead: ``response`` is the whole 101 answer."""
+
+    client_id: str | None
+    resume: Resume | None
+    response: bytes
+
+
+@dataclass(frozen=True)
+class Terms:
+    """What the daemon is at the moment of the handshake."""
+
+    accepting: bool
+    full: bool
+    allowed_origins: Iterable[str]
+
+
+_RETRY = (("Retry-After", "1"),)
+
+
+def match_path(path: str, ws_path: str) -> tuple[bool, str | None]:
+    """Whether ``path`` (without its query) is the WebSocket endpoint, and the
+    client id it names (None: the server picks one; "" is not valid)."""
+    if path == ws_path:
+        return True, None
+    if path.startswith(ws_path) and path[len(ws_path):len(ws_path) + 1] == "/":
+        return True, path[len(ws_path) + 1:]
+    return False, None
+
+
+def decide(client_id: str | None, query: str, headers: Mapping[str, str],
+           terms: Terms) -> Acceptance | Refusal:
+    """The answer to a GET on the WebSocket endpoint (see the module's rules).
+
+    ``headers`` is looked up by lower-case names: a Tornado ``HTTPHeaders`` (any
+    case works) or the dict of :func:`read_upgrade`."""
+    if client_id is not None and not _CLIENT_ID.fullmatch(client_id):
+        return Refusal(400, "invalid client id: use 1 to 64 of A-Z a-z 0-9 _ . ~ -\n",
+                       "client_id")
+    if not terms.accepting:
+        return Refusal(503, "server is draining", "draining", _RETRY)
+    if terms.full:
+        return Refusal(503, "too many connections", "max_connections", _RETRY)
+    arguments = dict(parse_qsl(query, keep_blank_values=True)) if query else {}
+    resume = None
+    since = arguments.get("since")
+    if since is not None:
+        since = since.strip()
+        if not since.isascii() or not since.isdigit() or len(since) > _LONGEST_OFFSET:
+            return Refusal(400, "invalid since: an offset from a welcome or message frame\n")
+        resume = Resume(int(since), arguments.get("epoch", "").strip())
+    if headers.get("upgrade", "").lower() != "websocket":
+        return Refusal(400, 'Can "Upgrade" only to "WebSocket".')
+    if "upgrade" not in (s.strip().lower() for s in headers.get("connection", "").split(",")):
+        return Refusal(400, '"Connection" must be "Upgrade".')
+    if not origin_allowed(headers, terms.allowed_origins):
+        return Refusal(403, "Cross origin websockets not allowed", "origin")
+    if headers.get("sec-websocket-version") != "13":
+        return Refusal(426, "WebSocket version 13 only",
+                       headers=(("Sec-WebSocket-Version", "13"),))
+    key = headers.get("sec-websocket-key", "")
+    if not headers.get("host") or not valid_key(key):
+        return Refusal(400, "Missing/Invalid WebSocket headers")
+    return Acceptance(client_id, resume, switching_protocols(key))
+
+
+def origin_allowed(headers: Mapping[str, str], allowed: Iterable[str]) -> bool:
+    """Whether a handshake's origin is served (see the module's rules)."""
+    site = headers.get("sec-fetch-site")
+    if site in ("same-origin", "none"):
+        return True
+    origin = headers.get("origin")
+    if origin is None:
+        return site is None  # not a browser; a browser naming no origin is refused
+    host = headers.get("host", "").lower()
+    if host and urlsplit(origin).netloc.lower() == host:
+        return True
+    wanted = origin.lower().rstrip("/")
+    return any(a == "*" or a.lower() == wanted for a in allowed)
+
+
+def valid_key(key: str) -> bool:
+    """A Sec-WebSocket-Key is 16 bytes in base64 (RFC 6455 section 4.1)."""
+    if len(key) != 24:
+        return False
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
+
+
+def accept_value(key: str) -> str:
+    """Sec-WebSocket-Accept for a Sec-WebSocket-Key (RFC 6455 section 4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _GUID).digest()).decode()
+
+
+def switching_protocols(key: str) -> bytes:
+    """The whole 101 response: no subprotocol, no extension."""
+    return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+            + accept_value(key).encode() + b"\r\n\r\n")
+
+
+@dataclass(frozen=True)
+class UpgradeRequest:
+    """A complete ``GET ... HTTP/1.1`` that asks to upgrade, read by :func:`read_upgrade`."""
+
+    path: str
+    query: str
+    #: Lower-case names; a repeated header's values joined with ",".
+    headers: dict[str, str]
+    #: Bytes up to and including the blank line that ends the headers.
+    length: int
+
+
+class _Collector:
+    __slots__ = ("url", "headers")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: dict[str, str] = {}
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+        known = self.headers.get(key)
+        self.headers[key] = text if known is None else f"{known},{text}"
+
+
+def read_upgrade(data: bytes) -> UpgradeRequest | None:
+    """The upgrade request at the start of ``data``, parsed by httptools (the C
+    parser uvicorn uses); None when ``data`` is anything else: incomplete, not a
+    GET, not HTTP/1.1, no upgrade asked, a body announced, or malformed. Tornado's
+    HTTP/1 reader then takes the request and answers it as any other."""
+    collector = _Collector()
+    parser = httptools.HttpRequestParser(collector)
+    try:
+        parser.feed_data(data)
+        return None  # no upgrade asked, or not complete
+    except httptools.HttpParserUpgrade as upgrade:
+        length = int(upgrade.args[0])
+    except httptools.HttpParserError:
+        return None
+    headers = collector.headers
+    if parser.get_method() != b"GET" or parser.get_http_version() != "1.1" \
+            or "content-length" in headers or "transfer-encoding" in headers:
+        return None
+    try:
+        url = httptools.parse_url(collector.url)
+    except httptools.HttpParserInvalidURLError:
+        return None
+    if url.path is None or url.schema is not None:
+        return None
+    return UpgradeRequest(url.path.decode("latin-1"), (url.query or b"").decode("latin-1"),
+                          headers, length)

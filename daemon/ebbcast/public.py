@@ -1,0 +1,240 @@
+"""The public listener: the WebSocket endpoint, the test page and ``/ebbcast.js``.
+
+A handshake is one fixed request, and a reconnect storm is thousands of them a
+second, so the endpoint does not go through a RequestHandler: Tornado's HTTP/1
+connection reads the request line and headers, :class:`PublicRouter` looks at the
+path, ``ebbcast.handshake`` decides, and an accepted upgrade takes the stream
+(``HTTP1Connection.detach()``), writes the 101 in one piece and hands the stream to
+the RFC 6455 protocol for a :class:`~ebbcast.connection.Connection`. Everything
+else (the page, the script, a 404, a POST to the endpoint) goes to a Tornado
+``Application`` as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+from collections.abc import Awaitable, Mapping
+from http import HTTPStatus
+from importlib import resources
+from typing import Any
+
+from tornado.httputil import (HTTPConnection, HTTPHeaders, HTTPMessageDelegate,
+                              HTTPServerConnectionDelegate, RequestStartLine, ResponseStartLine)
+from tornado.httpserver import HTTPServer
+from tornado.iostream import IOStream, StreamClosedError
+from tornado.web import Application, RequestHandler
+
+from ebbcast.connection import Connection
+from ebbcast.context import DaemonContext
+from ebbcast.handshake import Acceptance, Refusal, Terms, decide, match_path, read_upgrade
+from ebbcast.wire import start_protocol
+
+log = logging.getLogger(__name__)
+
+#: The placeholder in static/index.html that the page handler fills in.
+WS_PATH_TOKEN = "__EBBCAST_WS_PATH__"
+#: Longest a resuming client's handshake waits for this process to have delivered
+#: the offset it has seen (another worker or instance was a little ahead).
+CATCH_UP_SECONDS = 1.0
+#: How much of a new connection's first bytes the fast path looks at: a handshake
+#: is some 200 to 600 bytes; a longer one takes Tornado's way.
+PEEK_BYTES = 4096
+
+
+def load_page(ws_path: str) -> bytes:
+    """The test page with its WebSocket path filled in."""
+    html = resources.files("ebbcast").joinpath("static/index.html").read_text("utf-8")
+    return html.replace(WS_PATH_TOKEN, json.dumps(ws_path)).encode()
+
+
+def load_script() -> bytes:
+    """``/ebbcast.js``: the client module the page uses, for any application."""
+    return resources.files("ebbcast").joinpath("static/ebbcast.js").read_bytes()
+
+
+class StaticHandler(RequestHandler):
+    """``GET /`` (the HTML test client) and ``GET /ebbcast.js`` (the client module
+    it uses; ``shared``: importable from any origin's page)."""
+
+    def initialize(self, body: bytes, content_type: str, shared: bool = False) -> None:
+        self.body = body
+        self.content_type = content_type
+        self.shared = shared
+
+    def get(self) -> None:
+        self.set_header("Content-Type", self.content_type)
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Content-Type-Options", "nosniff")
+        if self.shared:
+            self.set_header("Access-Control-Allow-Origin", "*")
+        self.write(self.body)
+
+
+class WebSocketOnly(RequestHandler):
+    """The endpoint's path for any method but GET (which :class:`PublicRouter`
+    answers itself): 405."""
+
+    SUPPORTED_METHODS = ("GET",)
+
+
+def public_application(ctx: DaemonContext, log_function: object) -> Application:
+    ws_path = ctx.config.server.ws_path
+    path = re.escape(ws_path)
+    return Application([
+        (r"/", StaticHandler, {"body": load_page(ws_path),
+                               "content_type": "text/html; charset=utf-8"}),
+        (r"/ebbcast\.js", StaticHandler, {"body": load_script(), "shared": True,
+                                         "content_type": "text/javascript; charset=utf-8"}),
+        (rf"{path}(?:/.*)?", WebSocketOnly),
+    ], log_function=log_function)
+
+
+class PublicRouter(HTTPServerConnectionDelegate):
+    """What the public HTTPServer serves: WebSocket handshakes here, the rest by
+    ``application``."""
+
+    def __init__(self, ctx: DaemonContext, application: Application) -> None:
+        self.ctx = ctx
+        self.application = application
+
+    def start_request(self, server_conn: object,
+                      request_conn: HTTPConnection) -> HTTPMessageDelegate:
+        return _PublicRequest(self, server_conn, request_conn)
+
+    def on_close(self, server_conn: object) -> None:
+        self.application.on_close(server_conn)
+
+    def decide(self, client_id: str | None, query: str,
+               headers: Mapping[str, str]) -> Acceptance | Refusal:
+        ctx = self.ctx
+        limit = ctx.config.server.max_connections
+        return decide(client_id, query, headers, Terms(
+            accepting=ctx.lifecycle.accepting, full=bool(limit) and len(ctx.registry) >= limit,
+            allowed_origins=ctx.config.server.allowed_origins))
+
+    def accept(self, stream: IOStream, answer: Acceptance, remote: object) -> None:
+        """Write the 101 (with the welcome) and start reading frames."""
+        ctx = self.ctx
+        connection = Connection(ctx, answer.client_id)
+        protocol = start_protocol(connection, stream, ctx.config.server.max_message_bytes)
+        connection.open(protocol, answer.resume, answer.response)
+        log.debug("client %s connected from %s", connection.client_id, remote)
+
+    def upgrade_at_once(self, stream: IOStream, address: object) -> bool:
+        """The fast path: a handshake already complete in the socket's receive
+        queue, that will be accepted, is read and answered here and now, with no
+        HTTP/1 connection object. False (nothing read) for anything else, which
+        then takes the usual way through Tornado and :class:`_PublicRequest`."""
+        sock = stream.socket
+        try:
+            data = sock.recv(PEEK_BYTES, socket.MSG_PEEK)
+        except OSError:
+            return False  # nothing yet, or an error Tornado's reader will meet too
+        request = read_upgrade(data)
+        if request is None:
+            return False
+        ours, client_id = match_path(request.path, self.ctx.config.server.ws_path)
+        if not ours:
+            return False
+        answer = self.decide(client_id, request.query, request.headers)
+        if not isinstance(answer, Acceptance) or (
+                answer.resume is not None and not self.ctx.broadcasts.is_caught_up(answer.resume)):
+            return False  # refusals are HTTP answers; a resume may wait to catch up
+        try:
+            sock.recv(request.length)  # exactly the request: it is all there
+        except OSError:
+            return False
+        self.accept(stream, answer, address)
+        return True
+
+
+class PublicServer(HTTPServer):
+    """The public listener's HTTPServer, with :meth:`PublicRouter.upgrade_at_once`
+    tried on every new plain-TCP connection before Tornado's HTTP/1 reader."""
+
+    def initialize(self, router: PublicRouter,  # type: ignore[override]
+                   **kwargs: Any) -> None:
+        self.router = router
+        super().initialize(router, **kwargs)
+
+    def handle_stream(self, stream: IOStream, address: tuple[str, int]) -> None:
+        if type(stream) is IOStream and self.router.upgrade_at_once(stream, address[0]):
+            return
+        super().handle_stream(stream, address)
+
+
+class _PublicRequest(HTTPMessageDelegate):
+    """One request on the public listener."""
+
+    def __init__(self, router: PublicRouter, server_conn: object,
+                 request_conn: HTTPConnection) -> None:
+        self.router = router
+        self.server_conn = server_conn
+        self.request_conn = request_conn
+        self.passed_on: HTTPMessageDelegate | None = None
+
+    def headers_received(self, start_line: RequestStartLine | ResponseStartLine,
+                         headers: HTTPHeaders) -> Awaitable[None] | None:
+        assert isinstance(start_line, RequestStartLine)
+        ctx = self.router.ctx
+        path, _, query = start_line.path.partition("?")
+        ours, client_id = match_path(path, ctx.config.server.ws_path)
+        if not ours or start_line.method != "GET":
+            self.passed_on = self.router.application.start_request(self.server_conn,
+                                                                   self.request_conn)
+            return self.passed_on.headers_received(start_line, headers)
+        answer = self.router.decide(client_id, query, headers)
+        if isinstance(answer, Refusal):
+            self._refuse(answer)
+            return None
+        if answer.resume is not None:
+            return self._accept_caught_up(answer)
+        self._accept(answer)
+        return None
+
+    async def _accept_caught_up(self, answer: Acceptance) -> None:
+        assert answer.resume is not None
+        await self.router.ctx.broadcasts.caught_up(answer.resume, CATCH_UP_SECONDS)
+        self._accept(answer)
+
+    def _accept(self, answer: Acceptance) -> None:
+        stream = self.request_conn.detach()  # type: ignore[attr-defined]
+        self.router.accept(stream, answer, self._remote_ip())
+
+    def _refuse(self, refusal: Refusal) -> None:
+        ctx = self.router.ctx
+        if refusal.counted_as is not None:
+            ctx.metrics.rejected.labels(refusal.counted_as).inc()
+        log.debug("refused WebSocket handshake from %s: %d %s", self._remote_ip(),
+                  refusal.status, refusal.counted_as or refusal.text.strip())
+        body = refusal.text.encode()
+        headers = HTTPHeaders({"Content-Type": "text/plain; charset=utf-8",
+                               "Content-Length": str(len(body))})
+        for name, value in refusal.headers:
+            headers.add(name, value)
+        reason = HTTPStatus(refusal.status).phrase
+        try:
+            self.request_conn.write_headers(
+                ResponseStartLine("HTTP/1.1", refusal.status, reason), headers, body)
+            self.request_conn.finish()
+        except StreamClosedError:
+            pass
+
+    def _remote_ip(self) -> str:
+        return str(getattr(getattr(self.request_conn, "context", None), "remote_ip", "?"))
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        if self.passed_on is not None:
+            return self.passed_on.data_received(chunk)
+        return None
+
+    def finish(self) -> None:
+        if self.passed_on is not None:
+            self.passed_on.finish()
+
+    def on_connection_close(self) -> None:
+        if self.passed_on is not None:
+            self.passed_on.on_connection_close()
