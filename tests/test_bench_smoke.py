@@ -60,3 +60,14 @@ def test_memory_breakdown_quick_run_reports_every_view(tmp_path):
     assert data["connections"] == 50 and data["rss_per_conn_bytes"] > 0
     assert {name for name, count, _ in data["types"] if count >= 1} >= {"coroutine", "Connection"}
     assert data["sites"] and data["traced_per_conn_bytes"] > 0
+
+
+def test_c100k_quick_run_connects_broadcasts_drains_and_upgrades(tmp_path):
+    stdout, data = quick_run("c100k.py", tmp_path)
+    drain, upgrade = data["drain"], data["upgrade"]
+    assert drain["connected"] == drain["clients"] == 200 and drain["errors"] == 0, drain
+    assert drain["shutdown_frames"] == 200 and drain["exit_code"] == 0, drain
+    assert drain["periodic_latency_ms"]["count"] >= 200 and drain["rss_per_conn_bytes"] > 0
+    assert upgrade["moved"] == upgrade["moves_started"] == 200, upgrade
+    assert upgrade["handshakes_failed"] == 0 and upgrade["errors"] == 0, upgrade
+    assert "| upgrade: handshakes failed | 0 " in stdout

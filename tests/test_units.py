@@ -169,3 +169,4 @@ def test_the_full_collection_waits_for_a_reconnect_storm_to_pass():
     assert collect_now(2500, 2500, 0)  # steady: now
     assert collect_now(2400, 2500, 0)  # shrinking: now
     assert not collect_now(9000, 9000, 5000) and collect_now(10_001, 10_001, 5000)
+    assert not collect_now(2500, 2500, 0, quiet=False)  # a broadcast is being written

@@ -12,6 +12,13 @@
  * server's shutdown frame, publishers stop on theirs, and every connection
  * closes --linger-ms after its own; the run ends when the last one is closed.
  *
+ * --expect-close --follow-upgrade: on a shutdown frame whose reason is
+ * "upgrade", each connection opens a new one after the frame's
+ * reconnect_after_ms and closes the old one once the new one is open (make
+ * before break), as ebbcast's own clients do; the moves are timed and counted.
+ * In --idle and --expect-close modes, the server's periodic frames ("ts" in
+ * seconds) are timed too: their delivery latency, and one connection's stamps.
+ *
  * See README.md beside this file for options and output.
  */
 #define _GNU_SOURCE
@@ -90,6 +97,8 @@ typedef struct conn {
     int64_t t_shutdown; /* expect-close: shutdown frame seen */
     int64_t t_close;    /* expect-close: close frame or EOF seen; soak: socket closed */
     int64_t t_close_sent; /* soak: this side's close frame sent */
+    int64_t t_move_due; /* follow-upgrade: when to open the replacement (0: none) */
+    long move_from;     /* follow-upgrade: 1 + the slot this one replaces (0: none) */
 } conn;
 
 /* ---- options ---- */
@@ -108,6 +117,17 @@ static const char *o_server_pids = NULL;
 static double o_churn_every_ms = 250, o_linger_ms = 500, o_shutdown_wait = 10;
 static long o_churn = 10;
 static uint64_t o_seed = 0;
+static int o_follow_upgrade = 0;
+static struct sockaddr_in g_sources[64];
+static int g_nsources = 0, g_next_source = 0;
+/* follow-upgrade: moves started, completed and failed (each failure is retried) */
+static uint64_t c_moves_started, c_moves_done, e_move_failed, e_move_nofd;
+static int64_t next_move_scan;
+/* periodic frames: delivery latency (us) of every one, and the stamps seen by slot 0 */
+static uint32_t *g_periodic_us;
+static size_t g_periodic_n, g_periodic_cap;
+static double g_stamps[8192];
+static size_t g_nstamps;
 static int o_seed_set = 0;
 
 /* ---- state ---- */
@@ -501,6 +521,12 @@ static void conn_close(conn *c)
     if (was_pending) {
         pending--;
         n_done++;
+        if (c->move_from) { /* a move's new connection failed: the old one retries */
+            conn *old = &conns[c->move_from - 1];
+            e_move_failed++;
+            if (old->state == ST_OPEN)
+                old->t_move_due = mono_ns() + 100000000LL;
+        }
     }
 }
 
@@ -534,8 +560,17 @@ static void launch(conn *c, int64_t now)
 {
     int fd = socket(g_addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
-        if (errno == EMFILE || errno == ENFILE)
+        if ((errno == EMFILE || errno == ENFILE) && !c->move_from)
             die("socket: %s (connection %ld)", strerror(errno), (long)(c - conns));
+        if (c->move_from) { /* out of descriptors here: the old one retries (not counted
+                             * as a failed handshake: nothing reached the server) */
+            conn *old = &conns[c->move_from - 1];
+            e_move_nofd++;
+            c->state = ST_CLOSED;
+            if (old->state == ST_OPEN)
+                old->t_move_due = now + 100000000LL;
+            return;
+        }
         e_connect++;
         c->state = ST_CLOSED;
         n_done++;
@@ -543,6 +578,21 @@ static void launch(conn *c, int64_t now)
     }
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (g_nsources) {
+        /* the kernel picks the port at connect(), unique per 4-tuple: each source
+         * address adds a whole ephemeral range */
+        setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+        struct sockaddr_in *src = &g_sources[g_next_source++ % g_nsources];
+        if (bind(fd, (struct sockaddr *)src, sizeof *src) < 0) {
+            if (e_connect < 5)
+                logmsg("bind: %s", strerror(errno));
+            close(fd);
+            e_connect++;
+            c->state = ST_CLOSED;
+            n_done++;
+            return;
+        }
+    }
     c->fd = fd;
     c->t_start = now;
     c->state = ST_CONNECTING;
@@ -648,6 +698,14 @@ static void on_handshake_data(conn *c, int64_t now)
     n_connected++;
     if (o_mode == MODE_SOAK && first_shutdown)
         c->expect_sd = 1; /* opened during the drain: the server owes it a shutdown frame too */
+    if (c->move_from) { /* make before break: the new one is open, leave the old one */
+        conn *old = &conns[c->move_from - 1];
+        c_moves_done++;
+        if (old->state == ST_OPEN) {
+            send_close(old, 1001);
+            flush_conn(old);
+        }
+    }
     c->last_echo = now;
     c->rlen = 0;
     if (rest)
@@ -789,13 +847,55 @@ static void on_message(conn *c, int ok, uint32_t pub, uint64_t seq, uint64_t ts,
     }
 }
 
+/* The number after `key` in a JSON text (0 if absent). */
+static double json_number(const uint8_t *p, size_t n, const char *key)
+{
+    const uint8_t *q = memmem(p, n, key, strlen(key));
+    if (!q)
+        return 0;
+    char buf[40];
+    size_t off = (size_t)(q - p) + strlen(key), k = 0;
+    while (off < n && k < sizeof buf - 1 && (p[off] == ' ' || p[off] == '.' || p[off] == '-' ||
+                                           (p[off] >= '0' && p[off] <= '9')))
+        buf[k++] = (char)p[off++];
+    buf[k] = 0;
+    return strtod(buf, NULL);
+}
+
+/* A periodic frame: its delivery latency, and (slot 0) its stamp. */
+static void note_periodic(conn *c, const uint8_t *p, size_t n)
+{
+    static const char P[] = "{\"type\":\"periodic\",";
+    if (n < sizeof P - 1 || memcmp(p, P, sizeof P - 1) || c->t_shutdown)
+        return;
+    double ts = json_number(p, n, "\"ts\":");
+    if (ts <= 0)
+        return;
+    double late_us = ((double)real_ns() / 1e9 - ts) * 1e6;
+    if (g_periodic_n == g_periodic_cap) {
+        g_periodic_cap = g_periodic_cap ? 2 * g_periodic_cap : 65536;
+        g_periodic_us = xrealloc(g_periodic_us, g_periodic_cap * sizeof *g_periodic_us);
+    }
+    g_periodic_us[g_periodic_n++] = late_us > 0 ? (uint32_t)late_us : 0;
+    if (c == conns && g_nstamps < sizeof g_stamps / sizeof *g_stamps)
+        g_stamps[g_nstamps++] = ts;
+}
+
 static void check_shutdown(conn *c, const uint8_t *p, size_t n, int64_t now)
 {
     if (o_mode != MODE_EXPECT_CLOSE && o_mode != MODE_SOAK)
         return;
     if (!memmem(p, n, "\"type\":\"shutdown\"", 17) && !memmem(p, n, "\"type\": \"shutdown\"", 18))
         return;
-    if (c->t_shutdown) {
+    if (o_follow_upgrade && memmem(p, n, "\"reason\":\"upgrade\"", 18)) {
+        if (!c->t_move_due) /* move after the delay the server gave this client */
+            c->t_move_due = now + (int64_t)(json_number(p, n, "\"reconnect_after_ms\":") * 1e6) + 1;
+        if (!c->t_shutdown)
+            c_shutdown_frames++;
+        c->t_shutdown = c->t_shutdown ? c->t_shutdown : now;
+        return;
+    }
+    if (c->t_shutdown && !c->t_move_due) {
         c_dup_shutdown++;
         return;
     }
@@ -816,6 +916,8 @@ static int handle_frame(conn *c, int fin, int op, uint8_t *p, size_t n, int64_t 
     switch (op) {
     case 1: /* text */
         check_shutdown(c, p, n, now);
+        if (o_mode == MODE_IDLE || o_mode == MODE_EXPECT_CLOSE)
+            note_periodic(c, p, n);
         if (o_mode == MODE_SOAK)
             check_envelope(c, p, n);
         if (fin) {
@@ -1189,6 +1291,54 @@ static void report_soak(void)
     fflush(f);
 }
 
+static int cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
+static void report_periodic(FILE *f)
+{
+    size_t n = g_periodic_n;
+    if (n)
+        qsort(g_periodic_us, n, sizeof *g_periodic_us, cmp_u32);
+#define PCT(q) (n ? g_periodic_us[(size_t)((q) * (double)(n - 1))] : 0)
+    fprintf(f, ",\"periodic_latency_us\":{\"count\":%zu,\"p50\":%u,\"p90\":%u,\"p99\":%u,\"max\":%u}", n,
+            PCT(0.5), PCT(0.9), PCT(0.99), n ? g_periodic_us[n - 1] : 0);
+#undef PCT
+    /* every latency, in whole milliseconds: {"ms": count, ...} (sorted, so runs) */
+    fputs(",\"periodic_latency_ms_counts\":{", f);
+    for (size_t i = 0; i < n;) {
+        uint32_t ms = g_periodic_us[i] / 1000;
+        size_t j = i;
+        while (j < n && g_periodic_us[j] / 1000 == ms)
+            j++;
+        fprintf(f, "%s\"%u\":%zu", i ? "," : "", ms, j - i);
+        i = j;
+    }
+    fputc('}', f);
+    fputs(",\"periodic_stamps\":[", f);
+    for (size_t i = 0; i < g_nstamps; i++)
+        fprintf(f, "%s%.3f", i ? "," : "", g_stamps[i]);
+    fputc(']', f);
+}
+
+static void report_moves(FILE *f, int64_t rt_off)
+{
+    fprintf(f, ",\"moves\":{\"started\":%" PRIu64 ",\"done\":%" PRIu64 ",\"failed\":%" PRIu64
+               ",\"no_descriptor\":%" PRIu64 "}",
+            c_moves_started, c_moves_done, e_move_failed, e_move_nofd);
+    fputs(",\"move_open_realtime_ms\":[", f);
+    int first = 1;
+    for (long i = 0; i < total; i++) {
+        if (!conns[i].move_from || !conns[i].t_open)
+            continue;
+        fprintf(f, "%s%" PRId64, first ? "" : ",", (conns[i].t_open + rt_off) / 1000000);
+        first = 0;
+    }
+    fputc(']', f);
+}
+
 static void report(void)
 {
     if (o_mode == MODE_SOAK) {
@@ -1289,6 +1439,10 @@ static void report(void)
             hs.count, (double)hs.p50 / 1e3, (double)hs.p90 / 1e3, (double)hs.p99 / 1e3, (double)hs.max / 1e3);
     if (o_mode != MODE_PUBLISH)
         fprintf(f, ",\"ready_mono_ns\":%" PRId64 ",\"ready_realtime_ns\":%" PRId64, ready_mono, ready_real);
+    if (o_mode == MODE_IDLE || o_mode == MODE_EXPECT_CLOSE)
+        report_periodic(f);
+    if (o_follow_upgrade)
+        report_moves(f, rt_off);
     if (o_mode == MODE_EXPECT_CLOSE) {
         fprintf(f, ",\"shutdown_frames\":%ld,\"closes\":%ld,\"close_frames\":%" PRIu64 ",\"eofs\":%" PRIu64,
                 sh.count, cl.count, c_close_frames, c_eofs);
@@ -1637,7 +1791,7 @@ static void housekeep(int64_t now)
         }
         return;
     }
-    if (o_mode == MODE_SOAK && pending) { /* churn replacements */
+    if ((o_mode == MODE_SOAK || o_follow_upgrade) && pending) { /* churn replacements, moves */
         int64_t lim = (int64_t)(o_conn_timeout * 1e9);
         for (long i = n_initial; i < total; i++) {
             conn *c = &conns[i];
@@ -1660,6 +1814,22 @@ static void housekeep(int64_t now)
                 flush_conn(c);
             }
         }
+    }
+}
+
+/* follow-upgrade: open the replacements that are due (make before break). */
+static void start_moves(int64_t now)
+{
+    long base = total;
+    for (long i = 0; i < base; i++) {
+        if (!conns[i].t_move_due || now < conns[i].t_move_due || conns[i].state != ST_OPEN)
+            continue;
+        conns[i].t_move_due = 0;
+        grow_slots(1); /* may move conns[]: no pointer is held across it */
+        conn *fresh = &conns[total - 1];
+        fresh->move_from = i + 1;
+        c_moves_started++;
+        launch(fresh, now);
     }
 }
 
@@ -1718,6 +1888,10 @@ static void tick(int64_t now)
             finish(now);
         break;
     case PH_HOLD:
+        if (o_follow_upgrade && now >= next_move_scan) {
+            next_move_scan = now + 5000000LL;
+            start_moves(now);
+        }
         if (now >= hold_end || (o_mode == MODE_EXPECT_CLOSE && n_open == 0))
             finish(now);
         break;
@@ -1757,6 +1931,8 @@ static int next_timeout_ms(int64_t now)
     case PH_HOLD:
         if (hold_end < dl)
             dl = hold_end;
+        if (o_follow_upgrade && next_move_scan < dl)
+            dl = next_move_scan;
         break;
     case PH_CLOSING:
         if (close_deadline < dl)
@@ -1817,6 +1993,10 @@ static void usage(FILE *f)
           "  --linger-ms MS        soak: stay this long after the shutdown frame, then close (default 500)\n"
           "  --shutdown-wait S     soak: how long to wait for shutdown frames (default 10)\n"
           "  --seed N              soak: random seed for churn (default: from the clock)\n"
+          "  --source A[,B..]      bind each connection to one of these IPv4 source addresses, in turn\n"
+          "                        (127.0.0.2, 127.0.0.3, ...: one ephemeral port range each)\n"
+          "  --follow-upgrade      expect-close: on an \"upgrade\" shutdown frame, open a new connection\n"
+          "                        after its reconnect_after_ms, then close the old one (make before break)\n"
           "  --server-pid PID[,..] also report these processes' CPU and RSS\n"
           "  --json                print one JSON object on stdout\n"
           "  --quiet               fewer messages on stderr\n",
@@ -1840,7 +2020,8 @@ static void parse_args(int argc, char **argv)
     enum {
         OPT_HOST = 256, OPT_PORT, OPT_PATH, OPT_ORIGIN, OPT_SUBS, OPT_PUBS, OPT_WINDOW, OPT_SIZE, OPT_DURATION, OPT_WARMUP, OPT_RATE,
         OPT_PENDING, OPT_POLL, OPT_CTIMEOUT, OPT_STALL, OPT_CLOSE_TIMEOUT, OPT_IDLE, OPT_EXPECT, OPT_JSON, OPT_QUIET, OPT_SPID, OPT_HELP,
-        OPT_SOAK, OPT_CHURN, OPT_CHURN_EVERY, OPT_LINGER, OPT_SD_WAIT, OPT_SEED
+        OPT_SOAK, OPT_CHURN, OPT_CHURN_EVERY, OPT_LINGER, OPT_SD_WAIT, OPT_SEED,
+        OPT_SOURCE, OPT_FOLLOW
     };
     static const struct option opts[] = {
         {"host", required_argument, 0, OPT_HOST},
@@ -1867,6 +2048,8 @@ static void parse_args(int argc, char **argv)
         {"linger-ms", required_argument, 0, OPT_LINGER},
         {"shutdown-wait", required_argument, 0, OPT_SD_WAIT},
         {"seed", required_argument, 0, OPT_SEED},
+        {"source", required_argument, 0, OPT_SOURCE},
+        {"follow-upgrade", no_argument, 0, OPT_FOLLOW},
         {"json", no_argument, 0, OPT_JSON},
         {"quiet", no_argument, 0, OPT_QUIET},
         {"server-pid", required_argument, 0, OPT_SPID},
@@ -1907,6 +2090,20 @@ static void parse_args(int argc, char **argv)
             o_seed_set = 1;
             break;
         case OPT_JSON: o_json = 1; break;
+        case OPT_FOLLOW: o_follow_upgrade = 1; break;
+        case OPT_SOURCE: {
+            char *list = strdup(optarg), *save = NULL;
+            for (char *a = strtok_r(list, ",", &save); a; a = strtok_r(NULL, ",", &save)) {
+                if (g_nsources == (int)(sizeof g_sources / sizeof *g_sources) ||
+                    inet_pton(AF_INET, a, &g_sources[g_nsources].sin_addr) != 1) {
+                    fprintf(stderr, "wsbench: invalid --source '%s' (IPv4 addresses, at most 64)\n", a);
+                    exit(2);
+                }
+                g_sources[g_nsources++].sin_family = AF_INET;
+            }
+            free(list);
+            break;
+        }
         case OPT_QUIET: o_quiet = 1; break;
         case OPT_SPID: o_server_pids = optarg; break;
         case 'h':
@@ -1917,6 +2114,10 @@ static void parse_args(int argc, char **argv)
     if (optind < argc) {
         fprintf(stderr, "wsbench: unexpected argument '%s'\n", argv[optind]);
         usage(stderr);
+        exit(2);
+    }
+    if (o_follow_upgrade && o_mode != MODE_EXPECT_CLOSE) {
+        fprintf(stderr, "wsbench: --follow-upgrade needs --expect-close\n");
         exit(2);
     }
     if (o_mode != MODE_PUBLISH && o_mode != MODE_SOAK && !o_pubs_set)

@@ -289,8 +289,9 @@ class Daemon:
             self._role = member
         self.ctx.backplane = self._make_backplane(config)
         self._periodic = PeriodicBroadcaster(self.ctx)
-        self._keepalive = Keepalive(registry, self.ctx.fanout, lambda: self.ctx.config)
-        self._gc_policy = CollectorPolicy(lambda: len(registry))
+        self._keepalive = Keepalive(registry, lambda: self.ctx.config)
+        self._gc_policy = CollectorPolicy(lambda: len(registry),
+                                          quiet=lambda: self.ctx.fanout.idle)
         self.servers: dict[str, HTTPServer] = {}
         self.spare = Spare()  # a descriptor in reserve, see ebbcast.listener
         self._public: list[socket.socket] = []

@@ -49,19 +49,15 @@ class Recipient(Protocol):
 class _Batch:
     """What is owed for one flush: shared frames, and per-connection exceptions."""
 
-    __slots__ = ("frames", "queued_at", "owed", "control", "on_control")
+    __slots__ = ("frames", "queued_at", "owed")
 
     def __init__(self) -> None:
         self.frames: list[bytes] = []
         self.queued_at: list[float] = []
         self.owed: dict[Recipient, list[bytes]] = {}
-        #: A control frame (a ping) for every connection, written after the data,
-        #: and what to call for each connection it is written to.
-        self.control = b""
-        self.on_control: Callable[[Recipient], None] | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.frames or self.owed or self.control)
+        return bool(self.frames or self.owed)
 
 
 class _Flush:
@@ -72,7 +68,7 @@ class _Flush:
     def __init__(self, batch: _Batch, targets: tuple[Recipient, ...]) -> None:
         self.batch = batch
         self.private = list(batch.owed.items())
-        self.shared = b"".join(batch.frames) + batch.control
+        self.shared = b"".join(batch.frames)
         self.targets = targets if self.shared else ()
         self.index = 0
         self.sent = 0
@@ -129,19 +125,6 @@ class Fanout:
         self._owed_list(conn).append(frame)
         self._schedule()
 
-    def send_control(self, frame: bytes,
-                     on_written: Callable[[Recipient], None] | None = None) -> None:
-        """Queue a control frame (RFC 6455 5.5) for every connection.
-
-        Control frames may be sent between any two messages, so it goes at the end
-        of each connection's next write: with traffic, it costs no extra send().
-        It is not counted as a message. ``on_written(conn)`` is called as it is
-        written to each connection (a busy daemon may write it a while later).
-        """
-        self._pending.control = frame
-        self._pending.on_control = on_written
-        self._schedule()
-
     def flush_one(self, conn: Recipient) -> None:
         """Write now what the pending batch owes ``conn``, which is being torn down.
 
@@ -152,8 +135,7 @@ class Fanout:
             return
         pending = self._pending
         frames = pending.owed.get(conn, pending.frames)
-        if (frames or pending.control) and conn.send_frame(b"".join(frames) +
-                                                           pending.control):
+        if frames and conn.send_frame(b"".join(frames)):
             self._metrics.sent.inc(len(frames))
         pending.owed[conn] = []  # owed nothing more from this batch
 
@@ -212,14 +194,11 @@ class Fanout:
     def _write_some(self, flush: _Flush, budget: int) -> bool:
         """Write to up to ``budget`` connections; True when the batch is done."""
         private, owed = flush.private, flush.batch.owed
-        control, on_control = flush.batch.control, flush.batch.on_control
         while budget and private:
             conn, frames = private.pop()
             budget -= 1
-            if (frames or control) and conn.send_frame(b"".join(frames) + control):
+            if frames and conn.send_frame(b"".join(frames)):
                 flush.sent += len(frames)
-                if on_control is not None:
-                    on_control(conn)
         targets, shared, frames_per_write = flush.targets, flush.shared, len(flush.batch.frames)
         index, end = flush.index, len(targets)
         while budget and index < end:
@@ -229,8 +208,6 @@ class Fanout:
                 budget -= 1
                 if conn.send_frame(shared):
                     flush.sent += frames_per_write
-                    if on_control is not None:
-                        on_control(conn)
         flush.index = index
         return not private and index >= end
 

@@ -1,0 +1,412 @@
+"""100,000 WebSocket clients on one host: connect, broadcast, drain, upgrade.
+
+    .venv/bin/python bench/c100k.py --out bench/results     # about 5 minutes
+    .venv/bin/python bench/c100k.py --quick                 # a smoke run: seconds
+
+One ebbcast instance (``--workers``, JSON envelope, a periodic broadcast every
+second) and ``--loadgens`` wsbench processes, each binding its connections to its
+own loopback source addresses (127.0.0.2, 127.0.0.3, ...), because one process may
+hold at most 20,000 descriptors here and one source address has some 28,000
+ephemeral ports. Two runs:
+
+- **drain**: connect every client (time to connect all; RSS of the main process
+  and its workers, in total and per connection), hold them for ``--hold`` seconds
+  of periodic broadcasts (delivery latency to every client, and how late the
+  timer fired), then SIGTERM: how long until every client has the shutdown frame.
+- **upgrade**: connect every client again, then SIGUSR2. Every client opens a new
+  connection after the ``reconnect_after_ms`` its shutdown frame gives it and
+  closes the old one once the new one is open (make before break, as ebbcast's
+  own clients do). Measured: handshakes that failed (the goal is 0), the time
+  from SIGUSR2 until every client has moved, and the new generation's accept rate
+  (moves completed per second, in 1-second buckets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from extras import tick_lateness
+from harness import (LOADGEN, build_loadgen, cpu_seconds, machine, raise_nofile, rss_bytes,
+                     save_results)
+
+PERIODIC_INTERVAL = 1.0
+STARTED = time.monotonic()
+
+
+def progress(what: str) -> None:
+    print(f"c100k: {time.monotonic() - STARTED:7.1f} s  {what}", file=sys.stderr, flush=True)
+
+
+class Daemon:
+    """ebbcast with its workers, on a port it picked itself."""
+
+    def __init__(self, workers: int, env: dict[str, str]) -> None:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("EBBCAST_")}
+        full_env.update(env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ebbcast", "serve", "--port", "0", "--admin-port", "0",
+             "--workers", str(workers)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True, env=full_env, preexec_fn=raise_nofile)
+        self.lines: list[str] = []
+        self.port = 0
+        self._serving = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._serving.wait(60):
+            self.stop()
+            raise RuntimeError("ebbcast did not start:\n" + "\n".join(self.lines))
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip())
+            match = re.search(r"serving ws=\S+?:(\d+)/", line)
+            if match and not self.port:
+                self.port = int(match.group(1))
+                self._serving.set()
+
+    def pids(self) -> list[int]:
+        """The main process and its children (every generation's workers)."""
+        try:
+            text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        except OSError:
+            text = ""
+        return [self.proc.pid, *map(int, text.split())]
+
+    def rss(self) -> int:
+        total = 0
+        for pid in self.pids():
+            try:
+                total += rss_bytes(pid)
+            except (OSError, RuntimeError):
+                pass  # a worker that has just exited
+        return total
+
+    def cpu(self) -> float:
+        total = 0.0
+        for pid in self.pids():
+            try:
+                total += cpu_seconds(pid)
+            except OSError:
+                pass
+        return total
+
+    def wait_log(self, pattern: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(re.search(pattern, line) for line in self.lines):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no log line {pattern!r}:\n" + "\n".join(self.lines[-20:]))
+            time.sleep(0.1)
+
+    def save_log(self, path: Path) -> None:
+        path.write_text("\n".join(self.lines) + "\n")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGTERM)  # the second forces
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+class Loadgens:
+    """``count`` wsbench processes in --expect-close mode sharing ``clients``."""
+
+    def __init__(self, port: int, clients: int, count: int, follow_upgrade: bool,
+                 hold: float) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+        self.ready = 0
+        self._lock = threading.Lock()
+        self.started = time.monotonic()
+        self.ready_at: list[float] = []
+        for k in range(count):
+            share = clients // count + (1 if k < clients % count else 0)
+            sources = f"127.0.0.{2 + 2 * k},127.0.0.{3 + 2 * k}"
+            cmd = [str(LOADGEN), "--host", "127.0.0.1", "--port", str(port), "--path", "/ws",
+                   "--expect-close", "--subscribers", str(share), "--source", sources,
+                   "--duration", str(hold), "--connect-timeout", "120", "--max-pending", "100",
+                   "--close-timeout", "10", "--json"]
+            if follow_upgrade:
+                cmd.append("--follow-upgrade")
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, preexec_fn=raise_nofile)
+            self.procs.append(proc)
+            threading.Thread(target=self._watch, args=(proc,), daemon=True).start()
+
+    def _watch(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if not line.startswith(("wsbench: ready", "  ", "wsbench: connected")):
+                progress(f"load generator {proc.pid}: {line.rstrip()}")
+            if "wsbench: ready" in line:
+                with self._lock:
+                    self.ready += 1
+                    self.ready_at.append(time.monotonic())
+
+    def wait_ready(self, timeout: float) -> float:
+        """Seconds from the start until every process had all its clients."""
+        deadline = time.monotonic() + timeout
+        while self.ready < len(self.procs):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                raise RuntimeError(f"only {self.ready} of {len(self.procs)} load generators ready")
+            time.sleep(0.05)
+        return max(self.ready_at) - self.started
+
+    def results(self, timeout: float) -> list[dict[str, Any]]:
+        out = []
+        for proc in self.procs:
+            stdout = proc.stdout.read() if proc.stdout is not None else ""
+            proc.wait(timeout)
+            if not stdout.strip():
+                raise RuntimeError(f"load generator {proc.pid} exited {proc.returncode} "
+                                   "without a result")
+            out.append(json.loads(stdout.strip().splitlines()[-1]))
+        return out
+
+
+def daemon_env(spread: float, drain: float, periodic: bool = True) -> dict[str, str]:
+    return {"EBBCAST_BROADCAST_ENVELOPE": "json",
+            "EBBCAST_BROADCAST_PERIODIC_INTERVAL": f"{PERIODIC_INTERVAL if periodic else 0}s",
+            "EBBCAST_SHUTDOWN_DRAIN_TIMEOUT": f"{drain}s",
+            "EBBCAST_SHUTDOWN_UPGRADE_SPREAD": f"{spread}s"}
+
+
+def merged_percentiles(counts: list[dict[str, int]]) -> dict[str, float]:
+    """p50/p90/p99/max of latencies given as {"ms": count} by several processes."""
+    merged: dict[int, int] = {}
+    for one in counts:
+        for ms, n in one.items():
+            merged[int(ms)] = merged.get(int(ms), 0) + n
+    total = sum(merged.values())
+    result: dict[str, float] = {"count": total}
+    if not total:
+        return result
+    order = sorted(merged.items())
+    for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
+        rank, seen = q * (total - 1), 0
+        for ms, n in order:
+            seen += n
+            if seen > rank:
+                result[name] = ms
+                break
+    result["max"] = order[-1][0]
+    return result
+
+
+def drain_run(args: argparse.Namespace) -> dict[str, Any]:
+    daemon = Daemon(args.workers, daemon_env(args.spread, drain=args.drain))
+    try:
+        rss_before, cpu_before = daemon.rss(), daemon.cpu()
+        gens = Loadgens(daemon.port, args.clients, args.loadgens, False, hold=3600)
+        connect_s = gens.wait_ready(args.clients / 500 + 60)
+        progress(f"drain run: {args.clients} connected in {connect_s:.1f} s")
+        connect_cpu = daemon.cpu() - cpu_before
+        time.sleep(2)  # let the collector's pass after the storm run
+        rss_connected = daemon.rss()
+        time.sleep(args.hold)
+        sigterm = time.time()
+        daemon.proc.send_signal(signal.SIGTERM)
+        progress("drain run: SIGTERM")
+        results = gens.results(timeout=120)
+        progress("drain run: load generators done")
+        code = daemon.proc.wait(60)
+        progress("drain run: ebbcast exited")
+    finally:
+        daemon.stop()
+    shutdown_last = max(r["shutdown"]["max_realtime_ns"] for r in results if r["shutdown"]["count"])
+    shutdown_first = min(r["shutdown"]["min_realtime_ns"] for r in results
+                         if r["shutdown"]["count"])
+    lateness: list[float] = []
+    for r in results:
+        stamps = r["periodic_stamps"]
+        if len(stamps) > 2:
+            lateness += [late * 1000 for late in tick_lateness(stamps, PERIODIC_INTERVAL)]
+    return {
+        "clients": args.clients, "connected": sum(r["connected"] for r in results),
+        "connect_seconds": connect_s, "connect_server_cpu_s": connect_cpu,
+        "rss_before_bytes": rss_before, "rss_connected_bytes": rss_connected,
+        "rss_per_conn_bytes": (rss_connected - rss_before) / args.clients,
+        "periodic_latency_ms": merged_percentiles([r["periodic_latency_ms_counts"]
+                                                   for r in results]),
+        "periodic_lateness_ms": {"count": len(lateness),
+                                 "p50": statistics.median(lateness) if lateness else 0,
+                                 "max": max(lateness, default=0)},
+        "shutdown_frames": sum(r["shutdown_frames"] for r in results),
+        "sigterm_to_first_shutdown_ms": (shutdown_first / 1e9 - sigterm) * 1000,
+        "sigterm_to_all_shutdown_ms": (shutdown_last / 1e9 - sigterm) * 1000,
+        "errors": sum(r["errors"] for r in results), "exit_code": code}
+
+
+def upgrade_run(args: argparse.Namespace) -> dict[str, Any]:
+    daemon = Daemon(args.workers, daemon_env(args.spread, drain=args.spread + 60,
+                                             periodic=not args.quiet_upgrade))
+    try:
+        gens = Loadgens(daemon.port, args.clients, args.loadgens, True, hold=3600)
+        gens.wait_ready(args.clients / 500 + 60)
+        progress("upgrade run: connected")
+        time.sleep(2)
+        sigusr2 = time.time()
+        daemon.proc.send_signal(signal.SIGUSR2)
+        daemon.wait_log(r"generation \d+ has finished", args.spread + 120)
+        progress("upgrade run: the old generation has finished")
+        daemon.proc.send_signal(signal.SIGTERM)
+        daemon.wait_log(r"drain started by SIGTERM", 30)
+        daemon.proc.send_signal(signal.SIGTERM)  # the second forces: close everyone now
+        results = gens.results(timeout=args.spread + 180)
+        progress("upgrade run: load generators done")
+        code = daemon.proc.wait(60)
+        progress("upgrade run: ebbcast exited")
+    finally:
+        daemon.stop()
+        daemon.save_log(Path("/tmp/c100k-upgrade-daemon.log"))
+    opens = sorted(ms for r in results for ms in r["move_open_realtime_ms"])
+    per_second: dict[int, int] = {}
+    for ms in opens:
+        second = int(ms / 1000 - sigusr2)
+        per_second[second] = per_second.get(second, 0) + 1
+    return {
+        "clients": args.clients, "spread_s": args.spread,
+        "moves_started": sum(r["moves"]["started"] for r in results),
+        "moved": sum(r["moves"]["done"] for r in results),
+        "handshakes_failed": sum(r["moves"]["failed"] for r in results),
+        "moves_delayed_no_descriptor": sum(r["moves"]["no_descriptor"] for r in results),
+        "errors": sum(r["errors"] for r in results),
+        "error_detail": {kind: sum(r["error_detail"][kind] for r in results)
+                         for kind in results[0]["error_detail"]},
+        "periodic_broadcast": not args.quiet_upgrade,
+        "sigusr2_to_all_moved_s": (opens[-1] / 1000 - sigusr2) if opens else None,
+        "accepts_per_s_peak": max(per_second.values(), default=0),
+        "accepts_per_s_by_second": [per_second.get(s, 0)
+                                    for s in range(max(per_second, default=-1) + 1)],
+        "exit_code": code}
+
+
+def plot(drain: dict[str, Any], upgrade: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install -r bench/requirements.txt)",
+              file=sys.stderr)
+        return False
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    rates = upgrade["accepts_per_s_by_second"]
+    left.bar(range(len(rates)), rates, width=1.0, color="tab:blue", label="moves per second")
+    cumulative = [sum(rates[:i + 1]) for i in range(len(rates))]
+    twin = left.twinx()
+    twin.plot(range(len(rates)), cumulative, color="tab:orange", label="clients moved")
+    left.set_xlabel("seconds after SIGUSR2")
+    left.set_ylabel("handshakes on the new generation per second")
+    twin.set_ylabel("clients moved")
+    left.set_title(f"Upgrade with {upgrade['clients']:,} clients "
+                   f"({upgrade['handshakes_failed']} failed)")
+    latency = drain["periodic_latency_ms"]
+    names = ["p50", "p90", "p99", "max"]
+    right.bar(names, [latency.get(n, 0) for n in names], color="tab:green")
+    right.set_ylabel("ms from the periodic timer firing to the client's read")
+    right.set_title(f"A broadcast to {drain['clients']:,} clients, once a second")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def report(drain: dict[str, Any], upgrade: dict[str, Any], args: argparse.Namespace,
+           started: datetime.datetime) -> str:
+    m = machine()
+    lat, late = drain["periodic_latency_ms"], drain["periodic_lateness_ms"]
+    return "\n".join([
+        f"# 100,000 clients on one host, {started:%Y-%m-%d %H:%M} UTC", "",
+        f"Machine: {m['cores']} cores, {m['cpu']}, Linux {m['kernel']}, Python {m['python']}; "
+        "20,000 descriptors per process.",
+        f"Command: `bench/c100k.py --clients {args.clients} --workers {args.workers} "
+        f"--loadgens {args.loadgens} --hold {args.hold} --spread {args.spread}"
+        f"{' --quiet-upgrade' if args.quiet_upgrade else ''}`. One ebbcast "
+        f"with {args.workers} workers (JSON envelope, a periodic broadcast every second), "
+        f"{args.loadgens} wsbench processes on two loopback source addresses each, all on "
+        "the same 2 cores.", "",
+        "| measure | value |", "|---|---|",
+        f"| clients connected | {drain['connected']:,} of {drain['clients']:,} "
+        f"({drain['errors']} errors) |",
+        f"| time to connect all | {drain['connect_seconds']:.1f} s "
+        f"({drain['clients'] / drain['connect_seconds']:,.0f} handshakes/s; server CPU "
+        f"{drain['connect_server_cpu_s']:.1f} s) |",
+        f"| RSS, main process and workers | {drain['rss_before_bytes'] / 2**20:,.0f} MB idle, "
+        f"{drain['rss_connected_bytes'] / 2**20:,.0f} MB connected: "
+        f"{drain['rss_per_conn_bytes'] / 1024:.1f} KB per connection |",
+        f"| periodic broadcast to all, delivery latency (n={lat['count']:,}) | p50 "
+        f"{lat.get('p50', 0):.0f} ms, p90 {lat.get('p90', 0):.0f} ms, p99 "
+        f"{lat.get('p99', 0):.0f} ms, max {lat.get('max', 0):.0f} ms |",
+        f"| periodic timer lateness (n={late['count']}) | p50 {late['p50']:.0f} ms, "
+        f"max {late['max']:.0f} ms |",
+        f"| SIGTERM until every client has the shutdown frame | "
+        f"{drain['sigterm_to_all_shutdown_ms']:,.0f} ms (first after "
+        f"{drain['sigterm_to_first_shutdown_ms']:.0f} ms; {drain['shutdown_frames']:,} frames) |",
+        f"| upgrade (SIGUSR2){'' if upgrade['periodic_broadcast'] else ', no periodic broadcast'}"
+        f": clients moved | {upgrade['moved']:,} of {upgrade['clients']:,} |",
+        f"| upgrade: handshakes failed | {upgrade['handshakes_failed']} "
+        f"(other errors {upgrade['errors']}: {upgrade['error_detail']}; moves the load generators put off for want of "
+        f"a descriptor: {upgrade['moves_delayed_no_descriptor']}) |",
+        f"| upgrade: SIGUSR2 until every client moved | "
+        f"{upgrade['sigusr2_to_all_moved_s']:.1f} s (shutdown.upgrade_spread "
+        f"{upgrade['spread_s']:.0f} s) |",
+        f"| upgrade: new generation's accept rate | peak {upgrade['accepts_per_s_peak']:,}/s, "
+        f"mean {upgrade['moved'] / max(upgrade['sigusr2_to_all_moved_s'] or 1, 1):,.0f}/s |",
+        "", f"![upgrade and broadcast latency](c100k-{started:%Y%m%d-%H%M}.png)", ""])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--clients", type=int, default=100_000)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--loadgens", type=int, default=16)
+    parser.add_argument("--hold", type=float, default=20.0,
+                        help="seconds of periodic broadcasts before SIGTERM")
+    parser.add_argument("--spread", type=float, default=30.0,
+                        help="shutdown.upgrade_spread for the upgrade run")
+    parser.add_argument("--drain", type=float, default=10.0,
+                        help="shutdown.drain_timeout for the drain run")
+    parser.add_argument("--quiet-upgrade", action="store_true",
+                        help="no periodic broadcast in the upgrade run")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.quick:
+        args.clients, args.workers, args.loadgens, args.hold, args.spread = 200, 2, 2, 3, 2
+        args.drain = 1
+    build_loadgen()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    drain = drain_run(args)
+    print(json.dumps(drain), file=sys.stderr)
+    upgrade = upgrade_run(args)
+    print(json.dumps(upgrade), file=sys.stderr)
+    text = report(drain, upgrade, args, started)
+    print(text)
+    if args.out:
+        stem = save_results(args.out, "c100k", started, text,
+                            {"drain": drain, "upgrade": upgrade,
+                             "args": {k: str(v) for k, v in vars(args).items()}})
+        plot(drain, upgrade, stem.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
