@@ -40,8 +40,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from extras import tick_lateness
-from harness import (LOADGEN, build_loadgen, cpu_seconds, machine, raise_nofile, rss_bytes,
-                     save_results)
+from harness import (LOADGEN, build_loadgen, cpu_seconds, machine, pyplot, raise_nofile,
+                     rss_bytes, save_results)
 
 PERIODIC_INTERVAL = 1.0
 STARTED = time.monotonic()
@@ -230,7 +230,8 @@ def drain_run(args: argparse.Namespace) -> dict[str, Any]:
         progress("drain run: ebbcast exited")
     finally:
         daemon.stop()
-    shutdown_last = max(r["shutdown"]["max_realtime_ns"] for r in results if r["shutdown"]["count"])
+    shutdown_last = max(r["shutdown"]["max_realtime_ns"] for r in results
+                        if r["shutdown"]["count"])
     shutdown_first = min(r["shutdown"]["min_realtime_ns"] for r in results
                          if r["shutdown"]["count"])
     lateness: list[float] = []
@@ -299,15 +300,9 @@ def upgrade_run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def plot(drain: dict[str, Any], upgrade: dict[str, Any], path: Path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install -r bench/requirements.txt)",
-              file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
-
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     rates = upgrade["accepts_per_s_by_second"]
     left.bar(range(len(rates)), rates, width=1.0, color="tab:blue", label="moves per second")
@@ -363,7 +358,8 @@ def report(drain: dict[str, Any], upgrade: dict[str, Any], args: argparse.Namesp
         f"| upgrade (SIGUSR2){'' if upgrade['periodic_broadcast'] else ', no periodic broadcast'}"
         f": clients moved | {upgrade['moved']:,} of {upgrade['clients']:,} |",
         f"| upgrade: handshakes failed | {upgrade['handshakes_failed']} "
-        f"(other errors {upgrade['errors']}: {upgrade['error_detail']}; moves the load generators put off for want of "
+        f"(other errors {upgrade['errors']}: {upgrade['error_detail']}; "
+        "moves the load generators put off for want of "
         f"a descriptor: {upgrade['moves_delayed_no_descriptor']}) |",
         f"| upgrade: SIGUSR2 until every client moved | "
         f"{upgrade['sigusr2_to_all_moved_s']:.1f} s (shutdown.upgrade_spread "

@@ -187,6 +187,19 @@ def save_results(out: Path, name: str, started: Any, text: str,
     return stem
 
 
+def pyplot() -> Any:
+    """matplotlib.pyplot drawing to files, or None (with a note) if not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install -r bench/requirements.txt)",
+              file=sys.stderr)
+        return None
+    return plt
+
+
 def build_loadgen() -> Path:
     subprocess.run(["make", "-s", "-C", str(LOADGEN.parent)], check=True)
     return LOADGEN

@@ -25,8 +25,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import (NODE_SERVER, Server, build_loadgen, machine, rss_bytes, run_loadgen,
-                     save_results)
+from harness import (NODE_SERVER, Server, build_loadgen, machine, pyplot, rss_bytes,
+                     run_loadgen, save_results)
 
 VARIANTS = ("ebbcast", "ebbcast-json", "tornado-naive", "node-ws")
 
@@ -99,13 +99,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install -r bench/requirements.txt)",
-              file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(9, 4.8))
     windows = sorted({r["window"] for r in rows}, reverse=True)

@@ -93,8 +93,9 @@ def test_a_resume_is_read_from_the_query_and_a_chosen_id_from_the_path():
 
 
 def test_tornado_headers_work_as_well_as_lower_case_dicts():
-    headers = HTTPHeaders({"Host": "h", "Upgrade": "WebSocket", "Connection": "keep-alive, Upgrade",
-                           "Sec-WebSocket-Key": KEY, "Sec-WebSocket-Version": "13"})
+    headers = HTTPHeaders({"Host": "h", "Upgrade": "WebSocket",
+                           "Connection": "keep-alive, Upgrade", "Sec-WebSocket-Key": KEY,
+                           "Sec-WebSocket-Version": "13"})
     assert isinstance(decide(None, "", headers, OPEN), Acceptance)
 
 

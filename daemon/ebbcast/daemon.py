@@ -393,7 +393,8 @@ class Daemon:
         scheme = "https" if self._tls else "http"
         self._public = self._role.public_sockets(self.spare)
         self.servers["public"] = PublicServer(
-            PublicRouter(self.ctx, public_application(self.ctx, log_request)), ssl_options=self._tls, xheaders=False,
+            PublicRouter(self.ctx, public_application(self.ctx, log_request)),
+            ssl_options=self._tls, xheaders=False,
             max_header_size=MAX_HEADER_BYTES, max_body_size=MAX_PUBLIC_BODY_BYTES,
             idle_connection_timeout=60)
         self.urls = {"ws": listener_url(scheme, self._public[0], config.server.ws_path),
