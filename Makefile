@@ -11,7 +11,7 @@ TEST_DEBS := python3-venv systemd prometheus gcc make libc6-dev chromium redis-s
 OTHER_PYTHONS ?= 3.10 3.12 3.13
 
 .PHONY: run test test-deps typecheck test-versions bench conformance conformance-quick \
-	install-systemd verify-installed-unit clean
+	install-systemd verify-installed-unit clean docs
 
 $(BIN)/ebbcast: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ conformance: $(BIN)/ebbcast
 	$(BIN)/python conformance/run.py
 conformance-quick: $(BIN)/ebbcast
 	$(BIN)/python conformance/run.py --quick
+
+# docs/configuration.md, written from the schema (a test fails when they disagree).
+docs: $(BIN)/ebbcast
+	$(BIN)/python -m ebbcast.configdoc > docs/configuration.md
 
 # The benchmark (not part of `make test`): matrix, timers/slow reader/drain, profile.
 bench: $(BIN)/ebbcast $(NODE_WS)

@@ -42,7 +42,7 @@ ROOT = HERE.parent
 WSTEST = HERE / ".venv27" / "bin" / "wstest"
 AGENT = "ebbcast"
 
-#: The daemon's configuration for the suite (SPEC section 2, as environment
+#: The daemon's configuration for the suite (as environment
 #: variables): frames relayed verbatim and echoed to their sender, nothing sent
 #: unasked (no periodic frames; no keepalive pings, which the suite would record
 #: among the frames it received), no rate limit, and limits above the suite's

@@ -159,6 +159,20 @@ def test_shipped_config_file_lists_every_key_with_its_default():
         assert f"# {field.metadata['doc']}" in shipped, key
 
 
+def test_the_configuration_reference_matches_the_schema():
+    """docs/configuration.md is written by `make docs`; rerun it after changing a key."""
+    from helpers import REPO
+
+    from ebbcast.cli import SERVE_FLAGS
+    from ebbcast.configdoc import render
+
+    written = (REPO / "docs" / "configuration.md").read_text()
+    assert written == render(SERVE_FLAGS), "docs/configuration.md is stale: run make docs"
+    for key, _ in iter_keys():
+        section, name = key.split(".")
+        assert f"| `{name}` |" in written.split(f"## [{section}]")[1].split("## [")[0], key
+
+
 def test_reloadable_keys_and_merge():
     assert is_reloadable("broadcast.periodic_text") and is_reloadable("admin.token")
     assert is_reloadable("shutdown.progress_interval") and is_reloadable("logging.level")

@@ -1,4 +1,4 @@
-"""Soak: thousands of clients, churn, a broadcast flood, then SIGTERM (SPEC sections 4, 5).
+"""Soak: thousands of clients, churn, a broadcast flood, then SIGTERM.
 
 The clients are a separate process, bench/loadgen/wsbench in ``--soak`` mode (C,
 epoll), so the daemon's CPU is not shared with the test's own event loop. Two

@@ -1,4 +1,4 @@
-"""Ten upgrades in a row under load refuse and reset nothing (SPEC section 9).
+"""Ten upgrades in a row under load refuse and reset nothing.
 
 A thousand clients stay connected and move on each shutdown frame, make before
 break; a hammer completes handshakes at 250 a second (paced) throughout. Every handshake

@@ -1,4 +1,4 @@
-"""server.workers: the main process, its workers, the relay between them (SPEC section 8).
+"""server.workers: the main process, its workers, the relay between them.
 
 Process tests run ``python -m ebbcast --workers N`` as a subprocess, send it real
 signals and talk to it with the ``websockets`` client over real sockets.
@@ -190,6 +190,10 @@ def test_sigterm_drains_every_worker_and_exits_after_the_last_client(spawn):
                       EBBCAST_SHUTDOWN_PROGRESS_INTERVAL="200ms")
     groups = clients_on_every_worker(d, 2)
     (a,), (b,) = groups.values()
+    # The welcome goes out with the 101, before the worker's count reaches the main
+    # process (and extra connections the helper closed may not be counted out yet):
+    # wait until the main process knows, so that the drain's first line can say 2.
+    wait_for(lambda: [w["connections"] for w in status(d)["workers"]] == [1, 1])
     d.signal(signal.SIGTERM)
     for ws in (a, b):
         frame = recv_frame(ws, "shutdown")

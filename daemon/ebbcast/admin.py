@@ -35,7 +35,7 @@ class AdminBackend(Protocol):
     def broadcast(self, payload: str) -> int: ...
     def request_drain(self, source: str) -> None: ...
     def request_upgrade(self, source: str) -> str | None:
-        """Queue an upgrade (SPEC section 9); or why it is refused now."""
+        """Queue an upgrade; or why it is refused now."""
 
 
 class AdminHandler(RequestHandler):

@@ -1,7 +1,7 @@
 """The backplane: how broadcasts reach the clients of other ebbcast instances.
 
 ``memory://`` is a single instance: nothing leaves the process. ``redis://`` joins
-instances through Redis pub/sub (SPEC section 8): client frames and admin
+instances through Redis pub/sub (README "Several instances"): client frames and admin
 broadcasts are delivered locally at once, then published; every instance
 subscribed to the channel fans out what the *others* published, so no client sees
 a frame twice. Periodic frames stay local.
@@ -15,7 +15,7 @@ was down while others published are found as gaps in each publisher's sequence
 numbers and counted in its ``ebbcast_backplane_missed_total``. (Redis pub/sub is
 at most once: a subscriber that is away gets nothing from that time.)
 
-Offsets (SPEC section 10). With the JSON envelope a broadcast is *submitted*
+Offsets (README "Nothing lost on reconnect"). With the JSON envelope a broadcast is *submitted*
 instead: one Lua script gives it the next offset (INCR), appends it to a capped
 stream (XADD, history.size entries, id ``0-<offset>``) and publishes it, in one
 atomic step, so every instance agrees on the order; the epoch is a key beside

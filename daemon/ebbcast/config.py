@@ -1,10 +1,11 @@
 """Configuration: schema, loading, layering and validation.
 
-The configuration is a TOML file (SPEC section 2) with a fixed set of sections and
-keys. Values are layered, highest first: command-line flag, environment variable
-``EBBCAST_<SECTION>_<KEY>``, config file, built-in default. Every value is validated
-at load time and every problem is reported at once, each naming its key, so that
-``ebbcast check-config`` can list them all and a typo never passes silently.
+The configuration is a TOML file (every key in config/ebbcast.toml) with a fixed
+set of sections and keys. Values are layered, highest first: command-line flag,
+environment variable ``EBBCAST_<SECTION>_<KEY>``, config file, built-in default.
+Every value is validated at load time and every problem is reported at once, each
+naming its key, so that ``ebbcast check-config`` can list them all and a typo never
+passes silently.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 ENV_PREFIX = "EBBCAST_"
 
-#: Keys whose new value a SIGHUP applies to the running daemon (SPEC section 5).
+#: Keys whose new value a SIGHUP applies to the running daemon (README "Configuration").
 #: A whole section is named by its name followed by ``.*``.
 RELOADABLE = (
     "broadcast.*",
@@ -457,7 +458,8 @@ def _cross_checks(sections: dict[str, dict[str, Value]]) -> list[tuple[str, str]
 
 # -- rendering --------------------------------------------------------------------
 
-def _toml_value(kind: str, value: Value) -> str:
+def toml_value(kind: str, value: Value) -> str:
+    """A value as config/ebbcast.toml writes it (durations with their unit)."""
     if kind == "duration":
         assert isinstance(value, float)
         return json.dumps(format_duration(value))
@@ -478,7 +480,7 @@ def render_toml(config: Config, mask_secrets: bool = True) -> str:
             if mask_secrets and f.name == "token" and value:
                 value = "********"
             lines.append(f"# {f.metadata['doc']}")
-            lines.append(f"{f.name} = {_toml_value(f.metadata['kind'], value)}")
+            lines.append(f"{f.name} = {toml_value(f.metadata['kind'], value)}")
         lines.append("")
     return "\n".join(lines)
 

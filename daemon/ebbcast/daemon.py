@@ -1,4 +1,4 @@
-"""One serving process: its clients, its signals, and the drain (SPEC sections 1, 5, 9).
+"""One serving process: its clients, its signals, and the drain.
 
 A ``Daemon`` serves WebSocket clients in one process, in one of two roles:
 

@@ -1,4 +1,4 @@
-"""The JSON envelope: server-to-client frames of SPEC section 4.
+"""The JSON envelope: the frames the server sends its clients.
 
 Each function returns the text of one frame. Compact separators keep frames small,
 since a broadcast frame is copied to every client.

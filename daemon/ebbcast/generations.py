@@ -1,4 +1,4 @@
-"""Generations: what an upgrade without downtime keeps track of (SPEC section 9).
+"""Generations: what an upgrade without downtime keeps track of.
 
 A generation is the set of serving processes started together from one
 configuration and one version of the code. Generation 1 starts with the daemon;

@@ -94,7 +94,7 @@ class DrainPlan:
         return f"deadline in {math.ceil(self.timeout)}s (at {at})"
 
     def status(self, remaining: int, now_mono: float) -> str:
-        """The progress line, logged and sent to systemd as STATUS= (SPEC section 5)."""
+        """The progress line, logged and sent to systemd as STATUS=."""
         return (f"draining: {remaining} connections remain, "
                 f"{math.ceil(self.seconds_left(now_mono))}s left")
 

@@ -1,4 +1,4 @@
-"""Broadcasts in one order: submitting, delivering and replaying them (SPEC section 10).
+"""Broadcasts in one order: submitting, delivering and replaying them.
 
 A broadcast that begins in this serving process (a client's frame, an admin
 broadcast) is *submitted*. With the JSON envelope and a sequencer it goes to the

@@ -1,4 +1,4 @@
-"""The local link between the main process and one worker (SPEC section 8).
+"""The local link between the main process and one worker (README "Every core: worker processes").
 
 With ``server.workers = N`` the main process creates one AF_UNIX stream
 socketpair per worker at start-up and keeps one end; the worker inherits the

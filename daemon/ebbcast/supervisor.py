@@ -1,4 +1,4 @@
-"""The main process (SPEC sections 5, 7, 8 and 9): every ``ebbcast serve`` runs one.
+"""The main process (workers, systemd, upgrades): every ``ebbcast serve`` runs one.
 
 It binds the public and admin listeners, starts the serving processes and
 supervises them, as gunicorn's arbiter does: signal handlers only record the
@@ -25,7 +25,7 @@ Upgrades (SIGUSR2, ``POST /upgrade``; ``ebbcast.generations``): a new generation
 starts held on the same sockets; once all of it is ready it accepts and the old
 one hands over and drains. A failure leaves the old generation as it was.
 
-Offsets (``memory://``, SPEC section 10). This process is the sequencer: a worker
+Offsets (``memory://``). This process is the sequencer: a worker
 sends each broadcast that begins on it (a client's frame) here, this process
 gives it the next offset, keeps it in its history and sends it to every worker
 of every generation, the sender's included, so every worker delivers in one
