@@ -11,7 +11,7 @@ TEST_DEBS := python3-venv systemd prometheus gcc make libc6-dev chromium redis-s
 OTHER_PYTHONS ?= 3.10 3.12 3.13
 
 .PHONY: run test test-deps typecheck test-versions bench conformance conformance-quick \
-	install-systemd verify-installed-unit clean docs
+	install-systemd verify-installed-unit clean docs dashboard
 
 $(BIN)/ebbcast: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ conformance-quick: $(BIN)/ebbcast
 # docs/configuration.md, written from the schema (a test fails when they disagree).
 docs: $(BIN)/ebbcast
 	$(BIN)/python -m ebbcast.configdoc > docs/configuration.md
+
+# deploy/grafana/ebbcast-dashboard.json, built with grafanalib (a test fails when stale).
+dashboard: $(BIN)/ebbcast
+	$(BIN)/python deploy/grafana/dashboard.py > deploy/grafana/ebbcast-dashboard.json
 
 # The benchmark (not part of `make test`): matrix, timers/slow reader/drain, profile.
 bench: $(BIN)/ebbcast $(NODE_WS)

@@ -35,6 +35,10 @@ setup(
             # Python 3.12+ venv has no setuptools of its own)
             "setuptools>=61",
             "wheel>=0.40",
+            # the Kubernetes manifests, checked offline (brings PyYAML)
+            "kubernetes-validate>=1.30",
+            # builds deploy/grafana/ebbcast-dashboard.json (make dashboard)
+            "grafanalib>=0.7",
         ],
     },
     entry_points={"console_scripts": ["ebbcast = ebbcast.cli:main"]},
