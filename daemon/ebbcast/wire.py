@@ -17,7 +17,7 @@ range in setup.py:
   ``_receive_frame_loop()`` (:func:`start_protocol`), which is what Tornado's
   ``WebSocketHandler`` does after its RequestHandler has written the 101.
 - ``IOStream``: the private ``_write_buffer`` (send directly only when nothing is
-  queued), ``socket``, ``write``, ``set_nodelay`` and, in
+  queued), ``socket``, ``write``, ``closed()`` and, in
   :func:`forget_stream_error`, the ``error`` attribute.
 - ``HTTPServer._connections``, the HTTP connections not yet upgraded or closed
   (:func:`open_http_connections`), so that a generation handing over does not exit
@@ -240,7 +240,7 @@ def check_tornado() -> list[str]:
         need("IOStream._write_buffer (with len())", lambda: len(stream._write_buffer) == 0)
         for name in ("error", "socket", "max_write_buffer_size"):
             need(f"IOStream.{name}", partial(hasattr, stream, name))
-        for name in ("write", "set_nodelay", "closed"):
+        for name in ("write", "closed"):
             need(f"IOStream.{name}()", partial(_has_method, stream, name))
         stream.close()
     finally:
