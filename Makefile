@@ -5,12 +5,14 @@ BIN := $(VENV)/bin
 # Debian packages the test suite needs: systemd-analyze for the unit checks,
 # promtool (package prometheus) to validate the metrics exposition, a C compiler
 # for the benchmark's load generator, node and npm for its reference server (and the
-# Node interop test), Chromium for the browser tests, redis-server for the backplane.
-TEST_DEBS := python3-venv systemd prometheus gcc make libc6-dev chromium redis-server
+# Node interop test), Chromium for the browser tests, redis-server for the backplane,
+# nginx and haproxy for the reverse-proxy tests.
+TEST_DEBS := python3-venv systemd prometheus gcc make libc6-dev chromium redis-server \
+	nginx haproxy
 # Other supported CPython versions (from pyenv) that CI runs the suite on.
 OTHER_PYTHONS ?= 3.10 3.12 3.13
 
-.PHONY: run test test-deps typecheck test-versions bench conformance conformance-quick \
+.PHONY: demos run test test-deps typecheck test-versions bench conformance conformance-quick \
 	install-systemd verify-installed-unit clean docs dashboard
 
 $(BIN)/ebbcast: setup.py
@@ -21,6 +23,11 @@ $(BIN)/ebbcast: setup.py
 
 run: $(BIN)/ebbcast
 	$(BIN)/ebbcast serve
+
+# examples/: a drain (two instances on Redis) and an upgrade, seen from outside.
+demos: $(BIN)/ebbcast
+	examples/drain-demo.sh
+	examples/upgrade-demo.sh
 
 typecheck: $(BIN)/ebbcast
 	$(BIN)/mypy

@@ -18,6 +18,8 @@ setup(
         "prometheus-client>=0.20",
         "httptools>=0.6",  # reads WebSocket handshakes on the fast path (ebbcast.handshake)
         "redis[hiredis]>=5.0",  # the redis:// backplane (asyncio client)
+        # client tokens (auth.mode = "jwt"); "crypto" brings RS256 and ES256
+        "PyJWT[crypto]>=2.8",
         'tomli>=2.0; python_version < "3.11"',
     ],
     extras_require={

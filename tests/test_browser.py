@@ -512,3 +512,21 @@ def test_page_resumes_after_its_connection_is_cut_and_shows_every_message_once(
     offsets = [offset for _, offset in rows]
     assert offsets == list(range(offsets[0], offsets[0] + len(offsets)))
     tabs.assert_no_console_errors()
+
+
+def test_page_sends_the_token_from_its_field_and_shows_a_read_only_refusal(
+        spawn: Callable[..., Any], tabs: Tabs) -> None:
+    key = "browser-test-key-of-at-least-32-bytes"
+    d = spawn(*FAST, env={**QUIET, "EBBCAST_AUTH_MODE": "jwt", "EBBCAST_AUTH_JWT_KEY": key})
+    from ebbcast.auth import mint
+
+    token = mint(key, "alice", 60, read_only=True)
+    # the fragment fills the token field and never reaches the server's logs
+    page = tabs.open(page_url(d.ws_url) + "#token=" + token)
+    wait_welcomed(page)
+    assert page.input_value("#token-input") == token
+    assert page.text_content("#client-id") == "alice"
+    send(page, "may I?")
+    wait_frame(page, "error", "read_only")
+    assert not frames(page, "message")
+    tabs.assert_no_console_errors()

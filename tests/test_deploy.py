@@ -21,10 +21,8 @@ from typing import Any
 
 import kubernetes_validate
 import yaml
-from prometheus_client import generate_latest
 
 from helpers import REPO, STEP_TIMEOUT, dial, recv_frame, wait_for
-from ebbcast.metrics import Metrics
 
 PROMETHEUS = REPO / "deploy" / "prometheus"
 RULES, RULE_TESTS = PROMETHEUS / "ebbcast-rules.yml", PROMETHEUS / "ebbcast-rules.test.yml"
@@ -50,8 +48,8 @@ def test_every_alert_has_a_unit_test():
     assert alerts and alerts == tested
 
 
-def test_the_rules_use_only_metrics_ebbcast_exports():
-    exported = generate_latest(Metrics().registry).decode()
+def test_the_rules_use_only_metrics_ebbcast_exports(spawn):
+    exported = spawn("--port", "0", "--admin-port", "0").metrics_text()
     used = set(re.findall(r"(?<![:\w])(ebbcast_[a-z_]+)\b", RULES.read_text()))  # not records
     missing = {name for name in used
                if not re.search(rf"^{name}(\{{| )", exported, re.M)}
@@ -127,15 +125,21 @@ def listening_ports(pid: int) -> set[int]:
 
 
 class Prometheus:
-    """A real Prometheus server scraping ``target`` every second, on a port of its own."""
+    """A real Prometheus server, configured by the shipped deploy/prometheus/prometheus.yml
+    (with its rules), scraping ``target`` every second, on a port of its own."""
 
     def __init__(self, target: str, folder: Path) -> None:
         binary = shutil.which("prometheus")
         assert binary, "prometheus is missing: install Debian's prometheus package"
         config = folder / "prometheus.yml"
-        config.write_text("global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-                          "scrape_configs:\n  - job_name: ebbcast\n"
-                          f"    static_configs: [{{targets: ['{target}']}}]\n")
+        shipped = (PROMETHEUS / "prometheus.yml").read_text()
+        for old, new in (("scrape_interval: 15s", "scrape_interval: 1s"),
+                         ("evaluation_interval: 15s", "evaluation_interval: 1s"),
+                         ("/etc/prometheus/ebbcast-rules.yml", str(RULES)),
+                         ("'127.0.0.1:8001'", f"'{target}'")):
+            assert old in shipped, f"deploy/prometheus/prometheus.yml no longer has {old!r}"
+            shipped = shipped.replace(old, new)
+        config.write_text(shipped)
         self.proc = subprocess.Popen(
             [binary, f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
              "--web.listen-address=127.0.0.1:0"],
@@ -160,6 +164,12 @@ class Prometheus:
             body = json.load(response)
         assert body["status"] == "success", (expr, body)
         return body["data"]["result"]  # type: ignore[no-any-return]
+
+    def rule_names(self) -> list[str]:
+        """The names of every rule Prometheus has loaded."""
+        with urllib.request.urlopen(self.url + "/api/v1/rules", timeout=STEP_TIMEOUT) as resp:
+            groups = json.load(resp)["data"]["groups"]
+        return [rule["name"] for group in groups for rule in group["rules"]]
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -193,6 +203,10 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus_through_a_dra
             assert prometheus.query(runnable), f"no data for {expr}"
         instances = prometheus.query('count by (instance) (ebbcast_connections)')
         assert [r["metric"]["instance"] for r in instances] == [d.admin_url.split("//")[1]]
+        # the shipped rules are loaded and evaluated: a recording rule has the drain
+        alerts = set(re.findall(r"^\s*- alert: (\w+)", RULES.read_text(), re.M))
+        assert alerts <= set(prometheus.rule_names())
+        wait_for(lambda: prometheus.query("instance:ebbcast_drain_seconds_left") != [])
     finally:
         prometheus.stop()
     a.close()

@@ -4,11 +4,13 @@ against a model of the stream."""
 from __future__ import annotations
 
 import json
+import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ebbcast.client import ReconnectingSession
+from ebbcast.client import ReconnectingSession, follow_nodes
 from ebbcast.history import History, Replay, Resume, Sequencer, with_offset
 
 
@@ -208,3 +210,18 @@ def test_reconnecting_client_never_goes_back_in_an_epoch() -> None:
     session.on_frame(conn, json.dumps(  # type: ignore[arg-type]
         {"type": "welcome", "epoch": "f", "offset": 2, "recovered": False}))
     assert (session.epoch, session.offset) == ("f", 2)  # a new epoch starts anew
+
+
+@pytest.mark.parametrize("frame, url", [
+    ({"reason": "draining", "nodes": ["wss://b:9/ws"]}, "wss://b:9/ws/alice?token=t"),
+    ({"reason": "draining", "nodes": []}, "ws://a:8/ws/alice?token=t"),
+    ({"reason": "draining"}, "ws://a:8/ws/alice?token=t"),
+    ({"reason": "draining", "nodes": "ws://b:9/ws"}, "ws://a:8/ws/alice?token=t"),
+    ({"reason": "draining", "nodes": ["http://b:9/ws"]}, "ws://a:8/ws/alice?token=t"),
+    ({"reason": "upgrade", "nodes": ["ws://b:9/ws"]}, "ws://a:8/ws/alice?token=t"),
+])
+def test_a_drain_that_names_other_instances_moves_the_session_there(
+        frame: dict[str, object], url: str) -> None:
+    """The path (client id) and query (token) stay; only the address changes, and
+    only for a drain: an upgrade's new generation serves the same address."""
+    assert follow_nodes("ws://a:8/ws/alice?token=t", frame, random.Random(1)) == url

@@ -35,7 +35,9 @@ def test_ten_upgrades_under_a_connection_hammer_fail_no_handshake(spawn, workers
               for r in rounds))
     assert hammer.failures == [] and held.failures == []
     assert held.close_reasons == []  # nobody was closed on: they all moved
-    assert len(held.moves) == CLIENTS * UPGRADES
+    # every client moved in every upgrade; one whose move landed, at the switch, on a
+    # connection the old generation had accepted is told to move once more
+    assert len(held.moves) >= CLIENTS * UPGRADES
     assert [r.generation for r in rounds] == list(range(2, UPGRADES + 2))
     assert all(r.handshakes > 0 for r in rounds)  # the hammer ran through every upgrade
     assert hammer.attempts >= len(hammer.completed_at) > 0

@@ -172,5 +172,6 @@ def admin_application(backend: AdminBackend) -> Application:
 def log_request(handler: RequestHandler) -> None:
     """Access log at DEBUG (scrapes and page loads are not lifecycle events)."""
     request = handler.request
-    log.debug("%s %s %s %d %.1fms", request.remote_ip, request.method, request.uri,
+    # the path only: a query may hold a client's token
+    log.debug("%s %s %s %d %.1fms", request.remote_ip, request.method, request.path,
               handler.get_status(), 1000.0 * request.request_time())

@@ -67,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--reconnect", action="store_true", help="keep the session going: "
                         "move on shutdown frames (make before break), reconnect with "
                         "backoff when a connection drops")
+    client.add_argument("--token", metavar="JWT", help="client token (auth.mode = \"jwt\"), "
+                        "sent as Authorization: Bearer; default: $EBBCAST_TOKEN")
+    token = commands.add_parser("token", help="print a client token signed with the "
+                                "configured auth.jwt_key (HS256), for testing")
+    token.add_argument("--sub", required=True, metavar="NAME",
+                       help="the client id the token is for")
+    token.add_argument("--ttl", default="1h", metavar="DURATION",
+                       help="how long the token is valid (default 1h)")
+    token.add_argument("--read-only", action="store_true",
+                       help="the client may receive, not publish (\"publish\": false)")
+    token.add_argument("--config", metavar="PATH", help="TOML config file (else the "
+                       "environment, e.g. EBBCAST_AUTH_JWT_KEY)")
     return parser
 
 
@@ -97,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ebbcast.client import run_client
 
         return run_client(args)
+    if args.command == "token":
+        return print_token(args)
     return serve(args)
 
 
@@ -112,6 +126,33 @@ def check_config(path: str) -> int:
         _print_problems(exc)
         return ExitCode.USAGE
     sys.stdout.write(f"# effective configuration from {path}\n" + render_toml(config))
+    return ExitCode.OK
+
+
+def print_token(args: argparse.Namespace) -> int:
+    """``ebbcast token``: mint an HS256 client token with the configured key."""
+    from ebbcast.auth import mint, valid_subject
+    from ebbcast.config import parse_duration
+
+    try:
+        config = load_config(args.config, os.environ)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return ExitCode.USAGE
+    try:
+        ttl = parse_duration(args.ttl)
+    except ValueError as exc:
+        print(f"ebbcast token: --ttl: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    if not valid_subject(args.sub):
+        print("ebbcast token: --sub: 1 to 128 characters, no control characters",
+              file=sys.stderr)
+        return ExitCode.USAGE
+    if not config.auth.jwt_key:
+        print("ebbcast token: auth.jwt_key: not set; tokens are signed with it (HS256). "
+              "Set it in the config file or EBBCAST_AUTH_JWT_KEY", file=sys.stderr)
+        return ExitCode.USAGE
+    print(mint(config.auth.jwt_key, args.sub, ttl, args.read_only, config.auth.audience))
     return ExitCode.OK
 
 

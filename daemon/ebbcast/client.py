@@ -3,7 +3,9 @@
 With ``--reconnect`` the session outlives its connections: a shutdown frame (a
 drain, or an upgrade handing over to a new generation) makes it *move*: after the
 frame's reconnect_after_ms it opens a new connection and closes the old one only
-once the new one is welcomed (make before break); a connection that drops is
+once the new one is welcomed (make before break), to one of the frame's ``nodes``
+when a draining instance names others (keeping the URL's path and query, e.g. a
+client id); a connection that drops is
 replaced with jittered exponential backoff (0.1 s doubling up to 10 s). Every
 welcome is printed, so the output shows each move.
 
@@ -12,6 +14,10 @@ offset it printed (``?since=N&epoch=E``), and a broadcast is printed once, even
 when the old and the new connection of a move both deliver it. When the daemon
 cannot replay what was missed (``"recovered": false``), a line
 ``{"resume":"not_recovered","since":N,"epoch":"E"}`` says so.
+
+``--token`` (or ``$EBBCAST_TOKEN``) sends a client token as ``Authorization:
+Bearer``; a handshake refused with 401 ends the session (exit 1), since trying
+again with the same token cannot help.
 """
 
 from __future__ import annotations
@@ -20,12 +26,14 @@ import argparse
 import asyncio
 import base64
 import json
+import os
 import random
 import sys
 import time
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from ebbcast.backplane import backoff_delays
@@ -52,10 +60,22 @@ def frame_as_json_line(frame: str | bytes) -> str:
     return json.dumps({"text": frame}, ensure_ascii=False)
 
 
-async def _session(url: str, sends: list[str], listen: float | None, count: int | None,
-                   quiet: bool) -> int:
+def handshake_request(url: str, token: str | None) -> HTTPRequest:
+    """The handshake for ``url``, with the client token, if any, as a bearer token."""
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    return HTTPRequest(url, headers=headers)
+
+
+def unauthorized(exc: BaseException) -> bool:
+    """Whether a failed connect was the server refusing the token (HTTP 401)."""
+    return isinstance(exc, HTTPClientError) and exc.code == 401
+
+
+async def _session(url: str, token: str | None, sends: list[str], listen: float | None,
+                   count: int | None, quiet: bool) -> int:
     try:
-        conn: WebSocketClientConnection = await asyncio.wait_for(websocket_connect(url), 10)
+        conn: WebSocketClientConnection = await asyncio.wait_for(
+            websocket_connect(handshake_request(url, token)), CONNECT_TIMEOUT)
     except Exception as exc:  # any failure to connect is reported the same way
         print(f"ebbcast client: cannot connect to {url}: {exc}", file=sys.stderr)
         return ExitCode.FAILURE
@@ -81,18 +101,35 @@ async def _session(url: str, sends: list[str], listen: float | None, count: int 
     return ExitCode.OK
 
 
+def follow_nodes(url: str, shutdown: dict[str, Any], rng: random.Random) -> str:
+    """Where a session goes after ``shutdown``: ``url`` on one of the other
+    instances the frame names when the daemon is draining, else ``url``."""
+    named = shutdown.get("nodes")
+    nodes = [n for n in named if isinstance(n, str)] if isinstance(named, list) else []
+    if shutdown.get("reason") != "draining" or not nodes:
+        return url
+    target = urlsplit(rng.choice(nodes))
+    if target.scheme not in ("ws", "wss") or not target.netloc:
+        return url
+    return urlunsplit(urlsplit(url)._replace(scheme=target.scheme, netloc=target.netloc))
+
+
 class ReconnectingSession:
     """One logical session over successive connections (``--reconnect``)."""
 
-    def __init__(self, url: str, quiet: bool, deadline: float | None) -> None:
+    def __init__(self, url: str, quiet: bool, deadline: float | None,
+                 token: str | None = None) -> None:
         self.url = url
+        self.token = token
         self.quiet = quiet
         self.deadline = deadline
         self.rng = random.Random()
         self.current: WebSocketClientConnection | None = None
         self.moving: asyncio.Task[None] | None = None
-        self.frames: asyncio.Queue[tuple[WebSocketClientConnection, str | bytes | None]] = \
-            asyncio.Queue()
+        #: What the connections read (None: the connection ended); a None connection:
+        #: the token was refused, the session is over.
+        self.frames: asyncio.Queue[
+            tuple[WebSocketClientConnection | None, str | bytes | None]] = asyncio.Queue()
         self.epoch: str | None = None  # of the last offset printed
         self.offset = 0
         #: Connections opened and not welcomed yet, with the offset each resumes from.
@@ -117,9 +154,15 @@ class ReconnectingSession:
             left = self._left()
             since = self.offset
             try:
-                conn = await asyncio.wait_for(websocket_connect(self.resume_url()),
-                                              min(CONNECT_TIMEOUT, left or CONNECT_TIMEOUT))
+                conn = await asyncio.wait_for(
+                    websocket_connect(handshake_request(self.resume_url(), self.token)),
+                    min(CONNECT_TIMEOUT, left or CONNECT_TIMEOUT))
             except Exception as exc:  # any failure to connect: try again
+                if unauthorized(exc):
+                    print(f"ebbcast client: {self.url}: the token was refused (HTTP 401)",
+                          file=sys.stderr)
+                    self.frames.put_nowait((None, None))
+                    return None
                 if not self.quiet:
                     print(f"ebbcast client: cannot connect to {self.url}: {exc}; retrying",
                           file=sys.stderr)
@@ -162,6 +205,7 @@ class ReconnectingSession:
         if kind == "welcome":
             self._welcomed(conn, parsed)
         elif kind == "shutdown" and conn is self.current:
+            self.url = follow_nodes(self.url, parsed, self.rng)
             self.move(max(0.0, float(parsed.get("reconnect_after_ms", 0))) / 1000)
         elif kind == "epoch":
             self.epoch, self.offset = str(parsed.get("epoch")), int(parsed.get("offset", 0))
@@ -205,10 +249,10 @@ class ReconnectingSession:
             self.current.close(1000)
 
 
-async def _reconnecting(url: str, sends: list[str], listen: float | None, count: int | None,
-                        quiet: bool) -> int:
+async def _reconnecting(url: str, token: str | None, sends: list[str], listen: float | None,
+                        count: int | None, quiet: bool) -> int:
     session = ReconnectingSession(url, quiet,
-                                  None if listen is None else time.monotonic() + listen)
+                                  None if listen is None else time.monotonic() + listen, token)
     session.current = await session.connect()
     if session.current is None:
         return ExitCode.FAILURE
@@ -220,6 +264,9 @@ async def _reconnecting(url: str, sends: list[str], listen: float | None, count:
             conn, frame = await asyncio.wait_for(session.frames.get(), session._left())
         except asyncio.TimeoutError:
             break
+        if conn is None:
+            session.close()
+            return ExitCode.FAILURE
         if frame is None:
             session.on_closed(conn)
             continue
@@ -240,6 +287,7 @@ def run_client(args: argparse.Namespace) -> int:
         return ExitCode.USAGE
     try:
         run = _reconnecting if args.reconnect else _session
-        return asyncio.run(run(args.url, args.send, listen, args.count, args.quiet))
+        token = args.token or os.environ.get("EBBCAST_TOKEN") or None
+        return asyncio.run(run(args.url, token, args.send, listen, args.count, args.quiet))
     except KeyboardInterrupt:
         return ExitCode.OK

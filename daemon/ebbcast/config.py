@@ -42,6 +42,9 @@ RELOADABLE = (
     "shutdown.progress_interval",
 )
 
+#: Keys whose values are never printed or logged.
+SECRETS = ("admin.token", "auth.jwt_key")
+
 #: WebSocket close codes a server may send (RFC 6455 section 7.4).
 SENDABLE_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011,
                                   1012, 1013, 1014} | set(range(3000, 5000)))
@@ -188,6 +191,17 @@ def _check_origins(v: list[str]) -> str | None:
     return None
 
 
+def _check_networks(v: list[str]) -> str | None:
+    from ebbcast.forwarded import parse_network
+
+    for text in v:
+        try:
+            parse_network(text)
+        except ValueError:
+            return f"each entry must be an address or CIDR like \"10.0.0.0/8\", got {text!r}"
+    return None
+
+
 def _check_close_code(v: int) -> str | None:
     if v not in SENDABLE_CLOSE_CODES:
         return f"must be a close code a server may send (1000-1003, 1007-1014, 3000-4999), got {v}"
@@ -230,6 +244,9 @@ class ServerConfig:
                                       "[\"*\"] = any", _check_origins)
     tls_cert: str = _key("str", "", "PEM certificate path; with tls_key: wss and https")
     tls_key: str = _key("str", "", "PEM private key path")
+    trusted_proxies: list[str] = _key("list", [], "addresses or CIDRs of reverse proxies whose "
+                                      "X-Forwarded-For / X-Real-IP name the client",
+                                      _check_networks)
 
 
 @dataclass(frozen=True)
@@ -239,6 +256,18 @@ class AdminConfig:
     port: int = _key("int", 8001, "port of the admin listener; 0 = any free port", _check_port)
     token: str = _key("str", "", "bearer token for POST /broadcast and POST /drain; "
                       "\"\" disables them")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    mode: str = _key("str", "none", "\"none\": anyone who reaches the port may connect; "
+                     "\"jwt\": a client needs a token (?token= or Authorization: Bearer)",
+                     _one_of("none", "jwt"))
+    jwt_key: str = _key("str", "", "HS256 secret tokens are signed with (secret: better "
+                        "in EBBCAST_AUTH_JWT_KEY)")
+    jwt_public_key_file: str = _key("str", "", "PEM public key tokens are verified with "
+                                    "(RS256 for RSA, ES256 for EC P-256), instead of jwt_key")
+    audience: str = _key("str", "", "when set, a token's aud must name it")
 
 
 @dataclass(frozen=True)
@@ -309,6 +338,7 @@ class Config:
 
     server: ServerConfig = field(default_factory=ServerConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     broadcast: BroadcastConfig = field(default_factory=BroadcastConfig)
     keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -328,7 +358,8 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {
-    "server": ServerConfig, "admin": AdminConfig, "broadcast": BroadcastConfig,
+    "server": ServerConfig, "admin": AdminConfig, "auth": AuthConfig,
+    "broadcast": BroadcastConfig,
     "keepalive": KeepaliveConfig, "limits": LimitsConfig, "shutdown": ShutdownConfig,
     "history": HistoryConfig, "backplane": BackplaneConfig, "logging": LoggingConfig,
 }
@@ -453,7 +484,27 @@ def _cross_checks(sections: dict[str, dict[str, Value]]) -> list[tuple[str, str]
     for name, path in (("server.tls_cert", cert), ("server.tls_key", key)):
         if path and not os.path.isfile(path):
             problems.append((name, f"no such file: {path}"))
-    return problems
+    return problems + _auth_checks(sections["auth"])
+
+
+def _auth_checks(auth: dict[str, Value]) -> list[tuple[str, str]]:
+    secret, public_key_file = auth.get("jwt_key", ""), str(auth.get("jwt_public_key_file", ""))
+    if auth.get("mode") != "jwt":
+        return []
+    if secret and public_key_file:
+        return [("auth.jwt_key", "set auth.jwt_key (HS256) or auth.jwt_public_key_file "
+                 "(RS256/ES256), not both")]
+    if not secret and not public_key_file:
+        return [("auth.mode", "\"jwt\" needs auth.jwt_key (HS256 secret) or "
+                 "auth.jwt_public_key_file (RS256/ES256 public key)")]
+    if public_key_file:
+        from ebbcast.auth import load_public_key
+
+        try:
+            load_public_key(public_key_file)
+        except ValueError as exc:
+            return [("auth.jwt_public_key_file", str(exc))]
+    return []
 
 
 # -- rendering --------------------------------------------------------------------
@@ -477,7 +528,7 @@ def render_toml(config: Config, mask_secrets: bool = True) -> str:
         lines.append(f"[{section}]")
         for f in dataclasses.fields(cls):
             value = config.value(f"{section}.{f.name}")
-            if mask_secrets and f.name == "token" and value:
+            if mask_secrets and f"{section}.{f.name}" in SECRETS and value:
                 value = "********"
             lines.append(f"# {f.metadata['doc']}")
             lines.append(f"{f.name} = {toml_value(f.metadata['kind'], value)}")

@@ -15,7 +15,10 @@ import secrets
 import time
 from types import TracebackType
 
+from tornado.ioloop import IOLoop
+
 from ebbcast import frames
+from ebbcast.auth import EXPIRED_CLOSE_CODE, EXPIRED_CLOSE_REASON, Grant
 from ebbcast.context import DaemonContext
 from ebbcast.history import Resume
 from ebbcast.lifecycle import State
@@ -29,15 +32,25 @@ log = logging.getLogger(__name__)
 RATE_LIMIT_STRIKES = 10
 
 
+def seconds_until(when: float, now: float) -> float:
+    """The delay of a timer for unix time ``when``."""
+    return max(0.0, when - now)
+
+
 class Connection:
     """One WebSocket client (RFC 6455): every frame it sends is broadcast."""
 
     __slots__ = ("ctx", "client_id", "_protocol", "_bucket", "_strikes",
-                 "_disconnect_reason", "close_code", "ping_sent_at", "last_pong")
+                 "_disconnect_reason", "close_code", "ping_sent_at", "last_pong",
+                 "grant", "_expiry")
 
-    def __init__(self, ctx: DaemonContext, client_id: str | None) -> None:
+    def __init__(self, ctx: DaemonContext, client_id: str | None,
+                 grant: Grant | None = None) -> None:
         self.ctx = ctx
         self.client_id = client_id or secrets.token_hex(8)
+        #: What the client's token allows; None without client tokens.
+        self.grant = grant
+        self._expiry: object | None = None  # the IOLoop timeout of the token's exp
         self._protocol: EbbcastProtocol | None = None
         self._bucket = TokenBucket(ctx.config.limits.burst, time.monotonic())
         self._strikes = 0
@@ -67,6 +80,15 @@ class Connection:
         ctx.metrics.accepted.inc()
         if len(first) > 1:
             ctx.metrics.sent.inc(len(first) - 1)
+        if self.grant is not None:
+            loop = IOLoop.current()
+            self._expiry = loop.call_later(seconds_until(self.grant.expires_at, time.time()),
+                                           self._token_expired)
+
+    def _token_expired(self) -> None:
+        self._expiry = None
+        log.debug("client %s: token expired", self.client_id)
+        self.end("token_expired", EXPIRED_CLOSE_CODE, EXPIRED_CLOSE_REASON)
 
     def _greeting(self, resume: Resume | None) -> list[str]:
         """The welcome, what a resuming client missed, and the shutdown notice if
@@ -141,6 +163,9 @@ class Connection:
 
     def on_close(self) -> None:
         """Leave the registry, count why (once), and let go of the protocol."""
+        if self._expiry is not None:
+            IOLoop.current().remove_timeout(self._expiry)
+            self._expiry = None
         if self.ctx.registry.discard(self):
             reason = self._disconnect_reason or self._reason_from_protocol()
             self.ctx.metrics.disconnections.labels(reason).inc()
@@ -187,6 +212,10 @@ class Connection:
             if not self._within_rate():
                 return
             raw = ctx.config.broadcast.envelope == "raw"
+            if self.grant is not None and not self.grant.publish:
+                if not raw:
+                    self.send_text(frames.error("read_only"))
+                return
             if isinstance(message, bytes) and not raw:
                 self.send_text(frames.error("binary_not_supported"))
                 return

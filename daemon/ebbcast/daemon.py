@@ -38,7 +38,8 @@ from tornado.ioloop import PeriodicCallback
 from ebbcast import __version__
 from ebbcast.admin import ADMIN_MAX_BODY_BYTES, admin_application, build_status, log_request
 from ebbcast.backplane import Backplane, MemoryBackplane, RedisBackplane
-from ebbcast.config import Config, reload_config
+from ebbcast.auth import TokenVerifier
+from ebbcast.config import Config, ConfigError, reload_config
 from ebbcast.context import DaemonContext
 from ebbcast.events import (DrainRequested, Event, EventQueue, FanoutBroken, HandOver,
                             NoConnections, SignalReceived, who_asked)
@@ -53,7 +54,7 @@ from ebbcast.lifecycle import (DEADLINE_CLOSE_GRACE, FORCED_CLOSE_GRACE, STOP_SI
 from ebbcast.listener import (LISTEN_BACKLOG, ShedOnExhaustion, Spare, bind_listener,
                               listener_url, tls_context)
 from ebbcast.logs import set_level
-from ebbcast.metrics import Metrics
+from ebbcast.metrics import Metrics, Readiness
 from ebbcast.notify import SystemdNotifier
 from ebbcast.ordering import Broadcasts, LocalSequencing, Sequencing
 from ebbcast.periodic import PeriodicBroadcaster
@@ -256,6 +257,16 @@ class Member:
             self.link.close()
 
 
+def client_tokens(config: Config) -> TokenVerifier | None:
+    """The client token checks auth.* asks for (None: anyone may connect)."""
+    auth = config.auth
+    try:
+        return TokenVerifier.from_settings(auth.mode, auth.jwt_key, auth.jwt_public_key_file,
+                                           auth.audience)
+    except ValueError as exc:
+        raise ConfigError([("auth.jwt_public_key_file", str(exc))]) from None
+
+
 class Daemon:
     """Runs one serving process until it has stopped; ``run()`` returns the
     StopReason. Without ``worker`` it stands alone; with it, it is a member of
@@ -283,6 +294,8 @@ class Daemon:
         self._role: Role
         if worker is None:
             self._role = Standalone(notifier or SystemdNotifier(), config)
+            self.metrics.registry.register(
+                Readiness(lambda: self.lifecycle.state is State.SERVING))
         else:
             member = Member(worker)
             member.attach(self)
@@ -393,7 +406,8 @@ class Daemon:
         scheme = "https" if self._tls else "http"
         self._public = self._role.public_sockets(self.spare)
         self.servers["public"] = PublicServer(
-            PublicRouter(self.ctx, public_application(self.ctx, log_request)),
+            PublicRouter(self.ctx, public_application(self.ctx, log_request),
+                         client_tokens(config)),
             ssl_options=self._tls, xheaders=False,
             max_header_size=MAX_HEADER_BYTES, max_body_size=MAX_PUBLIC_BODY_BYTES,
             idle_connection_timeout=60)

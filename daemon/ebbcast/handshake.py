@@ -13,7 +13,9 @@ does the I/O. The rules, in the order they are checked:
 - no ``Upgrade: websocket``, or no ``upgrade`` in ``Connection``: 400;
 - an origin the daemon does not serve: 403 (``origin``);
 - ``Sec-WebSocket-Version`` not 13: 426 with ``Sec-WebSocket-Version: 13``;
-- no ``Host``, or a ``Sec-WebSocket-Key`` that is not 16 bytes in base64: 400.
+- no ``Host``, or a ``Sec-WebSocket-Key`` that is not 16 bytes in base64: 400;
+- with client tokens (auth.mode = "jwt"), a missing, invalid or expired token, or
+  one whose ``sub`` is not the id in the path: 401 (``auth``; see ``ebbcast.auth``).
 
 An origin is served when the browser says the request is same-origin
 (``Sec-Fetch-Site: same-origin`` or ``none``), when the request has neither
@@ -33,6 +35,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import httptools
 
+from ebbcast.auth import Denial, Grant, TokenVerifier, bearer_token
 from ebbcast.history import Resume
 
 #: Ids a client may choose in /ws/{client_id}.
@@ -60,6 +63,8 @@ class Acceptance:
     client_id: str | None
     resume: Resume | None
     response: bytes
+    #: What the client's token allows (None without client tokens).
+    grant: Grant | None = None
 
 
 @dataclass(frozen=True)
@@ -69,9 +74,14 @@ class Terms:
     accepting: bool
     full: bool
     allowed_origins: Iterable[str]
+    #: Checks client tokens; None: anyone may connect.
+    tokens: TokenVerifier | None = None
+    #: Unix time, for the token's exp and nbf.
+    now: float = 0.0
 
 
 _RETRY = (("Retry-After", "1"),)
+_CHALLENGE = (("WWW-Authenticate", 'Bearer realm="ebbcast"'),)
 
 
 def match_path(path: str, ws_path: str) -> tuple[bool, str | None]:
@@ -117,7 +127,19 @@ def decide(client_id: str | None, query: str, headers: Mapping[str, str],
     key = headers.get("sec-websocket-key", "")
     if not headers.get("host") or not valid_key(key):
         return Refusal(400, "Missing/Invalid WebSocket headers")
-    return Acceptance(client_id, resume, switching_protocols(key))
+    grant = None
+    if terms.tokens is not None:
+        token = bearer_token(headers.get("authorization"), arguments.get("token"))
+        answer = terms.tokens.verify(token, terms.now)
+        if isinstance(answer, Denial):
+            return Refusal(401, f"unauthorized: {answer.reason}\n", "auth", _CHALLENGE)
+        if answer.client_id is not None:
+            if client_id is not None and client_id != answer.client_id:
+                return Refusal(401, "unauthorized: the token is for another client id\n",
+                               "auth", _CHALLENGE)
+            client_id = answer.client_id
+        grant = answer
+    return Acceptance(client_id, resume, switching_protocols(key), grant)
 
 
 def origin_allowed(headers: Mapping[str, str], allowed: Iterable[str]) -> bool:

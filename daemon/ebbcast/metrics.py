@@ -26,9 +26,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from ebbcast import __version__
 
-REJECT_REASONS = ("draining", "max_connections", "origin", "client_id")
+REJECT_REASONS = ("draining", "max_connections", "origin", "client_id", "auth")
 DISCONNECT_REASONS = ("client", "ping_timeout", "slow_consumer", "too_big", "policy",
-                      "drain_deadline", "forced", "error")
+                      "drain_deadline", "forced", "error", "token_expired")
 BROADCAST_SOURCES = ("client", "periodic", "admin")
 UPGRADE_RESULTS = ("ok", "failed")
 RESUME_RESULTS = ("recovered", "not_recovered")
@@ -134,7 +134,8 @@ class MergedMetrics:
     merged from the files in ``path`` (prometheus_client's documented recipe)."""
 
     def __init__(self, path: str, versions: Callable[[], Iterable[str]],
-                 processes: Callable[[], Iterable[tuple[int, str, int]]] = tuple) -> None:
+                 processes: Callable[[], Iterable[tuple[int, str, int]]] = tuple,
+                 ready: Callable[[], bool] = lambda: True) -> None:
         from prometheus_client import multiprocess
 
         self._multiprocess = multiprocess
@@ -144,6 +145,7 @@ class MergedMetrics:
         collector(self.registry, path=path)  # type: ignore[no-untyped-call]
         self.registry.register(BuildInfo(versions))
         self.registry.register(ServingProcesses(processes))
+        self.registry.register(Readiness(ready))
         ProcessCollector(registry=self.registry)  # the main process's own process_*
 
     def mark_process_dead(self, pid: int) -> None:
@@ -152,6 +154,20 @@ class MergedMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class Readiness:
+    """``ebbcast_ready``: 1 when ``/readyz`` answers 200 (serving), else 0 (starting,
+    draining or stopping), read when scraped."""
+
+    def __init__(self, ready: Callable[[], bool]) -> None:
+        self._ready = ready
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("ebbcast_ready", "1 while the daemon takes new clients "
+                                   "(/readyz answers 200), else 0.")
+        family.add_metric([], 1 if self._ready() else 0)
+        yield family
 
 
 class BuildInfo:

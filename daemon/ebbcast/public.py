@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import socket
+import time
 from collections.abc import Awaitable, Mapping
 from http import HTTPStatus
 from importlib import resources
@@ -27,8 +28,10 @@ from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.web import Application, RequestHandler
 
+from ebbcast.auth import TokenVerifier
 from ebbcast.connection import Connection
 from ebbcast.context import DaemonContext
+from ebbcast.forwarded import TrustedProxies
 from ebbcast.handshake import Acceptance, Refusal, Terms, decide, match_path, read_upgrade
 from ebbcast.wire import start_protocol
 
@@ -96,16 +99,16 @@ class PublicRouter(HTTPServerConnectionDelegate):
     """What the public HTTPServer serves: WebSocket handshakes here, the rest by
     ``application``."""
 
-    def __init__(self, ctx: DaemonContext, application: Application) -> None:
+    def __init__(self, ctx: DaemonContext, application: Application,
+                 tokens: TokenVerifier | None = None) -> None:
         self.ctx = ctx
         self.application = application
+        self.tokens = tokens
+        self.proxies = TrustedProxies(ctx.config.server.trusted_proxies)
 
     def start_request(self, server_conn: object,
                       request_conn: HTTPConnection) -> HTTPMessageDelegate:
         return _PublicRequest(self, server_conn, request_conn)
-
-    def on_close(self, server_conn: object) -> None:
-        self.application.on_close(server_conn)
 
     def decide(self, client_id: str | None, query: str,
                headers: Mapping[str, str]) -> Acceptance | Refusal:
@@ -113,17 +116,19 @@ class PublicRouter(HTTPServerConnectionDelegate):
         limit = ctx.config.server.max_connections
         return decide(client_id, query, headers, Terms(
             accepting=ctx.lifecycle.accepting, full=bool(limit) and len(ctx.registry) >= limit,
-            allowed_origins=ctx.config.server.allowed_origins))
+            allowed_origins=ctx.config.server.allowed_origins, tokens=self.tokens,
+            now=time.time()))
 
-    def accept(self, stream: IOStream, answer: Acceptance, remote: object) -> None:
-        """Write the 101 (with the welcome) and start reading frames."""
+    def accept(self, stream: IOStream, answer: Acceptance, remote: str) -> None:
+        """Write the 101 (with the welcome) and start reading frames; ``remote`` is
+        the client's address (as a trusted proxy forwarded it)."""
         ctx = self.ctx
-        connection = Connection(ctx, answer.client_id)
+        connection = Connection(ctx, answer.client_id, answer.grant)
         protocol = start_protocol(connection, stream, ctx.config.server.max_message_bytes)
         connection.open(protocol, answer.resume, answer.response)
         log.debug("client %s connected from %s", connection.client_id, remote)
 
-    def upgrade_at_once(self, stream: IOStream, address: object) -> bool:
+    def upgrade_at_once(self, stream: IOStream, address: str) -> bool:
         """The fast path: a handshake already complete in the socket's receive
         queue, that will be accepted, is read and answered here and now, with no
         HTTP/1 connection object. False (nothing read) for anything else, which
@@ -147,7 +152,7 @@ class PublicRouter(HTTPServerConnectionDelegate):
             sock.recv(request.length)  # exactly the request: it is all there
         except OSError:
             return False
-        self.accept(stream, answer, address)
+        self.accept(stream, answer, self.proxies.client_address(address, request.headers))
         return True
 
 
@@ -175,6 +180,7 @@ class _PublicRequest(HTTPMessageDelegate):
         self.server_conn = server_conn
         self.request_conn = request_conn
         self.passed_on: HTTPMessageDelegate | None = None
+        self.headers: HTTPHeaders | None = None
 
     def headers_received(self, start_line: RequestStartLine | ResponseStartLine,
                          headers: HTTPHeaders) -> Awaitable[None] | None:
@@ -186,6 +192,7 @@ class _PublicRequest(HTTPMessageDelegate):
             self.passed_on = self.router.application.start_request(self.server_conn,
                                                                    self.request_conn)
             return self.passed_on.headers_received(start_line, headers)
+        self.headers = headers
         answer = self.router.decide(client_id, query, headers)
         if isinstance(answer, Refusal):
             self._refuse(answer)
@@ -224,7 +231,9 @@ class _PublicRequest(HTTPMessageDelegate):
             pass
 
     def _remote_ip(self) -> str:
-        return str(getattr(getattr(self.request_conn, "context", None), "remote_ip", "?"))
+        """The client's address, as a trusted proxy forwarded it, else the peer's."""
+        peer = str(getattr(getattr(self.request_conn, "context", None), "remote_ip", "?"))
+        return self.router.proxies.client_address(peer, self.headers or {})
 
     def data_received(self, chunk: bytes) -> Awaitable[None] | None:
         if self.passed_on is not None:

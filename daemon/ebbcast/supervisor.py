@@ -126,7 +126,8 @@ class Supervisor:
         self.metrics = Metrics()
         self.metrics.backplane_up.set(1)
         self.metrics.generation.set(1)
-        self._merged = MergedMetrics(metrics_dir, self._versions, self._serving_processes)
+        self._merged = MergedMetrics(metrics_dir, self._versions, self._serving_processes,
+                                     lambda: self.lifecycle.state is State.SERVING)
         self._sets: list[list[socket.socket]] = []
         self._current = Generation(1, [])
         self._previous: list[Generation] = []

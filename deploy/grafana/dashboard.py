@@ -57,12 +57,17 @@ SERIES: list[tuple[str, str, list[tuple[str, str]], int]] = [
 
 #: (title, expr): one stat panel each, on the top row.
 STATS: list[tuple[str, str]] = [
+    ("Connections", f"sum (ebbcast_connections{{{SEL}}})"),
+    ("Ready instances", f"sum (ebbcast_ready{{{SEL}}})"),
     ("Draining", f"max (ebbcast_draining{{{SEL}}})"),
     ("Generation", f"max (ebbcast_generation{{{SEL}}})"),
     ("Upgrades failed (24 h)",
      f'sum (increase(ebbcast_upgrades_total{{{SEL}, result="failed"}}[24h]))'),
     ("Backplane up", f"min (ebbcast_backplane_up{{{SEL}}})"),
 ]
+
+
+STAT_WIDTH = 24 // len(STATS)
 
 
 def queries() -> list[str]:
@@ -76,7 +81,7 @@ def build() -> Dashboard:
     for i, (title, expr) in enumerate(STATS):
         panels.append(Stat(title=title, dataSource=DATASOURCE,
                            targets=[Target(expr=expr, refId="A")],
-                           gridPos=GridPos(h=4, w=6, x=6 * i, y=1)))
+                           gridPos=GridPos(h=4, w=STAT_WIDTH, x=STAT_WIDTH * i, y=1)))
     y = 5
     for i, (title, unit, targets, width) in enumerate(SERIES):
         x = 0 if i % 2 == 0 else 12

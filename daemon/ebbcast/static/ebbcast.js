@@ -11,12 +11,19 @@
 //   (full jitter from 0.5 s, doubling, capped at 30 s);
 // - on a shutdown frame (the server drains, or an upgrade hands over), moves:
 //   after reconnect_after_ms it opens a new connection and closes the old one
-//   only once the new one is welcomed (make before break);
+//   only once the new one is welcomed (make before break); a drain's frame may
+//   name other instances (`nodes`, with the Redis backplane): the move goes to
+//   one of them, keeping this URL's path and query;
 // - resumes: every new connection asks for the broadcasts after the last offset
 //   it delivered (?since=N&epoch=E), so a move or a dropped connection costs no
 //   message; "message" fires once per broadcast, in order, even when the old and
 //   the new connection of a move both deliver it. When the server cannot replay
 //   what was missed, "notrecovered" fires: reload the application's state.
+// - sends a client token when the server asks for one: options.token is a
+//   string, or a function returning one (or a Promise of one), called before
+//   every connection so an application can hand out a fresh token; it goes in
+//   the URL as ?token= (a browser cannot set headers on a WebSocket). A token
+//   that expires closes the connection with 4001, and the next one asks again.
 //
 // Events (CustomEvent; the frame itself, or what is named, in `detail`):
 //   "state"        {state, retryInMs}: "connecting", "connected", "reconnecting",
@@ -38,6 +45,7 @@ const DEFAULTS = {
   connectTimeoutMs: 10000,
   stableResetMs: 15000, // a connection this old resets backoff even without a welcome
   resume: true,
+  token: null,  // a string, or () => string | Promise<string>
 };
 
 function fullJitter(attempt, options) {
@@ -62,12 +70,13 @@ export class EbbcastClient extends EventTarget {
     this._retryTimer = null;
     this._moveTimer = null;
     this._wanted = false;
+    this._fetching = false; // waiting for options.token()
   }
 
   // Start (again); idempotent while connected.
   connect() {
     this._wanted = true;
-    if (this._ws || this._retryTimer) return;
+    if (this._ws || this._retryTimer || this._fetching) return;
     this._attempt = 0;
     this._open(false);
   }
@@ -96,12 +105,16 @@ export class EbbcastClient extends EventTarget {
     return !!this._ws && this._ws.readyState === WebSocket.OPEN;
   }
 
-  resumeUrl() {
-    if (!this.options.resume || this.epoch === null) return this.url;
+  resumeUrl(token = null) {
+    const resuming = this.options.resume && this.epoch !== null;
+    if (!resuming && !token) return this.url;
     const base = typeof location === "undefined" ? undefined : location.href;
     const url = new URL(this.url, base);  // "/ws" is fine in a page
-    url.searchParams.set("since", String(this.offset));
-    url.searchParams.set("epoch", this.epoch);
+    if (resuming) {
+      url.searchParams.set("since", String(this.offset));
+      url.searchParams.set("epoch", this.epoch);
+    }
+    if (token) url.searchParams.set("token", token);
     return url.toString();
   }
 
@@ -121,10 +134,29 @@ export class EbbcastClient extends EventTarget {
   }
 
   _open(moving) {
+    const token = this.options.token;
+    if (typeof token !== "function") {
+      this._openWith(moving, token);
+      return;
+    }
+    const failed = () => {
+      this._fetching = false;
+      if (moving) { this._scheduleMove(null); } else { this._scheduleRetry(null); }
+    };
+    if (!moving) this._setState("connecting");
+    this._fetching = true;
+    Promise.resolve().then(token).then((value) => {
+      this._fetching = false;
+      if (!this._wanted || (moving && !this._ws)) return;
+      this._openWith(moving, value);
+    }, failed);
+  }
+
+  _openWith(moving, token) {
     let sock;
     const since = this.options.resume && this.epoch !== null ? this.offset : null;
     try {
-      sock = new WebSocket(this.resumeUrl());
+      sock = new WebSocket(this.resumeUrl(token));
     } catch (e) {
       if (moving) { this._scheduleMove(null); } else { this._scheduleRetry(null); }
       return;
@@ -176,6 +208,7 @@ export class EbbcastClient extends EventTarget {
     if (!this._accept(conn, frame)) return;  // a broadcast delivered already
     if (frame.type === "shutdown") {
       conn.shutdown = frame;
+      this._followNodes(frame);
       const inMs = this._scheduleMove(frame);
       this._emit("shutdown", { frame: frame, moveInMs: inMs });
     } else if (["welcome", "message", "epoch"].includes(frame.type)) {
@@ -231,6 +264,20 @@ export class EbbcastClient extends EventTarget {
     } else {
       this._setState("disconnected");
     }
+  }
+
+  // A draining instance that names others: move (and reconnect) to one of them.
+  _followNodes(frame) {
+    const nodes = Array.isArray(frame.nodes) ? frame.nodes.filter((n) => typeof n === "string") : [];
+    if (frame.reason !== "draining" || nodes.length === 0) return;
+    try {
+      const base = typeof location === "undefined" ? undefined : location.href;
+      const target = new URL(nodes[Math.floor(Math.random() * nodes.length)]);
+      const url = new URL(this.url, base);
+      url.protocol = target.protocol;
+      url.host = target.host;
+      this.url = url.toString();
+    } catch (e) { /* not a URL: stay */ }
   }
 
   _hinted(shutdown) {
