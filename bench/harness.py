@@ -75,6 +75,13 @@ def machine() -> dict[str, Any]:
             "python": sys.version.split()[0]}
 
 
+def machine_line() -> str:
+    """"Machine: N cores, CPU, Linux K, Python V" for a report's header."""
+    box = machine()
+    return (f"Machine: {box['cores']} cores, {box['cpu']}, Linux {box['kernel']}, "
+            f"Python {box['python']}")
+
+
 @dataclass
 class Server:
     """One server under test, started on a free port, killed on stop().

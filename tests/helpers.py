@@ -343,7 +343,7 @@ class RedisServer:
     port was taken meanwhile.
     """
 
-    def __init__(self, tls_dir: Path | None = None) -> None:
+    def __init__(self, tls_dir: Path | None = None, args: tuple[str, ...] = ()) -> None:
         import shutil
 
         binary = shutil.which("redis-server")
@@ -352,6 +352,7 @@ class RedisServer:
         self.port = 0
         self.proc: subprocess.Popen[str] | None = None
         self.tls_dir = tls_dir
+        self.args = list(args)  # more redis-server arguments, e.g. ("--replicaof", ...)
         if tls_dir is not None:  # TLS only (port 0 turns plain TCP off), from a test CA
             import trustme
 
@@ -402,7 +403,7 @@ class RedisServer:
                       "--tls-auth-clients", "no"]
         self.proc = subprocess.Popen(
             [self.binary, *listen, "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--loglevel", "warning"],
+             "--appendonly", "no", "--loglevel", "warning", *self.args],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + STEP_TIMEOUT
         while self.proc.poll() is None:
@@ -420,6 +421,13 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(STEP_TIMEOUT)
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: what a crashed host looks like to its clients and sentinels."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(STEP_TIMEOUT)
         self.proc = None
 
 

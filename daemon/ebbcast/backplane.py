@@ -39,9 +39,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
-from urllib.parse import urlsplit
-
 from ebbcast.history import new_epoch
+from ebbcast.redistarget import redis_target
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +48,26 @@ CHANNEL = "ebbcast:broadcast"
 #: Sequenced broadcasts: ``<epoch>\n<offset>\n`` and ``encode(node, source, frame, token)``.
 SEQUENCED_CHANNEL = "ebbcast:sequenced"
 EPOCH_KEY, OFFSET_KEY, STREAM_KEY = "ebbcast:epoch", "ebbcast:offset", "ebbcast:history"
-#: The epoch, made anew (offsets and history cleared) when missing. Returns it.
+#: The replication id of the master the epoch was made on.
+EPOCH_MASTER_KEY = "ebbcast:epoch:replid"
+KEYS = [EPOCH_KEY, OFFSET_KEY, STREAM_KEY, EPOCH_MASTER_KEY]
+#: The epoch, made anew (offsets and history cleared) when it is missing (Redis lost
+#: its data), or when it was made on a master of another replication id: a replica
+#: promoted by a failover, or a master restarted from a snapshot, may lack offsets
+#: the master before it handed out, so offsets restart in a new epoch rather than
+#: be given twice. Sets ``epoch``.
 _ENSURE_EPOCH = """
+local replication = redis.call('INFO', 'replication')
+local replid = string.match(replication, 'master_replid:(%w+)') or ''
 local epoch = redis.call('GET', KEYS[1])
-if not epoch then
+if not epoch or redis.call('GET', KEYS[4]) ~= replid then
   epoch = ARGV[1]
   redis.call('SET', KEYS[1], epoch)
+  redis.call('SET', KEYS[4], replid)
   redis.call('DEL', KEYS[2], KEYS[3])
 end
 """
-#: KEYS: epoch, offset, stream; ARGV: new epoch, history size, channel, header, frame.
+#: KEYS: see KEYS; ARGV: new epoch, history size, channel, header, frame.
 SEQUENCE_SCRIPT = _ENSURE_EPOCH + r"""
 local offset = redis.call('INCR', KEYS[2])
 local frame = string.sub(ARGV[5], 1, -2) .. ',"offset":' .. offset .. '}'
@@ -71,7 +80,7 @@ end
 redis.call('PUBLISH', ARGV[3], epoch .. '\n' .. offset .. '\n' .. ARGV[4] .. frame)
 return offset
 """
-#: KEYS: epoch, offset, stream; ARGV: new epoch. Returns {epoch, latest offset}.
+#: KEYS: see KEYS; ARGV: new epoch. Returns {epoch, latest offset}.
 POSITION_SCRIPT = _ENSURE_EPOCH + """
 return {epoch, tonumber(redis.call('GET', KEYS[2]) or '0')}
 """
@@ -79,6 +88,9 @@ return {epoch, tonumber(redis.call('GET', KEYS[2]) or '0')}
 #: others can name it in their shutdown frames; refreshed every HEARTBEAT_SECONDS.
 NODE_PREFIX = "ebbcast:node:"
 HEARTBEAT_SECONDS, NODE_TTL_SECONDS = 3.0, 10
+#: How often the sentinels are asked which master to use (redis+sentinel:// only), at
+#: the latest: a sentinel's +switch-master announcement has them asked at once.
+MASTER_CHECK_SECONDS = 0.5
 #: Frames waiting to be published; beyond this (Redis far slower than the
 #: clients), new ones are not published (delivered locally only) and counted.
 PUBLISH_QUEUE_LIMIT = 10_000
@@ -147,12 +159,12 @@ def decode(message: bytes) -> tuple[str, str, int, str | bytes]:
     return node.decode(), source.decode(), int(seq), payload
 
 
-def backoff_delays(rng: random.Random) -> Any:
-    """Capped exponential backoff with full jitter: 0.1 s, 0.2 s, ... up to 10 s."""
+def backoff_delays(rng: random.Random, cap: float = BACKOFF_MAX) -> Any:
+    """Capped exponential backoff with full jitter: 0.1 s, 0.2 s, ... up to ``cap``."""
     delay = BACKOFF_FIRST
     while True:
         yield rng.uniform(delay / 2, delay)
-        delay = min(delay * 2, BACKOFF_MAX)
+        delay = min(delay * 2, cap)
 
 
 class RedisBackplane:
@@ -162,8 +174,15 @@ class RedisBackplane:
                  on_state: Callable[[bool], None], on_dropped: Callable[[int], None],
                  on_missed: Callable[[int], None] | None = None,
                  rng: random.Random | None = None, history: HistoryFeed | None = None,
-                 history_size: int = 0) -> None:
-        self._url = url
+                 history_size: int = 0,
+                 on_failover: Callable[[], None] = lambda: None) -> None:
+        self._target = redis_target(url)
+        self._on_failover = on_failover
+        #: host:port of the master the subscription last reached (Sentinel only)
+        self._master: str | None = None
+        self._pubsub: Any = None  # the subscription, while there is one
+        #: Set when the sentinels name another master: a reconnection waits no more.
+        self._master_moved = asyncio.Event()
         # unique per instance even when two share a process (tests) or a pid (containers)
         self._node = f"{node}/{secrets.token_hex(4)}"
         self._deliver = deliver
@@ -196,7 +215,8 @@ class RedisBackplane:
         self._on_state(False)
         self._tasks = [asyncio.ensure_future(self._subscribe_forever()),
                        asyncio.ensure_future(self._publish_forever()),
-                       asyncio.ensure_future(self._heartbeat_forever())]
+                       asyncio.ensure_future(self._heartbeat_forever()),
+                       asyncio.ensure_future(self._watch_master_forever())]
 
     def advertise(self, url: str | None) -> None:
         """Offer ``url`` to other instances' draining clients; None withdraws it (as
@@ -217,6 +237,7 @@ class RedisBackplane:
         for client in self._clients:
             await client.aclose()
         self._clients.clear()
+        await self._target.close()
 
     def publish(self, payload: str | bytes, source: str) -> None:
         """Queue a frame for the other instances (delivered locally by the caller)."""
@@ -239,10 +260,7 @@ class RedisBackplane:
         return True
 
     def _client(self) -> Any:
-        import redis.asyncio as redis  # imported only when a redis:// URL is configured
-
-        client = redis.Redis.from_url(self._url, socket_connect_timeout=2,
-                                      health_check_interval=5)
+        client = self._target.client()
         self._clients.append(client)
         if not self._scripts:
             self._scripts = {"sequence": client.register_script(SEQUENCE_SCRIPT),
@@ -257,32 +275,36 @@ class RedisBackplane:
             return
         self._up = up
         self._on_state(up)
-        where = urlsplit(self._url).netloc
+        where = self._target.where
         if up:
-            log.info("backplane connected: %s", where)
+            log.info("backplane connected: %s%s", where,
+                     f" at {self._master}" if self._master else "")
         else:
             log.warning("backplane %s: %s; local delivery goes on, retrying",
                         "unreachable" if first_failure else "lost", where)
 
     async def _subscribe_forever(self) -> None:
-        delays = backoff_delays(self._rng)
+        delays = backoff_delays(self._rng, self._target.backoff_max)
         while True:
             client = self._client()
             try:
                 async with client.pubsub() as pubsub:
+                    self._pubsub = pubsub
                     await pubsub.subscribe(CHANNEL, SEQUENCED_CHANNEL)
+                    self._note_master(self._target.server_of(pubsub.connection))
                     if self._history is not None:
                         await self._catch_up(client)
                     if self._publisher is not None:  # its connections may predate an outage
                         await self._publisher.connection_pool.disconnect()
                     self._set_up(True)
-                    delays = backoff_delays(self._rng)
+                    delays = backoff_delays(self._rng, self._target.backoff_max)
                     await self._receive(pubsub, client)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any Redis or network failure: retry
                 log.debug("backplane subscription failed: %s", exc)
             finally:
+                self._pubsub = None
                 self._clients.remove(client)
                 await client.aclose()
             self._set_up(False)
@@ -292,7 +314,59 @@ class RedisBackplane:
                 self._on_dropped(dropped)
             if self._history is not None:
                 self._history.sequencing_lost()
-            await asyncio.sleep(next(delays))
+            self._master_moved.clear()
+            try:  # the backoff's pause, cut short when the sentinels name a new master
+                await asyncio.wait_for(self._master_moved.wait(), next(delays))
+            except asyncio.TimeoutError:
+                pass
+
+    def _note_master(self, master: str | None) -> None:
+        """Which master the subscription reached; another than before is a failover."""
+        if master is None:
+            return
+        if self._master is not None and master != self._master:
+            log.warning("backplane: Redis failover: the master is now %s (was %s)",
+                        master, self._master)
+            self._on_failover()
+        self._master = master
+
+    async def _watch_master_forever(self) -> None:
+        """With Sentinel: when the sentinels name another master than the one the
+        subscription reached, drop the subscription, so that it (and the
+        publisher) reconnect to the new one now: not when the old one is demoted
+        (a manual failover leaves it writable for seconds), nor after a backoff.
+        The sentinels are asked on each +switch-master, and every 0.5 s."""
+        events: Any = None
+        while True:
+            try:
+                if events is None:
+                    events = await self._target.switch_events()
+                if events is not None:
+                    await events.get_message(ignore_subscribe_messages=True,
+                                             timeout=MASTER_CHECK_SECONDS)
+                else:
+                    await asyncio.sleep(MASTER_CHECK_SECONDS)
+                named = await self._target.master_now()
+            except asyncio.CancelledError:
+                if events is not None:
+                    await events.aclose()
+                raise
+            except Exception as exc:  # sentinels unreachable: the subscription says so
+                log.debug("backplane: asking the sentinels failed: %s", exc)
+                if events is not None:
+                    await events.aclose()
+                    events = None
+                await asyncio.sleep(MASTER_CHECK_SECONDS)
+                continue
+            if named is None:
+                return  # a plain Redis: nothing to watch
+            if self._master is not None and named != self._master:
+                self._master_moved.set()
+                pubsub = self._pubsub
+                if pubsub is not None:
+                    log.info("backplane: the sentinels name %s as master: leaving %s",
+                             named, self._master)
+                    await pubsub.aclose()
 
     async def _receive(self, pubsub: Any, client: Any) -> None:
         while True:
@@ -328,7 +402,7 @@ class RedisBackplane:
         history = self._history
         assert history is not None
         epoch_bytes, latest = await self._scripts["position"](
-            keys=[EPOCH_KEY, OFFSET_KEY, STREAM_KEY], args=[new_epoch()], client=client)
+            keys=KEYS, args=[new_epoch()], client=client)
         epoch, latest = epoch_bytes.decode(), int(latest)
         known_epoch, known = history.position()
         if not known_epoch:
@@ -410,7 +484,7 @@ class RedisBackplane:
             pipe.publish(CHANNEL, encode(self._node, source, payload, self._seq))
             return
         await self._scripts["sequence"](
-            keys=[EPOCH_KEY, OFFSET_KEY, STREAM_KEY],
+            keys=KEYS,
             args=[new_epoch(), self._history_size, SEQUENCED_CHANNEL,
                   encode(self._node, source, "", token), payload], client=pipe)
 

@@ -212,9 +212,32 @@ def _check_backplane(v: str) -> str | None:
     if v == "memory://":
         return None
     parts = urlsplit(v)
-    if parts.scheme in ("redis", "rediss") and parts.hostname:
+    if parts.scheme == "redis+sentinel":
+        from ebbcast.redistarget import parse_sentinel_url
+
+        try:
+            parse_sentinel_url(v)
+        except ValueError as exc:
+            return ("a Sentinel URL is redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER[/DB]: "
+                    f"{exc}")
         return None
-    return f"must be \"memory://\" or \"redis://host:port/db\", got {v!r}"
+    try:
+        if parts.scheme in ("redis", "rediss") and parts.hostname:
+            return None
+    except ValueError:
+        pass
+    return (f"must be \"memory://\", \"redis://host:port/db\" or "
+            f"\"redis+sentinel://host:port[,host:port...]/master\", got {_masked(v)!r}")
+
+
+def _masked(url: str) -> str:
+    """A URL with its password, if any, replaced (error messages are printed)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hosts = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user + ':***' if colon else '***'}@{hosts}"
 
 
 def _key(kind: str, default: Value, doc: str, check: Check | None = None) -> Any:
@@ -321,8 +344,9 @@ class HistoryConfig:
 
 @dataclass(frozen=True)
 class BackplaneConfig:
-    url: str = _key("str", "memory://", "\"memory://\" or \"redis://host:port/db\" for "
-                    "several hosts", _check_backplane)
+    url: str = _key("str", "memory://", "\"memory://\", or for several hosts "
+                    "\"redis://host:port/db\" or \"redis+sentinel://host:port[,host:port...]"
+                    "/master[/db]\" (Redis Sentinel)", _check_backplane)
 
 
 @dataclass(frozen=True)
@@ -530,6 +554,8 @@ def render_toml(config: Config, mask_secrets: bool = True) -> str:
             value = config.value(f"{section}.{f.name}")
             if mask_secrets and f"{section}.{f.name}" in SECRETS and value:
                 value = "********"
+            elif mask_secrets and f"{section}.{f.name}" == "backplane.url":
+                value = _masked(str(value))
             lines.append(f"# {f.metadata['doc']}")
             lines.append(f"{f.name} = {toml_value(f.metadata['kind'], value)}")
         lines.append("")

@@ -276,6 +276,7 @@ class Daemon:
                  notifier: SystemdNotifier | None = None, handle_signals: bool = True,
                  worker: WorkerSetup | None = None, metrics: Metrics | None = None) -> None:
         self._handle_signals = handle_signals and not (worker is not None and worker.local)
+        self._worker_index = None if worker is None else worker.index
         self.serving = asyncio.Event()
         self._tls = tls_context(config)
         self._reload_config = reload
@@ -318,12 +319,16 @@ class Daemon:
             self._role.memory_sequencing(self)
             return self._role.memory_backplane(self.metrics)
         metrics = self.metrics
+        # every serving process sees a failover: one of them counts it for the daemon
+        counts_failovers = self._worker_index in (None, 0)
         redis = RedisBackplane(config.backplane.url, self.ctx.node_id,
                                deliver=self.deliver_remote,
                                on_state=lambda up: metrics.backplane_up.set(1 if up else 0),
                                on_dropped=metrics.backplane_dropped.inc,
                                on_missed=metrics.backplane_missed.inc,
-                               history=self, history_size=config.history.size)
+                               history=self, history_size=config.history.size,
+                               on_failover=metrics.backplane_failovers.inc
+                               if counts_failovers else lambda: None)
         self.broadcasts.sequencing = redis
         return redis
 

@@ -94,6 +94,10 @@ class Metrics:
             "ebbcast_backplane_missed_total",
             "Frames other instances published that this one never received (gaps in "
             "their sequence numbers, e.g. while its subscription was down).", registry=r)
+        self.backplane_failovers = Counter(
+            "ebbcast_backplane_failovers_total",
+            "Times the Redis backplane found a new master (Sentinel failover).",
+            registry=r)
         self.generation = Gauge("ebbcast_generation", "Generation serving new clients: 1 at "
                                 "start, +1 per successful upgrade.", registry=r,
                                 multiprocess_mode="livemax")

@@ -64,6 +64,8 @@ STATS: list[tuple[str, str]] = [
     ("Upgrades failed (24 h)",
      f'sum (increase(ebbcast_upgrades_total{{{SEL}, result="failed"}}[24h]))'),
     ("Backplane up", f"min (ebbcast_backplane_up{{{SEL}}})"),
+    ("Backplane failovers (24 h)",
+     f"sum (increase(ebbcast_backplane_failovers_total{{{SEL}}}[24h]))"),
 ]
 
 
