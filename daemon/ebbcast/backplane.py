@@ -1,6 +1,7 @@
 """The backplane: how broadcasts reach the clients of other ebbcast instances.
 
-``memory://`` is a single instance: nothing leaves the process. ``redis://`` joins
+``memory://`` is a single instance: nothing leaves the process. ``redis://`` (or
+``redis+sentinel://``, the master Sentinel names: ebbcast.redistarget) joins
 instances through Redis pub/sub (README "Several instances"): client frames and admin
 broadcasts are delivered locally at once, then published; every instance
 subscribed to the channel fans out what the *others* published, so no client sees
@@ -20,7 +21,11 @@ instead: one Lua script gives it the next offset (INCR), appends it to a capped
 stream (XADD, history.size entries, id ``0-<offset>``) and publishes it, in one
 atomic step, so every instance agrees on the order; the epoch is a key beside
 them, made anew (with the offset counter and the stream cleared) whenever it is
-missing, as after a Redis restart without persistence. Every instance, the
+missing, as after a Redis restart without persistence, or was made on a master of
+another replication id, as after a Sentinel failover (the promoted replica may
+lack offsets its old master handed out: they must not be given again). A manual
+failover leaves the old master writable for a moment: a broadcast an instance
+sequences there just before it moves reaches only its own clients, uncounted. Every instance, the
 sender's included, delivers sequenced broadcasts as they arrive, in offset
 order. After (re)subscribing, and on a gap in the offsets, it reads what it
 missed from the stream before it delivers anything newer; a changed epoch is
@@ -39,6 +44,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
+
 from ebbcast.history import new_epoch
 from ebbcast.redistarget import redis_target
 
