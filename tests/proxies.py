@@ -44,10 +44,10 @@ class Proxy:
     name = ""
 
     def __init__(self, workdir: Path, ws_url: str, admin_url: str) -> None:
-        for tool in ("nginx", "haproxy"):
-            if tool == self.name and shutil.which(tool) is None and \
-                    not Path(f"/usr/sbin/{tool}").exists():
-                raise AssertionError(f"{tool} is not installed: run `make test-deps`")
+        binary = shutil.which(self.name, path=f"{os.environ.get('PATH', '')}:/usr/sbin")
+        if binary is None:
+            raise AssertionError(f"{self.name} is not installed: run `make test-deps`")
+        self.binary = binary
         self.workdir = workdir
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -130,7 +130,7 @@ class Nginx(Proxy):
             f"http {{ include {self.workdir}/ebbcast.conf; }}\n")
         fd = self.listener.fileno()
         return subprocess.Popen(
-            ["nginx", "-p", str(self.workdir), "-e", "stderr",
+            [self.binary, "-p", str(self.workdir), "-e", "stderr",
              "-c", str(self.workdir / "nginx.conf")],
             env={**os.environ, "NGINX": f"{fd};"}, pass_fds=[fd],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -155,7 +155,7 @@ class HAProxy(Proxy):
         cfg = _replace(cfg, "default-server inter 2s ", "default-server inter 200ms ")
         (self.workdir / "haproxy.cfg").write_text(cfg)
         return subprocess.Popen(
-            ["haproxy", "-db", "-f", str(self.workdir / "haproxy.cfg")], pass_fds=[fd],
+            [self.binary, "-db", "-f", str(self.workdir / "haproxy.cfg")], pass_fds=[fd],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True)
 

@@ -12,7 +12,7 @@ import time
 import pytest
 from websockets.sync.client import connect
 
-from helpers import STEP_TIMEOUT, http_json, package_copy, patch_module
+from helpers import STEP_TIMEOUT, http_json, package_copy, patch_module, wait_for
 from ebbcast.notify import SystemdNotifier
 
 
@@ -47,6 +47,9 @@ def test_daemon_notifies_ready_stopping_status_extend_and_watchdog(spawn, notify
     messages_until(notify_socket, "WATCHDOG=1")
     with connect(d.ws_url) as ws:
         ws.recv(timeout=STEP_TIMEOUT)
+        # the welcome leaves with the 101, a moment before the main process has
+        # counted the client: the status below is computed from that count
+        wait_for(lambda: http_json(d.admin_url + "/status")[1]["connections"] == 1)
         d.signal(signal.SIGTERM)
         stopping = messages_until(notify_socket, "STOPPING=1")[-1]
         # computed with the drain's own start time: exactly the timeout
