@@ -58,10 +58,10 @@ class Demo:
             stdout: Path | None = None) -> subprocess.Popen[bytes]:
         shown = " ".join(f"{k}={v}" for k, v in (env or {}).items())
         say(f"$ {shown + ' ' if shown else ''}{shlex.join(['ebbcast', *args])}")
-        log = open(self.workdir / f"{name}.log", "wb")
-        out = open(stdout, "wb") if stdout else subprocess.DEVNULL
-        proc = subprocess.Popen([*self.ebbcast, *args], stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=log, env={**os.environ, **(env or {})})
+        with open(self.workdir / f"{name}.log", "wb") as log, \
+                open(stdout or os.devnull, "wb") as out:  # the child keeps its copies
+            proc = subprocess.Popen([*self.ebbcast, *args], stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=log, env={**os.environ, **(env or {})})
         self.procs.append(proc)
         return proc
 

@@ -276,7 +276,6 @@ class Daemon:
                  notifier: SystemdNotifier | None = None, handle_signals: bool = True,
                  worker: WorkerSetup | None = None, metrics: Metrics | None = None) -> None:
         self._handle_signals = handle_signals and not (worker is not None and worker.local)
-        self._worker_index = None if worker is None else worker.index
         self.serving = asyncio.Event()
         self._tls = tls_context(config)
         self._reload_config = reload
@@ -301,7 +300,9 @@ class Daemon:
             member = Member(worker)
             member.attach(self)
             self._role = member
-        self.ctx.backplane = self._make_backplane(config)
+        # every serving process sees a Redis failover: the first one counts it
+        self.ctx.backplane = self._make_backplane(
+            config, counts_failovers=worker is None or worker.index == 0)
         self._periodic = PeriodicBroadcaster(self.ctx)
         self._keepalive = Keepalive(registry, lambda: self.ctx.config)
         self._gc_policy = CollectorPolicy(lambda: len(registry),
@@ -313,14 +314,12 @@ class Daemon:
         self.urls: dict[str, str] = {}
         self.bound_ws = ""
 
-    def _make_backplane(self, config: Config) -> Backplane:
+    def _make_backplane(self, config: Config, counts_failovers: bool) -> Backplane:
         if config.backplane.url == "memory://":
             self.metrics.backplane_up.set(1)
             self._role.memory_sequencing(self)
             return self._role.memory_backplane(self.metrics)
         metrics = self.metrics
-        # every serving process sees a failover: one of them counts it for the daemon
-        counts_failovers = self._worker_index in (None, 0)
         redis = RedisBackplane(config.backplane.url, self.ctx.node_id,
                                deliver=self.deliver_remote,
                                on_state=lambda up: metrics.backplane_up.set(1 if up else 0),
