@@ -124,9 +124,10 @@ class PublicRouter(HTTPServerConnectionDelegate):
         the client's address (as a trusted proxy forwarded it)."""
         ctx = self.ctx
         connection = Connection(ctx, answer.client_id, answer.grant)
+        # logged before the welcome leaves: whatever the client does next comes after
+        log.debug("client %s connected from %s", connection.client_id, remote)
         protocol = start_protocol(connection, stream, ctx.config.server.max_message_bytes)
         connection.open(protocol, answer.resume, answer.response)
-        log.debug("client %s connected from %s", connection.client_id, remote)
 
     def upgrade_at_once(self, stream: IOStream, address: str) -> bool:
         """The fast path: a handshake already complete in the socket's receive
