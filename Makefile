@@ -2,6 +2,14 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The interpreter's minor version picks its locks: requirements/<3.x>/{run,test,bench}.txt.
+PYVER := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+LOCK_DIR := requirements/$(PYVER)
+# Every supported CPython has its locks; `make lock` writes them all.
+LOCK_PYTHONS := 3.10 3.11 3.12 3.13
+# The tool that writes the locks (uv's pip compile), itself pinned.
+UV_VERSION := 0.13.9
+UV := .venv-lock/bin/uv
 # Debian packages the test suite needs: systemd-analyze for the unit checks,
 # promtool (package prometheus) to validate the metrics exposition, a C compiler
 # for the benchmark's load generator, node and npm for its reference server (and the
@@ -9,55 +17,72 @@ BIN := $(VENV)/bin
 # nginx and haproxy for the reverse-proxy tests.
 TEST_DEBS := python3-venv systemd prometheus gcc make libc6-dev chromium redis-server \
 	nginx haproxy
-# Other supported CPython versions (from pyenv) that CI runs the suite on.
-OTHER_PYTHONS ?= 3.10 3.12 3.13
+# The other CPython versions (from pyenv) that CI runs the whole suite on (3.11 is
+# `make test`); 3.12 runs in `make test-newest` instead.
+OTHER_PYTHONS ?= 3.10 3.13
+NEWEST_PYTHON ?= 3.12
 
-.PHONY: demos run test test-deps typecheck test-versions bench conformance conformance-quick \
-	install-systemd verify-installed-unit clean docs dashboard
+.PHONY: demos run test test-deps typecheck test-versions test-newest fast-tests bench \
+	conformance conformance-quick install-systemd verify-installed-unit clean docs \
+	dashboard lock
 
-$(BIN)/ebbcast: setup.py
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[test]"
+# A venv holding one lock, installed as it is written (hashes checked, nothing
+# resolved), then ebbcast itself from this tree with the lock's build tools.
+# The locks nest (run in test in bench), so one venv can take them in any order.
+$(VENV)/.lock-%: $(LOCK_DIR)/%.txt setup.py pyproject.toml
+	@[ -x $(BIN)/python ] && [ "$$($(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "$(PYVER)" ] \
+	  || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $<
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $@
 
-run: $(BIN)/ebbcast
+# No lock for this interpreter: say which ones have one.
+requirements/%.txt:
+	@echo "no lock $@ for $(PYTHON) (Python $(PYVER)); the locks are for $(LOCK_PYTHONS):" \
+	  "run with PYTHON=python3.11, say, or add the version to LOCK_PYTHONS and make lock" >&2
+	@exit 1
+
+run: $(VENV)/.lock-run
 	$(BIN)/ebbcast serve
 
 # examples/: a drain (two instances on Redis) and an upgrade, seen from outside.
-demos: $(BIN)/ebbcast
+demos: $(VENV)/.lock-test
 	examples/drain-demo.sh
 	examples/upgrade-demo.sh
 
-typecheck: $(BIN)/ebbcast
+typecheck: $(VENV)/.lock-test
 	$(BIN)/mypy
 
-# The benchmark's reference server (bench/servers/node_ws), for the harness smoke test.
+# The benchmark's reference server (bench/servers/node_ws), at its package-lock.json.
 NODE_WS := bench/servers/node_ws/node_modules/ws/package.json
-$(NODE_WS): bench/servers/node_ws/package.json
-	cd bench/servers/node_ws && npm install --no-audit --no-fund --silent
+$(NODE_WS): bench/servers/node_ws/package.json bench/servers/node_ws/package-lock.json
+	cd bench/servers/node_ws && npm ci --no-audit --no-fund --silent
 
-test: $(BIN)/ebbcast typecheck $(NODE_WS)
+test: typecheck $(NODE_WS)
 	$(BIN)/python -m pytest
 
-# RFC 6455 conformance (Autobahn|Testsuite, Python 2.7 from pyenv): every case, ~2 min,
-# or all but the 9.x performance cases, ~15 s (CI runs this one).
-conformance: $(BIN)/ebbcast
+# The tests that need no browser, Redis, proxy or daemon subprocess (seconds).
+fast-tests: $(VENV)/.lock-test
+	$(BIN)/python -m pytest -m fast
+
+# RFC 6455 conformance (Autobahn|Testsuite, Python 2.7 from pyenv): every case, ~2 min
+# (CI runs this one), or all but the 9.x performance cases, ~15 s.
+conformance: $(VENV)/.lock-run
 	$(BIN)/python conformance/run.py
-conformance-quick: $(BIN)/ebbcast
+conformance-quick: $(VENV)/.lock-run
 	$(BIN)/python conformance/run.py --quick
 
 # docs/configuration.md, written from the schema (a test fails when they disagree).
-docs: $(BIN)/ebbcast
+docs: $(VENV)/.lock-run
 	$(BIN)/python -m ebbcast.configdoc > docs/configuration.md
 
 # deploy/grafana/ebbcast-dashboard.json, built with grafanalib (a test fails when stale).
-dashboard: $(BIN)/ebbcast
+dashboard: $(VENV)/.lock-test
 	$(BIN)/python deploy/grafana/dashboard.py > deploy/grafana/ebbcast-dashboard.json
 
 # The benchmark (not part of `make test`): matrix, timers/slow reader/drain, profile.
-bench: $(BIN)/ebbcast $(NODE_WS)
-	$(BIN)/pip install --quiet -r bench/requirements.txt py-spy
+bench: $(VENV)/.lock-bench $(NODE_WS)
 	$(BIN)/python bench/run.py --out bench/results
 	$(BIN)/python bench/extras.py --out bench/results
 	$(BIN)/python bench/storm.py --out bench/results
@@ -71,21 +96,61 @@ test-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-# The whole suite on every other supported CPython (3.11 is `make test`).
-test-versions:
+# pyenv's interpreter for a minor version, or a message naming what is missing.
+pyenv_python = $$(ls -d $$HOME/.pyenv/versions/$(1).*/bin/python3 2>/dev/null | sort -V | tail -n 1)
+
+# The whole suite on every other supported CPython, each in .venv-3.x from its own lock.
+test-versions: $(NODE_WS)
 	@for v in $(OTHER_PYTHONS); do \
-	  py=$$(ls -d $$HOME/.pyenv/versions/$$v.*/bin/python3 2>/dev/null | tail -n 1); \
+	  py=$(call pyenv_python,$$v); \
 	  if [ -z "$$py" ]; then echo "no Python $$v found under ~/.pyenv" >&2; exit 1; fi; \
-	  echo "== tests on $$($$py --version)"; \
-	  $$py -m venv .venv-$$v && .venv-$$v/bin/pip install --quiet -e ".[test]" && \
-	  .venv-$$v/bin/python -m pytest -q || exit 1; \
+	  echo "== the whole suite on $$($$py --version), requirements/$$v/test.txt"; \
+	  $(MAKE) --no-print-directory test PYTHON=$$py VENV=.venv-$$v || exit 1; \
 	done
 
-# Root only: install as README "Running under systemd" says (venv under /opt).
-# Debian's own Python: the service user cannot reach an interpreter under /root.
+# The type check and the fast tests against the newest releases setup.py's ranges
+# allow (no lock): an upstream release that breaks ebbcast fails here first.
+test-newest:
+	@py=$(call pyenv_python,$(NEWEST_PYTHON)); \
+	if [ -z "$$py" ]; then echo "no Python $(NEWEST_PYTHON) found under ~/.pyenv" >&2; exit 1; fi; \
+	echo "== type check and fast tests on $$($$py --version), newest releases"; \
+	rm -rf .venv-newest && $$py -m venv .venv-newest
+	.venv-newest/bin/python -m pip install --quiet --upgrade pip setuptools wheel
+	.venv-newest/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]"
+	@.venv-newest/bin/python -m pip freeze --all --exclude-editable \
+	  | .venv-newest/bin/python requirements/locktool.py diff requirements/$(NEWEST_PYTHON)/test.txt
+	.venv-newest/bin/mypy
+	.venv-newest/bin/python -m pytest -m "fast and not locked_env"
+
+# Writes every lock anew from setup.py's ranges and requirements/*.in, at the newest
+# releases (UPGRADE="redis mypy" moves only those, keeping every other pin).
+UPGRADE ?=
+LOCK_FLAGS = --python-platform linux --generate-hashes --quiet --custom-compile-command "make lock" \
+	$(if $(UPGRADE),$(foreach p,$(UPGRADE),--upgrade-package $(p)),--upgrade)
+$(UV):
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet uv==$(UV_VERSION)
+lock: $(UV)
+	@for v in $(LOCK_PYTHONS); do \
+	  echo "== requirements/$$v"; mkdir -p requirements/$$v; \
+	  $(UV) pip compile $(LOCK_FLAGS) --python-version $$v -o requirements/$$v/run.txt \
+	    setup.py requirements/build.in || exit 1; \
+	  $(UV) pip compile $(LOCK_FLAGS) --python-version $$v -o requirements/$$v/test.txt \
+	    --extra test setup.py requirements/build.in || exit 1; \
+	  $(UV) pip compile $(LOCK_FLAGS) --python-version $$v -o requirements/$$v/bench.txt \
+	    --extra test setup.py requirements/build.in requirements/bench.in || exit 1; \
+	done
+	.venv-lock/bin/python requirements/locktool.py build-system pyproject.toml requirements/*/*.txt
+
+# Root only: install as docs/operations.md "Running under systemd" says (venv under
+# /opt, from the lock for Debian's own Python: the service user cannot reach an
+# interpreter under /root).
+SYSTEM_PYTHON := /usr/bin/python3
 install-systemd:
-	/usr/bin/python3 -m venv /opt/ebbcast
-	/opt/ebbcast/bin/pip install --quiet .
+	$(SYSTEM_PYTHON) -m venv /opt/ebbcast
+	/opt/ebbcast/bin/python -m pip install --quiet --require-hashes --no-deps \
+	  -r requirements/$$($(SYSTEM_PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')/run.txt
+	/opt/ebbcast/bin/python -m pip install --quiet --no-deps --no-build-isolation .
 	install -d -m 0755 /etc/ebbcast
 	[ -f /etc/ebbcast/ebbcast.toml ] || install -m 0644 config/ebbcast.toml /etc/ebbcast/ebbcast.toml
 	install -m 0644 systemd/ebbcast.service /etc/systemd/system/ebbcast.service
@@ -96,4 +161,4 @@ verify-installed-unit:
 	systemd-analyze security --offline=true /etc/systemd/system/ebbcast.service | tail -n 1
 
 clean:
-	rm -rf $(VENV) .venv-3.* build dist daemon/*.egg-info
+	rm -rf $(VENV) .venv-3.* .venv-newest .venv-lock build dist daemon/*.egg-info

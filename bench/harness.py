@@ -201,8 +201,8 @@ def pyplot() -> Any:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot (pip install -r bench/requirements.txt)",
-              file=sys.stderr)
+        print("matplotlib is not installed: no plot (make bench installs it, from "
+              "requirements/<python>/bench.txt)", file=sys.stderr)
         return None
     return plt
 

@@ -33,7 +33,7 @@ VARIANTS = ("ebbcast", "ebbcast-json", "tornado-naive", "node-ws")
 
 def ensure_node_ws() -> None:
     if not (NODE_SERVER.parent / "node_modules" / "ws").is_dir():
-        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent"],
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--silent"],  # the lock
                        cwd=NODE_SERVER.parent, check=True)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,34 @@ import pytest
 
 from ebbcast.daemon import Daemon
 from helpers import STEP_TIMEOUT, DaemonProcess, RedisServer, RunningDaemon, test_config
+
+
+#: Fixtures that start processes: a test using one is not `fast`.
+PROCESS_FIXTURES = {"spawn", "redis_server"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks `fast` every test that starts no process (no daemon subprocess, Redis,
+    browser, proxy or tool): `make fast-tests` and CI's newest-versions job run those."""
+    for item in items:
+        if (item.get_closest_marker("processes") is None
+                and item.get_closest_marker("slow") is None
+                and not PROCESS_FIXTURES & set(getattr(item, "fixturenames", ()))):
+            item.add_marker(pytest.mark.fast)
+
+
+@pytest.fixture(autouse=True)
+def fast_tests_start_no_process(request: pytest.FixtureRequest,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `fast` test that starts a process fails, naming the marker it lacks."""
+    if request.node.get_closest_marker("fast") is None:
+        return
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"{request.node.nodeid} is marked fast but starts a process "
+                             f"({args[:1]!r}): mark it `processes`")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
 
 
 @pytest.fixture
@@ -72,8 +101,8 @@ def spawn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Da
 
 
 @pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     yield server
     server.stop()

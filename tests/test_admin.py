@@ -8,6 +8,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from helpers import recv, recv_json, recv_until, wait_until
 from ebbcast.lifecycle import StopReason
 
@@ -172,6 +174,7 @@ async def test_upgrade_on_a_kept_alive_connection_is_refused_503_while_draining(
     writer.close()
 
 
+@pytest.mark.processes
 async def test_metrics_pass_promtool_check(start_daemon):
     """The exposition is valid for Prometheus, including during a drain."""
     import asyncio

@@ -323,6 +323,7 @@ def ebbcast(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
                           text=True, timeout=STEP_TIMEOUT * 3, env=env)
 
 
+@pytest.mark.processes
 def test_ebbcast_token_mints_with_the_configured_key(tmp_path: Path) -> None:
     config = tmp_path / "ebbcast.toml"
     config.write_text(f'[auth]\nmode = "jwt"\njwt_key = "{KEY}"\naudience = "chat"\n')
@@ -336,6 +337,7 @@ def test_ebbcast_token_mints_with_the_configured_key(tmp_path: Path) -> None:
     assert KEY not in done.stdout + done.stderr
 
 
+@pytest.mark.processes
 def test_ebbcast_token_without_a_key_is_a_usage_error() -> None:
     done = ebbcast("token", "--sub", "dave", env={"PATH": "/usr/bin:/bin"})
     assert done.returncode == 2

@@ -12,7 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from helpers import REPO
+
+pytestmark = pytest.mark.processes
 
 
 def quick_run(script: str, out: Path, *args: str) -> tuple[str, Any]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
+import pytest
 import yaml
 
 from helpers import REPO, STEP_TIMEOUT, dial, recv_frame, wait_for
@@ -35,6 +36,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=STEP_TIMEOUT)
 
 
+@pytest.mark.processes
 def test_the_rules_load_and_pass_their_unit_tests():
     checked = promtool("check", "rules", RULES.name)
     assert checked.returncode == 0, checked.stdout + checked.stderr

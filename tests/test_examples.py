@@ -10,6 +10,8 @@ import pytest
 
 from helpers import REPO
 
+pytestmark = pytest.mark.processes
+
 
 @pytest.mark.parametrize("demo, moved", [
     ("drain-demo.sh", "told to move (draining)"),

@@ -82,6 +82,7 @@ def test_any_environment_loads_or_names_its_problems(env):
         assert all(key and reason for key, reason in exc.problems)
 
 
+@pytest.mark.processes
 def test_check_config_reports_a_bad_document_with_exit_2_not_a_traceback(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text(tomli_w.dumps({"server": {"port": [1], "prot": {"a": 1}},

@@ -182,12 +182,14 @@ def run_cli(*args: str, timeout: float = STEP_TIMEOUT) -> subprocess.CompletedPr
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.processes
 def test_check_config_accepts_the_shipped_file_and_prints_it():
     done = run_cli("check-config", str(REPO / "config" / "ebbcast.toml"))
     assert done.returncode == 0, done.stderr
     assert 'drain_timeout = "30m"' in done.stdout and "[backplane]" in done.stdout
 
 
+@pytest.mark.processes
 def test_check_config_rejects_one_line_per_problem(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('[server]\nprot = 9000\n[broadcast]\nperiodic_interval = "10 sec"\n')
@@ -199,6 +201,7 @@ def test_check_config_rejects_one_line_per_problem(tmp_path):
     assert any("broadcast.periodic_interval" in line for line in lines)
 
 
+@pytest.mark.processes
 def test_console_script_and_usage_errors():
     assert run_cli("--version").stdout.startswith("ebbcast ")
     assert run_cli("frobnicate").returncode == 2

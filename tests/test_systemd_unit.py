@@ -131,6 +131,7 @@ def service() -> dict[str, str]:
     return {key: values[-1] for key, values in sections["Service"].items()}
 
 
+@pytest.mark.processes
 def test_security_exposure_is_low() -> None:
     result = _run_analyze("security", "--offline=true", str(UNIT))
     output = result.stdout + result.stderr
@@ -142,6 +143,7 @@ def test_security_exposure_is_low() -> None:
     )
 
 
+@pytest.mark.processes
 def test_verify_prints_nothing(tmp_path: Path) -> None:
     # systemd-analyze verify fails when ExecStart's binary does not exist, and
     # /opt/ebbcast/bin/ebbcast only exists after the README's installation (CI

@@ -27,6 +27,16 @@ def test_drain_plan_arithmetic_on_both_clocks():
     assert not plan.expired(1899.999) and plan.expired(1900.0)
 
 
+def test_the_status_line_rounds_seconds_up_but_not_the_clocks_float_noise():
+    started = 16383.97271808145  # (started + 60) - started == 60.00000000000182
+    plan = DrainPlan(started_mono=started, started_unix=0.0, timeout=60.0)
+    assert plan.seconds_left(started) > 60.0
+    assert plan.status(1, started) == "draining: 1 connections remain, 60s left"
+    assert plan.status(1, started + 0.5) == "draining: 1 connections remain, 60s left"
+    assert plan.status(1, started + 59.5) == "draining: 1 connections remain, 1s left"
+    assert plan.status(0, started + 61.0) == "draining: 0 connections remain, 0s left"
+
+
 def test_progress_ticks_stay_on_the_grid_and_stop_at_the_deadline():
     plan = DrainPlan(started_mono=0.0, started_unix=0.0, timeout=25.0)
     assert plan.next_tick(0.0, 10.0) == 10.0

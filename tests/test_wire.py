@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 
+import pytest
 import websockets
 
 from helpers import STEP_TIMEOUT, never_reading_client, read_server_frames, wait_until
@@ -149,6 +150,7 @@ def test_a_tornado_that_changed_is_named_change_by_change(monkeypatch):
     assert report.startswith(f"Tornado {tornado.version} lacks what ebbcast relies on: ")
 
 
+@pytest.mark.processes
 def test_the_daemon_refuses_to_serve_on_a_tornado_that_changed(tmp_path):
     run = subprocess.run(
         [sys.executable, "-c", "import tornado.websocket as w; del w.WebSocketProtocol._abort; "

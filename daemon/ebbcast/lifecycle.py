@@ -68,6 +68,13 @@ class DrainCause(enum.Enum):
     UPGRADE = "upgrade"
 
 
+def whole_seconds(seconds: float) -> int:
+    """Seconds rounded up, after the clock arithmetic's float noise is rounded off: a
+    60 s deadline read at its start is "60s", though (start + 60) - start may be
+    60.000000000002."""
+    return math.ceil(round(seconds, 6))
+
+
 @dataclass(frozen=True)
 class DrainPlan:
     """When a drain started and when it must end, on both clocks."""
@@ -91,12 +98,12 @@ class DrainPlan:
     def deadline_text(self) -> str:
         """"deadline in 1800s (at 2026-11-26 18:00:00 UTC)", for the drain's first log line."""
         at = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(self.deadline_unix))
-        return f"deadline in {math.ceil(self.timeout)}s (at {at})"
+        return f"deadline in {whole_seconds(self.timeout)}s (at {at})"
 
     def status(self, remaining: int, now_mono: float) -> str:
         """The progress line, logged and sent to systemd as STATUS=."""
         return (f"draining: {remaining} connections remain, "
-                f"{math.ceil(self.seconds_left(now_mono))}s left")
+                f"{whole_seconds(self.seconds_left(now_mono))}s left")
 
     def expired(self, now_mono: float) -> bool:
         return now_mono >= self.deadline_mono
