@@ -18,7 +18,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,17 @@ def wait_for(what: str, predicate: Any, timeout: float = STEP) -> Any:
         if time.monotonic() > deadline:
             raise SystemExit(f"demo: gave up waiting for {what}")
         time.sleep(0.05)
+
+
+def redis_pid(port: int) -> int | None:
+    """The process_id of the Redis answering on ``port``, if one does."""
+    import redis
+
+    try:
+        with redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1) as conn:
+            return int(conn.info("server")["process_id"])
+    except (redis.RedisError, OSError):
+        return None
 
 
 class Demo:
@@ -91,22 +101,21 @@ class Demo:
             raise SystemExit("demo: the drain demo needs redis-server "
                              "(apt-get install redis-server)")
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        workdir = self.workdir / "redis"  # no dump file read or written anywhere else
+        workdir.mkdir()
         for _ in range(10):
             port = random.randrange(max(1024, low - 10_000), low)
-            say(f"$ redis-server --port {port} --save '' --appendonly no")
+            say(f"$ redis-server --port {port} --save '' --appendonly no --dir {workdir}")
             proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
-                                     "--save", "", "--appendonly", "no"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+                                    cwd=workdir, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
             self.procs.append(proc)
             deadline = time.monotonic() + STEP
             while proc.poll() is None and time.monotonic() < deadline:
-                try:
-                    with socket.create_connection(("127.0.0.1", port), 1) as s:
-                        s.sendall(b"PING\r\n")
-                        if s.recv(16).startswith(b"+PONG"):
-                            return f"redis://127.0.0.1:{port}/0"
-                except OSError:
-                    time.sleep(0.05)
+                if redis_pid(port) == proc.pid:  # ours, not another's on that port
+                    return f"redis://127.0.0.1:{port}/0"
+                time.sleep(0.05)
         raise SystemExit("demo: redis-server found no free port")
 
     def stop_all(self) -> None:

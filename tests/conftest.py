@@ -4,6 +4,7 @@ helpers they use are in helpers.py)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
@@ -13,7 +14,26 @@ from typing import Any
 import pytest
 
 from ebbcast.daemon import Daemon
-from helpers import STEP_TIMEOUT, DaemonProcess, RedisServer, RunningDaemon, test_config
+from helpers import REPO, STEP_TIMEOUT, DaemonProcess, RedisServer, RunningDaemon, test_config
+
+
+def redis_dumps_in_the_tree() -> set[Path]:
+    """Every *.rdb file under the repository, virtualenvs and node_modules aside."""
+    found = set()
+    for folder, subfolders, files in os.walk(REPO):
+        subfolders[:] = [d for d in subfolders
+                         if not d.startswith((".venv", ".git")) and d != "node_modules"]
+        found.update(Path(folder, f) for f in files if f.endswith(".rdb"))
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_redis_writes_a_dump_into_the_tree() -> Iterator[None]:
+    """Every Redis the tests start works in a temporary directory: a dump file that
+    appears in the repository (which .gitignore would hide from git) fails the run."""
+    before = redis_dumps_in_the_tree()
+    yield
+    assert redis_dumps_in_the_tree() - before == set()
 
 
 #: Fixtures that start processes: a test using one is not `fast`.

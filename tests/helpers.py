@@ -5,7 +5,6 @@ status and metrics read from the admin listener. Fixtures are in conftest.py."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import json
 import os
@@ -332,23 +331,29 @@ def http_json(url: str, method: str = "GET", body: bytes | None = None,
 # -- a real redis-server ----------------------------------------------------------
 
 class RedisServer:
-    """``redis-server`` on a loopback port, no persistence; stop() and start() again
-    on the same port to simulate an outage.
+    """``redis-server`` on a loopback port, no persistence, in a working directory of
+    its own (``workdir``: no dump file is read from or written to anywhere else, a
+    replica's copy of its master included); stop() and start() again on the same
+    port to simulate an outage.
 
     redis-server cannot be handed a bound socket, and its port 0 means "no TCP", so
     the port is chosen here: below the kernel's ephemeral range, which port 0 binds
     and outgoing connections never take, so no other test's socket can hold it;
     and if something bound it all the same, redis-server exits and another is
-    tried. Only a restart must have the same port: it fails, naming why, if the
-    port was taken meanwhile.
+    tried. A Redis answering on the port counts only if its ``process_id`` is the
+    one started here: never another run's. Only a restart must have the same port:
+    it fails, naming why, if the port was taken meanwhile.
     """
 
-    def __init__(self, tls_dir: Path | None = None, args: tuple[str, ...] = ()) -> None:
+    def __init__(self, workdir: Path, tls_dir: Path | None = None,
+                 args: tuple[str, ...] = ()) -> None:
         import shutil
 
         binary = shutil.which("redis-server")
         assert binary, "redis-server is missing: install Debian's redis-server (make test-deps)"
         self.binary = binary
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.port = 0
         self.proc: subprocess.Popen[str] | None = None
         self.tls_dir = tls_dir
@@ -368,18 +373,15 @@ class RedisServer:
             return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls_dir / 'ca.pem'}"
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def _ping(self, port: int) -> bool:
-        with contextlib.ExitStack() as closing:
-            sock = closing.enter_context(socket.create_connection(("127.0.0.1", port),
-                                                                  timeout=1))
-            if self.tls_dir is not None:
-                import ssl
+    def client(self, port: int | None = None, timeout: float = STEP_TIMEOUT) -> Any:
+        """A redis-py client of this server (or of whatever answers on ``port``)."""
+        import redis
 
-                trusting = ssl.create_default_context(cafile=str(self.tls_dir / "ca.pem"))
-                sock = closing.enter_context(trusting.wrap_socket(
-                    sock, server_hostname="127.0.0.1"))
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+        tls: dict[str, Any] = {}
+        if self.tls_dir is not None:
+            tls = {"ssl": True, "ssl_ca_certs": str(self.tls_dir / "ca.pem")}
+        return redis.Redis(host="127.0.0.1", port=port or self.port, socket_timeout=timeout,
+                           socket_connect_timeout=timeout, decode_responses=True, **tls)
 
     def start(self) -> None:
         if self.port:
@@ -403,17 +405,12 @@ class RedisServer:
                       "--tls-auth-clients", "no"]
         self.proc = subprocess.Popen(
             [self.binary, *listen, "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--loglevel", "warning", *self.args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + STEP_TIMEOUT
-        while self.proc.poll() is None:
-            try:
-                if self._ping(port):
-                    return True
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
+             "--appendonly", "no", "--dir", str(self.workdir), "--loglevel", "warning",
+             *self.args],
+            cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        if wait_for_own_redis(self.proc, lambda: self.client(port, timeout=1)):
+            return True
         self.proc = None
         return False
 
@@ -429,6 +426,25 @@ class RedisServer:
         self.proc.kill()
         self.proc.wait(STEP_TIMEOUT)
         self.proc = None
+
+
+def wait_for_own_redis(proc: subprocess.Popen[Any], client: Callable[[], Any]) -> bool:
+    """Until the Redis (or sentinel) that ``client()`` reaches is ``proc`` itself, by
+    its ``INFO server`` process_id: True; False once ``proc`` has exited (its port
+    was taken). Another process answering on the port is never taken for ours."""
+    import redis
+
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while proc.poll() is None:
+        try:
+            with client() as conn:
+                if conn.info("server")["process_id"] == proc.pid:
+                    return True
+        except (redis.RedisError, OSError):
+            pass
+        assert time.monotonic() < deadline, f"redis-server (pid {proc.pid}) did not start"
+        time.sleep(0.02)
+    return False
 
 
 def _below_ephemeral_ports() -> int:

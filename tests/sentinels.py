@@ -21,7 +21,8 @@ from typing import Any
 import redis
 from websockets.exceptions import ConnectionClosed
 
-from helpers import STEP_TIMEOUT, RedisServer, _below_ephemeral_ports, dial, wait_for
+from helpers import (STEP_TIMEOUT, RedisServer, _below_ephemeral_ports, dial, wait_for,
+                     wait_for_own_redis)
 
 MASTER_NAME = "mymaster"
 DOWN_AFTER_MS = 1000
@@ -51,23 +52,17 @@ class Sentinel:
     def _run(self, port: int) -> bool:
         conf = self.workdir / f"sentinel-{port}.conf"
         conf.write_text(
-            f"port {port}\nbind 127.0.0.1\ndaemonize no\n"
+            f"port {port}\nbind 127.0.0.1\ndaemonize no\ndir {self.workdir}\n"
             f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.master_port} 1\n"
             f"sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}\n"
             f"sentinel failover-timeout {MASTER_NAME} {FAILOVER_TIMEOUT_MS}\n"
             f"sentinel parallel-syncs {MASTER_NAME} 1\n")
         self.proc = subprocess.Popen(
             ["redis-server", str(conf), "--sentinel", "--loglevel", "warning"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + STEP_TIMEOUT
-        while self.proc.poll() is None:
-            try:
-                if redis.Redis(port=port, socket_timeout=1).ping():
-                    return True
-            except redis.RedisError:
-                pass
-            assert time.monotonic() < deadline, "the sentinel did not start"
-            time.sleep(0.02)
+            cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        if wait_for_own_redis(self.proc, lambda: redis.Redis(port=port, socket_timeout=1)):
+            return True
         self.proc = None
         return False
 
@@ -103,9 +98,10 @@ class Cluster:
     """A master, one replica of it, one sentinel watching them."""
 
     def __init__(self, workdir: Path, sentinel_port: int = 0) -> None:
-        self.master = RedisServer()
+        self.master = RedisServer(workdir / "master")
         self.master.start()
-        self.replica = RedisServer(args=("--replicaof", "127.0.0.1", str(self.master.port)))
+        self.replica = RedisServer(workdir / "replica",
+                                   args=("--replicaof", "127.0.0.1", str(self.master.port)))
         self.replica.start()
         self.servers = {self.master.port: self.master, self.replica.port: self.replica}
         wait_for(lambda: _link_up(self.replica.port))

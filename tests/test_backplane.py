@@ -245,7 +245,7 @@ def test_rediss_reaches_a_redis_server_that_speaks_only_tls(spawn, tmp_path):
 
     from helpers import RedisServer, close_all, dial, metric, recv_frame, wait_for
 
-    redis = RedisServer(tls_dir=tmp_path)
+    redis = RedisServer(tmp_path / "redis", tls_dir=tmp_path)
     redis.start()
     try:
         assert redis.url.startswith("rediss://127.0.0.1:")
