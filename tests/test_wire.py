@@ -18,7 +18,12 @@ from ebbcast.wire import check_tornado, tornado_problem_report
 
 def masked_close(code: int) -> bytes:
     """A client close frame (masked with a zero key, RFC 6455 5.3)."""
-    return b"\x88\x82\x00\x00\x00\x00" + struct.pack("!H", code)
+    return close_frame(struct.pack("!H", code))
+
+
+def close_frame(payload: bytes) -> bytes:
+    """A client close frame with any payload under 126 bytes, masked with a zero key."""
+    return bytes([0x88, 0x80 | len(payload)]) + b"\x00\x00\x00\x00" + payload
 
 
 async def read_rest(sock) -> bytes:
@@ -78,25 +83,68 @@ async def test_no_frame_follows_a_server_close_queued_behind_broadcasts(start_da
     await wait_until(lambda: len(d.daemon.ctx.registry) == 0)
 
 
-async def test_invalid_close_code_from_a_client_is_answered_with_1002(start_daemon):
-    """RFC 6455 7.4: Tornado alone would echo 1005 or 999 back; ebbcast refuses it."""
+#: Autobahn 7.5.1's close reason: UTF-8 that turns into a lone surrogate (ED A0 80).
+NOT_UTF8 = b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80edited"
+
+
+@pytest.mark.parametrize("payload, answer", [
+    # RFC 6455 7.4: codes a peer may not send (Tornado alone would echo them back)
+    *[(struct.pack("!H", code), b"\x03\xeainvalid close code")
+      for code in (0, 999, 1004, 1005, 1006, 1015, 2000, 2999, 5000, 65535)],
+    (struct.pack("!H", 1000) + NOT_UTF8, b"\x03\xefclose reason is not UTF-8"),  # 8.1
+    (struct.pack("!H", 4000) + b"\xff", b"\x03\xefclose reason is not UTF-8"),
+    (b"\x03", b"\x03\xeaclose frame payload of one byte"),  # 5.5.1: a code is two bytes
+])
+async def test_a_bad_close_frame_fails_the_connection_at_once(start_daemon, payload, answer):
+    """Our close frame says why (1002 or 1007), then the server closes TCP itself:
+    the read ends with EOF, where a connection left open would time out."""
     d = await start_daemon(broadcast__envelope="raw")
-    for code in (999, 1005, 1006, 2000, 5000):
-        sock = await never_reading_client(d.ws_url)
-        try:
-            sock.sendall(masked_close(code))
-            frames = await asyncio.to_thread(read_server_frames, sock)
-            assert frames[-1][0] == 0x8
-            assert struct.unpack("!H", frames[-1][1][:2])[0] == 1002, code
-        finally:
-            sock.close()
     sock = await never_reading_client(d.ws_url)
     try:
-        sock.sendall(masked_close(4000))  # a valid application code is echoed
-        frames = await asyncio.to_thread(read_server_frames, sock)
-        assert frames[-1] == (0x8, struct.pack("!H", 4000))
+        await wait_until(lambda: len(d.daemon.ctx.registry) == 1)
+        sock.sendall(close_frame(payload))
+        assert await read_rest(sock) == b"\x88" + bytes([len(answer)]) + answer
     finally:
         sock.close()
+    await wait_until(lambda: len(d.daemon.ctx.registry) == 0)
+    assert d.daemon.metrics.disconnections.labels("client")._value.get() == 1
+
+
+@pytest.mark.parametrize("payload", [
+    b"", struct.pack("!H", 1000), struct.pack("!H", 4000), struct.pack("!H", 1001) + b"bye",
+    struct.pack("!H", 1000) + "κόσμε".encode()])
+async def test_a_valid_close_frame_is_echoed_and_the_connection_closed(start_daemon, payload):
+    d = await start_daemon(broadcast__envelope="raw")
+    sock = await never_reading_client(d.ws_url)
+    try:
+        sock.sendall(close_frame(payload))
+        assert await read_rest(sock) == b"\x88" + bytes([len(payload[:2])]) + payload[:2]
+    finally:
+        sock.close()
+
+
+async def test_a_reader_that_fails_has_its_connection_closed_and_logged(start_daemon,
+                                                                         monkeypatch, caplog):
+    """One guard for every path out of the protocol's reader: an exception that
+    escapes it (a bug, here planted) never leaves a client on an unread socket."""
+    from ebbcast.wire import EbbcastProtocol
+
+    def broken(self, opcode, data):
+        raise RuntimeError("a planted bug")
+
+    d = await start_daemon(broadcast__envelope="raw")
+    sock = await never_reading_client(d.ws_url)
+    try:
+        await wait_until(lambda: len(d.daemon.ctx.registry) == 1)
+        monkeypatch.setattr(EbbcastProtocol, "_handle_message", broken)
+        sock.sendall(b"\x81\x85\x00\x00\x00\x00hello")
+        assert await read_rest(sock) == b""  # EOF: closed, no close frame to send
+    finally:
+        sock.close()
+    await wait_until(lambda: len(d.daemon.ctx.registry) == 0)
+    (record,) = [r for r in caplog.records if r.name == "ebbcast.wire"]
+    assert record.getMessage() == "a WebSocket reader failed: closing its connection"
+    assert str(record.exc_info[1]) == "a planted bug"
 
 
 async def test_a_valid_frame_is_echoed_even_when_a_bad_one_follows_in_the_same_read(

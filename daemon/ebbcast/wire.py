@@ -11,7 +11,8 @@ Every use of Tornado beyond its documented API is here, hence the pinned Tornado
 range in setup.py:
 
 - ``WebSocketProtocol13``: subclassed (:class:`EbbcastProtocol`), overriding the
-  private ``_abort`` and reading ``server_terminated``, ``client_terminated``,
+  private ``_abort`` and ``_handle_message`` and reading ``server_terminated``,
+  ``client_terminated``,
   ``close_code``, ``stream`` and ``is_closing()``; built with the private
   ``_WebSocketParams`` and started on a detached stream by running its private
   ``_receive_frame_loop()`` (:func:`start_protocol`), which is what Tornado's
@@ -27,9 +28,13 @@ range in setup.py:
 start-up, so that a Tornado that changed them stops ebbcast with a message naming
 what changed, instead of serving broken.
 
-The protocol subclass also fixes one conformance gap: Tornado echoes
-whatever close code a client sends, where RFC 6455 section 7.4 requires a server
-to fail the connection with 1002 when the code is not one a peer may send.
+The protocol subclass also closes conformance gaps in how Tornado reads a client's
+close frame: it echoes whatever close code a client sends, where RFC 6455 section
+7.4 requires a server to fail the connection with 1002 when the code is not one a
+peer may send; it echoes an empty close for a one-byte payload (a protocol error:
+1002); and a reason that is not UTF-8 (8.1: fail with 1007) raised out of its reader
+and left the connection open and silent. :func:`close_frame_problem` decides all
+three, and :func:`start_protocol` closes the connection of any reader that fails.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ log = logging.getLogger(__name__)
 
 OPCODE_TEXT = 0x1
 OPCODE_BINARY = 0x2
+OPCODE_CLOSE = 0x8
 _FIN = 0x80
 
 #: Kernel send buffer asked for per client socket. Linux doubles it; kept modest so
@@ -76,6 +82,22 @@ def encode_frame(payload: bytes, binary: bool = False) -> bytes:
 def valid_close_code(code: int) -> bool:
     """Whether a peer may send ``code`` in a close frame (RFC 6455 section 7.4)."""
     return code in (1000, 1001, 1002, 1003) or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def close_frame_problem(payload: bytes) -> tuple[int, str] | None:
+    """What is wrong with a client's close frame payload (RFC 6455 5.5.1, 7.4, 8.1),
+    as the close code and reason to fail the connection with; None if it is valid."""
+    if len(payload) == 1:
+        return 1002, "close frame payload of one byte"
+    if len(payload) >= 2:
+        (code,) = struct.unpack("!H", payload[:2])
+        if not valid_close_code(code):
+            return 1002, "invalid close code"
+        try:
+            payload[2:].decode("utf-8")
+        except UnicodeDecodeError:
+            return 1007, "close reason is not UTF-8"
+    return None
 
 
 class SlowConsumer(Exception):
@@ -108,11 +130,19 @@ class EbbcastProtocol(WebSocketProtocol13):
             hook()
         super()._abort()
 
+    def _handle_message(self, opcode: int, data: bytes) -> Any:
+        """A client's close frame that Tornado would echo (a bad code, one byte) or
+        raise on (a reason that is not UTF-8) fails the connection instead: our
+        close frame with the code that says why, then the TCP connection closes."""
+        if opcode == OPCODE_CLOSE and not self.client_terminated:
+            problem = close_frame_problem(data)
+            if problem is not None:
+                self.client_terminated = True  # so close() also closes the stream
+                self.close(*problem)
+                return None
+        return super()._handle_message(opcode, data)
+
     def close(self, code: int | None = None, reason: str | None = None) -> None:
-        if self.client_terminated and code is not None and code == self.close_code \
-                and not valid_close_code(code):
-            # Tornado is echoing a client's close code; refuse an invalid one.
-            code, reason = 1002, "invalid close code"
         if not self.server_terminated and self.server_close_code is None:
             self.server_close_code = code
         super().close(code, reason)
@@ -191,13 +221,17 @@ def start_protocol(delegate: Any, stream: IOStream, max_message_size: int) -> Eb
         max_message_size=max_message_size))
     protocol.stream = stream
     reader = asyncio.ensure_future(protocol._receive_frame_loop())
-    reader.add_done_callback(_reader_stopped)
+    reader.add_done_callback(partial(_reader_stopped, stream))
     return protocol
 
 
-def _reader_stopped(reader: asyncio.Future[None]) -> None:
+def _reader_stopped(stream: IOStream, reader: asyncio.Future[None]) -> None:
+    """A reader that raised is a bug: logged, and its connection closed, so that no
+    client is left connected to a socket nobody reads."""
     if not reader.cancelled() and reader.exception() is not None:
-        log.error("a WebSocket reader failed", exc_info=reader.exception())
+        log.error("a WebSocket reader failed: closing its connection",
+                  exc_info=reader.exception())
+        stream.close()
 
 
 def forget_stream_error(protocol: Any) -> None:
@@ -232,7 +266,7 @@ def check_tornado() -> list[str]:
                                                   websocket._WebSocketParams()))
     for name in ("stream", "server_terminated", "client_terminated", "close_code", "params"):
         need(f"WebSocketProtocol13.{name}", partial(hasattr, protocol, name))
-    for name in ("_abort", "close", "is_closing", "_receive_frame_loop"):
+    for name in ("_abort", "_handle_message", "close", "is_closing", "_receive_frame_loop"):
         need(f"WebSocketProtocol13.{name}()", partial(_has_method, WebSocketProtocol13, name))
     mine, theirs = socket.socketpair()
     try:
