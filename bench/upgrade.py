@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "bench"), str(REPO / "tests")]
 
 from harness import machine, save_results  # noqa: E402
-from helpers import DaemonProcess  # noqa: E402
-from wsload import raise_open_files_limit, upgrades_under_load  # noqa: E402
+from helpers import DaemonProcess, set_open_files_limit  # noqa: E402
+from wsload import upgrades_under_load  # noqa: E402
 
 ENV = {"EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0", "EBBCAST_LIMITS_MESSAGES_PER_SECOND": "0",
        "EBBCAST_KEEPALIVE_PING_INTERVAL": "60s"}
@@ -87,7 +87,7 @@ def main() -> int:
     parser.add_argument("--spread", default="5s")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    raise_open_files_limit()
+    set_open_files_limit()
     started = datetime.datetime.now()
     results = [run(workers, args.clients, args.upgrades, args.rate, args.spread)
                for workers in (1, 2)]

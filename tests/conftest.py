@@ -4,40 +4,60 @@ helpers they use are in helpers.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import signal
+import socket
 import subprocess
+import tempfile
+import unittest.mock
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from ebbcast.daemon import Daemon
 from helpers import REPO, STEP_TIMEOUT, DaemonProcess, RedisServer, RunningDaemon, test_config
 
 
-def redis_dumps_in_the_tree() -> set[Path]:
-    """Every *.rdb file under the repository, virtualenvs and node_modules aside."""
+# hypothesis keeps no example database (a failing example is printed, and @example
+# pins one for good) and its caches outside the checkout (not in ./.hypothesis/).
+settings.register_profile("ebbcast", database=None)
+settings.load_profile("ebbcast")
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "ebbcast-hypothesis")
+
+
+#: What `make test` itself builds in the checkout before the tests run, and Python's
+#: byte code: every other file a test run creates there is a bug.
+BUILT = {".git", "node_modules", "__pycache__", ".mypy_cache", ".venv27", ".bootstrap27",
+         "build", "ebbcast.egg-info"}
+
+
+def files_in_the_checkout() -> set[Path]:
+    """Every file under the repository, what BUILT names and the virtualenvs aside."""
     found = set()
     for folder, subfolders, files in os.walk(REPO):
-        subfolders[:] = [d for d in subfolders
-                         if not d.startswith((".venv", ".git")) and d != "node_modules"]
-        found.update(Path(folder, f) for f in files if f.endswith(".rdb"))
+        subfolders[:] = [d for d in subfolders if d not in BUILT and not d.startswith(".venv")]
+        found.update(Path(folder, f) for f in files)
     return found
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_redis_writes_a_dump_into_the_tree() -> Iterator[None]:
-    """Every Redis the tests start works in a temporary directory: a dump file that
-    appears in the repository (which .gitignore would hide from git) fails the run."""
-    before = redis_dumps_in_the_tree()
+def the_run_creates_no_file_in_the_checkout() -> Iterator[None]:
+    """Every server a test starts works in a temporary directory, and every file a
+    test writes goes there too: one that appears in the checkout (a Redis dump, a
+    built load generator, a tool's cache), ignored by git or not, fails the run."""
+    before = files_in_the_checkout()
     yield
-    assert redis_dumps_in_the_tree() - before == set()
+    assert sorted(map(str, files_in_the_checkout() - before)) == []
 
 
 #: Fixtures that start processes: a test using one is not `fast`.
-PROCESS_FIXTURES = {"spawn", "redis_server"}
+PROCESS_FIXTURES = {"spawn", "redis_server", "wsbench"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -50,18 +70,32 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.fast)
 
 
-@pytest.fixture(autouse=True)
-def fast_tests_start_no_process(request: pytest.FixtureRequest,
-                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """A `fast` test that starts a process fails, naming the marker it lacks."""
-    if request.node.get_closest_marker("fast") is None:
+@contextlib.contextmanager
+def no_process_unless_allowed(item: pytest.Item) -> Iterator[None]:
+    """Around a `fast` test's set-up (its fixtures, module-scoped ones included) and
+    call: starting a process fails, naming the marker the test lacks."""
+    if item.get_closest_marker("fast") is None:
+        yield
         return
 
     def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError(f"{request.node.nodeid} is marked fast but starts a process "
+        raise AssertionError(f"{item.nodeid} is marked fast but starts a process "
                              f"({args[:1]!r}): mark it `processes`")
 
-    monkeypatch.setattr(subprocess, "Popen", refuse)
+    with unittest.mock.patch.object(subprocess, "Popen", refuse):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with no_process_unless_allowed(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with no_process_unless_allowed(item):
+        yield
 
 
 @pytest.fixture
@@ -118,6 +152,32 @@ def spawn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Da
     yield start
     for proc in procs:
         proc.kill()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
+    """A NOTIFY_SOCKET as systemd has it (AF_UNIX datagrams, the sender's credentials
+    on each: see helpers.notifications)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # learn who sends
+        sock.bind(str(tmp_path / "notify.sock"))
+        sock.settimeout(STEP_TIMEOUT)
+        yield sock
+
+
+@pytest.fixture(scope="session")
+def wsbench(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bench/loadgen's load generator (C), built once per run outside the checkout."""
+    compiler = os.environ.get("CC", "cc")
+    missing = [tool for tool in ("make", compiler) if shutil.which(tool) is None]
+    assert not missing, (f"building bench/loadgen/wsbench needs {missing} (Debian: "
+                         "apt-get install gcc make libc6-dev, or `make test-deps`)")
+    path = tmp_path_factory.mktemp("loadgen") / "wsbench"
+    done = subprocess.run(["make", "-s", "-C", str(REPO / "bench" / "loadgen"),
+                           f"WSBENCH={path}"], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, "building wsbench failed:\n" + done.stdout + done.stderr
+    return path
 
 
 @pytest.fixture

@@ -98,18 +98,21 @@ class RunningDaemon:
         return await asyncio.wait_for(asyncio.shield(self.task), STEP_TIMEOUT)
 
 
-async def recv(conn: WebSocketClientConnection) -> str | bytes | None:
-    return await asyncio.wait_for(conn.read_message(), STEP_TIMEOUT)
+async def recv(conn: Any) -> str | bytes | None:
+    """The next frame of a Tornado client or of a ``websockets`` asyncio one."""
+    read = conn.read_message if hasattr(conn, "read_message") else conn.recv
+    return await asyncio.wait_for(read(), STEP_TIMEOUT)  # type: ignore[no-any-return]
 
 
-async def recv_json(conn: WebSocketClientConnection) -> dict[str, Any]:
+async def recv_json(conn: Any) -> dict[str, Any]:
     frame = await recv(conn)
     assert isinstance(frame, str), f"expected a text frame, got {frame!r}"
     return json.loads(frame)  # type: ignore[no-any-return]
 
 
-async def recv_until(conn: WebSocketClientConnection, frame_type: str) -> dict[str, Any]:
-    """Skip frames until one of ``frame_type`` arrives."""
+async def recv_until(conn: Any, frame_type: str = "message") -> dict[str, Any]:
+    """Skip frames until one of ``frame_type`` arrives (an asyncio client's
+    ``recv_frame``)."""
     while True:
         frame = await recv_json(conn)
         if frame["type"] == frame_type:
@@ -388,7 +391,7 @@ class RedisServer:
             assert self._run(self.port), f"port {self.port} was taken while Redis was down"
             return
         for _ in range(10):
-            port = _below_ephemeral_ports()
+            port = port_below_ephemeral_range()
             if self._run(port):
                 self.port = port
                 return
@@ -447,7 +450,17 @@ def wait_for_own_redis(proc: subprocess.Popen[Any], client: Callable[[], Any]) -
     return False
 
 
-def _below_ephemeral_ports() -> int:
+def set_open_files_limit(soft: int | None = None, hard: int | None = None) -> None:
+    """This process's open files limit (RLIMIT_NOFILE): ``hard`` (default: as it is)
+    and ``soft`` (default: the hard limit, as many sockets as allowed). As a
+    ``preexec_fn``, with functools.partial, a daemon's limit at its start."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1] if hard is None else hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard if soft is None else soft, hard))
+
+
+def port_below_ephemeral_range() -> int:
     """A random port under net.ipv4.ip_local_port_range (never handed out by the
     kernel for port 0 or an outgoing connection)."""
     import random
@@ -455,6 +468,24 @@ def _below_ephemeral_ports() -> int:
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     return random.randrange(max(1024, low - 10_000), low)
 
+
+def serve_on_a_port_of_its_own(spawn: Any, *args: str, **kwargs: Any) -> DaemonProcess:
+    """A daemon whose public port is below the ephemeral range, for a test where
+    another daemon takes the same port after this one has exited: no port-0 bind or
+    outgoing connection can take it in between. Another port if it was taken (the
+    daemon exits 3)."""
+    for _ in range(10):
+        d = spawn("--port", str(port_below_ephemeral_range()), *args, wait=False, **kwargs)
+        try:
+            return d.wait_serving()  # type: ignore[no-any-return]
+        except AssertionError:
+            if d.wait_exit() != 3:
+                raise
+    raise AssertionError("no free port below the ephemeral range in 10 tries")
+
+
+#: Both listeners on ports the OS picks (read back from the "serving" line).
+FAST = ("--port", "0", "--admin-port", "0")
 
 QUICK = {"EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0", "EBBCAST_ADMIN_TOKEN": "secret-token",
          "EBBCAST_LIMITS_MESSAGES_PER_SECOND": "0"}
@@ -487,7 +518,8 @@ def start_workers(spawn: Any, workers: int = 2, *args: str, **env: str) -> Daemo
 
 
 def recv_frame(ws: ClientConnection, frame_type: str = "message") -> dict[str, Any]:
-    """The next frame of ``frame_type``, skipping others (periodic frames)."""
+    """The next frame of ``frame_type``, skipping others (periodic frames), from a
+    ``websockets`` sync client (``recv_until`` for an asyncio one)."""
     while True:
         frame = json.loads(ws.recv(timeout=STEP_TIMEOUT))
         if frame["type"] == frame_type:
@@ -505,6 +537,11 @@ def recv_kinds(ws: ClientConnection, count: int) -> dict[str, dict[str, Any]]:
     return got
 
 
+def pid_of(welcome: dict[str, Any]) -> int:
+    """The pid of the process that sent a welcome frame (its ``server`` field)."""
+    return int(welcome["server"].rsplit(":", 1)[1])
+
+
 def clients_on_every_worker(d: DaemonProcess, workers: int, each: int = 1,
                             opened: list[ClientConnection] | None = None,
                             **dial_args: Any) -> dict[int, list[ClientConnection]]:
@@ -516,7 +553,7 @@ def clients_on_every_worker(d: DaemonProcess, workers: int, each: int = 1,
         if len(by_pid) == workers and all(len(c) >= each for c in by_pid.values()):
             return dict(by_pid)
         ws = dial(d.ws_url, **dial_args)
-        pid = int(recv_frame(ws, "welcome")["server"].rsplit(":", 1)[1])
+        pid = pid_of(recv_frame(ws, "welcome"))
         if len(by_pid[pid]) < each:
             by_pid[pid].append(ws)
             if opened is not None:
@@ -525,6 +562,24 @@ def clients_on_every_worker(d: DaemonProcess, workers: int, each: int = 1,
             ws.close()
     raise AssertionError(f"connections did not reach all {workers} workers: "
                          f"{ {p: len(c) for p, c in by_pid.items()} }")
+
+
+def promtool(*args: str, stdin: str | None = None,
+             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Debian's promtool (package prometheus) with ``args``."""
+    import shutil
+
+    path = shutil.which("promtool")
+    assert path, "promtool is missing: install Debian's prometheus package (make test-deps)"
+    return subprocess.run([path, *args], input=stdin, capture_output=True, text=True,
+                          cwd=cwd, timeout=30)
+
+
+def promtool_accepts(exposition: str) -> None:
+    """``promtool check metrics`` finds nothing to say about ``exposition``."""
+    checked = promtool("check", "metrics", stdin=exposition)
+    assert checked.returncode == 0 and checked.stdout + checked.stderr == "", \
+        checked.stdout + checked.stderr
 
 
 def status(d: DaemonProcess) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 import redis
 from websockets.exceptions import ConnectionClosed
 
-from helpers import (STEP_TIMEOUT, RedisServer, _below_ephemeral_ports, dial, wait_for,
+from helpers import (STEP_TIMEOUT, RedisServer, port_below_ephemeral_range, dial, wait_for,
                      wait_for_own_redis)
 
 MASTER_NAME = "mymaster"
@@ -42,7 +42,7 @@ class Sentinel:
 
     def start(self) -> None:
         for _ in range(10):
-            port = self.port or _below_ephemeral_ports()
+            port = self.port or port_below_ephemeral_range()
             if self._run(port):
                 self.port = port
                 return

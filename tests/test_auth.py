@@ -26,7 +26,7 @@ from tornado.websocket import websocket_connect
 from ebbcast.auth import Denial, Grant, TokenVerifier, bearer_token, mint
 from ebbcast.config import ConfigError, load_config, render_toml
 from ebbcast.handshake import Acceptance, Refusal, Terms, decide
-from helpers import STEP_TIMEOUT, recv_json, recv_until, wait_until
+from helpers import STEP_TIMEOUT, metric, recv_json, recv_until, wait_until
 
 KEY = "k" * 40
 NOW = 1_800_000_000.0
@@ -290,9 +290,13 @@ async def test_a_connection_is_closed_with_4001_when_its_token_expires(
         start_daemon: Any) -> None:
     d = await start_daemon(**JWT)
     lasting = await welcomed(d, ttl=60, sub="lasting")
-    expiring = await welcomed(d, ttl=1.0)
+    # long enough to connect on a busy machine, short enough to wait for
+    expires_at = time.time() + STEP_TIMEOUT / 4
+    expiring = await d.connect(f"?token={hs256({'sub': 'alice', 'exp': expires_at})}")
+    assert (await recv_json(expiring))["type"] == "welcome"
     while await asyncio.wait_for(expiring.read_message(), STEP_TIMEOUT) is not None:
         pass
+    assert time.time() >= expires_at  # closed at its exp, not before
     assert (expiring.close_code, expiring.close_reason) == (4001, "token expired")
     expired = d.daemon.ctx.metrics.disconnections.labels("token_expired")
     await wait_until(lambda: expired._value.get() == 1)  # counted when the close completes
@@ -359,6 +363,23 @@ def test_the_client_command_sends_its_token_and_stops_on_401(spawn: Any) -> None
     # neither the key nor a token reaches the log, even at debug
     d.wait_for_log(r"refused WebSocket handshake .* 401 auth")
     assert KEY not in d.log_text() and token not in d.log_text()
+
+
+def test_the_reconnecting_client_exits_1_once_its_expired_token_is_refused(
+        spawn: Any) -> None:
+    """4001 at the token's exp: the client reconnects as it would after any close,
+    with the token it has, which is refused now (401): it stops with exit 1."""
+    d = spawn("--port", "0", "--admin-port", "0",
+              env={"EBBCAST_AUTH_MODE": "jwt", "EBBCAST_AUTH_JWT_KEY": KEY,
+                   "EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0"})
+    expires_at = time.time() + STEP_TIMEOUT / 4  # time enough to connect first
+    token = hs256({"sub": "frank", "exp": expires_at})
+    done = ebbcast("client", d.ws_url, "--token", token, "--reconnect", "--listen", "60s")
+    assert time.time() >= expires_at
+    assert done.returncode == 1, done.stderr
+    assert json.loads(done.stdout.splitlines()[0])["client_id"] == "frank"  # it was in
+    assert "the token was refused (HTTP 401)" in done.stderr
+    assert metric(d, 'ebbcast_disconnections_total{reason="token_expired"}') == 1
 
 
 def test_workers_check_tokens_with_the_key_from_the_environment(spawn: Any) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import random
+from collections.abc import Callable
 from typing import Any
 
-from helpers import recv_json, wait_until
+from helpers import STEP_TIMEOUT, recv, recv_json, wait_until
 from ebbcast.backplane import BACKOFF_MAX, backoff_delays, decode, encode
 
 
@@ -60,8 +63,8 @@ async def test_frames_cross_instances_both_ways_exactly_once_in_one_order(start_
     texts = [frame["text"] for frame in seen[0]]
     assert sorted(texts) == ["from b", "one", "three", "two"]
     assert [t for t in texts if t != "from b"] == ["one", "two", "three"]  # sender's order
-    first = welcome["offset"] + 1
-    assert [frame["offset"] for frame in seen[0]] == list(range(first, first + 4))
+    assert welcome["offset"] == 0  # a Redis of its own: nothing from an earlier run
+    assert [frame["offset"] for frame in seen[0]] == [1, 2, 3, 4]
     await a.write_message("marker")  # anything duplicated would arrive before it
     assert (await recv_json(b))["text"] == "marker"
     assert (await recv_json(a))["text"] == "marker"
@@ -93,7 +96,7 @@ async def test_redis_outage_keeps_local_delivery_and_counts_the_loss(start_daemo
     await wait_until(lambda: metrics.backplane_up._value.get() == 0)
     await a.write_message("during the outage")
     assert (await recv_json(a2))["text"] == "during the outage"  # local delivery goes on
-    await wait_until(lambda: metrics.backplane_dropped._value.get() >= 1)
+    await wait_until(lambda: metrics.backplane_dropped._value.get() == 1)
     exposition = (await one.admin("/metrics")).body.decode()
     assert "ebbcast_backplane_up 0.0" in exposition
     during = await recv_json(a)  # its own frame, delivered here without an offset
@@ -111,6 +114,15 @@ async def test_redis_outage_keeps_local_delivery_and_counts_the_loss(start_daemo
     await a.write_message("after the outage")
     after = await recv_json(b)  # and never the lost one
     assert (after["text"], after["offset"]) == ("after the outage", epoch["offset"] + 1)
+    # the one frame lost to instance two is counted once: dropped where it was sent
+    assert lost_counts(one, two) == {"one dropped": 1, "one missed": 0,
+                                     "two dropped": 0, "two missed": 0}
+
+
+def lost_counts(one: Any, two: Any) -> dict[str, float]:
+    """ebbcast_backplane_dropped_total and _missed_total of two in-process instances."""
+    return {f"{name} {kind}": getattr(d.daemon.metrics, f"backplane_{kind}")._value.get()
+            for name, d in (("one", one), ("two", two)) for kind in ("dropped", "missed")}
 
 
 def test_a_daemon_whose_redis_is_down_serves_locally_and_says_so(spawn):
@@ -122,9 +134,11 @@ def test_a_daemon_whose_redis_is_down_serves_locally_and_says_so(spawn):
 
     from helpers import STEP_TIMEOUT
 
-    with socket.socket() as sock:  # a port where no Redis listens
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    # a port where nothing can listen: bound here (connecting to it is refused) and
+    # held for the whole test, so no other process can take it meanwhile
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    port = held.getsockname()[1]
     d = spawn("--port", "0", "--admin-port", "0",
               env={"EBBCAST_BACKPLANE_URL": f"redis://127.0.0.1:{port}/0"})
     d.wait_for_log(rf"backplane unreachable: 127.0.0.1:{port}; local delivery goes on")
@@ -141,6 +155,7 @@ def test_a_daemon_whose_redis_is_down_serves_locally_and_says_so(spawn):
     d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0
     assert d.log_text().count("backplane unreachable") == 1
+    held.close()
 
 
 async def test_a_draining_instance_names_the_live_ones_in_its_shutdown_frame(start_daemon,
@@ -204,10 +219,111 @@ async def test_redis_restarted_under_load_loses_nothing_locally(start_daemon, re
     texts = [int(text) for text in far_texts]
     assert texts == sorted(set(texts)) and texts[:100] == list(range(100))
     assert far_epochs == 1  # the far side's clients know their offsets start again
-    # what was delivered on instance one without an offset never crossed, and is counted
-    assert sent - len(texts) >= metrics.backplane_dropped._value.get() >= 1
+    # each frame that did not reach instance two is counted exactly once: dropped by
+    # instance one (delivered there without an offset, never published) or missed by
+    # instance two (published while its subscription was down)
+    lost = lost_counts(one, two)
+    assert lost["one dropped"] >= 1 and lost["one missed"] == lost["two dropped"] == 0
+    assert sent - len(texts) == lost["one dropped"] + lost["two missed"]
     exposition = (await one.admin("/metrics")).body.decode()
     assert "ebbcast_backplane_up 1.0" in exposition
+
+
+def subscriptions(redis_server: Any) -> set[str]:
+    """The ids of the Redis clients that hold a subscription (every instance's own)."""
+    with redis_server.client() as redis:
+        return {str(c["id"]) for c in redis.client_list(_type="pubsub")}
+
+
+async def second_instance_with_its_subscription(start_daemon: Any, redis_server: Any,
+                                                **overrides: str) -> tuple[Any, Any, str]:
+    """Two instances on one Redis, and the id of the second one's subscription."""
+    up = lambda d: d.daemon.metrics.backplane_up._value.get() == 1  # noqa: E731
+    one = await start_daemon(backplane__url=redis_server.url, **overrides)
+    await wait_until(lambda: up(one) and len(subscriptions(redis_server)) == 1)
+    before = subscriptions(redis_server)
+    two = await start_daemon(backplane__url=redis_server.url, **overrides)
+    await wait_until(lambda: up(two) and len(subscriptions(redis_server)) == 2)
+    (theirs,) = subscriptions(redis_server) - before
+    return one, two, theirs
+
+
+async def send_until(sender: Any, done: Callable[[], bool]) -> int:
+    """Frames "0", "1", ... until ``done()``, then "end"; how many numbers were sent."""
+    sent = 0
+    deadline = asyncio.get_running_loop().time() + STEP_TIMEOUT
+    while not done():
+        assert asyncio.get_running_loop().time() < deadline, "never done"
+        await sender.write_message(str(sent))
+        sent += 1
+        await asyncio.sleep(0.002)
+    await sender.write_message("end")
+    return sent
+
+
+async def numbers_until_end(conn: Any, text: Callable[[Any], str]) -> list[int]:
+    numbers = []
+    while (got := text(await recv(conn))) != "end":
+        numbers.append(int(got))
+    return numbers
+
+
+def test_raw_frames_sent_while_a_subscription_was_down_are_each_counted_missed(
+        spawn, redis_server):
+    """Redis pub/sub keeps nothing for an absent subscriber: with the raw envelope
+    (no offsets, no history) what instance two missed is lost, and counted there,
+    exactly: the frames one sent minus those two's client got. (Two processes: an
+    instance never delivers frames that carry its own node id, host and pid.)"""
+    from helpers import close_all, dial, metric, wait_for
+
+    env = {"EBBCAST_BACKPLANE_URL": redis_server.url, "EBBCAST_BROADCAST_ENVELOPE": "raw",
+           "EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0", "EBBCAST_LIMITS_MESSAGES_PER_SECOND": "0",
+           "EBBCAST_BROADCAST_ECHO_TO_SENDER": "false"}
+    one = spawn("--port", "0", "--admin-port", "0", env=env)
+    wait_for(lambda: len(subscriptions(redis_server)) == 1)
+    before = subscriptions(redis_server)
+    two = spawn("--port", "0", "--admin-port", "0", env=env)
+    wait_for(lambda: len(subscriptions(redis_server)) == 2)
+    (theirs,) = subscriptions(redis_server) - before
+    sender, far = dial(one.ws_url), dial(two.ws_url)
+    sender.send("first")  # both clients are in: this one crosses
+    assert far.recv(timeout=STEP_TIMEOUT) == "first"
+    with redis_server.client() as redis:
+        assert redis.client_kill_filter(_id=theirs) == 1  # two resubscribes after a backoff
+    sent = 0
+    while metric(two, "ebbcast_backplane_missed_total") == 0:  # counted at the next frame
+        assert sent < 10_000, "instance two never counted a missed frame"
+        sender.send(str(sent))
+        sent += 1
+    sender.send("end")
+    got = []
+    while (text := far.recv(timeout=STEP_TIMEOUT)) != "end":
+        got.append(int(text))
+    assert got == sorted(set(got)) and set(got) <= set(range(sent))
+    lost = {f"{name} {kind}": metric(d, f"ebbcast_backplane_{kind}_total")
+            for name, d in (("one", one), ("two", two)) for kind in ("dropped", "missed")}
+    assert lost == {"one dropped": 0, "one missed": 0, "two dropped": 0,
+                    "two missed": sent - len(got)}
+    close_all([sender, far])
+
+
+async def test_json_frames_sent_while_a_subscription_was_down_come_from_the_history(
+        start_daemon, redis_server):
+    """With offsets (the json envelope), a gap is filled from Redis's history stream:
+    instance two's client gets every frame, once, in order; nothing is counted lost."""
+    one, two, theirs = await second_instance_with_its_subscription(
+        start_daemon, redis_server, limits__messages_per_second="0")
+    sender, _ = await one.connect_welcomed("/sender")
+    far, _ = await two.connect_welcomed("/far")
+    with redis_server.client() as redis:
+        assert redis.client_kill_filter(_id=theirs) == 1
+    resubscribed = lambda: theirs not in subscriptions(redis_server) and \
+        len(subscriptions(redis_server)) == 2  # noqa: E731
+    sent = await send_until(sender, resubscribed)
+    got = await numbers_until_end(far, lambda frame: json.loads(frame)["text"])
+    assert got == list(range(sent))
+    assert lost_counts(one, two) == {"one dropped": 0, "one missed": 0, "two dropped": 0,
+                                     "two missed": 0}
 
 
 def test_an_instance_with_workers_and_a_single_one_share_redis(spawn, redis_server):

@@ -19,6 +19,12 @@ from helpers import REPO
 pytestmark = pytest.mark.processes
 
 
+@pytest.fixture(autouse=True)
+def loadgen_outside_the_checkout(wsbench: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmarks take the load generator the tests built (bench/harness.py)."""
+    monkeypatch.setenv("EBBCAST_WSBENCH", str(wsbench))
+
+
 def quick_run(script: str, out: Path, *args: str) -> tuple[str, Any]:
     """Run ``bench/<script> --quick --out OUT ARGS``; its stdout and saved JSON."""
     done = subprocess.run([sys.executable, str(REPO / "bench" / script), "--quick",

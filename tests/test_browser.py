@@ -32,7 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from helpers import REPO, STEP_TIMEOUT
+from helpers import FAST, REPO, STEP_TIMEOUT, serve_on_a_port_of_its_own
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, BrowserContext, Page, Playwright
@@ -41,7 +41,6 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
                  "--disable-dev-shm-usage"]
-FAST = ("--port", "0", "--admin-port", "0")
 #: Quiet daemons: no periodic frames unless a test asks for them.
 QUIET = {"EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0"}
 DOCS_SCREENSHOT = REPO / "docs" / "screenshot-drain.png"
@@ -330,7 +329,8 @@ def test_drain_screenshot(spawn: Callable[..., Any], tabs: Tabs, tmp_path: Path)
 
 def test_page_reconnects_to_a_new_daemon_on_the_same_port(spawn: Callable[..., Any],
                                                           tabs: Tabs) -> None:
-    first = spawn("--port", "0", "--admin-port", "0", "--drain-timeout", "60s", env=QUIET)
+    first = serve_on_a_port_of_its_own(spawn, "--admin-port", "0", "--drain-timeout", "60s",
+                                       env=QUIET)
     port = first.ws_url.rsplit(":", 1)[1].split("/")[0]  # the second daemon takes it over
     page = tabs.open(page_url(first.ws_url))
     wait_welcomed(page)

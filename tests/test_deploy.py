@@ -23,24 +23,17 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from helpers import REPO, STEP_TIMEOUT, dial, recv_frame, wait_for
+from helpers import REPO, STEP_TIMEOUT, dial, promtool, recv_frame, wait_for
 
 PROMETHEUS = REPO / "deploy" / "prometheus"
 RULES, RULE_TESTS = PROMETHEUS / "ebbcast-rules.yml", PROMETHEUS / "ebbcast-rules.test.yml"
 
 
-def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    path = shutil.which("promtool")
-    assert path, "promtool is missing: install Debian's prometheus package (make test-deps)"
-    return subprocess.run([path, *args], capture_output=True, text=True, cwd=PROMETHEUS,
-                          timeout=STEP_TIMEOUT)
-
-
 @pytest.mark.processes
 def test_the_rules_load_and_pass_their_unit_tests():
-    checked = promtool("check", "rules", RULES.name)
+    checked = promtool("check", "rules", RULES.name, cwd=PROMETHEUS)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    tested = promtool("test", "rules", RULE_TESTS.name)
+    tested = promtool("test", "rules", RULE_TESTS.name, cwd=PROMETHEUS)
     assert tested.returncode == 0, tested.stdout + tested.stderr
 
 

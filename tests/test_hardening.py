@@ -5,14 +5,14 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 from websockets.exceptions import WebSocketException
 from websockets.sync.client import connect
 
-from helpers import STEP_TIMEOUT, _never_reading_client, http_json
+from helpers import FAST, STEP_TIMEOUT, _never_reading_client, http_json, set_open_files_limit
 
-FAST = ("--port", "0", "--admin-port", "0")
 TOKEN = "s3cr3t-t0ken-never-logged"
 
 
@@ -101,14 +101,8 @@ def test_a_client_that_never_reads_is_cut_off_without_growing_the_daemon(spawn):
     assert 'ebbcast_disconnections_total{reason="slow_consumer"} 1.0' in metrics
 
 
-def _tiny_open_files_limit() -> None:
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-
-
 def test_running_out_of_descriptors_sheds_connections_without_a_log_flood(spawn):
-    d = spawn(*FAST, preexec_fn=_tiny_open_files_limit)
+    d = spawn(*FAST, preexec_fn=partial(set_open_files_limit, 64, 64))
     host, port = d.ws_url.split("/")[2].rsplit(":", 1)
     flood = []
     try:

@@ -7,7 +7,7 @@ import json
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from ebbcast.client import ReconnectingSession, follow_nodes
@@ -104,6 +104,13 @@ operations = st.lists(st.one_of(
 
 @settings(max_examples=300, deadline=None)
 @given(size=st.integers(0, 8), ttl=st.sampled_from([0.0, 5.0]), ops=operations)
+# every run takes each branch of a resume at least once, whatever hypothesis draws:
+@example(size=4, ttl=0.0, ops=[("disconnect", 0), ("publish", 2), ("resume", 0)])  # replayed
+@example(size=2, ttl=0.0, ops=[("disconnect", 0), ("publish", 3), ("resume", 0)])  # too many
+@example(size=8, ttl=5.0, ops=[("disconnect", 1), ("publish", 1), ("wait", 6.0),
+                               ("resume", 1)])  # kept too long ago
+@example(size=8, ttl=0.0, ops=[("disconnect", 2), ("restart", 0), ("publish", 1),
+                               ("resume", 2)])  # another epoch
 def test_every_client_sees_a_gap_free_run_or_is_told_it_did_not_recover(
         size: int, ttl: float, ops: list[tuple[str, float]]) -> None:
     """Three clients against one history: connected ones get every broadcast
@@ -119,7 +126,6 @@ def test_every_client_sees_a_gap_free_run_or_is_told_it_did_not_recover(
     last = [0, 0, 0]  # offset each client has seen last
     epoch_of = ["epoch-0"] * 3
     runs: list[list[list[int]]] = [[[]], [[]], [[]]]  # per client: runs of offsets
-    recoveries = 0
     for op, arg in ops:
         if op == "publish":
             for _ in range(int(arg)):
@@ -144,8 +150,8 @@ def test_every_client_sees_a_gap_free_run_or_is_told_it_did_not_recover(
             replay = history.replay(Resume(last[c], epoch_of[c]), now)
             assert replay.recovered == kept_in_model(
                 size, ttl, published, last[c], epoch_of[c] == history.epoch, now)
+            event("resume recovered" if replay.recovered else "resume not recovered")
             if replay.recovered:
-                recoveries += 1
                 runs[c][-1].extend(json.loads(f)["offset"] for f in replay.frames)
             else:
                 runs[c].append([])  # the application reloads: a new run starts

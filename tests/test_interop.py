@@ -14,30 +14,23 @@ import subprocess
 
 from websockets.sync.client import connect
 
-from helpers import REPO, STEP_TIMEOUT
+from helpers import REPO, STEP_TIMEOUT, recv_frame
 
 NODE_MODULES = REPO / "bench" / "servers" / "node_ws" / "node_modules"
-
-
-def frames_until(ws, frame_type: str) -> dict:
-    while True:
-        frame = json.loads(ws.recv(timeout=STEP_TIMEOUT))
-        if frame["type"] == frame_type:
-            return frame
 
 
 def test_websockets_clients_chat_and_see_the_drain_end_to_end(spawn):
     d = spawn("--port", "0", "--admin-port", "0", "--drain-timeout", "60s")
     with connect(d.ws_url + "/py-a") as a, connect(d.ws_url + "/py-b") as b:
-        frames_until(a, "welcome")
-        frames_until(b, "welcome")
+        recv_frame(a, "welcome")
+        recv_frame(b, "welcome")
         a.send("hi b")
-        assert frames_until(b, "message")["text"] == "hi b"
+        assert recv_frame(b, "message")["text"] == "hi b"
         d.signal(signal.SIGTERM)
-        assert frames_until(a, "shutdown")["reason"] == "draining"
-        frames_until(b, "shutdown")
+        assert recv_frame(a, "shutdown")["reason"] == "draining"
+        recv_frame(b, "shutdown")
         b.send("bye a")  # still served during the drain
-        message = frames_until(a, "message")
+        message = recv_frame(a, "message")
         assert (message["from"], message["text"]) == ("py-b", "bye a")
     assert d.wait_exit() == 0
 

@@ -9,31 +9,15 @@ import socket
 import threading
 import time
 
-import pytest
 from websockets.sync.client import connect
 
-from helpers import STEP_TIMEOUT, http_json, package_copy, patch_module, wait_for
+from helpers import STEP_TIMEOUT, http_json, notifications, package_copy, patch_module, wait_for
 from ebbcast.notify import SystemdNotifier
-
-
-@pytest.fixture
-def notify_socket(tmp_path):
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(tmp_path / "notify.sock"))
-    sock.settimeout(STEP_TIMEOUT)
-    with sock:
-        yield sock
 
 
 def messages_until(sock: socket.socket, wanted: str) -> list[dict[str, str]]:
     """Datagrams (as dicts of assignments) up to the first that contains ``wanted``."""
-    got = []
-    while True:
-        datagram = sock.recv(4096).decode()
-        fields = dict(line.split("=", 1) for line in datagram.splitlines())
-        got.append(fields)
-        if wanted in datagram.splitlines():
-            return got
+    return [fields for _, fields in notifications(sock, wanted)]
 
 
 def test_daemon_notifies_ready_stopping_status_extend_and_watchdog(spawn, notify_socket):
@@ -111,10 +95,11 @@ def test_the_watchdog_stops_while_the_event_loop_is_stuck(spawn, notify_socket, 
     stuck = threading.Thread(target=http_json, args=(d.admin_url + "/healthz",))
     stuck.start()
     arrivals = [time.monotonic()]
-    while len(arrivals) < 20:  # 2 s of pings if the loop were free
+    while stuck.is_alive():  # the loop is stuck for 1.5 s of these
         messages_until(notify_socket, "WATCHDOG=1")
         arrivals.append(time.monotonic())
-    stuck.join(STEP_TIMEOUT)
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    assert max(gaps) >= 1.2, gaps  # none while the loop was stuck...
-    assert gaps[-1] < 0.5, gaps  # ...and again every 100 ms once it runs
+    # none while the loop was stuck (a busy machine only widens the gap)...
+    assert max(gaps) >= 1.2, gaps
+    for _ in range(5):  # ...and they come again once it runs
+        messages_until(notify_socket, "WATCHDOG=1")

@@ -9,21 +9,21 @@ import contextlib
 import datetime
 import json
 import math
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from helpers import (REPO, STEP_TIMEOUT, closed_code, http_json, package_copy,
-                     patch_module)
-
-FAST = ("--port", "0", "--admin-port", "0")
+from helpers import (FAST, REPO, STEP_TIMEOUT, closed_code, http_json, package_copy,
+                     patch_module, recv_frame, set_open_files_limit)
 QUICK_PROGRESS = {"EBBCAST_SHUTDOWN_PROGRESS_INTERVAL": "200ms",
                   "EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0",
                   "EBBCAST_ADMIN_TOKEN": "tok"}
@@ -36,33 +36,23 @@ def connect():
         yield lambda url, **kw: stack.enter_context(ws_connect(url, **kw))
 
 
-def recv_json(ws) -> dict:
-    return json.loads(ws.recv(timeout=STEP_TIMEOUT))
-
-
-def recv_type(ws, frame_type: str) -> dict:
-    while True:
-        frame = recv_json(ws)
-        if frame["type"] == frame_type:
-            return frame
-
-
 def test_sigterm_drain_story_end_to_end(connect, spawn):
     d = spawn(*FAST, "--drain-timeout", "60s", "--log-level", "debug", env=QUICK_PROGRESS)
     a = connect(d.ws_url + "/a")
     b = connect(d.ws_url + "/b")
-    assert recv_json(a)["type"] == recv_json(b)["type"] == "welcome"
+    recv_frame(a, "welcome")
+    recv_frame(b, "welcome")
     assert d.admin_json("/readyz")[0] == 200
     start = len(d.lines)
     d.signal(signal.SIGTERM)
     for ws in (a, b):
-        shutdown = recv_json(ws)
+        shutdown = recv_frame(ws, "shutdown")
         assert shutdown["type"] == "shutdown" and shutdown["deadline"] > time.time() + 50
     assert d.admin_json("/readyz")[0] == 503
     with pytest.raises(ConnectionRefusedError):  # the public listener is closed: refused
         connect(d.ws_url, open_timeout=STEP_TIMEOUT)
     a.send("during the drain")
-    assert recv_json(b)["text"] == "during the drain"
+    assert recv_frame(b)["text"] == "during the drain"
     # the first progress line: its "Ns left" is the deadline seen from the line's
     # own time (so a late tick on a busy machine still adds up)
     started = log_time(d.wait_for_log(r".* drain started by SIGTERM", start=start).group(0))
@@ -76,20 +66,33 @@ def test_sigterm_drain_story_end_to_end(connect, spawn):
     assert status["state"] == "draining" and status["drain"]["remaining"] == 1
     b.close()  # returns once the daemon has answered the close handshake
     assert d.wait_exit() == 0
-    # within a second of the last client, by the daemon's own clock: from the close
-    # of the last connection to the main process's last line
-    gone = log_time(d.wait_for_log(r".* client b disconnected").group(0))
-    stopped = log_time(d.wait_for_log(r".* stopped \(drained\)$").group(0))
-    assert 0 <= stopped - gone < 1.0, "did not stop within a second of the last client"
+    d.wait_for_log(r".* client b disconnected")
+    d.wait_for_log(r".* stopped \(drained\)$")
     assert "Traceback" not in d.log_text()
+
+
+def test_the_last_client_leaving_ends_the_drain_at_once_not_at_a_tick(connect, spawn):
+    """With the next progress tick a minute away and the deadline two, the daemon
+    can only exit within STEP_TIMEOUT of the last client leaving if that departure
+    itself ends the drain (the exit's latency itself is measured by the soak test)."""
+    d = spawn(*FAST, "--drain-timeout", "120s",
+              env={**QUICK_PROGRESS, "EBBCAST_SHUTDOWN_PROGRESS_INTERVAL": "60s"})
+    ws = connect(d.ws_url)
+    recv_frame(ws, "welcome")
+    d.signal(signal.SIGTERM)
+    recv_frame(ws, "shutdown")
+    ws.close()
+    assert d.wait_exit(STEP_TIMEOUT) == 0
+    assert "drain complete: no connections remain" in d.log_text()
+    assert not re.search(r"draining: \d+ connections remain", d.log_text())  # no tick came
 
 
 def test_sigint_twice_closes_clients_now_with_1001(connect, spawn):
     d = spawn(*FAST, "--drain-timeout", "60s", env=QUICK_PROGRESS)
     ws = connect(d.ws_url)
-    recv_type(ws, "welcome")
+    recv_frame(ws, "welcome")
     d.signal(signal.SIGINT)
-    recv_type(ws, "shutdown")
+    recv_frame(ws, "shutdown")
     d.signal(signal.SIGINT)
     assert closed_code(ws) == 1001
     assert d.wait_exit() == 0
@@ -98,9 +101,9 @@ def test_sigint_twice_closes_clients_now_with_1001(connect, spawn):
 def test_deadline_closes_remaining_clients_and_exits_0(connect, spawn):
     d = spawn(*FAST, "--drain-timeout", "1s", env=QUICK_PROGRESS)
     ws = connect(d.ws_url)
-    recv_type(ws, "welcome")
+    recv_frame(ws, "welcome")
     d.signal(signal.SIGTERM)
-    recv_type(ws, "shutdown")
+    recv_frame(ws, "shutdown")
     assert closed_code(ws) == 1001
     assert d.wait_exit() == 0
     d.wait_for_log(r"drain deadline reached: closing 1 connections with code 1001")
@@ -117,15 +120,15 @@ def test_sighup_applies_reloadable_keys_without_dropping_clients(connect, spawn,
     path.write_text('[broadcast]\nperiodic_interval = "100ms"\nperiodic_text = "before"\n')
     d = spawn("--config", str(path), *FAST)
     ws = connect(d.ws_url)
-    recv_type(ws, "welcome")
-    assert recv_type(ws, "periodic")["text"] == "before"
+    recv_frame(ws, "welcome")
+    assert recv_frame(ws, "periodic")["text"] == "before"
     path.write_text('[broadcast]\nperiodic_interval = "100ms"\nperiodic_text = "after"\n'
                     '[server]\nmax_connections = 5\n')
     mark = len(d.lines)
     d.signal(signal.SIGHUP)
     d.wait_for_log(r"server.max_connections changed; it needs a restart", start=mark)
     d.wait_for_log(r"config reloaded: broadcast.periodic_text", start=mark)
-    while recv_type(ws, "periodic")["text"] != "after":
+    while recv_frame(ws, "periodic")["text"] != "after":
         pass
     path.write_text('[broadcast]\nperiodic_text = 5\nperiod = "1s"\n')
     mark = len(d.lines)
@@ -133,7 +136,7 @@ def test_sighup_applies_reloadable_keys_without_dropping_clients(connect, spawn,
     d.wait_for_log(r"config reload: broadcast.periodic_text: expected a string", start=mark)
     d.wait_for_log(r"config reload: broadcast.period: unknown key", start=mark)
     d.wait_for_log(r"keeping the running configuration", start=mark)
-    assert recv_type(ws, "periodic")["text"] == "after"  # same client, still served
+    assert recv_frame(ws, "periodic")["text"] == "after"  # same client, still served
     ws.close()
     d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0
@@ -242,10 +245,10 @@ def test_json_log_format_is_one_object_per_line(spawn):
 def test_admin_drain_endpoint_behaves_like_sigterm(connect, spawn):
     d = spawn(*FAST, env=QUICK_PROGRESS)
     ws = connect(d.ws_url)
-    recv_type(ws, "welcome")
+    recv_frame(ws, "welcome")
     assert http_json(d.admin_url + "/drain", "POST", b"", token="wrong")[0] == 401
     assert http_json(d.admin_url + "/drain", "POST", b"", token="tok")[0] == 202
-    recv_type(ws, "shutdown")
+    recv_frame(ws, "shutdown")
     ws.close()
     assert d.wait_exit() == 0
 
@@ -274,18 +277,11 @@ def test_a_signal_during_start_up_is_handled_not_fatal(spawn, signum):
     assert "Traceback" not in d.log_text()
 
 
-def _low_open_files_limit() -> None:
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_NOFILE,
-                       (512, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-
-
 def test_the_daemon_raises_its_open_files_limit_to_the_hard_limit(spawn):
     """A terminal's soft limit (often 1024) would stop it at about 1000 clients."""
     import resource
 
-    d = spawn(*FAST, preexec_fn=_low_open_files_limit)
+    d = spawn(*FAST, preexec_fn=partial(set_open_files_limit, 512))
     limits = Path(f"/proc/{d.proc.pid}/limits").read_text()
     (line,) = [row for row in limits.splitlines() if row.startswith("Max open files")]
     soft, hard = line.split()[3:5]

@@ -11,11 +11,10 @@ import json
 import signal
 from pathlib import Path
 
-from helpers import (STEP_TIMEOUT, DaemonProcess, _never_reading_client, close_all, dial,
+from helpers import (FAST, STEP_TIMEOUT, DaemonProcess, _never_reading_client, close_all, dial,
                      exact_reader, http_json, metric, recv_frame, recv_kinds, server_frames,
                      wait_for)
 
-FAST = ("--port", "0", "--admin-port", "0")
 
 
 def reload(d: DaemonProcess, path: Path, text: str, applied: str) -> None:
@@ -92,14 +91,18 @@ def test_keepalive_logging_and_progress_change_on_sighup(spawn, tmp_path):
     quiet = dial(d.ws_url + "/before")
     recv_frame(quiet, "welcome")
     assert "client before connected" not in d.log_text()  # info: no per-client lines
+    # connected before the reload, and never answering a ping
+    silent = _never_reading_client(d.ws_url)
+    silent.settimeout(STEP_TIMEOUT)
+    wait_for(lambda: http_json(d.admin_url + "/status")[1]["connections"] == 2)
     reload(d, path, '[broadcast]\nperiodic_interval = 0\n[logging]\nlevel = "debug"\n'
                     '[keepalive]\nping_interval = "200ms"\nping_timeout = "300ms"\n',
            "keepalive.ping_interval")
     loud = dial(d.ws_url + "/after")
     d.wait_for_log("client after connected")
-    # pings every 200 ms now; a client that never answers them is closed for it
-    silent = _never_reading_client(d.ws_url)
-    silent.settimeout(STEP_TIMEOUT)
+    # pings every 200 ms now, for the connections made before the reload too: within
+    # STEP_TIMEOUT, where the old 20 s interval would send none; and a client that
+    # never answers them is closed for it
     frames = server_frames(exact_reader(silent))
     assert next(frames)[0] == 0x1  # the welcome
     assert next(frames)[0] == 0x9  # a ping, well before the old 20 s interval

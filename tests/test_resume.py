@@ -15,19 +15,10 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from helpers import QUICK, STEP_TIMEOUT, DaemonProcess, RedisServer, metric, wait_for
+from helpers import (QUICK, STEP_TIMEOUT, DaemonProcess, RedisServer, metric, recv_json,
+                     recv_until, wait_for)
 
 ROUNDS = 100
-
-
-async def recv(ws: ClientConnection) -> dict[str, Any]:
-    return json.loads(await asyncio.wait_for(ws.recv(), STEP_TIMEOUT))  # type: ignore
-
-
-async def next_message(ws: ClientConnection) -> dict[str, Any]:
-    while (frame := await recv(ws))["type"] != "message":
-        pass
-    return frame
 
 
 class Publisher:
@@ -41,7 +32,7 @@ class Publisher:
 
     async def __aenter__(self) -> Publisher:
         self._ws = await connect(self.url, max_queue=None)  # never reads: never blocks
-        await recv(self._ws)  # welcome
+        await recv_json(self._ws)  # welcome
         self._task = asyncio.ensure_future(self._run())
         return self
 
@@ -77,7 +68,7 @@ class Subscriber:
 
     async def connect(self, base: str) -> tuple[ClientConnection, dict[str, Any]]:
         ws = await connect(self.url(base))
-        welcome = await recv(ws)
+        welcome = await recv_json(ws)
         assert welcome["type"] == "welcome"
         if self.epoch is None:
             self.epoch, self.offset = welcome["epoch"], welcome["offset"]
@@ -95,7 +86,7 @@ class Subscriber:
 
     async def read(self, ws: ClientConnection, count: int) -> None:
         for _ in range(count):
-            self.take(await next_message(ws))
+            self.take(await recv_until(ws))
 
     def assert_every_number_once_in_order(self) -> None:
         first = self.numbers[0]
@@ -207,7 +198,7 @@ def test_a_client_moved_by_a_drain_to_another_instance_misses_nothing(spawn, red
             old, _ = await subscriber.connect(one.ws_url)
             await subscriber.read(old, 20)
             one.signal(signal.SIGTERM)
-            while (frame := await recv(old))["type"] != "shutdown":
+            while (frame := await recv_json(old))["type"] != "shutdown":
                 if frame["type"] == "message":
                     subscriber.take(frame)
             new, welcome = await subscriber.connect(two.ws_url)  # make...
@@ -227,9 +218,9 @@ async def resume_once(url: str, since: int, epoch: str,
                       then: Callable[[], Awaitable[object]]) -> tuple[dict[str, Any], ...]:
     """Resume, then make a broadcast happen; the welcome and the next message."""
     async with connect(f"{url}?since={since}&epoch={epoch}") as ws:
-        welcome = await recv(ws)
+        welcome = await recv_json(ws)
         await then()
-        return welcome, await next_message(ws)
+        return welcome, await recv_until(ws)
 
 
 def test_after_a_full_restart_the_epoch_is_new_and_nothing_is_recovered(spawn):
@@ -237,9 +228,9 @@ def test_after_a_full_restart_the_epoch_is_new_and_nothing_is_recovered(spawn):
 
     async def first_life() -> dict[str, Any]:
         async with connect(d.ws_url) as ws:
-            await recv(ws)
+            await recv_json(ws)
             await ws.send("before the restart")
-            return await next_message(ws)
+            return await recv_until(ws)
 
     before = asyncio.run(first_life())
     epoch = json.loads(subprocess.run(
@@ -247,13 +238,12 @@ def test_after_a_full_restart_the_epoch_is_new_and_nothing_is_recovered(spawn):
         capture_output=True, text=True, timeout=STEP_TIMEOUT).stdout)["epoch"]
     d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0
-    port = d.ws_url.rsplit(":", 1)[1].split("/")[0]
-    again = spawn("--port", port, "--admin-port", "0", env=QUICK)
+    again = serve(spawn)  # a new daemon (its port does not matter: the epoch does)
 
     async def resume() -> tuple[dict[str, Any], ...]:
         async def publish() -> None:
             async with connect(again.ws_url) as other:
-                await recv(other)
+                await recv_json(other)
                 await other.send("after the restart")
         return await resume_once(again.ws_url, before["offset"], epoch, publish)
 
@@ -269,11 +259,11 @@ def test_an_offset_older_than_the_history_is_not_recovered(spawn):
 
     async def scenario() -> tuple[dict[str, Any], ...]:
         async with connect(d.ws_url) as ws:
-            welcome = await recv(ws)
+            welcome = await recv_json(ws)
             for n in range(6):
                 await ws.send(str(n))
             for _ in range(6):
-                await next_message(ws)
+                await recv_until(ws)
 
             async def publish() -> None:
                 await ws.send("live")
@@ -305,7 +295,7 @@ def test_invalid_since_is_refused_with_400_and_a_reason(spawn):
 
     async def fine() -> dict[str, Any]:  # the same request with a valid since is served
         async with connect(f"{d.ws_url}?since=0&epoch=x") as ws:
-            return await recv(ws)
+            return await recv_json(ws)
 
     assert asyncio.run(fine())["recovered"] is False
 
@@ -316,11 +306,11 @@ def test_a_redis_restart_starts_a_new_epoch_that_clients_are_told(spawn, redis_s
 
     async def scenario() -> tuple[dict[str, Any], ...]:
         async with connect(d.ws_url) as ws:
-            welcome = await recv(ws)
+            welcome = await recv_json(ws)
             await ws.send("one")
-            one = await next_message(ws)
+            one = await recv_until(ws)
             restart(redis_server)
-            epoch_frame = await recv(ws)  # the history was lost with Redis: told
+            epoch_frame = await recv_json(ws)  # the history was lost with Redis: told
 
             async def publish() -> None:
                 await ws.send("two")

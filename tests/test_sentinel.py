@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from ebbcast.redistarget import SentinelURL, parse_sentinel_url
-from helpers import (QUICK, STEP_TIMEOUT, DaemonProcess, _below_ephemeral_ports, dial, metric,
+from helpers import (QUICK, STEP_TIMEOUT, DaemonProcess, port_below_ephemeral_range, dial, metric,
                      recv_frame, wait_for)
 from sentinels import (FAILOVER_BOUND, MASTER_NAME, Cluster, Publisher, Recorder,
                        assert_honest, fail_over)
@@ -136,7 +136,7 @@ def test_the_old_master_returns_as_a_replica_and_a_second_failover_goes_back(spa
 
 def test_sentinels_all_down_at_start_are_logged_once_served_locally_and_retried(
         spawn, tmp_path):
-    port = _below_ephemeral_ports()  # where the sentinel will be, later
+    port = port_below_ephemeral_range()  # where the sentinel will be, later
     url = f"redis+sentinel://127.0.0.1:{port}/{MASTER_NAME}"
     d = spawn("--port", "0", "--admin-port", "0",
               env={**QUICK, "EBBCAST_BACKPLANE_URL": url})

@@ -25,7 +25,7 @@ from websockets.sync.client import ClientConnection
 
 from helpers import (QUICK, REPO, STEP_TIMEOUT, DaemonProcess, clients_on_every_worker,
                      close_all, closed_code, dial, metric, notifications, package_copy,
-                     recv_frame, server_frames, status, wait_for)
+                     pid_of, promtool_accepts, recv_frame, server_frames, status, wait_for)
 
 UPGRADE_ENV = {**QUICK, "EBBCAST_SHUTDOWN_UPGRADE_SPREAD": "2s"}
 
@@ -52,10 +52,6 @@ def wait_handed_over(d: DaemonProcess, old_workers: int, mark: int) -> None:
                          for line in d.lines[mark:]) >= old_workers)
 
 
-def pid_of(welcome: dict[str, Any]) -> int:
-    return int(welcome["server"].rsplit(":", 1)[1])
-
-
 def welcomed(d: DaemonProcess) -> tuple[ClientConnection, dict[str, Any]]:
     ws = dial(d.ws_url)
     return ws, recv_frame(ws, "welcome")
@@ -68,14 +64,6 @@ def texts(ws: ClientConnection, count: int) -> list[str]:
 def broadcast(d: DaemonProcess, text: str) -> None:
     code, body = d.admin_json("/broadcast", "POST", text.encode(), token="secret-token")
     assert code == 202, body
-
-
-def promtool_accepts(d: DaemonProcess) -> None:
-    promtool = shutil.which("promtool")
-    assert promtool, "promtool is missing: install Debian's prometheus package (make test-deps)"
-    checked = subprocess.run([promtool, "check", "metrics"], input=d.metrics_text(),
-                             capture_output=True, text=True, timeout=STEP_TIMEOUT)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 # -- a successful upgrade --------------------------------------------------------------
@@ -114,12 +102,12 @@ def test_upgrade_hands_over_and_both_generations_are_one_conversation(spawn, wor
     assert metric(d, 'ebbcast_upgrades_total{result="ok"}') == 1
     assert metric(d, 'ebbcast_upgrades_total{result="failed"}') == 0
     wait_for(lambda: metric(d, "ebbcast_connections") == 2)  # summed over generations
-    promtool_accepts(d)
+    promtool_accepts(d.metrics_text())
     mark = len(d.lines)
     old.close()
     d.wait_for_log("generation 1 has finished", start=mark)
     assert status(d)["previous"] == []
-    promtool_accepts(d)
+    promtool_accepts(d.metrics_text())
     assert d.proc.poll() is None and set(d.children()) == {w["pid"] for w in
                                                            status(d)["workers"]}
     d.signal(signal.SIGTERM)
@@ -387,11 +375,8 @@ def test_an_old_generation_worker_killed_while_it_drains_is_not_restarted(spawn)
 # -- systemd ------------------------------------------------------------------------
 
 
-def test_systemd_hears_reloading_then_ready_from_the_same_main_pid(spawn, tmp_path):
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        sock.bind(str(tmp_path / "notify.sock"))
-        sock.settimeout(STEP_TIMEOUT)
+def test_systemd_hears_reloading_then_ready_from_the_same_main_pid(spawn, notify_socket):
+    with notify_socket as sock:
         d = start(spawn, env={"NOTIFY_SOCKET": sock.getsockname()})
         sent = notifications(sock, "READY=1")
         assert sent[-1][1]["MAINPID"] == str(d.proc.pid)
@@ -572,6 +557,34 @@ def test_sockets_bound_for_a_failed_upgrade_are_released_and_bound_again(spawn, 
         landed.add(pid_of(welcome))
         ws.close()
     assert landed == {w["pid"] for w in status(d)["workers"]}  # all three sets serve
+
+
+def test_an_upgrade_from_a_release_without_offsets_serves_without_them(spawn, tmp_path):
+    """The main process gives out the offsets and keeps the code it started with: a
+    release from before offsets upgraded to this one serves on, without offsets,
+    until the next restart."""
+    root = package_copy(tmp_path)
+    supervisor = root / "ebbcast" / "supervisor.py"
+    current = supervisor.read_text()
+    line = "            self._sequencer = Sequencer(config.history.size, config.history.ttl)\n"
+    assert current.count(line) == 1
+    supervisor.write_text(current.replace(line, "            self._sequencer = None\n"))
+    set_version(root, "0.9.0-old")
+    d = start(spawn, 2, env={"PYTHONPATH": str(root)}, cwd=tmp_path)
+    old, welcome = welcomed(d)
+    assert "offset" not in welcome and "epoch" not in welcome
+    supervisor.write_text(current)  # this release, on disk
+    set_version(root, "1.0.0")
+    upgrade(d, 2)
+    assert build_versions(d) == {"0.9.0-old", "1.0.0"}
+    recv_frame(old, "shutdown")
+    new, welcome = welcomed(d)
+    assert "offset" not in welcome and "epoch" not in welcome  # still none to give
+    new.send("served without offsets")
+    for ws in (old, new):
+        frame = recv_frame(ws)
+        assert frame["text"] == "served without offsets" and "offset" not in frame
+    close_all([old, new])
 
 
 def test_going_back_to_a_release_without_offsets_is_refused_not_lossy(spawn, tmp_path):

@@ -13,8 +13,8 @@ import asyncio
 
 import pytest
 
-from helpers import QUICK, metric, status, wait_for
-from wsload import raise_open_files_limit, upgrades_under_load
+from helpers import QUICK, metric, set_open_files_limit, status, wait_for
+from wsload import upgrades_under_load
 
 CLIENTS, UPGRADES, RATE = 1000, 10, 250.0  # paced at 250/s to achieve 200/s at least
 
@@ -22,7 +22,7 @@ CLIENTS, UPGRADES, RATE = 1000, 10, 250.0  # paced at 250/s to achieve 200/s at 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ten_upgrades_under_a_connection_hammer_fail_no_handshake(spawn, workers):
-    raise_open_files_limit()
+    set_open_files_limit()
     d = spawn("--port", "0", "--admin-port", "0", "--workers", str(workers),
               "--drain-timeout", "60s",
               env={**QUIET_LOAD, "EBBCAST_SHUTDOWN_UPGRADE_SPREAD": "1s"})

@@ -6,24 +6,24 @@ signals and talk to it with the ``websockets`` client over real sockets.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
-import shutil
 import signal
 import socket
-import subprocess
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.sync.client import ClientConnection
 
 from helpers import (QUICK, STEP_TIMEOUT, _never_reading_client, clients_on_every_worker,
-                     close_all, closed_code, dial, http_json,
-                     metric, notifications, recv_frame, recv_kinds, start_workers, status,
-                     wait_for)
+                     close_all, closed_code, dial, http_json, metric, notifications, pid_of,
+                     promtool_accepts, recv_frame, recv_kinds, start_workers, status, wait_for)
 from ebbcast.listener import bind_public
 from ebbcast.relay import FRAME, READY, Unpacker, pack
 from ebbcast.workers import (RESTART_DELAY_MAX, ChildWorker, RestartBudget, describe_exit,
@@ -143,8 +143,6 @@ def test_workers_joined_through_redis_deliver_exactly_once(spawn, redis_server):
 
 
 def test_status_and_metrics_add_up_over_workers(spawn):
-    promtool = shutil.which("promtool")
-    assert promtool, "promtool is missing: install Debian's prometheus package (make test-deps)"
     usable = sorted(os.sched_getaffinity(0))[:2]  # however many CPUs the machine has
     d = spawn("--port", "0", "--admin-port", "0", "--workers", "0", "--drain-timeout", "60s",
               env=QUICK, preexec_fn=lambda: os.sched_setaffinity(0, usable))  # 0: one per CPU
@@ -173,9 +171,7 @@ def test_status_and_metrics_add_up_over_workers(spawn):
     wait_for(lambda: metric(d, "ebbcast_draining") == 1)
     assert metric(d, "ebbcast_drain_deadline_timestamp_seconds") == pytest.approx(
         time.time() + 60, abs=5)
-    check = subprocess.run([promtool, "check", "metrics"], input=d.metrics_text().encode(),
-                           capture_output=True, timeout=30)
-    assert check.returncode == 0 and check.stdout + check.stderr == b"", check.stdout
+    promtool_accepts(d.metrics_text())
     report = status(d)
     assert report["state"] == "draining" and report["drain"]["remaining"] == len(opened)
     close_all(opened)
@@ -320,6 +316,39 @@ def test_a_worker_that_keeps_dying_stops_the_daemon_with_exit_1(spawn):
     assert log.count("while serving; restarting it") == 5 and killed == 6
 
 
+def test_a_worker_that_dies_during_a_drain_is_not_restarted(spawn):
+    d = start_workers(spawn, 2, "--drain-timeout", "60s")
+    groups = clients_on_every_worker(d, 2)
+    victim, survivor = groups
+    (stays,) = groups[survivor]
+    d.signal(signal.SIGTERM)
+    for (ws,) in groups.values():
+        recv_frame(ws, "shutdown")
+    mark = len(d.lines)
+    os.kill(victim, signal.SIGKILL)
+    d.wait_for_log(rf"worker \d \(pid {victim}\) was killed by SIGKILL", start=mark)
+    stays.send("after the other worker died")  # the survivor still serves its client
+    assert recv_frame(stays)["text"] == "after the other worker died"
+    assert [w["pid"] for w in status(d)["workers"]] == [survivor]  # none started since
+    stays.close()  # the last client: the drain is over
+    assert d.wait_exit() == 0
+    assert not [line for line in d.lines[mark:] if "restart" in line]
+
+
+def test_each_start_merges_metrics_in_a_directory_of_its_own_removed_at_exit(spawn,
+                                                                            tmp_path):
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    for _ in range(2):
+        d = start_workers(spawn, 2, RUNTIME_DIRECTORY=str(runtime))
+        (rundir,) = runtime.iterdir()  # ebbcast-XXXX, made by this start
+        assert sorted(p.name for p in (rundir / "metrics").iterdir())  # the workers' files
+        assert metric(d, "ebbcast_connections") == 0
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit() == 0
+        assert list(runtime.iterdir()) == []  # removed, the next start makes a new one
+
+
 def test_workers_drain_when_the_main_process_is_killed(spawn):
     d = start_workers(spawn, 2)
     groups = clients_on_every_worker(d, 2)
@@ -345,11 +374,8 @@ def running(pid: int) -> bool:
 # -- systemd ---------------------------------------------------------------------------
 
 
-def test_only_the_main_process_notifies_systemd_with_the_totals(spawn, tmp_path):
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # learn who sends
-        sock.bind(str(tmp_path / "notify.sock"))
-        sock.settimeout(STEP_TIMEOUT)
+def test_only_the_main_process_notifies_systemd_with_the_totals(spawn, notify_socket):
+    with notify_socket as sock:
         d = start_workers(spawn, 2, "--drain-timeout", "60s",
                           NOTIFY_SOCKET=sock.getsockname(), WATCHDOG_USEC="400000",
                           EBBCAST_SHUTDOWN_PROGRESS_INTERVAL="200ms")
@@ -409,7 +435,9 @@ def test_a_hung_worker_is_killed_after_worker_timeout_and_replaced(spawn):
     groups = clients_on_every_worker(d, 2)
     hung, other = groups
     os.kill(hung, signal.SIGSTOP)  # its loop stands still: no heartbeat
-    d.wait_for_log(rf"worker \d \(pid {hung}\) sent nothing for [12]s: killing it")
+    # silent longer than worker_timeout (1 s) by the time the main process looks
+    silent = d.wait_for_log(rf"worker \d \(pid {hung}\) sent nothing for (\d+)s: killing it")
+    assert int(silent.group(1)) >= 1
     d.wait_for_log(rf"worker \d \(pid {hung}\) was killed by SIGKILL while serving; "
                    "restarting it")
     d.wait_for_log(r"worker \d \(pid \d+\) restarted and serving")
@@ -436,37 +464,65 @@ def test_tls_from_the_command_line_with_two_workers(spawn, tmp_path):
     assert d.ws_url.startswith("wss://127.0.0.1:")
     trusting = ssl.create_default_context()
     ca.configure_trust(trusting)
-    try:
-        groups = clients_on_every_worker(d, 2, ssl=trusting)
-    except TimeoutError:
-        # Seen twice in some sixty runs, only with websockets 16.1 on Python 3.10: the
-        # TLS handshake done, the client never saw the HTTP response. Not reproduced
-        # since with any other client or Python; one more try tells the two apart.
-        groups = clients_on_every_worker(d, 2, ssl=trusting)
-    (a,), (b,) = groups.values()
-    a.send("over tls, across workers")
-    assert recv_frame(b)["text"] == "over tls, across workers"
+    # websockets' asyncio client, not its sync one: the sync client of websockets 16
+    # (Python 3.10's) reads in a thread while the caller's thread writes the request,
+    # through one SSL object, and lost the 101 in about 1 of 75 fresh starts although
+    # the daemon had sent it (a raw TLS client saw it 300 times out of 300)
+    assert asyncio.run(chat_across_workers_over_tls(d.ws_url, trusting, 2)) == 2
     with pytest.raises(ssl.SSLCertVerificationError):  # it is TLS, with that certificate
         dial(d.ws_url, ssl=ssl.create_default_context())
-    close_all([a, b])
+
+
+async def chat_across_workers_over_tls(url: str, trusting: Any, workers: int) -> int:
+    """Connect until a client is on each worker; one's frame reaches another; the
+    number of workers reached."""
+    from websockets.asyncio.client import connect
+
+    async def welcomed() -> tuple[Any, int]:
+        ws = await connect(url, ssl=trusting, open_timeout=STEP_TIMEOUT)
+        welcome = json.loads(await asyncio.wait_for(ws.recv(), STEP_TIMEOUT))
+        return ws, pid_of(welcome)
+
+    on: dict[int, Any] = {}
+    for _ in range(200):
+        ws, pid = await welcomed()
+        if pid in on:
+            await ws.close()
+        on[pid] = on.get(pid, ws)
+        if len(on) == workers:
+            break
+    first, *others = on.values()
+    await first.send("over tls, across workers")
+    for ws in others:
+        frame = json.loads(await asyncio.wait_for(ws.recv(), STEP_TIMEOUT))
+        assert frame["text"] == "over tls, across workers"
+    for ws in on.values():
+        await ws.close()
+    return len(on)
 
 
 def test_max_connections_holds_per_worker(spawn):
+    """server.max_connections = 1 with two workers: one client on each, and never a
+    second on either (one limit for the whole daemon would keep one client in all)."""
     d = start_workers(spawn, 2, EBBCAST_SERVER_MAX_CONNECTIONS="1")
-    kept: list[ClientConnection] = []
+    kept: dict[int, ClientConnection] = {}
     refused = 0
-    for _ in range(20):  # per worker: two at most, one on each
+    for _ in range(200):  # the kernel picks the worker: both get tried
+        if len(kept) == 2 and refused >= 10:
+            break
         try:
             ws = dial(d.ws_url)
         except InvalidStatus as exc:
             assert exc.response.status_code == 503
+            assert exc.response.body == b"too many connections"
             refused += 1
             continue
-        recv_frame(ws, "welcome")
-        kept.append(ws)
-    assert len(kept) <= 2 and refused == 20 - len(kept) >= 18
+        pid = pid_of(recv_frame(ws, "welcome"))
+        assert pid not in kept, f"a second client on worker pid {pid}"
+        kept[pid] = ws
+    assert set(kept) == {w["pid"] for w in status(d)["workers"]}
     assert metric(d, 'ebbcast_connections_rejected_total{reason="max_connections"}') == refused
-    close_all(kept)
+    close_all(list(kept.values()))
 
 
 def test_origin_rate_and_slow_consumer_limits_hold_on_every_worker(spawn):

@@ -11,8 +11,8 @@ Every use of Tornado beyond its documented API is here, hence the pinned Tornado
 range in setup.py:
 
 - ``WebSocketProtocol13``: subclassed (:class:`EbbcastProtocol`), overriding the
-  private ``_abort`` and ``_handle_message`` and reading ``server_terminated``,
-  ``client_terminated``,
+  private ``_abort`` and ``_handle_message`` and reading ``handler``,
+  ``server_terminated``, ``client_terminated``, ``close_reason``,
   ``close_code``, ``stream`` and ``is_closing()``; built with the private
   ``_WebSocketParams`` and started on a detached stream by running its private
   ``_receive_frame_loop()`` (:func:`start_protocol`), which is what Tornado's
@@ -221,17 +221,21 @@ def start_protocol(delegate: Any, stream: IOStream, max_message_size: int) -> Eb
         max_message_size=max_message_size))
     protocol.stream = stream
     reader = asyncio.ensure_future(protocol._receive_frame_loop())
-    reader.add_done_callback(partial(_reader_stopped, stream))
+    reader.add_done_callback(partial(_reader_stopped, protocol))
     return protocol
 
 
-def _reader_stopped(stream: IOStream, reader: asyncio.Future[None]) -> None:
-    """A reader that raised is a bug: logged, and its connection closed, so that no
-    client is left connected to a socket nobody reads."""
+def _reader_stopped(protocol: EbbcastProtocol, reader: asyncio.Future[None]) -> None:
+    """A reader that raised is a bug: logged, its connection closed and its delegate
+    told, so that no client is left connected to a socket nobody reads. (Tornado 6.6
+    tells the delegate on the way out of a failed reader, 6.5 does not: the delegate's
+    ``on_ws_connection_close`` must take being told twice.)"""
     if not reader.cancelled() and reader.exception() is not None:
         log.error("a WebSocket reader failed: closing its connection",
                   exc_info=reader.exception())
-        stream.close()
+        if protocol.stream is not None:
+            protocol.stream.close()
+        protocol.handler.on_ws_connection_close(protocol.close_code, protocol.close_reason)
 
 
 def forget_stream_error(protocol: Any) -> None:
@@ -264,7 +268,8 @@ def check_tornado() -> list[str]:
          lambda: websocket._WebSocketParams(max_message_size=1))
     protocol = _probe(lambda: WebSocketProtocol13(_FakeHandler(), False,  # type: ignore
                                                   websocket._WebSocketParams()))
-    for name in ("stream", "server_terminated", "client_terminated", "close_code", "params"):
+    for name in ("stream", "handler", "server_terminated", "client_terminated", "close_code",
+                 "close_reason", "params"):
         need(f"WebSocketProtocol13.{name}", partial(hasattr, protocol, name))
     for name in ("_abort", "_handle_message", "close", "is_closing", "_receive_frame_loop"):
         need(f"WebSocketProtocol13.{name}()", partial(_has_method, WebSocketProtocol13, name))
