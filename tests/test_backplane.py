@@ -8,7 +8,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from helpers import STEP_TIMEOUT, recv, recv_json, wait_until
+from helpers import REPO, STEP_TIMEOUT, recv, recv_json, wait_until
 from ebbcast.backplane import BACKOFF_MAX, backoff_delays, decode, encode
 
 
@@ -28,6 +28,30 @@ def test_peers_never_name_this_instance_even_as_its_sibling_workers_advertise_it
     assert plane.peers() == ["ws://10.0.0.2:8000/ws"]
     plane.advertise(None)  # draining: still not a place to go
     assert plane.peers() == ["ws://10.0.0.2:8000/ws"]
+
+
+async def test_stopping_cancels_again_a_task_that_swallowed_its_cancellation():
+    """As a redis-py command can: the cancellation lands inside it and it returns as
+    if nothing happened, so the loop around it goes on."""
+    from ebbcast.backplane import cancel_for_good
+
+    rounds = 0
+
+    async def heartbeat_like() -> None:
+        nonlocal rounds
+        while True:
+            rounds += 1
+            try:
+                await asyncio.sleep(3600)  # a command in flight
+            except asyncio.CancelledError:
+                if rounds == 1:
+                    continue  # swallowed, the first time
+                raise
+
+    task = asyncio.ensure_future(heartbeat_like())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel_for_good([task]), STEP_TIMEOUT)
+    assert task.cancelled() and rounds == 2
 
 
 def test_reconnect_backoff_grows_with_jitter_and_is_capped():
@@ -170,6 +194,72 @@ async def test_a_draining_instance_names_the_live_ones_in_its_shutdown_frame(sta
     assert frame["type"] == "shutdown" and frame["nodes"] == [two.ws_url]
     a.close()
     await one.stopped()
+
+
+async def node_key_events(redis_server: Any) -> Any:
+    """A subscription to keyspace events of the instances' node keys (set, expire, del)."""
+    import redis.asyncio
+
+    client = redis.asyncio.Redis(host="127.0.0.1", port=redis_server.port)
+    await client.config_set("notify-keyspace-events", "Kg$")
+    events = client.pubsub()
+    await events.psubscribe("__keyspace@0__:ebbcast:node:*")
+    return client, events
+
+
+async def next_event(events: Any, wanted: str) -> str:
+    """The key of the next keyspace event ``wanted`` ("set", "del")."""
+    deadline = asyncio.get_running_loop().time() + STEP_TIMEOUT
+    while True:
+        left = deadline - asyncio.get_running_loop().time()
+        assert left > 0, f"no {wanted} event in time"
+        message = await events.get_message(ignore_subscribe_messages=True, timeout=left)
+        if message is not None and message["data"] == wanted.encode():
+            return message["channel"].decode().split(":", 1)[1]
+
+
+def test_the_readme_states_the_node_keys_timing_as_the_code_has_it():
+    from ebbcast.backplane import HEARTBEAT_SECONDS, NODE_TTL_SECONDS
+
+    readme = (REPO / "README.md").read_text()
+    assert (f"refreshed every {HEARTBEAT_SECONDS:g} s with a {NODE_TTL_SECONDS} s TTL"
+            in " ".join(readme.split()))
+
+
+async def test_the_node_key_names_the_instance_and_is_refreshed_before_it_expires(
+        start_daemon, redis_server):
+    from ebbcast.backplane import NODE_TTL_SECONDS
+
+    client, events = await node_key_events(redis_server)
+    one = await start_daemon(backplane__url=redis_server.url)
+    key = await next_event(events, "set")  # written as it starts...
+    assert (await client.get(key)).decode() == one.ws_url
+    assert 0 < await client.ttl(key) <= NODE_TTL_SECONDS  # ...to expire if it dies...
+    assert await next_event(events, "set") == key  # ...unless refreshed, as it is
+    assert 0 < await client.ttl(key) <= NODE_TTL_SECONDS
+    await events.aclose()
+    await client.aclose()
+
+
+async def test_a_draining_instance_withdraws_its_node_key_at_once(start_daemon, redis_server,
+                                                                 monkeypatch):
+    """With the next heartbeat a minute away, the key can only be gone within
+    STEP_TIMEOUT if the drain's start itself withdrew it; the drain goes on."""
+    import signal
+
+    monkeypatch.setattr("ebbcast.backplane.HEARTBEAT_SECONDS", 60.0)
+    client, events = await node_key_events(redis_server)
+    one = await start_daemon(backplane__url=redis_server.url, shutdown__drain_timeout="60s")
+    key = await next_event(events, "set")
+    conn, _ = await one.connect_welcomed()
+    one.daemon.record_signal(signal.SIGTERM)
+    assert await next_event(events, "del") == key
+    assert await client.exists(key) == 0
+    assert one.daemon.lifecycle.state.value == "draining"  # its client still served
+    conn.close()
+    await one.stopped()
+    await events.aclose()
+    await client.aclose()
 
 
 async def test_redis_restarted_under_load_loses_nothing_locally(start_daemon, redis_server):

@@ -151,6 +151,22 @@ class MemoryBackplane:
         return []
 
 
+#: How long stop() waits for its tasks to end before it cancels them again.
+RECANCEL_SECONDS = 0.1
+
+
+async def cancel_for_good(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until every one has ended. A cancellation that
+    lands inside a redis-py command can be swallowed (the command returns as if
+    nothing happened, and the loop around it goes on): such a task is cancelled
+    again, so that stopping never hangs on it."""
+    while pending := [task for task in tasks if not task.done()]:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=RECANCEL_SECONDS)
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def encode(node: str, source: str, payload: str | bytes, seq: int = 0) -> bytes:
     """``<node>\\n<source>\\n<seq>\\n<t|b><payload>``: who sent it, for what, its
     number in that sender's sequence, text or binary."""
@@ -210,6 +226,8 @@ class RedisBackplane:
         self._clients: list[Any] = []
         self._publisher: Any = None  # the client that publishes
         self._url_advertised: str | None = None
+        #: Set when the advertised URL changes: the heartbeat writes it at once.
+        self._advertised_changed = asyncio.Event()
         self._own_urls: set[str] = set()  # ever advertised: never a peer
         self._peers: list[str] = []
 
@@ -226,8 +244,11 @@ class RedisBackplane:
 
     def advertise(self, url: str | None) -> None:
         """Offer ``url`` to other instances' draining clients; None withdraws it (as
-        this instance starts its own drain, it stops being a place to go)."""
-        self._url_advertised = url
+        this instance starts its own drain, it stops being a place to go): the
+        heartbeat writes the change at once, not at its next beat."""
+        if url != self._url_advertised:
+            self._url_advertised = url
+            self._advertised_changed.set()
         if url:
             self._own_urls.add(url)
 
@@ -237,9 +258,7 @@ class RedisBackplane:
         return sorted(set(self._peers) - self._own_urls)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_for_good(self._tasks)
         for client in self._clients:
             await client.aclose()
         self._clients.clear()
@@ -458,7 +477,19 @@ class RedisBackplane:
                 raise
             except Exception as exc:  # Redis down: the subscriber logs the outage
                 log.debug("backplane heartbeat failed: %s", exc)
-            await asyncio.sleep(HEARTBEAT_SECONDS if self._url_advertised else 0.5)
+            await self._until_advertised_changes(
+                HEARTBEAT_SECONDS if self._url_advertised else 0.5)
+
+    async def _until_advertised_changes(self, timeout: float) -> None:
+        """Sleep ``timeout`` seconds, less if ``advertise()`` changes the URL.
+        (asyncio.wait, not wait_for: before Python 3.12, wait_for can swallow the
+        task's cancellation when the event fires at the same moment.)"""
+        changed = asyncio.ensure_future(self._advertised_changed.wait())
+        try:
+            await asyncio.wait({changed}, timeout=timeout)
+        finally:
+            changed.cancel()
+        self._advertised_changed.clear()
 
     async def _publish_forever(self) -> None:
         client = self._publisher = self._client()
