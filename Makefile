@@ -23,7 +23,7 @@ OTHER_PYTHONS ?= 3.10 3.13
 NEWEST_PYTHON ?= 3.12
 
 .PHONY: demos run test test-deps typecheck test-versions test-newest fast-tests bench \
-	conformance conformance-quick install-systemd verify-installed-unit clean docs \
+	conformance conformance-quick install-systemd verify-installed-unit verify-installed-daemon clean docs \
 	dashboard lock
 
 # A venv holding one lock, installed as it is written (hashes checked, nothing
@@ -159,6 +159,18 @@ verify-installed-unit:
 	@out=$$(systemd-analyze verify /etc/systemd/system/ebbcast.service 2>&1); \
 	if [ -n "$$out" ]; then echo "$$out"; echo "systemd-analyze verify printed the above" >&2; exit 1; fi
 	systemd-analyze security --offline=true /etc/systemd/system/ebbcast.service | tail -n 1
+
+# The installed daemon, on the run lock alone, serves with the installed config:
+# /healthz answers, and SIGTERM ends it with exit 0.
+verify-installed-daemon:
+	@log=$$(mktemp); /opt/ebbcast/bin/ebbcast serve --config /etc/ebbcast/ebbcast.toml \
+	  --port 0 --admin-port 0 2>$$log & pid=$$!; admin=""; \
+	for i in $$(seq 200); do \
+	  admin=$$(sed -n 's/.* serving ws=[^ ]* admin=\(http[^ ]*\).*/\1/p' $$log); \
+	  [ -n "$$admin" ] || ! kill -0 $$pid 2>/dev/null && break; sleep 0.05; done; \
+	health=$$(curl -s "$$admin/healthz"); kill -TERM $$pid; wait $$pid; rc=$$?; \
+	cat $$log; rm -f $$log; echo "healthz: $$health, exit $$rc"; \
+	[ "$$health" = '{"status": "ok"}' ] && [ $$rc -eq 0 ]
 
 clean:
 	rm -rf $(VENV) .venv-3.* .venv-newest .venv-lock build dist daemon/*.egg-info

@@ -47,6 +47,14 @@ def wait_for(what: str, predicate: Any, timeout: float = STEP) -> Any:
         time.sleep(0.05)
 
 
+def default_sigint() -> None:
+    """In a child: Ctrl+C (SIGINT) does what it does in a terminal, however the demo
+    was started. A shell starts a background job (`demo.sh &`) with SIGINT ignored,
+    the children inherit that, and the clients the demo stops with SIGINT would
+    never stop."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def redis_pid(port: int) -> int | None:
     """The process_id of the Redis answering on ``port``, if one does."""
     import redis
@@ -71,7 +79,8 @@ class Demo:
         with open(self.workdir / f"{name}.log", "wb") as log, \
                 open(stdout or os.devnull, "wb") as out:  # the child keeps its copies
             proc = subprocess.Popen([*self.ebbcast, *args], stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=log, env={**os.environ, **(env or {})})
+                                    stdout=out, stderr=log, env={**os.environ, **(env or {})},
+                                    preexec_fn=default_sigint)
         self.procs.append(proc)
         return proc
 

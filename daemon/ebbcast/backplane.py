@@ -47,6 +47,7 @@ from typing import Any, Protocol
 
 from ebbcast.history import new_epoch
 from ebbcast.redistarget import redis_target
+from ebbcast.waits import within
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +342,7 @@ class RedisBackplane:
                 self._history.sequencing_lost()
             self._master_moved.clear()
             try:  # the backoff's pause, cut short when the sentinels name a new master
-                await asyncio.wait_for(self._master_moved.wait(), next(delays))
+                await within(self._master_moved.wait(), next(delays))
             except asyncio.TimeoutError:
                 pass
 
@@ -481,14 +482,11 @@ class RedisBackplane:
                 HEARTBEAT_SECONDS if self._url_advertised else 0.5)
 
     async def _until_advertised_changes(self, timeout: float) -> None:
-        """Sleep ``timeout`` seconds, less if ``advertise()`` changes the URL.
-        (asyncio.wait, not wait_for: before Python 3.12, wait_for can swallow the
-        task's cancellation when the event fires at the same moment.)"""
-        changed = asyncio.ensure_future(self._advertised_changed.wait())
+        """Sleep ``timeout`` seconds, less if ``advertise()`` changes the URL."""
         try:
-            await asyncio.wait({changed}, timeout=timeout)
-        finally:
-            changed.cancel()
+            await within(self._advertised_changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
         self._advertised_changed.clear()
 
     async def _publish_forever(self) -> None:

@@ -39,6 +39,7 @@ from tornado.websocket import WebSocketClientConnection, websocket_connect
 from ebbcast.backplane import backoff_delays
 from ebbcast.cli import ExitCode
 from ebbcast.config import parse_duration
+from ebbcast.waits import within
 
 CONNECT_TIMEOUT = 10.0
 
@@ -74,7 +75,7 @@ def unauthorized(exc: BaseException) -> bool:
 async def _session(url: str, token: str | None, sends: list[str], listen: float | None,
                    count: int | None, quiet: bool) -> int:
     try:
-        conn: WebSocketClientConnection = await asyncio.wait_for(
+        conn: WebSocketClientConnection = await within(
             websocket_connect(handshake_request(url, token)), CONNECT_TIMEOUT)
     except Exception as exc:  # any failure to connect is reported the same way
         print(f"ebbcast client: cannot connect to {url}: {exc}", file=sys.stderr)
@@ -86,7 +87,7 @@ async def _session(url: str, token: str | None, sends: list[str], listen: float 
     while count is None or received < count:
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            frame = await asyncio.wait_for(conn.read_message(), timeout)
+            frame = await within(conn.read_message(), timeout)
         except asyncio.TimeoutError:
             break
         if frame is None:
@@ -154,7 +155,7 @@ class ReconnectingSession:
             left = self._left()
             since = self.offset
             try:
-                conn = await asyncio.wait_for(
+                conn = await within(
                     websocket_connect(handshake_request(self.resume_url(), self.token)),
                     min(CONNECT_TIMEOUT, left or CONNECT_TIMEOUT))
             except Exception as exc:  # any failure to connect: try again
@@ -261,7 +262,7 @@ async def _reconnecting(url: str, token: str | None, sends: list[str], listen: f
     received = 0
     while count is None or received < count:
         try:
-            conn, frame = await asyncio.wait_for(session.frames.get(), session._left())
+            conn, frame = await within(session.frames.get(), session._left())
         except asyncio.TimeoutError:
             break
         if conn is None:

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Union
 
+from ebbcast.waits import within
+
 
 @dataclass(frozen=True)
 class SignalReceived:
@@ -119,7 +121,7 @@ class EventQueue:
             wake = wake_at()
             timeout = None if wake == math.inf else max(0.0, wake - time.monotonic())
             try:
-                event = await asyncio.wait_for(self._queue.get(), timeout)
+                event = await within(self._queue.get(), timeout)
             except asyncio.TimeoutError:
                 event = Tick()
             act(event, time.monotonic())

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ebbcast import frames
 from ebbcast.history import History, Replay, Resume, with_offset
+from ebbcast.waits import within
 
 if TYPE_CHECKING:
     from ebbcast.context import DaemonContext
@@ -120,7 +121,7 @@ class Broadcasts:
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append((resume.since, waiter))
         try:
-            await asyncio.wait_for(waiter, timeout)
+            await within(waiter, timeout)
         except asyncio.TimeoutError:
             pass
         finally:
