@@ -125,3 +125,60 @@ def test_running_out_of_descriptors_sheds_connections_without_a_log_flood(spawn)
     assert http_json(d.admin_url + "/healthz") == (200, {"status": "ok"})
     assert "Traceback" not in d.log_text()
     assert d.log_text().count("out of file descriptors") == 1
+
+
+#: Every request timeout at 1 s: a stalled connection still open after STEP_TIMEOUT
+#: was not timed out at all.
+SHORT_TIMEOUTS = {"EBBCAST_SERVER_HEADER_TIMEOUT": "1s", "EBBCAST_SERVER_BODY_TIMEOUT": "1s",
+                  "EBBCAST_ADMIN_REQUEST_TIMEOUT": "1s"}
+STALLED_BODY = (b"POST / HTTP/1.1\r\nHost: ebbcast\r\nContent-Length: 65536\r\n\r\nab")
+
+
+def stall(url: str, request: bytes) -> socket.socket:
+    """A connection to the listener of ``url`` that sends ``request`` and then nothing."""
+    host, port = url.split("/")[2].rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=STEP_TIMEOUT)
+    sock.sendall(request)
+    return sock
+
+
+def closed_by_the_daemon(sock: socket.socket) -> bool:
+    """The daemon ended the connection (EOF or a reset) within STEP_TIMEOUT, with no
+    answer: what a timeout (or shedding) does. A timeout here is a connection the
+    daemon kept open."""
+    try:
+        return sock.recv(4096) == b""
+    except ConnectionResetError:
+        return True
+    finally:
+        sock.close()
+
+
+def test_requests_that_stall_are_closed_by_their_timeouts(spawn):
+    d = spawn(*FAST, env=SHORT_TIMEOUTS)
+    stalled = {
+        "public: a body that stops": stall(d.ws_url, STALLED_BODY),
+        "public: headers that stop": stall(d.ws_url, b"GET / HTTP/1.1\r\nHost: e"),
+        "public: nothing at all": stall(d.ws_url, b""),
+        "admin: a body that stops": stall(d.admin_url, STALLED_BODY.replace(
+            b"POST /", b"POST /broadcast")),
+        "admin: headers that stop": stall(d.admin_url, b"GET /status HTTP/1.1\r\n"),
+        "admin: nothing at all": stall(d.admin_url, b""),
+    }
+    assert {what: closed_by_the_daemon(sock) for what, sock in stalled.items()} == \
+        {what: True for what in stalled}
+    assert http_json(d.admin_url + "/healthz") == (200, {"status": "ok"})
+
+
+def test_out_of_descriptors_stalled_connections_time_out_and_a_client_gets_in(spawn):
+    """ulimit -n 256 and 300 connections that never finish a request, on both
+    listeners: each is closed (by its timeout, or shed while none is left), and then
+    a normal client is served."""
+    d = spawn(*FAST, env=SHORT_TIMEOUTS, preexec_fn=partial(set_open_files_limit, 256, 256))
+    stalled = [stall(d.ws_url, STALLED_BODY) for _ in range(150)]
+    stalled += [stall(d.admin_url, b"") for _ in range(150)]
+    assert all(closed_by_the_daemon(sock) for sock in stalled)
+    with connect(d.ws_url, open_timeout=STEP_TIMEOUT) as ws:
+        assert '"welcome"' in ws.recv(timeout=STEP_TIMEOUT)
+    assert http_json(d.admin_url + "/healthz") == (200, {"status": "ok"})
+    assert "Traceback" not in d.log_text()

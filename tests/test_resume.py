@@ -358,13 +358,68 @@ async def test_a_client_ahead_of_this_process_waits_for_it_instead_of_not_recove
     ahead = asyncio.ensure_future(
         d.connect_welcomed(f"?since={welcome['offset'] + 1}&epoch={welcome['epoch']}"))
     broadcasts = d.daemon.broadcasts
-    await wait_until(lambda: bool(broadcasts._waiters))  # it waits for offset 1
+    await wait_until(lambda: broadcasts.waiting == 1)  # it waits for offset 1
     await a.write_message("seen elsewhere already")
     b, resumed = await asyncio.wait_for(ahead, STEP_TIMEOUT)
     assert (resumed["recovered"], resumed["missed"]) == (True, 0)
     await a.write_message("new")
     frame = await recv_json(b)  # not the one it had seen
     assert (frame["text"], frame["offset"]) == ("new", welcome["offset"] + 2)
+
+
+def from_the_future(welcome: dict[str, Any]) -> str:
+    """A resume from an offset this epoch will not reach: its handshake waits the
+    whole CATCH_UP_SECONDS, then goes on."""
+    return f"?since={welcome['offset'] + 10**15}&epoch={welcome['epoch']}"
+
+
+async def handshake_status(url: str) -> int:
+    """101 (welcomed) or the HTTP status of the refusal."""
+    from tornado.httpclient import HTTPClientError
+    from tornado.websocket import websocket_connect
+
+    try:
+        conn = await asyncio.wait_for(websocket_connect(url), STEP_TIMEOUT)
+    except HTTPClientError as refused:
+        return refused.code
+    assert (await recv_json(conn))["type"] == "welcome"
+    conn.close()
+    return 101
+
+
+async def test_resumes_that_time_out_waiting_leave_no_waiter_behind(start_daemon):
+    d = await start_daemon()
+    _, welcome = await d.connect_welcomed()
+    statuses = await asyncio.gather(*(handshake_status(d.ws_url + from_the_future(welcome))
+                                      for _ in range(200)))
+    assert statuses == [101] * 200  # welcomed, not recovered, after the wait
+    assert d.daemon.broadcasts.waiting == 0
+
+
+async def test_the_connection_limit_holds_for_handshakes_that_waited(start_daemon):
+    """max_connections is checked when a connection is admitted, after any wait."""
+    d = await start_daemon(server__max_connections="5")
+    _, welcome = await d.connect_welcomed()  # one of the five
+    statuses = await asyncio.gather(*(handshake_status(d.ws_url + from_the_future(welcome))
+                                      for _ in range(30)))
+    assert sorted(statuses) == [101] * 4 + [503] * 26
+    rejected = d.daemon.metrics.rejected.labels("max_connections")._value.get()
+    assert rejected == 26
+
+
+async def test_a_drain_refuses_the_handshakes_still_waiting(start_daemon):
+    from helpers import wait_until
+
+    d = await start_daemon(shutdown__drain_timeout="60s")
+    a, welcome = await d.connect_welcomed()
+    waiting = [asyncio.ensure_future(handshake_status(d.ws_url + from_the_future(welcome)))
+               for _ in range(3)]
+    await wait_until(lambda: d.daemon.broadcasts.waiting == 3)
+    d.daemon.record_signal(signal.SIGTERM)
+    assert await asyncio.gather(*waiting) == [503] * 3
+    assert d.daemon.metrics.rejected.labels("draining")._value.get() == 3
+    a.close()
+    await d.stopped()
 
 
 def test_the_command_line_client_says_when_it_could_not_resume(spawn):

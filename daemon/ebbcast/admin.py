@@ -9,6 +9,7 @@ import time
 from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST
+from tornado.httpserver import HTTPServer
 from tornado.web import Application, RequestHandler
 
 from ebbcast import frames
@@ -154,6 +155,16 @@ class UpgradeHandler(AdminHandler):
             self.write_json(409, {"error": f"upgrade refused: {refusal}"})
             return
         self.write_json(202, {"upgrade": "starting"})
+
+
+def admin_server(backend: AdminBackend) -> HTTPServer:
+    """The admin listener's HTTP server, for the main process and a lone serving
+    process alike: a request's headers, then its body, each within
+    ``admin.request_timeout`` (a connection that stalls is closed), its body at most
+    ADMIN_MAX_BODY_BYTES."""
+    timeout = backend.config.admin.request_timeout
+    return HTTPServer(admin_application(backend), max_body_size=ADMIN_MAX_BODY_BYTES,
+                      idle_connection_timeout=timeout, body_timeout=timeout)
 
 
 def admin_application(backend: AdminBackend) -> Application:

@@ -240,6 +240,10 @@ def _masked(url: str) -> str:
     return f"{scheme}://{user + ':***' if colon else '***'}@{hosts}"
 
 
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
 def _key(kind: str, default: Value, doc: str, check: Check | None = None) -> Any:
     meta = {"kind": kind, "doc": doc, "check": check}
     if isinstance(default, list):
@@ -258,7 +262,7 @@ class ServerConfig:
     workers: int = _key("int", 1, "worker processes; 0 = one per CPU", _at_least(0))
     worker_timeout: float = _key("duration", 30.0, "a worker that sends no heartbeat this long "
                                  "is stuck: killed and restarted",
-                                 lambda v: None if v > 0 else "must be > 0")
+                                 _positive)
     max_connections: int = _key("int", 0, "WebSocket connections per process; 0 = unlimited "
                                 "(over it: HTTP 503)", _at_least(0))
     max_message_bytes: int = _key("int", 65536, "largest inbound frame; larger: close 1009",
@@ -270,6 +274,11 @@ class ServerConfig:
     trusted_proxies: list[str] = _key("list", [], "addresses or CIDRs of reverse proxies whose "
                                       "X-Forwarded-For / X-Real-IP name the client",
                                       _check_networks)
+    header_timeout: float = _key("duration", 60.0, "a request's headers (and the next request "
+                                 "on a kept-alive connection) must arrive within this; "
+                                 "else the connection is closed", _positive)
+    body_timeout: float = _key("duration", 30.0, "a request body that stops arriving is "
+                               "given up after this; the connection is closed", _positive)
 
 
 @dataclass(frozen=True)
@@ -279,6 +288,9 @@ class AdminConfig:
     port: int = _key("int", 8001, "port of the admin listener; 0 = any free port", _check_port)
     token: str = _key("str", "", "bearer token for POST /broadcast and POST /drain; "
                       "\"\" disables them")
+    request_timeout: float = _key("duration", 30.0, "an admin request's headers, then its "
+                                  "body, must each arrive within this; else the connection "
+                                  "is closed", _positive)
 
 
 @dataclass(frozen=True)
@@ -322,16 +334,16 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class ShutdownConfig:
     drain_timeout: float = _key("duration", 1800.0, "the drain deadline",
-                                lambda v: None if v > 0 else "must be > 0")
+                                _positive)
     progress_interval: float = _key("duration", 10.0, "cadence of drain progress logs and "
-                                    "systemd STATUS", lambda v: None if v > 0 else "must be > 0")
+                                    "systemd STATUS", _positive)
     close_code: int = _key("int", 1001, "close code sent to clients still connected at the "
                            "deadline", _check_close_code)
     upgrade_spread: float = _key("duration", 30.0, "after an upgrade (SIGUSR2), the old "
                                  "generation's clients are told to reconnect spread over this")
     upgrade_timeout: float = _key("duration", 60.0, "a new generation not serving this long "
                                   "after SIGUSR2 fails the upgrade",
-                                  lambda v: None if v > 0 else "must be > 0")
+                                  _positive)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 
 from ebbcast import __version__
-from ebbcast.admin import ADMIN_MAX_BODY_BYTES, admin_application, build_status, log_request
+from ebbcast.admin import admin_server, build_status, log_request
 from ebbcast.backplane import Backplane, MemoryBackplane, RedisBackplane
 from ebbcast.auth import TokenVerifier
 from ebbcast.config import Config, ConfigError, reload_config
@@ -145,8 +145,7 @@ class Standalone:
         config = daemon.ctx.config
         admin = bind_listener("admin listener", config.admin.host, config.admin.port,
                               daemon.spare)
-        server = HTTPServer(admin_application(ProcessAdmin(daemon.ctx)),
-                            max_body_size=ADMIN_MAX_BODY_BYTES)
+        server = admin_server(ProcessAdmin(daemon.ctx))
         server.add_sockets(admin)
         daemon.servers["admin"] = server
         daemon.urls["admin"] = listener_url("http", admin[0])
@@ -414,7 +413,8 @@ class Daemon:
                          client_tokens(config)),
             ssl_options=self._tls, xheaders=False,
             max_header_size=MAX_HEADER_BYTES, max_body_size=MAX_PUBLIC_BODY_BYTES,
-            idle_connection_timeout=60)
+            idle_connection_timeout=config.server.header_timeout,
+            body_timeout=config.server.body_timeout)
         self.urls = {"ws": listener_url(scheme, self._public[0], config.server.ws_path),
                      "page": listener_url(scheme, self._public[0], "/")}
         self.bound_ws = ",".join(listener_url(scheme, s, config.server.ws_path)

@@ -119,15 +119,20 @@ class Broadcasts:
         if self.is_caught_up(resume):
             return
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append((resume.since, waiter))
+        entry = (resume.since, waiter)
+        self._waiters.append(entry)
         try:
             await within(waiter, timeout)
         except asyncio.TimeoutError:
             pass
-        finally:
-            if not waiter.done():
-                waiter.cancel()
-                self._waiters.remove((resume.since, waiter))
+        finally:  # woken, timed out or cancelled: never left behind
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+
+    @property
+    def waiting(self) -> int:
+        """Handshakes waiting for this process to catch up (see ``caught_up()``)."""
+        return len(self._waiters)
 
     def _wake(self) -> None:
         latest = self.history.latest

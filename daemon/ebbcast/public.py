@@ -33,6 +33,7 @@ from ebbcast.connection import Connection
 from ebbcast.context import DaemonContext
 from ebbcast.forwarded import TrustedProxies
 from ebbcast.handshake import Acceptance, Refusal, Terms, decide, match_path, read_upgrade
+from ebbcast.history import Resume
 from ebbcast.wire import start_protocol
 
 log = logging.getLogger(__name__)
@@ -199,14 +200,21 @@ class _PublicRequest(HTTPMessageDelegate):
             self._refuse(answer)
             return None
         if answer.resume is not None:
-            return self._accept_caught_up(answer)
+            return self._accept_caught_up(answer.resume, client_id, query, headers)
         self._accept(answer)
         return None
 
-    async def _accept_caught_up(self, answer: Acceptance) -> None:
-        assert answer.resume is not None
-        await self.router.ctx.broadcasts.caught_up(answer.resume, CATCH_UP_SECONDS)
-        self._accept(answer)
+    async def _accept_caught_up(self, resume: Resume, client_id: str | None, query: str,
+                                headers: HTTPHeaders) -> None:
+        """Wait for this process to catch up with a resuming client, then decide
+        again: the connection is admitted now, so the connection limit and a drain
+        that began meanwhile hold for it too."""
+        await self.router.ctx.broadcasts.caught_up(resume, CATCH_UP_SECONDS)
+        answer = self.router.decide(client_id, query, headers)
+        if isinstance(answer, Refusal):
+            self._refuse(answer)
+        else:
+            self._accept(answer)
 
     def _accept(self, answer: Acceptance) -> None:
         stream = self.request_conn.detach()  # type: ignore[attr-defined]

@@ -55,7 +55,7 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 
 from ebbcast import __version__
-from ebbcast.admin import ADMIN_MAX_BODY_BYTES, admin_application, build_status
+from ebbcast.admin import admin_server, build_status
 from ebbcast.backplane import decode, encode
 from ebbcast.config import Config, ConfigError, changed_keys, reload_config, render_toml
 from ebbcast.events import (DrainRequested, Event, EventQueue, SignalReceived,
@@ -238,7 +238,7 @@ class Supervisor:
         self._sets = bind_public(config.server.host, config.server.port, count)
         admin = bind_listener("admin listener", config.admin.host, config.admin.port,
                               self._spare)
-        self._admin = HTTPServer(admin_application(self), max_body_size=ADMIN_MAX_BODY_BYTES)
+        self._admin = admin_server(self)
         self._admin.add_sockets(admin)
         scheme = "https" if config.tls_enabled else "http"
         self.urls = {
