@@ -18,11 +18,15 @@ from helpers import (FAST, STEP_TIMEOUT, DaemonProcess, _never_reading_client, c
 
 
 def reload(d: DaemonProcess, path: Path, text: str, applied: str) -> None:
-    """Write the config file, SIGHUP, wait until the daemon says it applied ``applied``."""
+    """Write the config file, SIGHUP, and wait until the main process and then the
+    serving process (which acts on its own SIGHUP a moment later) say they applied
+    ``applied``. The serving process says so at DEBUG: the daemon runs with
+    ``--log-level debug``, or this reload makes it so."""
     path.write_text(text)
     mark = len(d.lines)
     d.signal(signal.SIGHUP)
     d.wait_for_log(rf"config reloaded: .*{applied}", start=mark)
+    d.wait_for_log(rf"reload applied by this serving process: .*{applied}", start=mark)
 
 
 def post(d: DaemonProcess, token: str, text: str) -> int:
@@ -32,7 +36,7 @@ def post(d: DaemonProcess, token: str, text: str) -> int:
 def test_admin_token_echo_and_periodic_frames_change_on_sighup(spawn, tmp_path):
     path = tmp_path / "ebbcast.toml"
     path.write_text('[admin]\ntoken = "tok-one-7f"\n[broadcast]\nperiodic_interval = 0\n')
-    d = spawn("--config", str(path), *FAST)
+    d = spawn("--config", str(path), *FAST, "--log-level", "debug")
     ws = dial(d.ws_url)
     recv_frame(ws, "welcome")
     assert post(d, "tok-one-7f", "x") == 202 and post(d, "tok-two-7f", "x") == 401
@@ -56,14 +60,16 @@ def test_rate_limits_and_the_client_queue_change_on_sighup(spawn, tmp_path):
     path = tmp_path / "ebbcast.toml"
     config = '[admin]\ntoken = "t"\n[broadcast]\nperiodic_interval = 0\n[limits]\n'
     path.write_text(config + "messages_per_second = 0\n")
-    d = spawn("--config", str(path), *FAST)
+    d = spawn("--config", str(path), *FAST, "--log-level", "debug")
     ws = dial(d.ws_url)
     recv_frame(ws, "welcome")
     for n in range(30):
         ws.send(f"unlimited {n}")
     assert [recv_frame(ws)["text"] for _ in range(30)] == [f"unlimited {n}" for n in range(30)]
-    reload(d, path, config + "messages_per_second = 1\nburst = 1\nclient_queue_bytes = 4096\n",
-           "limits.burst")
+    # one frame in a burst, then one every 1000 s: "second" is over the limit however
+    # long a busy machine takes between the two (at 1 a second, a 1 s stall let it in)
+    reload(d, path, config + "messages_per_second = 0.001\nburst = 1\n"
+                             "client_queue_bytes = 4096\n", "limits.burst")
     ws.send("first")
     ws.send("second, over the limit")
     got = recv_kinds(ws, 2)

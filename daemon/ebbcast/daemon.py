@@ -39,7 +39,7 @@ from ebbcast import __version__
 from ebbcast.admin import admin_server, build_status, log_request
 from ebbcast.backplane import Backplane, MemoryBackplane, RedisBackplane
 from ebbcast.auth import TokenVerifier
-from ebbcast.config import Config, ConfigError, reload_config
+from ebbcast.config import Config, ConfigError, is_reloadable, reload_config
 from ebbcast.context import DaemonContext
 from ebbcast.events import (DrainRequested, Event, EventQueue, FanoutBroken, HandOver,
                             NoConnections, SignalReceived, who_asked)
@@ -598,6 +598,9 @@ class Daemon:
         if plan is not None and "shutdown.progress_interval" in changed:
             self._next_tick = plan.next_tick(time.monotonic(),
                                              self.ctx.config.shutdown.progress_interval)
+        # after the new log level is set: a reload to "debug" shows this line too
+        log.debug("reload applied by this serving process: %s",
+                  ", ".join(key for key in changed if is_reloadable(key)) or "no change")
 
     # -- teardown ----------------------------------------------------------------
 
