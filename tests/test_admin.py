@@ -76,6 +76,30 @@ async def test_post_broadcast_reaches_every_client_with_token_only(start_daemon)
     assert d.daemon.metrics.broadcasts.labels("admin")._value.get() == 1
 
 
+async def test_an_empty_broadcast_is_refused_and_reaches_no_one(start_daemon):
+    d = await start_daemon()
+    a, _ = await d.connect_welcomed()
+    empty = await d.admin("/broadcast", "POST", "", token=TOKEN)
+    assert (empty.code, json.loads(empty.body)) == (400, {"error": "empty body: nothing "
+                                                                   "to broadcast"})
+    assert (await d.admin("/broadcast", "POST", "then this", token=TOKEN)).code == 202
+    assert (await recv_json(a))["text"] == "then this"  # the first frame a gets
+    assert d.daemon.metrics.broadcasts.labels("admin")._value.get() == 1
+
+
+async def test_no_client_can_speak_as_the_admin(start_daemon):
+    """/ws/admin is refused: a client's frames would read as a POST /broadcast."""
+    from tornado.httpclient import HTTPClientError
+
+    d = await start_daemon()
+    with pytest.raises(HTTPClientError) as caught:
+        await d.connect("/admin")
+    assert (caught.value.code, caught.value.response.body) == (
+        400, b"invalid client id: admin is reserved\n")
+    assert d.daemon.metrics.rejected.labels("client_id")._value.get() == 1
+    await d.connect_welcomed("/administrator")  # only that one id
+
+
 async def test_admin_actions_are_404_without_a_token(start_daemon):
     d = await start_daemon(admin__token="")
     assert (await d.admin("/broadcast", "POST", "x", token="")).code == 404
@@ -89,7 +113,7 @@ async def test_drain_refuses_new_clients_notifies_and_keeps_serving(start_daemon
     b, _ = await d.connect_welcomed("/b")
     before = time.time()
     accepted = await d.admin("/drain", "POST", "", token=TOKEN)
-    assert accepted.code == 202
+    assert (accepted.code, json.loads(accepted.body)) == (202, {"state": "draining"})
     for conn in (a, b):
         frame = await recv_json(conn)
         assert frame["type"] == "shutdown" and frame["reason"] == "draining"

@@ -21,6 +21,13 @@ def problems(**kwargs) -> list[tuple[str, str]]:
     return caught.value.problems
 
 
+@pytest.mark.parametrize("token", ["pâssword", "two words", "tab\there", "\u00a0"])
+def test_an_admin_token_that_cannot_travel_in_a_header_is_refused_at_load(token):
+    (problem,) = problems(env={"EBBCAST_ADMIN_TOKEN": token})
+    assert problem == ("admin.token", "must be printable ASCII without spaces (it is sent "
+                                      "in an HTTP header) (from EBBCAST_ADMIN_TOKEN)")
+
+
 @pytest.mark.parametrize("value, seconds", [
     (10, 10.0), (0, 0.0), (1.5, 1.5), ("250ms", 0.25), ("10s", 10.0), ("30m", 1800.0),
     ("1h", 3600.0), ("2", 2.0), (" 5s ", 5.0), ("0.5s", 0.5),

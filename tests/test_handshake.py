@@ -55,6 +55,7 @@ def test_rfc_6455_sample_key_gets_the_sample_accept_value():
     ("a b", "", {}, OPEN, 400, "client_id"),
     ("", "", {}, OPEN, 400, "client_id"),
     ("a" * 65, "", {}, OPEN, 400, "client_id"),
+    ("admin", "", {}, OPEN, 400, "client_id"),  # reserved: the admin API's "from"
     (None, "", {}, Terms(False, False, ()), 503, "draining"),
     (None, "", {}, Terms(True, True, ()), 503, "max_connections"),
     (None, "since=-1", {}, OPEN, 400, None),
@@ -77,6 +78,29 @@ def test_each_rule_refuses_a_request_that_is_valid_but_for_it(client_id, query, 
     answer = decide(client_id, query, upgrade_headers(**changes), terms)
     assert isinstance(answer, Refusal)
     assert (answer.status, answer.counted_as) == (status, counted_as)
+
+
+def test_a_token_may_not_name_the_client_admin():
+    """A token without ``sub`` leaves the id to the path (admin is refused there); one
+    whose ``sub`` is admin is refused as a token."""
+    from ebbcast.auth import Grant
+
+    class Verifier:
+        def __init__(self, sub: str | None) -> None:
+            self.sub = sub
+
+        def verify(self, token: str | None, now: float) -> Grant:
+            return Grant(self.sub, True, now + 60)
+
+    def terms(sub: str | None) -> Terms:
+        return Terms(True, False, (), tokens=Verifier(sub), now=1000.0)  # type: ignore
+
+    refused = decide(None, "token=t", upgrade_headers(), terms("admin"))
+    assert isinstance(refused, Refusal) and (refused.status, refused.counted_as) == (401, "auth")
+    assert refused.text == "unauthorized: a token may not name the client admin\n"
+    assert decide(None, "token=t", upgrade_headers(), terms("alice")).client_id == "alice"
+    without_sub = decide("admin", "token=t", upgrade_headers(), terms(None))
+    assert isinstance(without_sub, Refusal) and without_sub.status == 400
 
 
 def test_refusals_carry_their_headers():

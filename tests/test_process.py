@@ -272,7 +272,7 @@ def test_a_signal_during_start_up_is_handled_not_fatal(spawn, signum):
         d.wait_for_log(r"config reloaded")
         d.signal(signal.SIGTERM)
     else:
-        d.wait_for_log(r"drain started by SIG(TERM|INT): 0 connections")
+        d.wait_for_log(r"drain started by the main process \(SIG(TERM|INT)\): 0 connections")
     assert d.wait_exit() == 0
     assert "Traceback" not in d.log_text()
 

@@ -316,6 +316,23 @@ def test_a_worker_that_keeps_dying_stops_the_daemon_with_exit_1(spawn):
     assert log.count("while serving; restarting it") == 5 and killed == 6
 
 
+def test_post_drain_answers_draining_and_each_worker_names_who_asked(spawn):
+    """The workers' drain comes from the main process (with SIGTERM), whatever asked
+    the main process: their log says so, not "SIGTERM" as if an operator sent it."""
+    d = start_workers(spawn, 2, "--drain-timeout", "60s")
+    groups = clients_on_every_worker(d, 2)
+    assert d.admin_json("/drain", "POST", b"", "secret-token") == (202, {"state": "draining"})
+    for (ws,) in groups.values():
+        recv_frame(ws, "shutdown")
+    d.wait_for_log("drain started by the admin API: 2 connections on 2 workers")
+    for pid in groups:
+        d.wait_for_log(rf"\[{pid}\]: drain started by the main process \(SIGTERM\): "
+                       "1 connections")
+    assert "drain started by SIGTERM" not in d.log_text()
+    close_all([ws for (ws,) in groups.values()])
+    assert d.wait_exit() == 0
+
+
 def test_a_worker_that_dies_during_a_drain_is_not_restarted(spawn):
     d = start_workers(spawn, 2, "--drain-timeout", "60s")
     groups = clients_on_every_worker(d, 2)

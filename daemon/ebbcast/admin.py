@@ -124,6 +124,9 @@ class BroadcastHandler(AdminHandler):
         except UnicodeDecodeError:
             self.write_json(400, {"error": "body must be UTF-8 text"})
             return
+        if not text:
+            self.write_json(400, {"error": "empty body: nothing to broadcast"})
+            return
         config = self.backend.config
         limit = config.server.max_message_bytes
         if len(self.request.body) > limit:
@@ -131,7 +134,7 @@ class BroadcastHandler(AdminHandler):
             return
         payload = text
         if config.broadcast.envelope == "json":
-            payload = frames.message("admin", text, time.time())
+            payload = frames.message(frames.ADMIN_SENDER, text, time.time())
         recipients = self.backend.broadcast(payload)
         self.write_json(202, {"recipients": recipients})
 
@@ -142,7 +145,10 @@ class DrainHandler(AdminHandler):
             return
         log.info("drain requested through the admin API by %s", self.request.remote_ip)
         self.backend.request_drain("the admin API")
-        self.write_json(202, {"state": self.backend.state.value})
+        # the loop acts on the request in a moment: answer the state it leads to
+        leads_to = {State.SERVING: State.DRAINING, State.STARTING: State.STOPPING}
+        state = self.backend.state
+        self.write_json(202, {"state": leads_to.get(state, state).value})
 
 
 class UpgradeHandler(AdminHandler):

@@ -240,6 +240,13 @@ def _masked(url: str) -> str:
     return f"{scheme}://{user + ':***' if colon else '***'}@{hosts}"
 
 
+def _check_token(value: str) -> str | None:
+    """A bearer token travels in an HTTP header: printable ASCII, no spaces."""
+    if all("!" <= c <= "~" for c in value):
+        return None
+    return "must be printable ASCII without spaces (it is sent in an HTTP header)"
+
+
 def _positive(value: float) -> str | None:
     return None if value > 0 else "must be > 0"
 
@@ -286,8 +293,8 @@ class AdminConfig:
     host: str = _key("str", "127.0.0.1", "address of the admin listener "
                      "(metrics, health, status, publish)")
     port: int = _key("int", 8001, "port of the admin listener; 0 = any free port", _check_port)
-    token: str = _key("str", "", "bearer token for POST /broadcast and POST /drain; "
-                      "\"\" disables them")
+    token: str = _key("str", "", "bearer token for POST /broadcast, /drain and /upgrade; "
+                      "\"\" disables them", _check_token)
     request_timeout: float = _key("duration", 30.0, "an admin request's headers, then its "
                                   "body, must each arrive within this; else the connection "
                                   "is closed", _positive)

@@ -115,6 +115,8 @@ class Role(Protocol):
     def report_count(self, count: int) -> None: ...
     def drain_progress(self, status: str, extend_seconds: float, first: bool) -> None:
         """The drain's progress, for whoever tells systemd (``first``: it began)."""
+    def who_asked(self, asked: str) -> str:
+        """Who started a drain or a stop, for the log, from who sent the event."""
     def close(self) -> None: ...
 
 
@@ -171,6 +173,9 @@ class Standalone:
         if first:
             self.notifier.stopping(status)
         self.notifier.progress(status, extend_seconds)
+
+    def who_asked(self, asked: str) -> str:
+        return asked
 
     def close(self) -> None:
         if self._watchdog is not None:
@@ -250,6 +255,11 @@ class Member:
 
     def drain_progress(self, status: str, extend_seconds: float, first: bool) -> None:
         pass  # the main process tells systemd, with the totals
+
+    def who_asked(self, asked: str) -> str:
+        """A member stops only when its main process tells it (with a signal, however
+        the main process was asked: a signal, POST /drain, ...)."""
+        return f"the main process ({asked})"
 
     def close(self) -> None:
         if self.link is not None:
@@ -465,10 +475,10 @@ class Daemon:
             case SignalReceived(signum) if signum == UPGRADE_SIGNAL:
                 log.info("SIGUSR2 ignored: the main process runs upgrades")
             case SignalReceived() | DrainRequested() if state is State.STARTING:
-                log.info("%s before serving: stopping", who_asked(event))
+                log.info("%s before serving: stopping", self._role.who_asked(who_asked(event)))
                 self.lifecycle.stop(StopReason.NORMAL)
             case SignalReceived() | DrainRequested() if state is State.SERVING:
-                self._begin_drain(who_asked(event), DrainCause.STOP, now)
+                self._begin_drain(self._role.who_asked(who_asked(event)), DrainCause.STOP, now)
             case SignalReceived(name=name) if self.lifecycle.escalate():
                 log.info("%s while handing over: the drain goes on; another stop "
                          "signal closes the remaining clients now", name)

@@ -11,6 +11,10 @@ from typing import Any
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
+#: The ``from`` of a broadcast made through the admin API; no client may take it as
+#: its id (``ebbcast.handshake``), so no client's frame can look like one.
+ADMIN_SENDER = "admin"
+
 
 def _frame(**fields: Any) -> str:
     return _dumps(fields)

@@ -5,7 +5,8 @@ which origins?) and returns an :class:`Acceptance` or a :class:`Refusal`. It rea
 and writes nothing, so every rule is tested by calling it; ``ebbcast.public``
 does the I/O. The rules, in the order they are checked:
 
-- a path ``{ws_path}/{id}`` whose id is not 1 to 64 of ``A-Z a-z 0-9 _ . ~ -``: 400
+- a path ``{ws_path}/{id}`` whose id is not 1 to 64 of ``A-Z a-z 0-9 _ . ~ -``, or
+  is ``admin`` (reserved: broadcasts from the admin API are ``from`` it): 400
   (counted as rejected ``client_id``);
 - the daemon is draining: 503 with ``Retry-After: 1`` (``draining``);
 - server.max_connections is reached: 503 with ``Retry-After: 1`` (``max_connections``);
@@ -15,7 +16,8 @@ does the I/O. The rules, in the order they are checked:
 - ``Sec-WebSocket-Version`` not 13: 426 with ``Sec-WebSocket-Version: 13``;
 - no ``Host``, or a ``Sec-WebSocket-Key`` that is not 16 bytes in base64: 400;
 - with client tokens (auth.mode = "jwt"), a missing, invalid or expired token, or
-  one whose ``sub`` is not the id in the path: 401 (``auth``; see ``ebbcast.auth``).
+  one whose ``sub`` is not the id in the path, or is ``admin``: 401 (``auth``; see
+  ``ebbcast.auth``).
 
 An origin is served when the browser says the request is same-origin
 (``Sec-Fetch-Site: same-origin`` or ``none``), when the request has neither
@@ -36,6 +38,7 @@ from urllib.parse import parse_qsl, urlsplit
 import httptools
 
 from ebbcast.auth import Denial, Grant, TokenVerifier, bearer_token
+from ebbcast.frames import ADMIN_SENDER
 from ebbcast.history import Resume
 
 #: Ids a client may choose in /ws/{client_id}.
@@ -103,6 +106,8 @@ def decide(client_id: str | None, query: str, headers: Mapping[str, str],
     if client_id is not None and not _CLIENT_ID.fullmatch(client_id):
         return Refusal(400, "invalid client id: use 1 to 64 of A-Z a-z 0-9 _ . ~ -\n",
                        "client_id")
+    if client_id == ADMIN_SENDER:
+        return Refusal(400, "invalid client id: admin is reserved\n", "client_id")
     if not terms.accepting:
         return Refusal(503, "server is draining", "draining", _RETRY)
     if terms.full:
@@ -134,6 +139,9 @@ def decide(client_id: str | None, query: str, headers: Mapping[str, str],
         if isinstance(answer, Denial):
             return Refusal(401, f"unauthorized: {answer.reason}\n", "auth", _CHALLENGE)
         if answer.client_id is not None:
+            if answer.client_id == ADMIN_SENDER:
+                return Refusal(401, "unauthorized: a token may not name the client admin\n",
+                               "auth", _CHALLENGE)
             if client_id is not None and client_id != answer.client_id:
                 return Refusal(401, "unauthorized: the token is for another client id\n",
                                "auth", _CHALLENGE)
