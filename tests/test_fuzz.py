@@ -147,8 +147,8 @@ def test_any_payloads_are_relayed_or_refused_cleanly(daemon, frames):
 def fails_at_once(garbage: bytes) -> bool:
     """Whether the first frame's two header bytes (the server reads both before it
     looks) are invalid whatever follows: a reserved bit set, and no extension was
-    negotiated (RFC 6455 5.2). (Tornado does not fail an unmasked client frame, as
-    5.1 would have it: it reads the payload as it is.)"""
+    negotiated (RFC 6455 5.2). (An unmasked frame fails too, with 1002, but only once
+    it has been read whole, which garbage may never complete.)"""
     return len(garbage) >= 2 and bool(garbage[0] & 0x70)
 
 

@@ -373,8 +373,9 @@ def from_the_future(welcome: dict[str, Any]) -> str:
     return f"?since={welcome['offset'] + 10**15}&epoch={welcome['epoch']}"
 
 
-async def handshake_status(url: str) -> int:
-    """101 (welcomed) or the HTTP status of the refusal."""
+async def handshake_status(url: str, kept: list[Any]) -> int:
+    """101 (welcomed: the connection is kept open in ``kept``) or the HTTP status of
+    the refusal."""
     from tornado.httpclient import HTTPClientError
     from tornado.websocket import websocket_connect
 
@@ -382,38 +383,47 @@ async def handshake_status(url: str) -> int:
         conn = await asyncio.wait_for(websocket_connect(url), STEP_TIMEOUT)
     except HTTPClientError as refused:
         return refused.code
+    kept.append(conn)
     assert (await recv_json(conn))["type"] == "welcome"
-    conn.close()
     return 101
 
 
 async def test_resumes_that_time_out_waiting_leave_no_waiter_behind(start_daemon):
     d = await start_daemon()
     _, welcome = await d.connect_welcomed()
-    statuses = await asyncio.gather(*(handshake_status(d.ws_url + from_the_future(welcome))
-                                      for _ in range(200)))
+    kept: list[Any] = []
+    statuses = await asyncio.gather(*(handshake_status(d.ws_url + from_the_future(welcome),
+                                                       kept) for _ in range(200)))
     assert statuses == [101] * 200  # welcomed, not recovered, after the wait
     assert d.daemon.broadcasts.waiting == 0
+    for conn in kept:
+        conn.close()
 
 
 async def test_the_connection_limit_holds_for_handshakes_that_waited(start_daemon):
     """max_connections is checked when a connection is admitted, after any wait."""
     d = await start_daemon(server__max_connections="5")
     _, welcome = await d.connect_welcomed()  # one of the five
-    statuses = await asyncio.gather(*(handshake_status(d.ws_url + from_the_future(welcome))
-                                      for _ in range(30)))
+    kept: list[Any] = []  # open until every handshake is answered
+    statuses = await asyncio.gather(*(handshake_status(d.ws_url + from_the_future(welcome),
+                                                       kept) for _ in range(30)))
     assert sorted(statuses) == [101] * 4 + [503] * 26
+    for conn in kept:
+        conn.close()
     rejected = d.daemon.metrics.rejected.labels("max_connections")._value.get()
     assert rejected == 26
 
 
-async def test_a_drain_refuses_the_handshakes_still_waiting(start_daemon):
+async def test_a_drain_refuses_the_handshakes_still_waiting(start_daemon, monkeypatch):
+    """Waiting far longer than STEP_TIMEOUT: the drain's start itself answers them."""
     from helpers import wait_until
 
+    monkeypatch.setattr("ebbcast.public.CATCH_UP_SECONDS", 10 * STEP_TIMEOUT)
     d = await start_daemon(shutdown__drain_timeout="60s")
     a, welcome = await d.connect_welcomed()
-    waiting = [asyncio.ensure_future(handshake_status(d.ws_url + from_the_future(welcome)))
-               for _ in range(3)]
+    kept: list[Any] = []
+    waiting = [asyncio.ensure_future(handshake_status(d.ws_url + from_the_future(welcome),
+                                                      kept)) for _ in range(3)]
     await wait_until(lambda: d.daemon.broadcasts.waiting == 3)
     d.daemon.record_signal(signal.SIGTERM)
     assert await asyncio.gather(*waiting) == [503] * 3

@@ -110,6 +110,30 @@ async def test_a_bad_close_frame_fails_the_connection_at_once(start_daemon, payl
     assert d.daemon.metrics.disconnections.labels("client")._value.get() == 1
 
 
+@pytest.mark.parametrize("frames", [
+    b"\x81\x05hello",  # a whole text message, unmasked
+    b"\x01\x03hel",  # the first fragment of one, unmasked
+    b"\x01\x83\x00\x00\x00\x00hel" + b"\x80\x02lo",  # a masked first, an unmasked last
+    b"\x89\x00",  # a ping, unmasked
+])
+async def test_an_unmasked_client_frame_fails_the_connection_with_1002(start_daemon, frames):
+    """RFC 6455 5.1: a server must close the connection on an unmasked client frame;
+    Tornado reads it as if it were masked. Nothing of it is relayed: another client's
+    next frame is the first the watcher gets."""
+    d = await start_daemon(broadcast__envelope="raw")
+    watcher = await d.connect()
+    sock = await never_reading_client(d.ws_url)
+    try:
+        await wait_until(lambda: len(d.daemon.ctx.registry) == 2)
+        sock.sendall(frames)
+        assert await read_rest(sock) == b"\x88\x10\x03\xeaunmasked frame"
+    finally:
+        sock.close()
+    talker = await d.connect()
+    await talker.write_message("the first relayed")
+    assert await asyncio.wait_for(watcher.read_message(), STEP_TIMEOUT) == "the first relayed"
+
+
 @pytest.mark.parametrize("payload", [
     b"", struct.pack("!H", 1000), struct.pack("!H", 4000), struct.pack("!H", 1001) + b"bye",
     struct.pack("!H", 1000) + "κόσμε".encode()])

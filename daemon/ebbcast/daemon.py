@@ -505,6 +505,8 @@ class Daemon:
         if plan is None:
             return
         self.servers["public"].stop()  # closes this process's copies only
+        if cause is DrainCause.STOP:  # handshakes waiting to catch up: refused now
+            self.broadcasts.release_waiting()  # (handing over, they are still accepted)
         self.ctx.backplane.advertise(None)
         remaining = len(self.ctx.registry)
         if cause is DrainCause.UPGRADE:

@@ -129,6 +129,14 @@ class Broadcasts:
             if entry in self._waiters:
                 self._waiters.remove(entry)
 
+    def release_waiting(self) -> None:
+        """Let every waiting handshake go on now, caught up or not (a drain began:
+        each is decided again, and refused)."""
+        for _, waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters = []
+
     @property
     def waiting(self) -> int:
         """Handshakes waiting for this process to catch up (see ``caught_up()``)."""

@@ -11,8 +11,9 @@ Every use of Tornado beyond its documented API is here, hence the pinned Tornado
 range in setup.py:
 
 - ``WebSocketProtocol13``: subclassed (:class:`EbbcastProtocol`), overriding the
-  private ``_abort`` and ``_handle_message`` and reading ``handler``,
-  ``server_terminated``, ``client_terminated``, ``close_reason``,
+  private ``_abort``, ``_receive_frame`` and ``_handle_message``, reading ``handler``,
+  ``server_terminated``, ``client_terminated``, ``close_reason``, and clearing and
+  reading ``_frame_mask`` (set only when a frame carries a mask key),
   ``close_code``, ``stream`` and ``is_closing()``; built with the private
   ``_WebSocketParams`` and started on a detached stream by running its private
   ``_receive_frame_loop()`` (:func:`start_protocol`), which is what Tornado's
@@ -35,6 +36,8 @@ peer may send; it echoes an empty close for a one-byte payload (a protocol error
 1002); and a reason that is not UTF-8 (8.1: fail with 1007) raised out of its reader
 and left the connection open and silent. :func:`close_frame_problem` decides all
 three, and :func:`start_protocol` closes the connection of any reader that fails.
+And it fails a client frame that comes unmasked (section 5.1: 1002), which Tornado
+reads as if it were masked.
 """
 
 from __future__ import annotations
@@ -130,17 +133,38 @@ class EbbcastProtocol(WebSocketProtocol13):
             hook()
         super()._abort()
 
+    async def _receive_frame(self) -> None:
+        """Tornado reads a frame; a client frame that came unmasked (a fragment that
+        does not end a message: :meth:`_handle_message` sees the others) fails the
+        connection, as RFC 6455 section 5.1 requires. Tornado reads a frame's mask
+        key into ``_frame_mask`` only when the frame has one: it is cleared first."""
+        self._frame_mask = None
+        await super()._receive_frame()
+        if self._frame_mask is None and not self.client_terminated:
+            self._fail(1002, "unmasked frame")
+
     def _handle_message(self, opcode: int, data: bytes) -> Any:
-        """A client's close frame that Tornado would echo (a bad code, one byte) or
-        raise on (a reason that is not UTF-8) fails the connection instead: our
-        close frame with the code that says why, then the TCP connection closes."""
-        if opcode == OPCODE_CLOSE and not self.client_terminated:
+        """A frame that ends a message, or a control frame. Unmasked: the connection
+        fails before anything is relayed. A client's close frame that Tornado would
+        echo (a bad code, one byte) or raise on (a reason that is not UTF-8) fails the
+        connection instead: our close frame with the code that says why, then the
+        TCP connection closes."""
+        if self.client_terminated:
+            return super()._handle_message(opcode, data)
+        if self._frame_mask is None:
+            self._fail(1002, "unmasked frame")
+            return None
+        if opcode == OPCODE_CLOSE:
             problem = close_frame_problem(data)
             if problem is not None:
-                self.client_terminated = True  # so close() also closes the stream
-                self.close(*problem)
+                self._fail(*problem)
                 return None
         return super()._handle_message(opcode, data)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Our close frame with ``code``, then the TCP connection closes at once."""
+        self.client_terminated = True  # so close() also closes the stream
+        self.close(code, reason)
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         if not self.server_terminated and self.server_close_code is None:
@@ -269,9 +293,10 @@ def check_tornado() -> list[str]:
     protocol = _probe(lambda: WebSocketProtocol13(_FakeHandler(), False,  # type: ignore
                                                   websocket._WebSocketParams()))
     for name in ("stream", "handler", "server_terminated", "client_terminated", "close_code",
-                 "close_reason", "params"):
+                 "close_reason", "params", "_frame_mask"):
         need(f"WebSocketProtocol13.{name}", partial(hasattr, protocol, name))
-    for name in ("_abort", "_handle_message", "close", "is_closing", "_receive_frame_loop"):
+    for name in ("_abort", "_handle_message", "_receive_frame", "close", "is_closing",
+                 "_receive_frame_loop"):
         need(f"WebSocketProtocol13.{name}()", partial(_has_method, WebSocketProtocol13, name))
     mine, theirs = socket.socketpair()
     try:
