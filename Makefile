@@ -27,11 +27,12 @@ NEWEST_PYTHON ?= 3.12
 	dashboard lock
 
 # A venv holding one lock, installed as it is written (hashes checked, nothing
-# resolved), then ebbcast itself from this tree with the lock's build tools.
-# The locks nest (run in test in bench), so one venv can take them in any order.
+# resolved), then ebbcast itself from this tree with the lock's build tools. The
+# venv is made anew each time, so nothing a lock dropped stays behind. The locks nest
+# (run in test in bench): a target needs the smallest one, or the one the venv holds
+# if that is bigger (refreshed if its lock changed), so targets never swap locks.
 $(VENV)/.lock-%: $(LOCK_DIR)/%.txt setup.py pyproject.toml
-	@[ -x $(BIN)/python ] && [ "$$($(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "$(PYVER)" ] \
-	  || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
+	rm -rf $(VENV) && $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $<
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip check
@@ -43,15 +44,19 @@ requirements/%.txt:
 	  "run with PYTHON=python3.11, say, or add the version to LOCK_PYTHONS and make lock" >&2
 	@exit 1
 
-run: $(VENV)/.lock-run
+HELD_LOCK := $(firstword $(wildcard $(VENV)/.lock-bench $(VENV)/.lock-test))
+RUN_LOCK := $(or $(HELD_LOCK),$(VENV)/.lock-run)
+TEST_LOCK := $(or $(wildcard $(VENV)/.lock-bench),$(VENV)/.lock-test)
+
+run: $(RUN_LOCK)
 	$(BIN)/ebbcast serve
 
 # examples/: a drain (two instances on Redis) and an upgrade, seen from outside.
-demos: $(VENV)/.lock-test
+demos: $(TEST_LOCK)
 	examples/drain-demo.sh
 	examples/upgrade-demo.sh
 
-typecheck: $(VENV)/.lock-test
+typecheck: $(TEST_LOCK)
 	$(BIN)/mypy
 
 # The benchmark's reference server (bench/servers/node_ws), at its package-lock.json.
@@ -63,22 +68,22 @@ test: typecheck $(NODE_WS)
 	$(BIN)/python -m pytest
 
 # The tests that need no browser, Redis, proxy or daemon subprocess (seconds).
-fast-tests: $(VENV)/.lock-test
+fast-tests: $(TEST_LOCK)
 	$(BIN)/python -m pytest -m fast
 
 # RFC 6455 conformance (Autobahn|Testsuite, Python 2.7 from pyenv): every case, ~2 min
 # (CI runs this one), or all but the 9.x performance cases, ~15 s.
-conformance: $(VENV)/.lock-run
+conformance: $(RUN_LOCK)
 	$(BIN)/python conformance/run.py
-conformance-quick: $(VENV)/.lock-run
+conformance-quick: $(RUN_LOCK)
 	$(BIN)/python conformance/run.py --quick
 
 # docs/configuration.md, written from the schema (a test fails when they disagree).
-docs: $(VENV)/.lock-run
+docs: $(RUN_LOCK)
 	$(BIN)/python -m ebbcast.configdoc > docs/configuration.md
 
 # deploy/grafana/ebbcast-dashboard.json, built with grafanalib (a test fails when stale).
-dashboard: $(VENV)/.lock-test
+dashboard: $(TEST_LOCK)
 	$(BIN)/python deploy/grafana/dashboard.py > deploy/grafana/ebbcast-dashboard.json
 
 # The benchmark (not part of `make test`): matrix, timers/slow reader/drain, profile.
@@ -123,7 +128,8 @@ test-newest:
 	.venv-newest/bin/python -m pytest -m "fast and not locked_env"
 
 # Writes every lock anew from setup.py's ranges and requirements/*.in, at the newest
-# releases (UPGRADE="redis mypy" moves only those, keeping every other pin).
+# releases (UPGRADE="redis mypy" moves only those, keeping every other pin). The test
+# lock is held to the run lock's pins, the bench lock to the test lock's: they nest.
 UPGRADE ?=
 LOCK_FLAGS = --python-platform linux --generate-hashes --quiet --custom-compile-command "make lock" \
 	$(if $(UPGRADE),$(foreach p,$(UPGRADE),--upgrade-package $(p)),--upgrade)
@@ -136,9 +142,10 @@ lock: $(UV)
 	  $(UV) pip compile $(LOCK_FLAGS) --python-version $$v -o requirements/$$v/run.txt \
 	    setup.py requirements/build.in || exit 1; \
 	  $(UV) pip compile $(LOCK_FLAGS) --python-version $$v -o requirements/$$v/test.txt \
-	    --extra test setup.py requirements/build.in || exit 1; \
+	    -c requirements/$$v/run.txt --extra test setup.py requirements/build.in || exit 1; \
 	  $(UV) pip compile $(LOCK_FLAGS) --python-version $$v -o requirements/$$v/bench.txt \
-	    --extra test setup.py requirements/build.in requirements/bench.in || exit 1; \
+	    -c requirements/$$v/test.txt --extra test setup.py requirements/build.in \
+	    requirements/bench.in || exit 1; \
 	done
 	.venv-lock/bin/python requirements/locktool.py build-system pyproject.toml requirements/*/*.txt
 

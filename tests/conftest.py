@@ -49,8 +49,9 @@ def files_in_the_checkout() -> set[Path]:
 @pytest.fixture(scope="session", autouse=True)
 def the_run_creates_no_file_in_the_checkout() -> Iterator[None]:
     """Every server a test starts works in a temporary directory, and every file a
-    test writes goes there too: one that appears in the checkout (a Redis dump, a
-    built load generator, a tool's cache), ignored by git or not, fails the run."""
+    test creates goes there too: one that appears in the checkout (a Redis dump, a
+    built load generator, a tool's cache), ignored by git or not, fails the run.
+    (A file changed in place is left to CI's `git status --porcelain`.)"""
     before = files_in_the_checkout()
     yield
     assert sorted(map(str, files_in_the_checkout() - before)) == []

@@ -30,30 +30,6 @@ def test_peers_never_name_this_instance_even_as_its_sibling_workers_advertise_it
     assert plane.peers() == ["ws://10.0.0.2:8000/ws"]
 
 
-async def test_stopping_cancels_again_a_task_that_swallowed_its_cancellation():
-    """As a redis-py command can: the cancellation lands inside it and it returns as
-    if nothing happened, so the loop around it goes on."""
-    from ebbcast.backplane import cancel_for_good
-
-    rounds = 0
-
-    async def heartbeat_like() -> None:
-        nonlocal rounds
-        while True:
-            rounds += 1
-            try:
-                await asyncio.sleep(3600)  # a command in flight
-            except asyncio.CancelledError:
-                if rounds == 1:
-                    continue  # swallowed, the first time
-                raise
-
-    task = asyncio.ensure_future(heartbeat_like())
-    await asyncio.sleep(0)
-    await asyncio.wait_for(cancel_for_good([task]), STEP_TIMEOUT)
-    assert task.cancelled() and rounds == 2
-
-
 def test_reconnect_backoff_grows_with_jitter_and_is_capped():
     delays = backoff_delays(random.Random(7))
     first = [next(delays) for _ in range(12)]
@@ -230,12 +206,17 @@ async def test_the_node_key_names_the_instance_and_is_refreshed_before_it_expire
         start_daemon, redis_server):
     from ebbcast.backplane import NODE_TTL_SECONDS
 
+    from ebbcast.backplane import HEARTBEAT_SECONDS
+
     client, events = await node_key_events(redis_server)
     one = await start_daemon(backplane__url=redis_server.url)
     key = await next_event(events, "set")  # written as it starts...
+    written = asyncio.get_running_loop().time()
     assert (await client.get(key)).decode() == one.ws_url
     assert 0 < await client.ttl(key) <= NODE_TTL_SECONDS  # ...to expire if it dies...
     assert await next_event(events, "set") == key  # ...unless refreshed, as it is
+    # by the heartbeat, a beat later (half a beat: room for this reader's own delays)
+    assert asyncio.get_running_loop().time() - written >= HEARTBEAT_SECONDS / 2
     assert 0 < await client.ttl(key) <= NODE_TTL_SECONDS
     await events.aclose()
     await client.aclose()
@@ -283,6 +264,9 @@ async def test_redis_restarted_under_load_loses_nothing_locally(start_daemon, re
             await asyncio.sleep(0.002)
 
     await send_some(100)
+    # Redis stops once the far side has the first 100 (the last of them could still
+    # be on its way to Redis otherwise: dropped, counted, but not "sent while up")
+    crossed = [(await recv_json(far))["text"] for _ in range(100)]
     redis_server.stop()
     while metrics.backplane_up._value.get() == 1:  # frames keep coming as it goes down
         await send_some(10)
@@ -306,7 +290,7 @@ async def test_redis_restarted_under_load_loses_nothing_locally(start_daemon, re
     for conn in (sender, local):  # nothing lost locally, in order; the new epoch told
         assert await texts_and_epochs(conn) == ([*map(str, range(sent))], 1)
     far_texts, far_epochs = await texts_and_epochs(far)
-    texts = [int(text) for text in far_texts]
+    texts = [int(text) for text in crossed + far_texts]
     assert texts == sorted(set(texts)) and texts[:100] == list(range(100))
     assert far_epochs == 1  # the far side's clients know their offsets start again
     # each frame that did not reach instance two is counted exactly once: dropped by

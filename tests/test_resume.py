@@ -16,7 +16,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from helpers import (QUICK, STEP_TIMEOUT, DaemonProcess, RedisServer, metric, recv_json,
-                     recv_until, wait_for)
+                     recv_until, serve_on_a_port_of_its_own, wait_for)
 
 ROUNDS = 100
 
@@ -254,36 +254,55 @@ def test_after_a_full_restart_the_epoch_is_new_and_nothing_is_recovered(spawn):
     assert metric(again, 'ebbcast_resumes_total{result="not_recovered"}') == 1
 
 
+async def one_client_on_each_worker(url: str,
+                                    workers: int) -> list[tuple[ClientConnection, dict[str, Any]]]:
+    """Connect until every worker has a client (told apart by the ``server`` of its
+    welcome); the others are closed. Each client with its welcome."""
+    on: dict[str, tuple[ClientConnection, dict[str, Any]]] = {}
+    for _ in range(200):
+        ws = await connect(url)
+        welcome = await recv_json(ws)
+        if welcome["server"] in on:
+            await ws.close()
+        on.setdefault(welcome["server"], (ws, welcome))
+        if len(on) == workers:
+            return list(on.values())
+    raise AssertionError("the kernel never picked every worker")
+
+
 def test_an_offset_older_than_the_history_is_not_recovered(spawn):
+    """Two workers, each resume made once both have delivered every broadcast, so
+    the worker it lands on is never behind (a worker behind makes the client wait:
+    tested on its own)."""
     d = serve(spawn, "--workers", "2", EBBCAST_HISTORY_SIZE="3")
 
     async def scenario() -> tuple[dict[str, Any], ...]:
-        async with connect(d.ws_url) as ws:
-            welcome = await recv_json(ws)
-            for n in range(6):
-                await ws.send(str(n))
-            for _ in range(6):
-                await recv_until(ws)
+        watchers = await one_client_on_each_worker(d.ws_url, 2)
+        sender, welcome = watchers[0]
+        base, epoch = welcome["offset"], welcome["epoch"]
 
-            async def publish() -> None:
-                await ws.send("live")
+        async def publish(text: str) -> None:
+            await sender.send(text)
+            for watcher, _ in watchers:  # every worker has delivered it
+                assert (await recv_until(watcher))["text"] == text
 
-            old = await resume_once(d.ws_url, welcome["offset"] + 1, welcome["epoch"],
-                                    publish)
-            # 7 broadcasts now ("live" too), 3 kept: the 5th, 6th and 7th
-            async with connect(f"{d.ws_url}?since={welcome['offset'] + 4}"
-                               f"&epoch={welcome['epoch']}") as again:
-                recent = await recv_json(again)
-                await publish()  # the 8th
-                after = [await recv_until(again) for _ in range(4)]
-            return (*old, recent, welcome["offset"], after)
+        for n in range(6):
+            await publish(str(n))
+        # 6 broadcasts, 3 kept: the 4th to the 6th; the 2nd is gone
+        old, live = await resume_once(d.ws_url, base + 1, epoch, lambda: publish("live"))
+        # 7 now, the 5th to the 7th kept
+        async with connect(f"{d.ws_url}?since={base + 4}&epoch={epoch}") as again:
+            recent = await recv_json(again)
+            await publish("later")  # the 8th
+            after = [(await recv_until(again))["offset"] - base for _ in range(4)]
+        for watcher, _ in watchers:
+            await watcher.close()
+        return old, live, recent, after
 
-    old, live, recent, base, after = asyncio.run(scenario())
-    assert old["recovered"] is False and live["text"] == "live"  # 2 is no longer kept
-    # recovered: the 5th to the 8th, each once, in order; the 7th replayed, or live if
-    # this worker had not delivered it yet when the client came back
-    assert recent["recovered"] is True and recent["missed"] in (2, 3)
-    assert [frame["offset"] - base for frame in after] == [5, 6, 7, 8]
+    old, live, recent, after = asyncio.run(scenario())
+    assert old["recovered"] is False and live["text"] == "live"
+    assert (recent["recovered"], recent["missed"]) == (True, 3)
+    assert after == [5, 6, 7, 8]  # each once, in order: replayed, then live
 
 
 def test_invalid_since_is_refused_with_400_and_a_reason(spawn):
@@ -441,7 +460,8 @@ async def test_a_drain_refuses_the_handshakes_still_waiting(start_daemon, monkey
 def test_the_command_line_client_says_when_it_could_not_resume(spawn):
     """A full restart loses an in-memory history: `ebbcast client --reconnect` comes
     back to the new daemon, says it could not resume, and goes on."""
-    first = serve(spawn, "--drain-timeout", "60s")
+    first = serve_on_a_port_of_its_own(spawn, "--admin-port", "0", "--drain-timeout", "60s",
+                                       env=QUICK)
     client = subprocess.Popen(
         [sys.executable, "-m", "ebbcast", "client", first.ws_url, "--reconnect",
          "--listen", "60"], stdout=subprocess.PIPE, text=True)
@@ -452,8 +472,8 @@ def test_the_command_line_client_says_when_it_could_not_resume(spawn):
         first.wait_for_log("drain started")
         first.signal(signal.SIGTERM)  # the second one closes the client now
         assert first.wait_exit() == 0
-        port = first.ws_url.rsplit(":", 1)[1].split("/")[0]
-        serve(spawn, "--port", port)
+        port = first.ws_url.rsplit(":", 1)[1].split("/")[0]  # never handed out meanwhile
+        spawn("--port", port, "--admin-port", "0", env=QUICK)
         lines = []
         while not any("resume" in line for line in lines):
             lines.append(json.loads(client.stdout.readline()))

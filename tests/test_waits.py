@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from ebbcast.waits import within
+from ebbcast.waits import cancel_for_good, within
 
 
 async def test_the_result_comes_back_within_the_limit():
@@ -49,3 +49,43 @@ async def test_a_cancelled_caller_cancels_what_it_waited_for():
     with pytest.raises(asyncio.CancelledError):
         await caller
     assert never.cancelled()
+
+
+async def test_stopping_cancels_again_a_task_that_swallowed_its_cancellation():
+    """As a redis-py command can: the cancellation lands inside it and it returns as
+    if nothing happened, so the loop around it goes on."""
+    rounds = 0
+
+    async def heartbeat_like() -> None:
+        nonlocal rounds
+        while True:
+            rounds += 1
+            try:
+                await asyncio.sleep(3600)  # a command in flight
+            except asyncio.CancelledError:
+                if rounds == 1:
+                    continue  # swallowed, the first time
+                raise
+
+    task = asyncio.ensure_future(heartbeat_like())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel_for_good([task]), 10)
+    assert task.cancelled() and rounds == 2
+
+
+async def test_a_task_that_cleans_up_when_cancelled_is_let_finish():
+    """Closing a connection in a ``finally`` takes an await or two: not cut short."""
+    cleaned = False
+
+    async def with_cleanup() -> None:
+        nonlocal cleaned
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(0.05)  # well within RECANCEL_SECONDS (1 s)
+            cleaned = True
+
+    task = asyncio.ensure_future(with_cleanup())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel_for_good([task]), 10)
+    assert cleaned and task.cancelled()

@@ -171,8 +171,13 @@ async def test_a_reader_that_fails_has_its_connection_closed_and_logged(start_da
     assert str(record.exc_info[1]) == "a planted bug"
 
 
+@pytest.mark.parametrize("bad, then", [
+    (b"\xf1\x80\x00\x00\x00\x00", b""),  # RSV1-3 set: dropped, no close frame
+    (b"\x81\x02no", b"\x88\x10\x03\xeaunmasked frame"),
+    (close_frame(b"\x03"), b"\x88\x21\x03\xeaclose frame payload of one byte"),
+])
 async def test_a_valid_frame_is_echoed_even_when_a_bad_one_follows_in_the_same_read(
-        start_daemon):
+        start_daemon, bad, then):
     """Autobahn 3.x/4.x/5.15: the echo queued for the valid frame is written before
     the connection is failed for the protocol error right behind it."""
     d = await start_daemon(broadcast__envelope="raw")
@@ -180,9 +185,8 @@ async def test_a_valid_frame_is_echoed_even_when_a_bad_one_follows_in_the_same_r
     try:
         await wait_until(lambda: len(d.daemon.ctx.registry) == 1)
         good = b"\x81\x85\x00\x00\x00\x00hello"
-        reserved_bits = b"\xf1\x80\x00\x00\x00\x00"  # RSV1-3 set: fail the connection
-        sock.sendall(good + reserved_bits)
-        assert await read_rest(sock) == b"\x81\x05hello"  # the echo, then the end
+        sock.sendall(good + bad)
+        assert await read_rest(sock) == b"\x81\x05hello" + then  # the echo first
     finally:
         sock.close()
     await wait_until(lambda: len(d.daemon.ctx.registry) == 0)

@@ -47,7 +47,7 @@ from typing import Any, Protocol
 
 from ebbcast.history import new_epoch
 from ebbcast.redistarget import redis_target
-from ebbcast.waits import within
+from ebbcast.waits import cancel_for_good, within
 
 log = logging.getLogger(__name__)
 
@@ -150,22 +150,6 @@ class MemoryBackplane:
 
     def peers(self) -> list[str]:
         return []
-
-
-#: How long stop() waits for its tasks to end before it cancels them again.
-RECANCEL_SECONDS = 0.1
-
-
-async def cancel_for_good(tasks: list[asyncio.Task[None]]) -> None:
-    """Cancel ``tasks`` and wait until every one has ended. A cancellation that
-    lands inside a redis-py command can be swallowed (the command returns as if
-    nothing happened, and the loop around it goes on): such a task is cancelled
-    again, so that stopping never hangs on it."""
-    while pending := [task for task in tasks if not task.done()]:
-        for task in pending:
-            task.cancel()
-        await asyncio.wait(pending, timeout=RECANCEL_SECONDS)
-    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def encode(node: str, source: str, payload: str | bytes, seq: int = 0) -> bytes:
@@ -465,6 +449,8 @@ class RedisBackplane:
         client = self._client()
         key = NODE_PREFIX + self._node
         while True:
+            # cleared before the URL is read: a change from now on wakes the next wait
+            self._advertised_changed.clear()
             try:
                 if self._url_advertised:
                     await client.set(key, self._url_advertised, ex=NODE_TTL_SECONDS)
@@ -487,7 +473,6 @@ class RedisBackplane:
             await within(self._advertised_changed.wait(), timeout)
         except asyncio.TimeoutError:
             pass
-        self._advertised_changed.clear()
 
     async def _publish_forever(self) -> None:
         client = self._publisher = self._client()

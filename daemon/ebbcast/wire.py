@@ -11,9 +11,11 @@ Every use of Tornado beyond its documented API is here, hence the pinned Tornado
 range in setup.py:
 
 - ``WebSocketProtocol13``: subclassed (:class:`EbbcastProtocol`), overriding the
-  private ``_abort``, ``_receive_frame`` and ``_handle_message``, reading ``handler``,
-  ``server_terminated``, ``client_terminated``, ``close_reason``, and clearing and
-  reading ``_frame_mask`` (set only when a frame carries a mask key),
+  private ``_abort``, ``_receive_frame`` and ``_handle_message``; setting
+  ``client_terminated`` (to fail a connection), clearing and reading ``_frame_mask``
+  (set only when a frame carries a mask key), calling ``handler``'s
+  ``on_ws_connection_close`` (for a reader that failed), and reading
+  ``server_terminated``, ``close_reason``,
   ``close_code``, ``stream`` and ``is_closing()``; built with the private
   ``_WebSocketParams`` and started on a detached stream by running its private
   ``_receive_frame_loop()`` (:func:`start_protocol`), which is what Tornado's
@@ -127,11 +129,14 @@ class EbbcastProtocol(WebSocketProtocol13):
         set on every protocol instance costs about 1.4 KB per idle connection (the
         instance dict stops sharing its keys with the class's other instances).
         """
+        self._flush_what_is_owed()
+        super()._abort()
+
+    def _flush_what_is_owed(self) -> None:
         hook = getattr(self.handler, "flush_before_abort", None)
         if hook is not None and not self.server_terminated and self.stream is not None \
                 and not self.stream.closed():
             hook()
-        super()._abort()
 
     async def _receive_frame(self) -> None:
         """Tornado reads a frame; a client frame that came unmasked (a fragment that
@@ -162,7 +167,9 @@ class EbbcastProtocol(WebSocketProtocol13):
         return super()._handle_message(opcode, data)
 
     def _fail(self, code: int, reason: str) -> None:
-        """Our close frame with ``code``, then the TCP connection closes at once."""
+        """What the client is owed (as :meth:`_abort` does), our close frame with
+        ``code``, then the TCP connection closes at once."""
+        self._flush_what_is_owed()
         self.client_terminated = True  # so close() also closes the stream
         self.close(code, reason)
 
