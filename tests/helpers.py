@@ -31,6 +31,7 @@ from websockets.sync.client import ClientConnection, connect
 from ebbcast.config import Config, load_config
 from ebbcast.daemon import Daemon
 from ebbcast.lifecycle import StopReason
+from ebbcast.waits import within
 
 REPO = Path(__file__).resolve().parent.parent
 #: Every await in a test is bounded by this, so a broken daemon fails, never hangs.
@@ -71,7 +72,7 @@ class RunningDaemon:
         return self.daemon.urls["admin"]
 
     async def connect(self, path: str = "", **kwargs: Any) -> WebSocketClientConnection:
-        conn = await asyncio.wait_for(
+        conn = await within(
             websocket_connect(HTTPRequest(self.ws_url + path, **kwargs)), STEP_TIMEOUT)
         self.clients.append(conn)
         return conn
@@ -95,13 +96,13 @@ class RunningDaemon:
             return exc.response
 
     async def stopped(self) -> StopReason:
-        return await asyncio.wait_for(asyncio.shield(self.task), STEP_TIMEOUT)
+        return await within(asyncio.shield(self.task), STEP_TIMEOUT)
 
 
 async def recv(conn: Any) -> str | bytes | None:
     """The next frame of a Tornado client or of a ``websockets`` asyncio one."""
     read = conn.read_message if hasattr(conn, "read_message") else conn.recv
-    return await asyncio.wait_for(read(), STEP_TIMEOUT)  # type: ignore[no-any-return]
+    return await within(read(), STEP_TIMEOUT)  # type: ignore[no-any-return]
 
 
 async def recv_json(conn: Any) -> dict[str, Any]:

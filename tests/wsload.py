@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from ebbcast.waits import cancel_for_good, within
+
 HANDSHAKE_TIMEOUT = 10.0
 
 
@@ -43,7 +45,7 @@ class Connection:
         """Send a close frame and wait (bounded) for the server to end the connection."""
         try:
             self.writer.write(_masked(0x8, (1000).to_bytes(2, "big")))
-            await asyncio.wait_for(self.reader.read(), HANDSHAKE_TIMEOUT)
+            await within(self.reader.read(), HANDSHAKE_TIMEOUT)
         except (OSError, asyncio.TimeoutError):
             pass
         finally:
@@ -118,7 +120,7 @@ class Hammer:
         while not self._stop.is_set():
             self.attempts += 1
             try:
-                conn = await asyncio.wait_for(handshake(self.url), HANDSHAKE_TIMEOUT)
+                conn = await within(handshake(self.url), HANDSHAKE_TIMEOUT)
             except Exception as exc:  # what failed is the point: keep it
                 self.failures.append(f"{type(exc).__name__}: {exc}")
             else:
@@ -188,7 +190,7 @@ class HeldClients:
         old = self.connections[index]
         while True:
             try:
-                new = await asyncio.wait_for(handshake(self.url), HANDSHAKE_TIMEOUT)
+                new = await within(handshake(self.url), HANDSHAKE_TIMEOUT)
                 break
             except Exception as exc:
                 self.failures.append(f"{type(exc).__name__}: {exc}")
@@ -198,9 +200,8 @@ class HeldClients:
         await old.close()
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # a client moving may be inside a handshake's wait: cancelled for good
+        await cancel_for_good(self._tasks)
         await asyncio.gather(*(conn.close() for conn in self.connections))
 
 
