@@ -456,3 +456,55 @@ def test_rediss_reaches_a_redis_server_that_speaks_only_tls(spawn, tmp_path):
             assert "backplane connected: 127.0.0.1:" in d.log_text()
     finally:
         redis.stop()
+
+
+
+class ClosingSlowly:
+    """A redis-py client as the backplane uses it, Redis gone: every command fails,
+    and the first close hangs until cancelled (as closing a lost connection can)."""
+
+    made: list[ClosingSlowly] = []
+
+    def __init__(self, first_close_started: asyncio.Event) -> None:
+        self.closed = False
+        self._first_close_started = first_close_started
+        ClosingSlowly.made.append(self)
+
+    def pubsub(self) -> Any:
+        import contextlib
+
+        @contextlib.asynccontextmanager
+        async def lost() -> Any:
+            yield self
+        return lost()
+
+    async def subscribe(self, *channels: str) -> None:
+        raise ConnectionError("Redis is gone")
+
+    set = delete = subscribe
+
+    def register_script(self, script: str) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        if not self._first_close_started.is_set():
+            self._first_close_started.set()
+            await asyncio.Event().wait()  # until cancelled
+        self.closed = True
+
+
+async def test_a_stop_that_cuts_a_client_close_short_still_closes_that_client():
+    """The stop cancels the subscriber as it closes the client of its lost
+    subscription: stop() closes that client again, so no connection outlives it."""
+    from ebbcast.backplane import RedisBackplane
+
+    plane = RedisBackplane("redis://127.0.0.1:1/0", "node", lambda payload, source: None,
+                           lambda up: None, lambda count: None)
+    first_close_started = asyncio.Event()
+    ClosingSlowly.made = []
+    plane._target.client = lambda: ClosingSlowly(first_close_started)
+    plane.start()
+    await asyncio.wait_for(first_close_started.wait(), STEP_TIMEOUT)
+    await asyncio.wait_for(plane.stop(), STEP_TIMEOUT)
+    assert len(ClosingSlowly.made) == 3  # subscriber, publisher, heartbeat
+    assert [client.closed for client in ClosingSlowly.made] == [True, True, True]

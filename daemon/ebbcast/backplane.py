@@ -244,9 +244,11 @@ class RedisBackplane:
 
     async def stop(self) -> None:
         await cancel_for_good(self._tasks)
-        for client in self._clients:
-            await client.aclose()
-        self._clients.clear()
+        for client in list(self._clients):
+            try:
+                await self._close(client)
+            except Exception as exc:  # the others are closed all the same
+                log.debug("backplane: closing a Redis client failed: %s", exc)
         await self._target.close()
 
     def publish(self, payload: str | bytes, source: str) -> None:
@@ -268,6 +270,14 @@ class RedisBackplane:
         self._queue.append((source, payload, token))
         self._wakeup.set()
         return True
+
+    async def _close(self, client: Any) -> None:
+        """Close ``client``'s connections, then forget it. A close cut short (a stop
+        cancels the subscriber as it closes the client of a lost subscription)
+        leaves it listed: stop() closes it again, so that no connection outlives
+        the backplane."""
+        await client.aclose()
+        self._clients.remove(client)
 
     def _client(self) -> Any:
         client = self._target.client()
@@ -315,8 +325,7 @@ class RedisBackplane:
                 log.debug("backplane subscription failed: %s", exc)
             finally:
                 self._pubsub = None
-                self._clients.remove(client)
-                await client.aclose()
+                await self._close(client)
             self._set_up(False)
             dropped = len(self._queue)
             if dropped:
