@@ -12,8 +12,9 @@ from tornado.httputil import HTTPHeaders
 from tornado.iostream import IOStream
 
 from helpers import STEP_TIMEOUT, wait_until
-from ebbcast.handshake import (Acceptance, Refusal, Terms, accept_value, decide, match_path,
-                               origin_allowed, read_upgrade)
+from ebbcast.handshake import (MAX_HEADER_BLOCK, Acceptance, Refusal, Terms, accept_value,
+                               answer, decide, match_path, origin_allowed, read_upgrade,
+                               request)
 from ebbcast.history import Resume
 from ebbcast.wire import open_http_connections
 
@@ -152,24 +153,77 @@ def test_paths_of_the_endpoint():
 
 def test_a_complete_upgrade_request_is_read_with_its_length():
     data = request_bytes("/ws/bob?since=3", extra="Connection: keep-alive\r\n")
-    request = read_upgrade(data + b"\x81\x80")  # a frame right behind it is not read
-    assert request is not None
-    assert (request.path, request.query, request.length) == ("/ws/bob", "since=3", len(data))
-    assert request.headers["connection"] == "Upgrade,keep-alive"
-    assert request.headers["sec-websocket-key"] == KEY
+    upgrade = read_upgrade(data + b"\x81\x80")  # a frame right behind it is not read
+    assert upgrade is not None
+    read = upgrade.request
+    assert (read.method, read.target, read.version) == ("GET", "/ws/bob?since=3", "HTTP/1.1")
+    assert upgrade.length == len(data)
+    assert read.headers["connection"] == "Upgrade,keep-alive"
+    assert read.headers["sec-websocket-key"] == KEY
+    assert (read.hosts, read.body) == (1, False)
+    assert read.size == len(data) - 2  # the request line and fields, as sent
 
 
 @pytest.mark.parametrize("data", [
     request_bytes()[:-2],                                             # incomplete
     b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",                              # no upgrade
-    request_bytes().replace(b"GET", b"POST", 1),
-    request_bytes().replace(b"HTTP/1.1", b"HTTP/1.0", 1),
-    request_bytes(extra="Content-Length: 5\r\n"),                     # a body announced
-    request_bytes("http://example.com/ws"),                           # absolute form
     b"NOT HTTP AT ALL\r\n\r\n",
 ])
 def test_anything_else_is_left_to_tornado(data):
     assert read_upgrade(data) is None
+
+
+def test_the_reader_keeps_what_the_rules_need_to_refuse():
+    """What the fast path once declined by itself it now reads as sent, so that the
+    one set of rules (answer) refuses it, as it does when Tornado reads it."""
+    def read(data: bytes):
+        upgrade = read_upgrade(data)
+        assert upgrade is not None
+        return upgrade.request
+
+    assert read(request_bytes().replace(b"HTTP/1.1", b"HTTP/1.0", 1)).version == "HTTP/1.0"
+    assert read(request_bytes("/ws#x")).target == "/ws#x"
+    assert read(request_bytes(extra="Host: other\r\n")).hosts == 2
+    assert read(request_bytes(extra="Content-Length: 0\r\n")).body is True
+    assert read(request_bytes(extra="X-Blank:  \t padded \t\r\n")).headers["x-blank"] == "padded"
+
+
+def handshake(target: str = "/ws", version: str = "HTTP/1.1", method: str = "GET",
+              extra: tuple[tuple[str, str], ...] = ()) -> object:
+    fields = [("Host", "example.com:8000"), ("Upgrade", "websocket"),
+              ("Connection", "Upgrade"), ("Sec-WebSocket-Key", KEY),
+              ("Sec-WebSocket-Version", "13"), *extra]
+    return request(method, target, version, fields)
+
+
+@pytest.mark.parametrize("read, status, text", [
+    (handshake("/ws#x"), 400, "no #fragment"),
+    (handshake("/ws/bob?since=1#x"), 400, "no #fragment"),
+    (handshake(version="HTTP/1.0"), 400, "HTTP/1.1"),
+    (handshake(extra=(("Host", "example.com:8000"),)), 400, "one Host"),
+    (handshake(extra=(("Content-Length", "0"),)), 400, "no body"),
+    (handshake(extra=(("Transfer-Encoding", "chunked"),)), 400, "no body"),
+    (handshake(extra=(("X-Padding", "x" * MAX_HEADER_BLOCK),)), 431, "headers over"),
+    (handshake("/index.html", extra=(("X-Padding", "x" * MAX_HEADER_BLOCK),)), 431,
+     "headers over"),
+])
+def test_one_set_of_rules_refuses_what_no_handshake_may_be(read, status, text):
+    refused = answer(read, "/ws", OPEN)
+    assert isinstance(refused, Refusal)
+    assert (refused.status, refused.counted_as) == (status, None)
+    assert text in refused.text
+
+
+def test_a_well_formed_handshake_is_decided_and_anything_else_passed_on():
+    assert isinstance(answer(handshake("/ws/bob?since=1"), "/ws", OPEN), Acceptance)
+    just_under = MAX_HEADER_BLOCK - handshake().size - len("X-Padding: ") - 2
+    padded = handshake(extra=(("X-Padding", "x" * just_under),))
+    assert padded.size == MAX_HEADER_BLOCK
+    assert isinstance(answer(padded, "/ws", OPEN), Acceptance)
+    assert answer(handshake("/"), "/ws", OPEN) is None
+    assert answer(handshake("/wsx#x"), "/ws", OPEN) is None
+    assert answer(handshake(method="POST"), "/ws", OPEN) is None
+    assert answer(handshake("http://example.com/ws"), "/ws", OPEN) is None  # as Tornado routes it
 
 
 # -- both ways in -------------------------------------------------------------------------
@@ -236,6 +290,12 @@ async def test_a_handshake_arriving_in_pieces_goes_through_tornados_reader(start
     ("GET /ws HTTP/1.1", "Sec-WebSocket-Version: 8\r\n", 426, b"WebSocket version 13 only"),
     ("GET /ws/no%20pe HTTP/1.1", "", 400, b"invalid client id"),
     ("GET /nowhere HTTP/1.1", "", 404, b""),
+    ("GET /ws#x HTTP/1.1", "", 400, b"no #fragment"),
+    ("GET /ws HTTP/1.0", "", 400, b"an HTTP/1.1 request"),
+    ("GET /ws HTTP/1.1", "Host: example.com\r\n", 400, b"one Host header"),
+    ("GET /ws HTTP/1.1", "Content-Length: 3\r\n", 400, b"no body"),
+    ("GET /ws HTTP/1.1", f"X-Padding: {'x' * MAX_HEADER_BLOCK}\r\n", 431, b"headers over"),
+    ("GET / HTTP/1.1", f"X-Padding: {'x' * MAX_HEADER_BLOCK}\r\n", 431, b"headers over"),
 ])
 async def test_http_answers_on_the_public_listener(start_daemon, request_line, extra, status,
                                                    body):

@@ -75,7 +75,9 @@ HANDOVER_GRACE = 2.0
 #: main process, or systemd) starts a fresh one instead of it serving broken.
 FANOUT_FAILURE_LIMIT = 5
 #: Caps on what the public listener reads before a handshake.
-MAX_HEADER_BYTES = 16 * 1024
+#: Tornado's limit for the request line and headers (it closes a longer request
+#: unanswered); ebbcast.handshake answers 431 from MAX_HEADER_BLOCK (16 KiB) on.
+MAX_HEADER_BYTES = 64 * 1024
 MAX_PUBLIC_BODY_BYTES = 64 * 1024
 
 

@@ -1,9 +1,21 @@
 """The WebSocket opening handshake (RFC 6455 section 4.2), decided without I/O.
 
-``decide()`` takes what a request says and what the daemon is (accepting? full?
-which origins?) and returns an :class:`Acceptance` or a :class:`Refusal`. It reads
-and writes nothing, so every rule is tested by calling it; ``ebbcast.public``
-does the I/O. The rules, in the order they are checked:
+``answer()`` takes a request as either reader read it (:class:`Request`: the fast
+path's httptools parse of a handshake already in the socket, or Tornado's HTTP/1
+reader) and what the daemon is (accepting? full? which origins?) and returns an
+:class:`Acceptance`, a :class:`Refusal`, or None for a request that is not a
+handshake (another path or method: the HTTP application answers it). Both readers
+call it, so a request gets one answer whichever reads it. It reads and writes
+nothing, so every rule is tested by calling it; ``ebbcast.public`` does the I/O.
+The rules, in the order they are checked:
+
+- request line and headers over MAX_HEADER_BLOCK bytes (any path): 431;
+- not a GET of ``{ws_path}`` or ``{ws_path}/{id}``: None (not a handshake);
+- a handshake must be a plain HTTP/1.1 GET of a path (RFC 6455 4.1): a target with
+  a ``#fragment``, another HTTP version, no single ``Host`` (RFC 9112 3.2), or a
+  body (``Content-Length`` or ``Transfer-Encoding``): 400;
+
+then ``decide()``, for a well-formed handshake:
 
 - a path ``{ws_path}/{id}`` whose id is not 1 to 64 of ``A-Z a-z 0-9 _ . ~ -``, or
   is ``admin`` (reserved: broadcasts from the admin API are ``from`` it): 400
@@ -41,6 +53,10 @@ from ebbcast.auth import Denial, Grant, TokenVerifier, bearer_token
 from ebbcast.frames import ADMIN_SENDER
 from ebbcast.history import Resume
 
+#: Longest request line and header fields on the public listener (each field counted
+#: as ``name: value`` and its line end, as read): a longer request is answered 431.
+MAX_HEADER_BLOCK = 16 * 1024
+
 #: Ids a client may choose in /ws/{client_id}.
 CLIENT_ID_PATTERN = r"[A-Za-z0-9_.~-]{1,64}"
 _CLIENT_ID = re.compile(CLIENT_ID_PATTERN)
@@ -71,6 +87,36 @@ class Acceptance:
 
 
 @dataclass(frozen=True)
+class Request:
+    """An HTTP request's line and headers, as a reader read them (body not read)."""
+
+    method: str
+    #: The request-target as sent: path, ``?query`` and anything after.
+    target: str
+    version: str
+    #: Looked up by lower-case names; a repeated header's values joined with ",".
+    headers: Mapping[str, str]
+    #: How many ``Host`` fields the request has.
+    hosts: int
+    #: Whether a body is announced (``Content-Length`` or ``Transfer-Encoding``).
+    body: bool
+    #: The request line and header fields in bytes (see MAX_HEADER_BLOCK).
+    size: int
+
+
+def header_block_size(start_line: str, fields: Iterable[tuple[str, str]]) -> int:
+    """Bytes of a request line and header fields, each field as ``name: value``."""
+    return len(start_line) + 2 + sum(len(name) + len(value) + 4 for name, value in fields)
+
+
+def split_target(target: str) -> tuple[str, str, str | None]:
+    """(path, query, fragment) of a request-target; fragment None when it has none."""
+    rest, hashed, fragment = target.partition("#")
+    path, _, query = rest.partition("?")
+    return path, query, fragment if hashed else None
+
+
+@dataclass(frozen=True)
 class Terms:
     """What the daemon is at the moment of the handshake."""
 
@@ -97,9 +143,30 @@ def match_path(path: str, ws_path: str) -> tuple[bool, str | None]:
     return False, None
 
 
+def answer(request: Request, ws_path: str, terms: Terms) -> Acceptance | Refusal | None:
+    """The answer to any request on the public listener, from either reader: None
+    when it is not a handshake (see the module's rules)."""
+    if request.size > MAX_HEADER_BLOCK:
+        return Refusal(431, f"request headers over {MAX_HEADER_BLOCK} bytes\n")
+    path, query, fragment = split_target(request.target)
+    ours, client_id = match_path(path, ws_path)
+    if not ours or request.method != "GET":
+        return None
+    if fragment is not None:
+        return Refusal(400, "a handshake's target has no #fragment\n")
+    if request.version != "HTTP/1.1":
+        return Refusal(400, "a handshake is an HTTP/1.1 request\n")
+    if request.hosts != 1:
+        return Refusal(400, "a handshake has one Host header\n")
+    if request.body:
+        return Refusal(400, "a handshake has no body\n")
+    return decide(client_id, query, request.headers, terms)
+
+
 def decide(client_id: str | None, query: str, headers: Mapping[str, str],
            terms: Terms) -> Acceptance | Refusal:
-    """The answer to a GET on the WebSocket endpoint (see the module's rules).
+    """The answer to a well-formed GET on the WebSocket endpoint (see the module's
+    rules).
 
     ``headers`` is looked up by lower-case names: a Tornado ``HTTPHeaders`` (any
     case works) or the dict of :func:`read_upgrade`."""
@@ -189,37 +256,33 @@ def switching_protocols(key: str) -> bytes:
 
 @dataclass(frozen=True)
 class UpgradeRequest:
-    """A complete ``GET ... HTTP/1.1`` that asks to upgrade, read by :func:`read_upgrade`."""
+    """A complete request that asks to upgrade, read by :func:`read_upgrade`."""
 
-    path: str
-    query: str
-    #: Lower-case names; a repeated header's values joined with ",".
-    headers: dict[str, str]
+    request: Request
     #: Bytes up to and including the blank line that ends the headers.
     length: int
 
 
 class _Collector:
-    __slots__ = ("url", "headers")
+    __slots__ = ("url", "fields")
 
     def __init__(self) -> None:
         self.url = b""
-        self.headers: dict[str, str] = {}
+        self.fields: list[tuple[str, str]] = []
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        key, text = name.decode("latin-1").lower(), value.decode("latin-1")
-        known = self.headers.get(key)
-        self.headers[key] = text if known is None else f"{known},{text}"
+        # as Tornado's reader has them: latin-1, the value without surrounding blanks
+        self.fields.append((name.decode("latin-1"), value.decode("latin-1").strip(" \t")))
 
 
 def read_upgrade(data: bytes) -> UpgradeRequest | None:
-    """The upgrade request at the start of ``data``, parsed by httptools (the C
-    parser uvicorn uses); None when ``data`` is anything else: incomplete, not a
-    GET, not HTTP/1.1, no upgrade asked, a body announced, or malformed. Tornado's
-    HTTP/1 reader then takes the request and answers it as any other."""
+    """The request at the start of ``data``, parsed by httptools (the C parser
+    uvicorn uses), when it is complete and asks to upgrade; None for anything else
+    (incomplete, no upgrade asked, malformed): Tornado's HTTP/1 reader then takes
+    it. What the request may be is :func:`answer`'s to say, for both readers."""
     collector = _Collector()
     parser = httptools.HttpRequestParser(collector)
     try:
@@ -229,15 +292,21 @@ def read_upgrade(data: bytes) -> UpgradeRequest | None:
         length = int(upgrade.args[0])
     except httptools.HttpParserError:
         return None
-    headers = collector.headers
-    if parser.get_method() != b"GET" or parser.get_http_version() != "1.1" \
-            or "content-length" in headers or "transfer-encoding" in headers:
-        return None
-    try:
-        url = httptools.parse_url(collector.url)
-    except httptools.HttpParserInvalidURLError:
-        return None
-    if url.path is None or url.schema is not None:
-        return None
-    return UpgradeRequest(url.path.decode("latin-1"), (url.query or b"").decode("latin-1"),
-                          headers, length)
+    method = parser.get_method().decode("latin-1")
+    target = collector.url.decode("latin-1")
+    version = f"HTTP/{parser.get_http_version()}"
+    return UpgradeRequest(request(method, target, version, collector.fields), length)
+
+
+def request(method: str, target: str, version: str,
+            fields: Iterable[tuple[str, str]]) -> Request:
+    """A :class:`Request` from its line and its header fields in the order sent."""
+    fields = list(fields)
+    headers: dict[str, str] = {}
+    for name, value in fields:
+        key = name.lower()
+        headers[key] = value if key not in headers else f"{headers[key]},{value}"
+    return Request(method, target, version, headers,
+                   hosts=sum(1 for name, _ in fields if name.lower() == "host"),
+                   body="content-length" in headers or "transfer-encoding" in headers,
+                   size=header_block_size(f"{method} {target} {version}", fields))

@@ -17,7 +17,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable
 from http import HTTPStatus
 from importlib import resources
 from typing import Any
@@ -32,7 +32,7 @@ from ebbcast.auth import TokenVerifier
 from ebbcast.connection import Connection
 from ebbcast.context import DaemonContext
 from ebbcast.forwarded import TrustedProxies
-from ebbcast.handshake import Acceptance, Refusal, Terms, decide, match_path, read_upgrade
+from ebbcast.handshake import Acceptance, Refusal, Request, Terms, answer, read_upgrade, request
 from ebbcast.history import Resume
 from ebbcast.wire import start_protocol
 
@@ -111,11 +111,11 @@ class PublicRouter(HTTPServerConnectionDelegate):
                       request_conn: HTTPConnection) -> HTTPMessageDelegate:
         return _PublicRequest(self, server_conn, request_conn)
 
-    def decide(self, client_id: str | None, query: str,
-               headers: Mapping[str, str]) -> Acceptance | Refusal:
+    def answer(self, request: Request) -> Acceptance | Refusal | None:
+        """``ebbcast.handshake.answer`` for this daemon, now; both readers ask it."""
         ctx = self.ctx
         limit = ctx.config.server.max_connections
-        return decide(client_id, query, headers, Terms(
+        return answer(request, ctx.config.server.ws_path, Terms(
             accepting=ctx.lifecycle.accepting, full=bool(limit) and len(ctx.registry) >= limit,
             allowed_origins=ctx.config.server.allowed_origins, tokens=self.tokens,
             now=time.time()))
@@ -140,21 +140,20 @@ class PublicRouter(HTTPServerConnectionDelegate):
             data = sock.recv(PEEK_BYTES, socket.MSG_PEEK)
         except OSError:
             return False  # nothing yet, or an error Tornado's reader will meet too
-        request = read_upgrade(data)
-        if request is None:
+        upgrade = read_upgrade(data)
+        if upgrade is None:
             return False
-        ours, client_id = match_path(request.path, self.ctx.config.server.ws_path)
-        if not ours:
-            return False
-        answer = self.decide(client_id, request.query, request.headers)
-        if not isinstance(answer, Acceptance) or (
-                answer.resume is not None and not self.ctx.broadcasts.is_caught_up(answer.resume)):
+        decided = self.answer(upgrade.request)
+        if not isinstance(decided, Acceptance) or (
+                decided.resume is not None
+                and not self.ctx.broadcasts.is_caught_up(decided.resume)):
             return False  # refusals are HTTP answers; a resume may wait to catch up
         try:
-            sock.recv(request.length)  # exactly the request: it is all there
+            sock.recv(upgrade.length)  # exactly the request: it is all there
         except OSError:
             return False
-        self.accept(stream, answer, self.proxies.client_address(address, request.headers))
+        self.accept(stream, decided,
+                    self.proxies.client_address(address, upgrade.request.headers))
         return True
 
 
@@ -187,34 +186,33 @@ class _PublicRequest(HTTPMessageDelegate):
     def headers_received(self, start_line: RequestStartLine | ResponseStartLine,
                          headers: HTTPHeaders) -> Awaitable[None] | None:
         assert isinstance(start_line, RequestStartLine)
-        ctx = self.router.ctx
-        path, _, query = start_line.path.partition("?")
-        ours, client_id = match_path(path, ctx.config.server.ws_path)
-        if not ours or start_line.method != "GET":
+        self.headers = headers
+        read = request(start_line.method, start_line.path, start_line.version,
+                       headers.get_all())
+        decided = self.router.answer(read)
+        if decided is None:
             self.passed_on = self.router.application.start_request(self.server_conn,
                                                                    self.request_conn)
             return self.passed_on.headers_received(start_line, headers)
-        self.headers = headers
-        answer = self.router.decide(client_id, query, headers)
-        if isinstance(answer, Refusal):
-            self._refuse(answer)
+        if isinstance(decided, Refusal):
+            self._refuse(decided)
             return None
-        if answer.resume is not None:
-            return self._accept_caught_up(answer.resume, client_id, query, headers)
-        self._accept(answer)
+        if decided.resume is not None:
+            return self._accept_caught_up(decided.resume, read)
+        self._accept(decided)
         return None
 
-    async def _accept_caught_up(self, resume: Resume, client_id: str | None, query: str,
-                                headers: HTTPHeaders) -> None:
+    async def _accept_caught_up(self, resume: Resume, read: Request) -> None:
         """Wait for this process to catch up with a resuming client, then decide
         again: the connection is admitted now, so the connection limit and a drain
         that began meanwhile hold for it too."""
         await self.router.ctx.broadcasts.caught_up(resume, CATCH_UP_SECONDS)
-        answer = self.router.decide(client_id, query, headers)
-        if isinstance(answer, Refusal):
-            self._refuse(answer)
+        decided = self.router.answer(read)
+        assert decided is not None  # the same request: a handshake still
+        if isinstance(decided, Refusal):
+            self._refuse(decided)
         else:
-            self._accept(answer)
+            self._accept(decided)
 
     def _accept(self, answer: Acceptance) -> None:
         stream = self.request_conn.detach()  # type: ignore[attr-defined]
