@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 from functools import partial
 from pathlib import Path
 
+import pytest
 from websockets.exceptions import WebSocketException
 from websockets.sync.client import connect
 
@@ -41,12 +43,74 @@ def test_oversized_handshake_headers_are_refused_and_harmless(spawn):
                 pass
             return answer
 
-    # over the 16 KiB cap on what is read before a handshake: closed, nothing sent
-    assert handshake(40_000) == b""
+    # over the 16 KiB cap on request headers: 431; over what is read at all
+    # (64 KiB): closed, nothing sent
+    assert handshake(40_000).startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    assert handshake(70_000) == b""
     assert http_json(d.admin_url + "/status")[1]["connections"] == 0
     # the same request under the cap is a valid handshake: the size was the reason
     assert handshake(15_000).startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
     assert http_json(d.admin_url + "/healthz")[0] == 200
+
+
+def read_response(sock: socket.socket, buffered: bytearray) -> tuple[bytes, bytes]:
+    """(status line and headers, body) of the next response on ``sock``; what is
+    read beyond it stays in ``buffered``."""
+    while b"\r\n\r\n" not in buffered:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before a response: {bytes(buffered)!r}"
+        buffered += chunk
+    head, _, rest = bytes(buffered).partition(b"\r\n\r\n")
+    fields = head.lower().split(b"content-length: ")
+    length = int(fields[1].split(b"\r\n")[0]) if len(fields) > 1 else 0
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "closed in a response body"
+        rest += chunk
+    buffered[:] = rest[length:]
+    return head, rest[:length]
+
+
+BIG = 2 * 1024 * 1024  # over the admin listener's 1 MiB of body
+
+
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["alone", "workers"])
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_an_admin_body_over_1_mib_gets_413_json_and_the_connection_goes_on(spawn, workers,
+                                                                          framing):
+    """The whole body is sent, as a client that does not wait for an answer does: the
+    413 comes (JSON, as any admin error), the rest of the body is read and dropped,
+    and the same connection then serves the next request."""
+    d = spawn(*FAST, *workers, env={"EBBCAST_ADMIN_TOKEN": TOKEN})
+    host, port = d.admin_url.split("/")[2].rsplit(":", 1)
+    head = f"POST /broadcast HTTP/1.1\r\nHost: ebbcast\r\nAuthorization: Bearer {TOKEN}\r\n"
+    if framing == "content-length":
+        request = f"{head}Content-Length: {BIG}\r\n\r\n".encode() + b"x" * BIG
+    else:
+        chunk = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
+        request = f"{head}Transfer-Encoding: chunked\r\n\r\n".encode() + \
+            chunk * (BIG // 0x10000) + b"0\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=STEP_TIMEOUT) as sock:
+        sock.sendall(request + b"GET /healthz HTTP/1.1\r\nHost: ebbcast\r\n\r\n")
+        buffered = bytearray()
+        status, body = read_response(sock, buffered)
+        assert status.startswith(b"HTTP/1.1 413 Content Too Large\r\n")
+        assert b"content-type: application/json" in status.lower()
+        assert json.loads(body) == {"error": "body over 1048576 bytes"}
+        status, body = read_response(sock, buffered)
+        assert status.startswith(b"HTTP/1.1 200 ") and json.loads(body) == {"status": "ok"}
+
+
+def test_an_admin_client_that_waits_for_100_continue_gets_413_and_no_100(spawn):
+    d = spawn(*FAST, env={"EBBCAST_ADMIN_TOKEN": TOKEN})
+    host, port = d.admin_url.split("/")[2].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=STEP_TIMEOUT) as sock:
+        sock.sendall(f"POST /broadcast HTTP/1.1\r\nHost: ebbcast\r\nExpect: 100-continue\r\n"
+                     f"Content-Length: {BIG}\r\n\r\n".encode())
+        status, body = read_response(sock, bytearray())
+        assert status.startswith(b"HTTP/1.1 413 Content Too Large\r\n")
+        assert json.loads(body) == {"error": "body over 1048576 bytes"}
+        assert sock.recv(65536) == b""  # and closed: the body it held back is not wanted
 
 
 def test_the_admin_token_never_appears_in_the_logs(spawn):

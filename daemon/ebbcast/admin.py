@@ -8,8 +8,13 @@ import logging
 import time
 from typing import Any, Protocol
 
+from collections.abc import Awaitable
+
 from prometheus_client import CONTENT_TYPE_LATEST
 from tornado.httpserver import HTTPServer
+from tornado.httputil import (HTTPConnection, HTTPHeaders, HTTPMessageDelegate,
+                              HTTPServerConnectionDelegate, RequestStartLine,
+                              ResponseStartLine)
 from tornado.web import Application, RequestHandler
 
 from ebbcast import frames
@@ -18,8 +23,12 @@ from ebbcast.lifecycle import Lifecycle, State
 
 log = logging.getLogger(__name__)
 
-#: Largest request body the admin listener reads (POST /broadcast).
+#: Largest request body the admin listener reads (POST /broadcast): 413 beyond.
 ADMIN_MAX_BODY_BYTES = 1024 * 1024
+#: Largest body read at all: what is over ADMIN_MAX_BODY_BYTES is read and dropped
+#: (within admin.request_timeout), so that a client still sending gets its 413
+#: rather than a reset; beyond this, Tornado answers 400 and closes.
+ADMIN_DISCARD_BYTES = 1024 * 1024 * 1024
 
 
 class AdminBackend(Protocol):
@@ -167,10 +176,83 @@ def admin_server(backend: AdminBackend) -> HTTPServer:
     """The admin listener's HTTP server, for the main process and a lone serving
     process alike: a request's headers, then its body, each within
     ``admin.request_timeout`` (a connection that stalls is closed), its body at most
-    ADMIN_MAX_BODY_BYTES."""
+    ADMIN_MAX_BODY_BYTES (413 beyond)."""
     timeout = backend.config.admin.request_timeout
-    return HTTPServer(admin_application(backend), max_body_size=ADMIN_MAX_BODY_BYTES,
+    return HTTPServer(BodyCap(admin_application(backend), ADMIN_MAX_BODY_BYTES),
+                      max_body_size=ADMIN_DISCARD_BYTES,
                       idle_connection_timeout=timeout, body_timeout=timeout)
+
+
+class BodyCap(HTTPServerConnectionDelegate):
+    """``application``, with bodies over ``limit`` bytes answered 413 (JSON)."""
+
+    def __init__(self, application: Application, limit: int) -> None:
+        self.application = application
+        self.limit = limit
+
+    def start_request(self, server_conn: object,
+                      request_conn: HTTPConnection) -> HTTPMessageDelegate:
+        return _CappedRequest(self.application.start_request(server_conn, request_conn),
+                              request_conn, self.limit)
+
+
+class _CappedRequest(HTTPMessageDelegate):
+    """One request: passed on to the application until its body is over the
+    limit (announced, or as it arrives); then answered 413 at once, the rest of the
+    body read and dropped, and the response finished when the body has all come
+    (at once if the client waits for ``100-continue``: it sends no body)."""
+
+    def __init__(self, inner: HTTPMessageDelegate, request_conn: HTTPConnection,
+                 limit: int) -> None:
+        self.inner = inner
+        self.request_conn = request_conn
+        self.limit = limit
+        self.received = 0
+        self.refused = False
+        self.answered = False  # the 413 finished
+
+    def headers_received(self, start_line: RequestStartLine | ResponseStartLine,
+                         headers: HTTPHeaders) -> Awaitable[None] | None:
+        length = headers.get("Content-Length", "").strip()
+        if length.isdigit() and int(length) > self.limit:
+            self._refuse()
+            if headers.get("Expect", "").lower() == "100-continue":
+                self._finish_response()
+            return None
+        return self.inner.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        if self.refused:
+            return None
+        self.received += len(chunk)
+        if self.received > self.limit:
+            self._refuse()
+            self.inner.on_connection_close()  # what it buffered is dropped
+            return None
+        return self.inner.data_received(chunk)
+
+    def finish(self) -> None:
+        if self.refused:
+            self._finish_response()
+        else:
+            self.inner.finish()
+
+    def _finish_response(self) -> None:
+        if not self.answered:
+            self.answered = True
+            self.request_conn.finish()
+
+    def on_connection_close(self) -> None:
+        if not self.refused:
+            self.inner.on_connection_close()
+
+    def _refuse(self) -> None:
+        self.refused = True
+        body = json.dumps({"error": f"body over {self.limit} bytes"}).encode()
+        headers = HTTPHeaders({"Content-Type": "application/json",
+                               "Content-Length": str(len(body))})
+        self.request_conn.write_headers(
+            ResponseStartLine("HTTP/1.1", 413, "Content Too Large"), headers, body)
 
 
 def admin_application(backend: AdminBackend) -> Application:
