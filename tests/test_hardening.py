@@ -13,7 +13,8 @@ import pytest
 from websockets.exceptions import WebSocketException
 from websockets.sync.client import connect
 
-from helpers import FAST, STEP_TIMEOUT, _never_reading_client, http_json, set_open_files_limit
+from helpers import (FAST, STEP_TIMEOUT, _never_reading_client, http_json, read_server_frames,
+                     set_open_files_limit)
 
 TOKEN = "s3cr3t-t0ken-never-logged"
 
@@ -246,3 +247,51 @@ def test_out_of_descriptors_stalled_connections_time_out_and_a_client_gets_in(sp
         assert '"welcome"' in ws.recv(timeout=STEP_TIMEOUT)
     assert http_json(d.admin_url + "/healthz") == (200, {"status": "ok"})
     assert "Traceback" not in d.log_text()
+
+
+HANDSHAKE_HEAD = ("Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
+
+
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["alone", "workers"])
+def test_the_malformed_handshakes_get_their_answers_from_any_serving_process(spawn, workers):
+    """The reproductions, against the daemon as it runs (alone, or its two workers
+    sharing the port): each is refused with its status and reason; the same
+    request without the fault is upgraded (the fault was the reason); an unmasked
+    frame after a valid handshake is failed with 1002."""
+    d = spawn(*FAST, *workers)
+    host, port = d.ws_url.split("/")[2].rsplit(":", 1)
+
+    def answer(line: str = "GET /ws HTTP/1.1", extra: str = "", body: str = "",
+               then: bytes = b"") -> bytes:
+        with socket.create_connection((host, int(port)), timeout=STEP_TIMEOUT) as sock:
+            sock.sendall(f"{line}\r\nHost: {host}:{port}\r\n{HANDSHAKE_HEAD}{extra}\r\n"
+                         f"{body}".encode() + then)
+            if not then:
+                head, body_read = read_response(sock, bytearray())
+                return head + b"\r\n\r\n" + body_read
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):  # the head alone: frames follow
+                head += sock.recv(1)
+            frames = read_server_frames(sock)
+            assert frames[-1][0] == 0x8, frames  # a close frame
+            return head + frames[-1][1]
+
+    refused = {
+        "fragment": (answer("GET /ws#x HTTP/1.1"), b"400", b"no #fragment"),
+        "HTTP/1.0": (answer("GET /ws HTTP/1.0"), b"400", b"an HTTP/1.1 request"),
+        "two Hosts": (answer(extra="Host: other\r\n"), b"400", b"one Host header"),
+        "a body": (answer(extra="Content-Length: 2\r\n", body="ab"), b"400", b"no body"),
+        "headers": (answer(extra=f"X-Junk: {'a' * 20_000}\r\n"), b"431", b"headers over"),
+        "admin id": (answer("GET /ws/admin HTTP/1.1"), b"400", b"admin is reserved"),
+    }
+    for what, (received, status, reason) in refused.items():
+        assert received.startswith(b"HTTP/1.1 " + status + b" "), (what, received)
+        assert reason in received, what
+    assert answer().startswith(b"HTTP/1.1 101 ")
+    unmasked = answer(then=b"\x81\x02hi")
+    assert unmasked.startswith(b"HTTP/1.1 101 ")
+    close = unmasked.partition(b"\r\n\r\n")[2]
+    assert close == (1002).to_bytes(2, "big") + b"unmasked frame"
+    assert "Traceback" not in d.log_text()
+
