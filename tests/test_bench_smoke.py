@@ -56,6 +56,16 @@ def test_sequencer_benchmark_quick_run_compares_two_codes_in_every_mode(tmp_path
         assert row["errors"] == 0 and row["deliveries_per_cpu_s"] > 0, row
 
 
+def test_waiters_benchmark_quick_run_measures_both_codes_before_and_after_resumes(tmp_path):
+    _, data = quick_run("waiters.py", tmp_path, "--before", str(REPO))
+    rows = data["rows"]
+    assert [(r["code"], r["resumes_so_far"]) for r in rows] == [
+        (code, done) for code in ("before", "after") for done in (0, 20, 40)]
+    for row in rows:
+        assert row["errors"] == 0 and row["deliveries_per_cpu_s"] > 0, row
+        assert sum(row["statuses"].values()) == (20 if row["resumes_so_far"] else 0), row
+
+
 def test_connect_storm_quick_run_measures_every_server(tmp_path):
     _, data = quick_run("storm.py", tmp_path)
     rows = data["rows"]

@@ -439,6 +439,34 @@ async def test_the_connection_limit_holds_for_handshakes_that_waited(start_daemo
     assert rejected == 26
 
 
+def test_with_workers_each_holds_its_connection_limit_for_handshakes_that_waited(spawn):
+    """--workers 2, server.max_connections 5 (per serving process): 30 resumes from
+    the future, each admitted after its wait or refused then; no worker holds more
+    than 5, one that refused holds exactly 5, and every 101 is a connection there."""
+    from helpers import FAST, http_json
+
+    d = spawn(*FAST, "--workers", "2", env={**QUICK, "EBBCAST_SERVER_MAX_CONNECTIONS": "5"})
+
+    async def resume_thirty() -> tuple[list[int], dict[str, Any]]:
+        from tornado.websocket import websocket_connect
+
+        first = await websocket_connect(d.ws_url)
+        welcome = await recv_json(first)
+        kept: list[Any] = [first]  # open until every handshake is answered and counted
+        statuses = await asyncio.gather(*(handshake_status(
+            d.ws_url + from_the_future(welcome), kept) for _ in range(30)))
+        status = await asyncio.to_thread(http_json, d.admin_url + "/status")
+        for conn in kept:
+            conn.close()
+        return list(statuses), status[1]
+
+    statuses, status = asyncio.run(resume_thirty())
+    per_worker = [w["connections"] for w in status["workers"]]
+    assert max(per_worker) == 5 and len(per_worker) == 2, per_worker
+    welcomed = sum(per_worker) - 1  # the first client's is one of them
+    assert sorted(statuses) == [101] * welcomed + [503] * (30 - welcomed)
+
+
 async def test_a_drain_refuses_the_handshakes_still_waiting(start_daemon, monkeypatch):
     """Waiting far longer than STEP_TIMEOUT: the drain's start itself answers them."""
     from helpers import wait_until
