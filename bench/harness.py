@@ -7,6 +7,8 @@ an operator would see with top.
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import os
 import re
@@ -207,6 +209,17 @@ def pyplot() -> Any:
               "requirements/<python>/bench.txt)", file=sys.stderr)
         return None
     return plt
+
+
+def before_after_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of a benchmark comparing the code under --before with this one."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--before", type=Path, required=True,
+                        help="a checkout of the code to compare with")
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    return parser
 
 
 def build_loadgen() -> Path:

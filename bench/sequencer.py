@@ -21,7 +21,6 @@ no inbound rate limit, and the C load generator measures two cells:
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import subprocess
@@ -32,8 +31,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import (Server, build_loadgen, free_port, machine, run_loadgen, save_results,
-                     wait_until)
+from harness import (Server, before_after_parser, build_loadgen, free_port, machine,
+                     run_loadgen, save_results, wait_until)
 
 MODES = {"one process": [], "2 workers": ["--workers", "2"], "redis": []}
 CELLS = {"latency": (50, 1), "throughput": (10_000, 16)}
@@ -101,13 +100,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--before", type=Path, required=True,
-                        help="a checkout of the release to compare with")
+    parser = before_after_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=2, help="before/after alternations")
-    parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     args = parser.parse_args()
     cells = {"latency": (5, 1), "throughput": (20, 2)} if args.quick else CELLS
     if args.quick:

@@ -19,7 +19,6 @@ answered before the next batch); and after as many again.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime
 import json
@@ -31,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Server, build_loadgen, machine, run_loadgen, save_results
+from harness import Server, before_after_parser, build_loadgen, machine, run_loadgen, save_results
 from sequencer import describe, git_head
 
 RESUMES, BATCH = 5_000, 1_000
@@ -115,12 +114,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--before", type=Path, required=True,
-                        help="a checkout of the code to compare with")
-    parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser = before_after_parser(__doc__)
     args = parser.parse_args()
     resumes, batch, subscribers = (20, 10, 5) if args.quick else (RESUMES, BATCH, 50)
     if args.quick:
