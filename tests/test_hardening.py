@@ -219,8 +219,9 @@ def closed_by_the_daemon(sock: socket.socket) -> bool:
         sock.close()
 
 
-def test_requests_that_stall_are_closed_by_their_timeouts(spawn):
-    d = spawn(*FAST, env=SHORT_TIMEOUTS)
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["alone", "workers"])
+def test_requests_that_stall_are_closed_by_their_timeouts(spawn, workers):
+    d = spawn(*FAST, *workers, env=SHORT_TIMEOUTS)
     stalled = {
         "public: a body that stops": stall(d.ws_url, STALLED_BODY),
         "public: headers that stop": stall(d.ws_url, b"GET / HTTP/1.1\r\nHost: e"),
@@ -235,11 +236,13 @@ def test_requests_that_stall_are_closed_by_their_timeouts(spawn):
     assert http_json(d.admin_url + "/healthz") == (200, {"status": "ok"})
 
 
-def test_out_of_descriptors_stalled_connections_time_out_and_a_client_gets_in(spawn):
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["alone", "workers"])
+def test_out_of_descriptors_stalled_connections_time_out_and_a_client_gets_in(spawn, workers):
     """ulimit -n 256 and 300 connections that never finish a request, on both
     listeners: each is closed (by its timeout, or shed while none is left), and then
-    a normal client is served."""
-    d = spawn(*FAST, env=SHORT_TIMEOUTS, preexec_fn=partial(set_open_files_limit, 256, 256))
+    a normal client is served (with workers, each has the same limit)."""
+    d = spawn(*FAST, *workers, env=SHORT_TIMEOUTS,
+              preexec_fn=partial(set_open_files_limit, 256, 256))
     stalled = [stall(d.ws_url, STALLED_BODY) for _ in range(150)]
     stalled += [stall(d.admin_url, b"") for _ in range(150)]
     assert all(closed_by_the_daemon(sock) for sock in stalled)

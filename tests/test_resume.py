@@ -439,28 +439,44 @@ async def test_the_connection_limit_holds_for_handshakes_that_waited(start_daemo
     assert rejected == 26
 
 
-def test_with_workers_each_holds_its_connection_limit_for_handshakes_that_waited(spawn):
+async def test_a_drain_with_no_client_left_still_answers_the_handshakes_waiting(
+        start_daemon, monkeypatch):
+    """No connection keeps the drain going: the process stops at once, and still
+    answers each waiting handshake (503) before it ends."""
+    from helpers import wait_until
+
+    monkeypatch.setattr("ebbcast.public.CATCH_UP_SECONDS", 10 * STEP_TIMEOUT)
+    d = await start_daemon(shutdown__drain_timeout="60s")
+    a, welcome = await d.connect_welcomed()
+    a.close()
+    await wait_until(lambda: len(d.daemon.ctx.registry) == 0)
+    kept: list[Any] = []
+    waiting = [asyncio.ensure_future(handshake_status(d.ws_url + from_the_future(welcome),
+                                                      kept)) for _ in range(3)]
+    await wait_until(lambda: d.daemon.broadcasts.waiting == 3)
+    d.daemon.record_signal(signal.SIGTERM)
+    assert await asyncio.gather(*waiting) == [503] * 3
+    await d.stopped()
+
+
+async def test_with_workers_each_holds_its_connection_limit_for_handshakes_that_waited(
+        spawn):
     """--workers 2, server.max_connections 5 (per serving process): 30 resumes from
     the future, each admitted after its wait or refused then; no worker holds more
     than 5, one that refused holds exactly 5, and every 101 is a connection there."""
+    from tornado.websocket import websocket_connect
+
     from helpers import FAST, http_json
 
     d = spawn(*FAST, "--workers", "2", env={**QUICK, "EBBCAST_SERVER_MAX_CONNECTIONS": "5"})
-
-    async def resume_thirty() -> tuple[list[int], dict[str, Any]]:
-        from tornado.websocket import websocket_connect
-
-        first = await websocket_connect(d.ws_url)
-        welcome = await recv_json(first)
-        kept: list[Any] = [first]  # open until every handshake is answered and counted
-        statuses = await asyncio.gather(*(handshake_status(
-            d.ws_url + from_the_future(welcome), kept) for _ in range(30)))
-        status = await asyncio.to_thread(http_json, d.admin_url + "/status")
-        for conn in kept:
-            conn.close()
-        return list(statuses), status[1]
-
-    statuses, status = asyncio.run(resume_thirty())
+    first = await websocket_connect(d.ws_url)
+    welcome = await recv_json(first)
+    kept: list[Any] = [first]  # open until every handshake is answered and counted
+    statuses = await asyncio.gather(*(handshake_status(d.ws_url + from_the_future(welcome),
+                                                       kept) for _ in range(30)))
+    _, status = await asyncio.to_thread(http_json, d.admin_url + "/status")
+    for conn in kept:
+        conn.close()
     per_worker = [w["connections"] for w in status["workers"]]
     assert max(per_worker) == 5 and len(per_worker) == 2, per_worker
     welcomed = sum(per_worker) - 1  # the first client's is one of them
@@ -483,6 +499,34 @@ async def test_a_drain_refuses_the_handshakes_still_waiting(start_daemon, monkey
     assert d.daemon.metrics.rejected.labels("draining")._value.get() == 3
     a.close()
     await d.stopped()
+
+
+async def test_with_workers_a_drain_refuses_the_handshakes_still_waiting(spawn, tmp_path):
+    """--workers 2, from a copy whose catch-up wait is a minute and that says on
+    stderr when a handshake starts waiting: six resumes from the future wait, then
+    SIGTERM; each is answered 503 within STEP_TIMEOUT, so by the drain's start,
+    even by a worker with no client left to drain (it stops at once)."""
+    from tornado.websocket import websocket_connect
+
+    from helpers import FAST, package_copy, patch_module, wait_for
+
+    root = package_copy(tmp_path)
+    patch_module(root, "public.py", "CATCH_UP_SECONDS = 1.0\n", "CATCH_UP_SECONDS = 60.0\n")
+    patch_module(root, "ordering.py", "        self._waiters.append(entry)\n",
+                 "        print('a handshake waits', file=__import__('sys').stderr, flush=True)\n")
+    d = spawn(*FAST, "--workers", "2", "--drain-timeout", "60s",
+              env={**QUICK, "PYTHONPATH": str(root)}, cwd=tmp_path)
+    first = await websocket_connect(d.ws_url)
+    welcome = await recv_json(first)
+    kept: list[Any] = [first]
+    waiting = [asyncio.ensure_future(handshake_status(d.ws_url + from_the_future(welcome),
+                                                      kept)) for _ in range(6)]
+    await asyncio.to_thread(wait_for, lambda: d.log_text().count("a handshake waits") == 6)
+    d.signal(signal.SIGTERM)
+    assert await asyncio.gather(*waiting) == [503] * 6
+    for conn in kept:
+        conn.close()
+    assert await asyncio.to_thread(d.wait_exit) == 0
 
 
 def test_the_command_line_client_says_when_it_could_not_resume(spawn):

@@ -58,7 +58,7 @@ from ebbcast.metrics import Metrics, Readiness
 from ebbcast.notify import SystemdNotifier
 from ebbcast.ordering import Broadcasts, LocalSequencing, Sequencing
 from ebbcast.periodic import PeriodicBroadcaster
-from ebbcast.public import PublicRouter, PublicServer, public_application
+from ebbcast.public import CATCH_UP_SECONDS, PublicRouter, PublicServer, public_application
 from ebbcast.registry import ConnectionRegistry
 from ebbcast.relay import RelayBackplane, WorkerLink
 from ebbcast.wire import open_http_connections
@@ -409,6 +409,9 @@ class Daemon:
             self._start()
             await self._events.run(self._act, lambda: self._next_tick,
                                    lambda: self.lifecycle.state is State.STOPPING)
+            # handshakes still waiting to catch up get their answer first (a drain
+            # released them: a 503 each, written within a few loop passes)
+            await self._router.all_answered(CATCH_UP_SECONDS)
             await self._await_closed()
         finally:
             self._teardown(loop)
@@ -420,9 +423,10 @@ class Daemon:
         config = self.ctx.config
         scheme = "https" if self._tls else "http"
         self._public = self._role.public_sockets(self.spare)
+        self._router = PublicRouter(self.ctx, public_application(self.ctx, log_request),
+                                    client_tokens(config))
         self.servers["public"] = PublicServer(
-            PublicRouter(self.ctx, public_application(self.ctx, log_request),
-                         client_tokens(config)),
+            self._router,
             ssl_options=self._tls, xheaders=False,
             max_header_size=MAX_HEADER_BYTES, max_body_size=MAX_PUBLIC_BODY_BYTES,
             idle_connection_timeout=config.server.header_timeout,

@@ -12,12 +12,13 @@ else (the page, the script, a 404, a POST to the endpoint) goes to a Tornado
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from http import HTTPStatus
 from importlib import resources
 from typing import Any
@@ -106,6 +107,9 @@ class PublicRouter(HTTPServerConnectionDelegate):
         self.application = application
         self.tokens = tokens
         self.proxies = TrustedProxies(ctx.config.server.trusted_proxies)
+        #: Handshakes waiting to catch up (resumes), until answered: a stop lets
+        #: them be answered (a drain refuses them at once) before the process ends.
+        self.waiting: set[asyncio.Future[None]] = set()
 
     def start_request(self, server_conn: object,
                       request_conn: HTTPConnection) -> HTTPMessageDelegate:
@@ -119,6 +123,18 @@ class PublicRouter(HTTPServerConnectionDelegate):
             accepting=ctx.lifecycle.accepting, full=bool(limit) and len(ctx.registry) >= limit,
             allowed_origins=ctx.config.server.allowed_origins, tokens=self.tokens,
             now=time.time()))
+
+    def wait_then(self, answering: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+        """Run a waiting handshake's answer, listed in ``waiting`` until it ends."""
+        task = asyncio.ensure_future(answering)
+        self.waiting.add(task)
+        task.add_done_callback(self.waiting.discard)
+        return task
+
+    async def all_answered(self, timeout: float) -> None:
+        """Until every waiting handshake is answered, for at most ``timeout``."""
+        if self.waiting:
+            await asyncio.wait(set(self.waiting), timeout=timeout)
 
     def accept(self, stream: IOStream, answer: Acceptance, remote: str) -> None:
         """Write the 101 (with the welcome) and start reading frames; ``remote`` is
@@ -198,7 +214,7 @@ class _PublicRequest(HTTPMessageDelegate):
             self._refuse(decided)
             return None
         if decided.resume is not None:
-            return self._accept_caught_up(decided.resume, read)
+            return self.router.wait_then(self._accept_caught_up(decided.resume, read))
         self._accept(decided)
         return None
 
