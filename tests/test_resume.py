@@ -439,26 +439,6 @@ async def test_the_connection_limit_holds_for_handshakes_that_waited(start_daemo
     assert rejected == 26
 
 
-async def test_a_drain_with_no_client_left_still_answers_the_handshakes_waiting(
-        start_daemon, monkeypatch):
-    """No connection keeps the drain going: the process stops at once, and still
-    answers each waiting handshake (503) before it ends."""
-    from helpers import wait_until
-
-    monkeypatch.setattr("ebbcast.public.CATCH_UP_SECONDS", 10 * STEP_TIMEOUT)
-    d = await start_daemon(shutdown__drain_timeout="60s")
-    a, welcome = await d.connect_welcomed()
-    a.close()
-    await wait_until(lambda: len(d.daemon.ctx.registry) == 0)
-    kept: list[Any] = []
-    waiting = [asyncio.ensure_future(handshake_status(d.ws_url + from_the_future(welcome),
-                                                      kept)) for _ in range(3)]
-    await wait_until(lambda: d.daemon.broadcasts.waiting == 3)
-    d.daemon.record_signal(signal.SIGTERM)
-    assert await asyncio.gather(*waiting) == [503] * 3
-    await d.stopped()
-
-
 async def test_with_workers_each_holds_its_connection_limit_for_handshakes_that_waited(
         spawn):
     """--workers 2, server.max_connections 5 (per serving process): 30 resumes from
@@ -483,13 +463,19 @@ async def test_with_workers_each_holds_its_connection_limit_for_handshakes_that_
     assert sorted(statuses) == [101] * welcomed + [503] * (30 - welcomed)
 
 
-async def test_a_drain_refuses_the_handshakes_still_waiting(start_daemon, monkeypatch):
-    """Waiting far longer than STEP_TIMEOUT: the drain's start itself answers them."""
+@pytest.mark.parametrize("client_stays", [True, False], ids=["draining", "no client left"])
+async def test_a_drain_refuses_the_handshakes_still_waiting(start_daemon, monkeypatch,
+                                                            client_stays):
+    """Waiting far longer than STEP_TIMEOUT: the drain's start itself answers them;
+    with no connection to drain, the process stops at once and answers them first."""
     from helpers import wait_until
 
     monkeypatch.setattr("ebbcast.public.CATCH_UP_SECONDS", 10 * STEP_TIMEOUT)
     d = await start_daemon(shutdown__drain_timeout="60s")
     a, welcome = await d.connect_welcomed()
+    if not client_stays:
+        a.close()
+        await wait_until(lambda: len(d.daemon.ctx.registry) == 0)
     kept: list[Any] = []
     waiting = [asyncio.ensure_future(handshake_status(d.ws_url + from_the_future(welcome),
                                                       kept)) for _ in range(3)]
