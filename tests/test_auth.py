@@ -390,3 +390,5 @@ def test_workers_check_tokens_with_the_key_from_the_environment(spawn: Any) -> N
         assert json.loads(ok.stdout)["client_id"] == sub, ok.stderr
     refused = ebbcast("client", d.ws_url, "--count", "1")
     assert refused.returncode == 1 and "401" in refused.stderr
+    as_admin = ebbcast("client", d.ws_url, "--token", live(sub="admin"), "--count", "1")
+    assert as_admin.returncode == 1 and "401" in as_admin.stderr  # no client speaks as admin

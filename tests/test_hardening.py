@@ -261,7 +261,7 @@ def test_the_malformed_handshakes_get_their_answers_from_any_serving_process(spa
     """The reproductions, against the daemon as it runs (alone, or its two workers
     sharing the port): each is refused with its status and reason; the same
     request without the fault is upgraded (the fault was the reason); an unmasked
-    frame after a valid handshake is failed with 1002."""
+    frame, or a close frame of one byte, after a valid handshake is failed with 1002."""
     d = spawn(*FAST, *workers)
     host, port = d.ws_url.split("/")[2].rsplit(":", 1)
 
@@ -296,5 +296,7 @@ def test_the_malformed_handshakes_get_their_answers_from_any_serving_process(spa
     assert unmasked.startswith(b"HTTP/1.1 101 ")
     close = unmasked.partition(b"\r\n\r\n")[2]
     assert close == (1002).to_bytes(2, "big") + b"unmasked frame"
+    one_byte_close = answer(then=b"\x88\x81\x00\x00\x00\x00\x03")  # masked, 1 byte
+    assert one_byte_close.partition(b"\r\n\r\n")[2][:2] == (1002).to_bytes(2, "big")
     assert "Traceback" not in d.log_text()
 
