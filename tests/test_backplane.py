@@ -493,18 +493,44 @@ class ClosingSlowly:
         self.closed = True
 
 
-async def test_a_stop_that_cuts_a_client_close_short_still_closes_that_client():
-    """The stop cancels the subscriber as it closes the client of its lost
-    subscription: stop() closes that client again, so no connection outlives it."""
+class FailingToClose(ClosingSlowly):
+    """The first close fails (redis-py raises when a disconnect times out)."""
+
+    async def aclose(self) -> None:
+        if not self._first_close_started.is_set():
+            self._first_close_started.set()
+            raise ConnectionError("timed out closing")
+        self.closed = True
+
+
+def started_on(client_class: type[ClosingSlowly]) -> Any:
+    """A RedisBackplane started with clients of ``client_class`` (listed in
+    ClosingSlowly.made); ``first_close_started`` is set as the first close begins."""
     from ebbcast.backplane import RedisBackplane
 
     plane = RedisBackplane("redis://127.0.0.1:1/0", "node", lambda payload, source: None,
                            lambda up: None, lambda count: None)
-    first_close_started = asyncio.Event()
+    plane.first_close_started = asyncio.Event()
     ClosingSlowly.made = []
-    plane._target.client = lambda: ClosingSlowly(first_close_started)
+    plane._target.client = lambda: client_class(plane.first_close_started)
     plane.start()
-    await asyncio.wait_for(first_close_started.wait(), STEP_TIMEOUT)
+    return plane
+
+
+async def test_a_subscription_whose_client_fails_to_close_is_tried_again():
+    """A failed close of a lost subscription's client does not end the subscriber:
+    it subscribes again (a new client, after the backoff); stop() closes them all."""
+    plane = started_on(FailingToClose)
+    await wait_until(lambda: len(ClosingSlowly.made) >= 4)  # a second subscriber client
+    await asyncio.wait_for(plane.stop(), STEP_TIMEOUT)
+    assert all(client.closed for client in ClosingSlowly.made)
+
+
+async def test_a_stop_that_cuts_a_client_close_short_still_closes_that_client():
+    """The stop cancels the subscriber as it closes the client of its lost
+    subscription: stop() closes that client again, so no connection outlives it."""
+    plane = started_on(ClosingSlowly)
+    await asyncio.wait_for(plane.first_close_started.wait(), STEP_TIMEOUT)
     await asyncio.wait_for(plane.stop(), STEP_TIMEOUT)
     assert len(ClosingSlowly.made) == 3  # subscriber, publisher, heartbeat
     assert [client.closed for client in ClosingSlowly.made] == [True, True, True]

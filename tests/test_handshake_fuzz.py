@@ -3,11 +3,12 @@
 A handshake reaches the daemon one of two ways: already whole in the socket when
 the connection is accepted (the fast path reads it with httptools), or in pieces
 (Tornado's HTTP/1 reader). Requests are built from a valid handshake by mutation
-(method, target, version, headers dropped, repeated, changed or added, a body,
-bare line ends) and each is handed to the public server's ``handle_stream``, as
-an accepted connection is: once with the whole request already in the socket, so
-the fast path reads it, and once with nothing in it yet, so that Tornado's reader
-does, the bytes following in two pieces. The status lines must be the same.
+(method, target, version, the spaces between them, headers dropped, repeated,
+changed or added, a body, bare line ends) and each is handed to the public
+server's ``handle_stream``, as an accepted connection is: once with the whole
+request already in the socket, so the fast path reads it, and once with nothing in
+it yet, so that Tornado's reader does, the bytes following in two pieces. The
+status lines must be the same.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def requests(draw: Any) -> bytes:
     elif body == "chunked":
         fields.append(("Transfer-Encoding", "chunked"))
     end = draw(mostly(["\r\n"], ["\n"]))
-    head = f"{draw(methods)} {draw(targets)} {draw(versions)}{end}"
+    spaces = mostly([" "], ["  ", "\t", " \t"])
+    head = f"{draw(methods)}{draw(spaces)}{draw(targets)}{draw(spaces)}{draw(versions)}{end}"
     head += "".join(f"{name}: {value}{end}" for name, value in fields) + end
     tail = {"": "", "content-length": "abc", "chunked": "0\r\n\r\n"}[body]
     return (head + tail).encode()
@@ -137,6 +139,7 @@ def test_both_readers_answer_every_request_alike(io_loop, start_daemon):
     @example(handshake(extra="Origin: https://evil.example\r\n"), 0.5)
     @example(handshake().replace(b"Version: 13", b"Version: 8"), 0.5)
     @example(handshake("GET /nowhere HTTP/1.1"), 0.5)
+    @example(handshake("GET  /ws HTTP/1.1"), 0.5)
     @example(handshake(), 0.5)
     def both_ways(data: bytes, where: float) -> None:
         cut = min(len(data) - 1, max(1, int(len(data) * where)))

@@ -102,6 +102,37 @@ def test_an_admin_body_over_1_mib_gets_413_json_and_the_connection_goes_on(spawn
         assert status.startswith(b"HTTP/1.1 200 ") and json.loads(body) == {"status": "ok"}
 
 
+@pytest.mark.parametrize("extra", [
+    f"Content-Length: {65 * 1024 * 1024}\r\n",  # more than is worth reading
+    f"Content-Length: {BIG}\r\nTransfer-Encoding: chunked\r\n",  # framed two ways
+], ids=["over 64 MiB", "length and chunked"])
+def test_an_admin_body_not_worth_reading_gets_413_alone_and_the_connection_closes(spawn,
+                                                                                  extra):
+    d = spawn(*FAST, env={"EBBCAST_ADMIN_TOKEN": TOKEN})
+    host, port = d.admin_url.split("/")[2].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=STEP_TIMEOUT) as sock:
+        sock.sendall(f"POST /broadcast HTTP/1.1\r\nHost: ebbcast\r\n{extra}\r\n".encode())
+        buffered = bytearray()
+        status, body = read_response(sock, buffered)
+        assert status.startswith(b"HTTP/1.1 413 Content Too Large\r\n")
+        assert json.loads(body) == {"error": "body over 1048576 bytes"}
+        while chunk := sock.recv(65536):  # nothing after it (no bare 400), then closed
+            buffered += chunk
+        assert buffered == b""
+
+
+def test_a_content_length_of_other_digits_is_refused_without_a_traceback(spawn):
+    """"²" is a digit to str.isdigit() but no number to int()."""
+    d = spawn(*FAST, env={"EBBCAST_ADMIN_TOKEN": TOKEN})
+    host, port = d.admin_url.split("/")[2].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=STEP_TIMEOUT) as sock:
+        sock.sendall("POST /broadcast HTTP/1.1\r\nHost: ebbcast\r\n"
+                     "Content-Length: \u00b2\r\n\r\n".encode("latin-1"))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 400 ")
+    assert http_json(d.admin_url + "/healthz") == (200, {"status": "ok"})
+    assert "Traceback" not in d.log_text() and "Uncaught" not in d.log_text()
+
+
 def test_an_admin_client_that_waits_for_100_continue_gets_413_and_no_100(spawn):
     d = spawn(*FAST, env={"EBBCAST_ADMIN_TOKEN": TOKEN})
     host, port = d.admin_url.split("/")[2].rsplit(":", 1)

@@ -25,10 +25,11 @@ log = logging.getLogger(__name__)
 
 #: Largest request body the admin listener reads (POST /broadcast): 413 beyond.
 ADMIN_MAX_BODY_BYTES = 1024 * 1024
-#: Largest body read at all: what is over ADMIN_MAX_BODY_BYTES is read and dropped
-#: (within admin.request_timeout), so that a client still sending gets its 413
-#: rather than a reset; beyond this, Tornado answers 400 and closes.
-ADMIN_DISCARD_BYTES = 1024 * 1024 * 1024
+#: Largest body read at all: a body over ADMIN_MAX_BODY_BYTES but not over this is
+#: read and dropped (within admin.request_timeout), so that a client still sending
+#: gets its 413 rather than a reset; a longer one announced gets the 413 and the
+#: connection closed.
+ADMIN_DISCARD_BYTES = 64 * 1024 * 1024
 
 
 class AdminBackend(Protocol):
@@ -214,9 +215,12 @@ class _CappedRequest(HTTPMessageDelegate):
     def headers_received(self, start_line: RequestStartLine | ResponseStartLine,
                          headers: HTTPHeaders) -> Awaitable[None] | None:
         length = headers.get("Content-Length", "").strip()
-        if length.isdigit() and int(length) > self.limit:
+        if length.isascii() and length.isdigit() and int(length) > self.limit:
             self._refuse()
-            if headers.get("Expect", "").lower() == "100-continue":
+            if headers.get("Expect", "").lower() == "100-continue" \
+                    or int(length) > ADMIN_DISCARD_BYTES or "Transfer-Encoding" in headers:
+                # no body coming, too much of it to read, or framed two ways (Tornado
+                # would answer 400 after this 413): answered, and the connection closed
                 self._finish_response()
             return None
         return self.inner.headers_received(start_line, headers)

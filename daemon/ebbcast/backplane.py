@@ -325,7 +325,10 @@ class RedisBackplane:
                 log.debug("backplane subscription failed: %s", exc)
             finally:
                 self._pubsub = None
-                await self._close(client)
+                try:
+                    await self._close(client)
+                except Exception as exc:  # still listed: stop() tries again
+                    log.debug("backplane: closing a lost subscription failed: %s", exc)
             self._set_up(False)
             dropped = len(self._queue)
             if dropped:

@@ -409,8 +409,8 @@ class Daemon:
             self._start()
             await self._events.run(self._act, lambda: self._next_tick,
                                    lambda: self.lifecycle.state is State.STOPPING)
-            # handshakes still waiting to catch up get their answer first (a drain
-            # released them: a 503 each, written within a few loop passes)
+            # handshakes still waiting to catch up are refused (503) before the end
+            self.broadcasts.release_waiting()
             await self._router.all_answered(CATCH_UP_SECONDS)
             await self._await_closed()
         finally:

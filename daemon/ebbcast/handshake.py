@@ -54,7 +54,8 @@ from ebbcast.frames import ADMIN_SENDER
 from ebbcast.history import Resume
 
 #: Longest request line and header fields on the public listener (each field counted
-#: as ``name: value`` and its line end, as read): a longer request is answered 431.
+#: as ``name: value`` and its line end, the blanks around the value not counted): a
+#: longer request is answered 431.
 MAX_HEADER_BLOCK = 16 * 1024
 
 #: Ids a client may choose in /ws/{client_id}.
@@ -295,7 +296,14 @@ def read_upgrade(data: bytes) -> UpgradeRequest | None:
     method = parser.get_method().decode("latin-1")
     target = collector.url.decode("latin-1")
     version = f"HTTP/{parser.get_http_version()}"
+    if _request_line(data) != f"{method} {target} {version}".encode("latin-1"):
+        return None  # spaced otherwise than by one space each: Tornado's reader refuses it
     return UpgradeRequest(request(method, target, version, collector.fields), length)
+
+
+def _request_line(data: bytes) -> bytes:
+    """The request line as sent (blank lines before it skipped, as Tornado does)."""
+    return data.lstrip(b"\r\n").split(b"\n", 1)[0].removesuffix(b"\r")
 
 
 def request(method: str, target: str, version: str,
