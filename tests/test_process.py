@@ -61,7 +61,10 @@ def test_sigterm_drain_story_end_to_end(connect, spawn):
     assert int(progress.group(1)) in (math.ceil(60 - elapsed), math.ceil(60 - elapsed) + 1)
     a.close()
     mark = len(d.lines)
-    d.wait_for_log(r"draining: 1 connections remain, \d+s left", start=mark)
+    # the main process's line (what /status reports), not the serving process's own
+    # debug line, which can come first
+    d.wait_for_log(r"ebbcast\.supervisor\[\d+\]: draining: 1 connections remain, \d+s left",
+                   start=mark)
     status = d.admin_json("/status")[1]
     assert status["state"] == "draining" and status["drain"]["remaining"] == 1
     b.close()  # returns once the daemon has answered the close handshake
