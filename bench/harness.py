@@ -239,6 +239,22 @@ def run_loadgen(port: int, *args: str, timeout: float = 300) -> dict[str, Any]:
     return json.loads(done.stdout)  # type: ignore[no-any-return]
 
 
+def publisher_cell(port: int, pids: list[int], subscribers: int, window: int,
+                   duration: float) -> dict[str, Any]:
+    """``subscribers`` and one publisher keeping ``window`` 100-byte messages in
+    flight for ``duration`` s (after up to 1 s of warm-up): deliveries per second
+    and per server CPU-second (``pids`` summed), p50/p99 ms, errors."""
+    result = run_loadgen(
+        port, "--subscribers", str(subscribers), "--publishers", "1", "--window", str(window),
+        "--size", "100", "--duration", str(duration), "--warmup", str(min(1.0, duration)),
+        "--poll-us", "1000", "--server-pid", ",".join(map(str, pids)), "--quiet")
+    cpu = result["server_cpu_s"]
+    return {"delivered_per_s": result["delivered"] / duration,
+            "deliveries_per_cpu_s": result["delivered"] / cpu if cpu else 0.0,
+            "p50_ms": result["latency_us"]["p50"] / 1000,
+            "p99_ms": result["latency_us"]["p99"] / 1000, "errors": result["errors"]}
+
+
 def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

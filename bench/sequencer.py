@@ -32,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (Server, before_after_parser, build_loadgen, free_port, machine,
-                     run_loadgen, save_results, wait_until)
+                     publisher_cell, save_results, wait_until)
 
 MODES = {"one process": [], "2 workers": ["--workers", "2"], "redis": []}
 CELLS = {"latency": (50, 1), "throughput": (10_000, 16)}
@@ -68,21 +68,12 @@ def measure(code: str, pythonpath: str | None, mode: str, redis: Redis | None,
         server = Server("ebbcast-json", env=env, args=MODES[mode]).start()
         try:
             time.sleep(0.5 if duration < 1 else 1.0)  # workers and the backplane settle
-            pids = ",".join(map(str, server.pids()))
-            result = run_loadgen(
-                server.port, "--subscribers", str(subscribers), "--publishers", "1",
-                "--window", str(window), "--size", "100", "--duration", str(duration),
-                "--warmup", str(min(1.0, duration)), "--poll-us", "1000",
-                "--server-pid", pids, "--quiet")
+            measured = publisher_cell(server.port, server.pids(), subscribers, window,
+                                      duration)
         finally:
             server.stop()
-        cpu = result["server_cpu_s"]
         rows.append({"code": code, "mode": mode, "cell": cell, "subscribers": subscribers,
-                     "window": window, "delivered_per_s": result["delivered"] / duration,
-                     "deliveries_per_cpu_s": result["delivered"] / cpu if cpu else 0.0,
-                     "p50_ms": result["latency_us"]["p50"] / 1000,
-                     "p99_ms": result["latency_us"]["p99"] / 1000,
-                     "errors": result["errors"]})
+                     "window": window, **measured})
         print(f"  {code:6} {mode:12} {cell:10} {rows[-1]['deliveries_per_cpu_s']:>12,.0f}"
               f"/cpu-s p50 {rows[-1]['p50_ms']:.2f} p99 {rows[-1]['p99_ms']:.2f} ms",
               file=sys.stderr, flush=True)

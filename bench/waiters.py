@@ -30,7 +30,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Server, before_after_parser, build_loadgen, machine, run_loadgen, save_results
+from harness import (Server, before_after_parser, build_loadgen, machine, publisher_cell,
+                     save_results)
 from sequencer import describe, git_head
 
 RESUMES, BATCH = 5_000, 1_000
@@ -66,17 +67,6 @@ async def position(port: int) -> tuple[str, int]:
     return welcome["epoch"], welcome["offset"]
 
 
-def latency(server: Server, duration: float, subscribers: int) -> dict[str, float]:
-    result = run_loadgen(
-        server.port, "--subscribers", str(subscribers), "--publishers", "1", "--window", "1",
-        "--size", "100", "--duration", str(duration), "--warmup", str(min(1.0, duration)),
-        "--poll-us", "1000", "--server-pid", str(server.pid), "--quiet")
-    cpu = result["server_cpu_s"]
-    return {"deliveries_per_cpu_s": result["delivered"] / cpu if cpu else 0.0,
-            "p50_ms": result["latency_us"]["p50"] / 1000,
-            "p99_ms": result["latency_us"]["p99"] / 1000, "errors": result["errors"]}
-
-
 def measure(code: str, pythonpath: str | None, resumes: int, batch: int, duration: float,
             subscribers: int) -> list[dict[str, Any]]:
     env = {"EBBCAST_BROADCAST_ENVELOPE": "json"}
@@ -92,7 +82,8 @@ def measure(code: str, pythonpath: str | None, resumes: int, batch: int, duratio
                 statuses = asyncio.run(resume_from_the_future(server.port, resumes, batch))
                 done += resumes
             rows.append({"code": code, "resumes_so_far": done, "statuses": dict(statuses),
-                         **latency(server, duration, subscribers)})
+                         **publisher_cell(server.port, [server.pid], subscribers, 1,
+                                          duration)})
             r = rows[-1]
             print(f"  {code:6} after {done:>6,} resumes: {r['deliveries_per_cpu_s']:>9,.0f}"
                   f"/cpu-s p50 {r['p50_ms']:.2f} p99 {r['p99_ms']:.2f} ms {dict(statuses)}",

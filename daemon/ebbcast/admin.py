@@ -6,9 +6,8 @@ import hmac
 import json
 import logging
 import time
-from typing import Any, Protocol
-
 from collections.abc import Awaitable
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from tornado.httpserver import HTTPServer
@@ -214,11 +213,12 @@ class _CappedRequest(HTTPMessageDelegate):
 
     def headers_received(self, start_line: RequestStartLine | ResponseStartLine,
                          headers: HTTPHeaders) -> Awaitable[None] | None:
-        length = headers.get("Content-Length", "").strip()
-        if length.isascii() and length.isdigit() and int(length) > self.limit:
+        text = headers.get("Content-Length", "").strip()
+        length = int(text) if text.isascii() and text.isdigit() else 0
+        if length > self.limit:
             self._refuse()
             if headers.get("Expect", "").lower() == "100-continue" \
-                    or int(length) > ADMIN_DISCARD_BYTES or "Transfer-Encoding" in headers:
+                    or length > ADMIN_DISCARD_BYTES or "Transfer-Encoding" in headers:
                 # no body coming, too much of it to read, or framed two ways (Tornado
                 # would answer 400 after this 413): answered, and the connection closed
                 self._finish_response()

@@ -245,10 +245,7 @@ class RedisBackplane:
     async def stop(self) -> None:
         await cancel_for_good(self._tasks)
         for client in list(self._clients):
-            try:
-                await self._close(client)
-            except Exception as exc:  # the others are closed all the same
-                log.debug("backplane: closing a Redis client failed: %s", exc)
+            await self._close(client)
         await self._target.close()
 
     def publish(self, payload: str | bytes, source: str) -> None:
@@ -272,11 +269,15 @@ class RedisBackplane:
         return True
 
     async def _close(self, client: Any) -> None:
-        """Close ``client``'s connections, then forget it. A close cut short (a stop
-        cancels the subscriber as it closes the client of a lost subscription)
-        leaves it listed: stop() closes it again, so that no connection outlives
-        the backplane."""
-        await client.aclose()
+        """Close ``client``'s connections, then forget it. A close that fails, or
+        is cut short (a stop cancels the subscriber as it closes the client of a
+        lost subscription), leaves it listed: stop() closes it again, so that no
+        connection outlives the backplane."""
+        try:
+            await client.aclose()
+        except Exception as exc:  # Redis gone mid-close: still listed
+            log.debug("backplane: closing a Redis client failed: %s", exc)
+            return
         self._clients.remove(client)
 
     def _client(self) -> Any:
@@ -325,10 +326,7 @@ class RedisBackplane:
                 log.debug("backplane subscription failed: %s", exc)
             finally:
                 self._pubsub = None
-                try:
-                    await self._close(client)
-                except Exception as exc:  # still listed: stop() tries again
-                    log.debug("backplane: closing a lost subscription failed: %s", exc)
+                await self._close(client)
             self._set_up(False)
             dropped = len(self._queue)
             if dropped:
