@@ -100,7 +100,7 @@ def tick_lateness(stamps: list[float], interval: float) -> list[float]:
     """How late each periodic frame was fired, from the daemon's timestamps.
 
     The daemon fires tick k at origin + k * interval, and after a tick that ran
-    more than an interval late it skips to the next whole tick (ebbcast.periodic),
+    more than an interval late it skips to the next whole tick (ebbcast.serving.periodic),
     so ``seq`` alone would make every later frame look an interval late. Tick
     numbers are rebuilt with the daemon's own rule, the origin taken as the one
     that makes the least late frame on time (refined once).

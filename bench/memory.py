@@ -40,7 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "daemon"))
 from harness import LOADGEN, build_loadgen, machine, rss_bytes, save_results
 
 from ebbcast.config import load_config
-from ebbcast.daemon import Daemon
+from ebbcast.process.notify import SystemdNotifier
+from ebbcast.process.roles import Standalone
+from ebbcast.serving.process import Daemon
 
 SETTINGS = {"server.port": "0", "admin.port": "0", "broadcast.periodic_interval": "0",
             "keepalive.ping_interval": "0"}
@@ -64,7 +66,8 @@ def type_sizes() -> collections.Counter[str]:
 
 async def measure(connections: int) -> dict[str, Any]:
     config = load_config(None, env={}, overrides=SETTINGS)
-    daemon = Daemon(config, lambda: config, handle_signals=False)
+    daemon = Daemon(config, lambda: config, Standalone(SystemdNotifier(), config),
+                    handle_signals=False)
     task = asyncio.ensure_future(daemon.run())
     await asyncio.wait_for(daemon.serving.wait(), 10)
     port = daemon.urls["ws"].rsplit(":", 1)[1].split("/")[0]

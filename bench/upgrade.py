@@ -15,7 +15,7 @@ failed (refused, reset, an HTTP error, a timeout), the time from SIGUSR2 until t
 main process logs that the new generation serves, and the time from then until
 the last of the 1,000 clients has moved (which `shutdown.upgrade_spread` bounds;
 set to 5 s here). The same scenario, with a 1 s spread, is a test
-(`tests/test_upgrade_load.py`) that asserts no handshake fails.
+(`tests/process/test_upgrade_load.py`) that asserts no handshake fails.
 """
 
 from __future__ import annotations

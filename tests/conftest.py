@@ -20,7 +20,9 @@ import pytest
 from hypothesis import settings
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from ebbcast.daemon import Daemon
+from ebbcast.process.notify import SystemdNotifier
+from ebbcast.process.roles import Standalone
+from ebbcast.serving.process import Daemon
 from helpers import REPO, STEP_TIMEOUT, DaemonProcess, RedisServer, RunningDaemon, test_config
 
 
@@ -106,7 +108,8 @@ def start_daemon(io_loop: Any) -> Iterator[Callable[..., Any]]:
 
     async def start(**overrides: str) -> RunningDaemon:
         config = test_config(**overrides)
-        daemon = Daemon(config, reload=lambda: config, handle_signals=False)
+        daemon = Daemon(config, reload=lambda: config,
+                        role=Standalone(SystemdNotifier(), config), handle_signals=False)
         task = asyncio.ensure_future(daemon.run())
         serving = asyncio.ensure_future(daemon.serving.wait())
         await asyncio.wait([task, serving], timeout=STEP_TIMEOUT,

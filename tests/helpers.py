@@ -29,9 +29,9 @@ from tornado.websocket import WebSocketClientConnection, websocket_connect
 from websockets.sync.client import ClientConnection, connect
 
 from ebbcast.config import Config, load_config
-from ebbcast.daemon import Daemon
-from ebbcast.lifecycle import StopReason
-from ebbcast.waits import within
+from ebbcast.serving.process import Daemon
+from ebbcast.core.lifecycle import StopReason
+from ebbcast.core.waits import within
 
 REPO = Path(__file__).resolve().parent.parent
 #: Every await in a test is bounded by this, so a broken daemon fails, never hangs.
@@ -589,11 +589,16 @@ def status(d: DaemonProcess) -> dict[str, Any]:
     return body
 
 
-def metric(d: DaemonProcess, name: str) -> float:
-    text = d.metrics_text()
+def sample(text: str, name: str) -> float:
+    """The value of the sample ``name`` (with its labels) in an exposition."""
     match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     assert match, f"{name} not in the exposition:\n{text}"
     return float(match.group(1))
+
+
+def metric(d: DaemonProcess, name: str) -> float:
+    """The value of the sample ``name`` in a daemon's metrics now."""
+    return sample(d.metrics_text(), name)
 
 
 def wait_for(predicate: Any, timeout: float = STEP_TIMEOUT) -> None:

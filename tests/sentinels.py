@@ -1,6 +1,6 @@
 """A Redis master, a replica and a sentinel, as real processes (Debian's
 redis-server, which runs as a sentinel with ``--sentinel``), and clients that
-record what they receive through a failover: for tests/test_sentinel.py and
+record what they receive through a failover: for tests/backplane/test_sentinel.py and
 bench/failover.py.
 
 Ports are chosen as RedisServer chooses them (below the ephemeral range, another

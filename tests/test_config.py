@@ -192,7 +192,7 @@ def test_reloadable_keys_and_merge():
 
 
 def test_unloadable_tls_files_are_a_config_error_naming_the_key(tmp_path):
-    from ebbcast.listener import tls_context
+    from ebbcast.core.sockets import tls_context
 
     (tmp_path / "c.pem").write_text("not a certificate")
     config = load_config(env={}, overrides={"server.tls_cert": str(tmp_path / "c.pem"),

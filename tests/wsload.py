@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from ebbcast.waits import cancel_for_good, within
+from ebbcast.core.waits import cancel_for_good, within
 
 HANDSHAKE_TIMEOUT = 10.0
 

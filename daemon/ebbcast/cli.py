@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import enum
 import logging
 import os
 import resource
@@ -18,16 +17,10 @@ from typing import Any
 
 from ebbcast import __version__
 from ebbcast.config import Config, ConfigError, load_config, render_toml
-from ebbcast.lifecycle import HANDLED_SIGNALS, StopReason
+from ebbcast.core.lifecycle import HANDLED_SIGNALS, StopReason
+from ebbcast.exits import ExitCode
 
 log = logging.getLogger(__name__)
-
-
-class ExitCode(enum.IntEnum):
-    OK = 0             # a normal stop, or a drain however it ended
-    FAILURE = 1        # an unexpected failure
-    USAGE = 2          # invalid usage or configuration
-    BIND = 3           # a listener could not be bound
 
 
 #: Command-line flags of ``serve`` and the config keys they override.
@@ -131,8 +124,8 @@ def check_config(path: str) -> int:
 
 def print_token(args: argparse.Namespace) -> int:
     """``ebbcast token``: mint an HS256 client token with the configured key."""
-    from ebbcast.auth import mint, valid_subject
     from ebbcast.config import parse_duration
+    from ebbcast.serving.auth import mint, valid_subject
 
     try:
         config = load_config(args.config, os.environ)
@@ -179,7 +172,7 @@ def _prepare_process() -> None:
 def _load_and_log(load: Callable[[], Config]) -> Config | None:
     """The configuration, with logging set up from it; None after printing every
     problem."""
-    from ebbcast.logs import configure_logging
+    from ebbcast.core.logs import configure_logging
 
     try:
         config = load()
@@ -192,8 +185,8 @@ def _load_and_log(load: Callable[[], Config]) -> Config | None:
 
 def _tornado_as_expected() -> bool:
     """Check, before serving anything, that the installed Tornado still has what
-    ebbcast.wire relies on; log what changed if not."""
-    from ebbcast.wire import check_tornado, tornado_problem_report
+    ebbcast.serving.wire relies on; log what changed if not."""
+    from ebbcast.serving.wire import check_tornado, tornado_problem_report
 
     problems = check_tornado()
     if problems:
@@ -202,7 +195,7 @@ def _tornado_as_expected() -> bool:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """The daemon: a main process (ebbcast.supervisor) over its serving processes;
+    """The daemon: a main process (ebbcast.process.supervisor) over its serving processes;
     with ``server.workers = 1`` the one serving process runs inside it.
 
     prometheus_client picks its multiprocess mode when it is imported, from
@@ -232,17 +225,18 @@ def serve(args: argparse.Namespace) -> int:
     worker_args = (["--config", path] if path else []) + \
         [f"--set={key}={value}" for key, value in overrides.items()]
     try:
-        from ebbcast.metrics import Metrics
-        from ebbcast.supervisor import Supervisor
+        from ebbcast.core.metrics import Metrics
+        from ebbcast.process.supervisor import Supervisor
 
         def serve_here(relay: socket.socket, public: list[socket.socket], running: Config,
                        metrics: Metrics) -> Any:
             """The serving process inside the main one (``server.workers = 1``); the
             serving stack is imported only then."""
-            from ebbcast.daemon import Daemon, WorkerSetup
+            from ebbcast.process.roles import Member, WorkerSetup
+            from ebbcast.serving.process import Daemon
 
             return Daemon(running, reload, metrics=metrics,
-                          worker=WorkerSetup(0, relay, public, hold=True, local=True))
+                          role=Member(WorkerSetup(0, relay, public, hold=True, local=True)))
 
         return _run_until_stopped(lambda: Supervisor(config, reload, rundir, worker_args,
                                                      metrics_dir, serve_here=serve_here))
@@ -253,7 +247,7 @@ def serve(args: argparse.Namespace) -> int:
 def _run_until_stopped(make: Callable[[], Any]) -> int:
     """Build the daemon (or supervisor) with ``make()``, run it, map the outcome to
     an exit code."""
-    from ebbcast.listener import BindError
+    from ebbcast.process.listener import BindError
 
     try:
         runner = make()
@@ -276,7 +270,7 @@ WORKER_COMMAND = "_worker"
 
 
 def run_worker(argv: Sequence[str]) -> int:
-    """One worker process, started by the main process (see ebbcast.supervisor)."""
+    """One worker process, started by the main process (see ebbcast.process.supervisor)."""
     parser = _Parser(prog=f"ebbcast {WORKER_COMMAND}")
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--generation", type=int, default=1)
@@ -304,10 +298,11 @@ def run_worker(argv: Sequence[str]) -> int:
         return ExitCode.USAGE
     if not _tornado_as_expected():
         return ExitCode.FAILURE
-    from ebbcast.daemon import Daemon, WorkerSetup
+    from ebbcast.process.roles import Member, WorkerSetup
+    from ebbcast.serving.process import Daemon
 
     setup = WorkerSetup(args.index, socket.socket(fileno=args.relay_fd),
                         [socket.socket(fileno=int(fd)) for fd in args.listen_fds.split(",")],
                         generation=args.generation, hold=args.hold)
 
-    return _run_until_stopped(lambda: Daemon(config, reload, worker=setup))
+    return _run_until_stopped(lambda: Daemon(config, reload, Member(setup)))

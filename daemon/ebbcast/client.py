@@ -36,10 +36,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from ebbcast.backplane import backoff_delays
-from ebbcast.cli import ExitCode
+from ebbcast.backplane.base import backoff_delays
 from ebbcast.config import parse_duration
-from ebbcast.waits import within
+from ebbcast.core.waits import within
+from ebbcast.exits import ExitCode
 
 CONNECT_TIMEOUT = 10.0
 

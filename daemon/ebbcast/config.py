@@ -11,6 +11,7 @@ passes silently.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import logging
 import math
@@ -20,7 +21,10 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -192,8 +196,6 @@ def _check_origins(v: list[str]) -> str | None:
 
 
 def _check_networks(v: list[str]) -> str | None:
-    from ebbcast.forwarded import parse_network
-
     for text in v:
         try:
             parse_network(text)
@@ -213,8 +215,6 @@ def _check_backplane(v: str) -> str | None:
         return None
     parts = urlsplit(v)
     if parts.scheme == "redis+sentinel":
-        from ebbcast.redistarget import parse_sentinel_url
-
         try:
             parse_sentinel_url(v)
         except ValueError as exc:
@@ -541,13 +541,89 @@ def _auth_checks(auth: dict[str, Value]) -> list[tuple[str, str]]:
         return [("auth.mode", "\"jwt\" needs auth.jwt_key (HS256 secret) or "
                  "auth.jwt_public_key_file (RS256/ES256 public key)")]
     if public_key_file:
-        from ebbcast.auth import load_public_key
-
         try:
             load_public_key(public_key_file)
         except ValueError as exc:
             return [("auth.jwt_public_key_file", str(exc))]
     return []
+
+
+# -- values that other modules parse the same way -------------------------------
+# (the wings import these: config imports no wing)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_network(text: str) -> Network:
+    """An address or CIDR (``"10.0.0.0/8"``, ``"::1"``); ValueError if neither."""
+    return ipaddress.ip_network(text.strip(), strict=False)
+
+
+SENTINEL_SCHEME = "redis+sentinel"
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    sentinels: tuple[tuple[str, int], ...]
+    master: str
+    db: int
+    username: str | None
+    password: str | None
+    sentinel_password: str | None
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """The parts of a ``redis+sentinel://`` URL; ValueError naming what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme != SENTINEL_SCHEME:
+        raise ValueError(f"not a {SENTINEL_SCHEME}:// URL")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    username = password = None
+    if userinfo:
+        user, colon, secret = userinfo.partition(":")
+        username, password = (unquote(user) or None), (unquote(secret) if colon else None)
+        if not colon:  # redis://secret@host is a password alone, as redis-py reads it
+            username, password = None, unquote(user)
+    sentinels = []
+    for hostport in hosts.split(","):
+        host, colon, port = hostport.strip().rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"each sentinel must be HOST:PORT, got {hostport!r}")
+        sentinels.append((host.strip("[]"), int(port)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2:
+        raise ValueError("the path must be /MASTER_NAME or /MASTER_NAME/DB")
+    if len(path) == 2 and not path[1].isdigit():
+        raise ValueError(f"the database must be a number, got {path[1]!r}")
+    query = parse_qs(parts.query)
+    unknown = set(query) - {"sentinel_password"}
+    if unknown:
+        raise ValueError(f"unknown query parameter(s): {', '.join(sorted(unknown))}")
+    return SentinelURL(tuple(sentinels), unquote(path[0]), int(path[1]) if len(path) == 2
+                       else 0, username, password,
+                       query.get("sentinel_password", [None])[0])
+
+
+def load_public_key(path: str) -> tuple[Any, str]:
+    """The key in a PEM file and its algorithm: RS256 for RSA, ES256 for P-256.
+
+    Raises ValueError naming what is wrong."""
+    try:
+        with open(path, "rb") as fh:
+            pem = fh.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        key = load_pem_public_key(pem)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path} is not a PEM public key: {exc}") from None
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < 2048:
+            raise ValueError(f"{path}: an RSA key of {key.key_size} bits; use 2048 or more")
+        return key, "RS256"
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return key, "ES256"
+    raise ValueError(f"{path}: use an RSA key (RS256) or an EC P-256 key (ES256)")
 
 
 # -- rendering --------------------------------------------------------------------

@@ -1,0 +1,76 @@
+"""What every backplane shares: the protocols, the record codec, backoff.
+
+A backplane is how broadcasts reach the clients of other serving processes and
+other ebbcast instances: ``memory://`` is a single instance (``memory``), the
+serving processes of one daemon are joined by the main process over relay links
+(``relay``), instances by Redis (``redis``, ``sentinel``). Offsets and history
+(``history``, ``sequencer``) are given by one sequencer per backplane.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any, Protocol
+
+BACKOFF_FIRST, BACKOFF_MAX = 0.1, 10.0
+
+#: deliver(payload, source) fans a frame from another instance out locally.
+Deliver = Callable[[str | bytes, str], None]
+
+
+class HistoryFeed(Protocol):
+    """Where sequenced broadcasts go: a serving process's history and clients."""
+
+    def position(self) -> tuple[str, int]:
+        """The epoch and latest offset delivered ("" and 0 before the first)."""
+
+    def preload(self, epoch: str, base: int, entries: list[tuple[int, str, float]]) -> None:
+        """At start: the history as it is, ``(offset, frame, age in seconds)``."""
+
+    def new_epoch(self, epoch: str, base: int) -> None: ...
+
+    def sequencing_lost(self) -> None:
+        """Broadcasts submitted here may never come back: deliver them here."""
+
+    def deliver_sequenced(self, epoch: str, offset: int, frame: str, source: str,
+                          token: int, own: bool) -> None: ...
+
+
+class Backplane(Protocol):
+    def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def publish(self, payload: str | bytes, source: str) -> None: ...
+    def advertise(self, url: str | None) -> None: ...
+    def peers(self) -> list[str]: ...
+
+
+class Sequencing(Protocol):
+    """Who gives the broadcasts a serving process submits their offsets: its own
+    counter, the main process (over the relay link, or by calls), or Redis."""
+
+    def submit(self, frame: str, source: str, token: int) -> bool:
+        """Have ``frame`` sequenced; it is delivered (``Broadcasts.deliver``) with
+        ``token`` when it comes back. False: it cannot be sequenced now."""
+
+
+def encode(node: str, source: str, payload: str | bytes, seq: int = 0) -> bytes:
+    """``<node>\\n<source>\\n<seq>\\n<t|b><payload>``: who sent it, for what, its
+    number in that sender's sequence, text or binary."""
+    body = payload if isinstance(payload, bytes) else payload.encode()
+    kind = b"b" if isinstance(payload, bytes) else b"t"
+    return b"\n".join((node.encode(), source.encode(), str(seq).encode(), kind + body))
+
+
+def decode(message: bytes) -> tuple[str, str, int, str | bytes]:
+    node, source, seq, rest = message.split(b"\n", 3)
+    payload: str | bytes = rest[1:] if rest[:1] == b"b" else rest[1:].decode()
+    return node.decode(), source.decode(), int(seq), payload
+
+
+def backoff_delays(rng: random.Random, cap: float = BACKOFF_MAX) -> Any:
+    """Capped exponential backoff with full jitter: 0.1 s, 0.2 s, ... up to ``cap``."""
+    delay = BACKOFF_FIRST
+    while True:
+        yield rng.uniform(delay / 2, delay)
+        delay = min(delay * 2, cap)

@@ -1,0 +1,456 @@
+"""``redis://``: how broadcasts reach the clients of other ebbcast instances.
+
+``redis://`` (or ``redis+sentinel://``, the master Sentinel names:
+``ebbcast.backplane.sentinel``) joins
+instances through Redis pub/sub (README "Several instances"): client frames and admin
+broadcasts are delivered locally at once, then published; every instance
+subscribed to the channel fans out what the *others* published, so no client sees
+a frame twice. Periodic frames stay local.
+
+Redis going away never stops local delivery. The outage is logged once,
+``ebbcast_backplane_up`` drops to 0, and the connection is retried with capped
+exponential backoff and jitter; the recovery is logged. No loss is silent, on
+either side of it: frames an instance could not publish are counted in its
+``ebbcast_backplane_dropped_total``; frames it missed because its subscription
+was down while others published are found as gaps in each publisher's sequence
+numbers and counted in its ``ebbcast_backplane_missed_total``. (Redis pub/sub is
+at most once: a subscriber that is away gets nothing from that time.)
+
+Offsets (README "Nothing lost on reconnect"). With the JSON envelope a broadcast is *submitted*
+instead: one Lua script gives it the next offset (INCR), appends it to a capped
+stream (XADD, history.size entries, id ``0-<offset>``) and publishes it, in one
+atomic step, so every instance agrees on the order; the epoch is a key beside
+them, made anew (with the offset counter and the stream cleared) whenever it is
+missing, as after a Redis restart without persistence, or was made on a master of
+another replication id, as after a Sentinel failover (the promoted replica may
+lack offsets its old master handed out: they must not be given again). A manual
+failover leaves the old master writable for a moment: a broadcast an instance
+sequences there just before it moves reaches only its own clients, uncounted. Every instance, the
+sender's included, delivers sequenced broadcasts as they arrive, in offset
+order. After (re)subscribing, and on a gap in the offsets, it reads what it
+missed from the stream before it delivers anything newer; a changed epoch is
+told to the clients (``HistoryFeed.new_epoch``). A broadcast submitted while
+Redis is down cannot be sequenced: it is delivered locally without an offset
+and counted as dropped, never given a made-up offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from ebbcast.backplane.base import Deliver, HistoryFeed, backoff_delays, decode, encode
+from ebbcast.backplane.history import new_epoch
+from ebbcast.backplane.sentinel import redis_target
+from ebbcast.core.waits import cancel_for_good, within
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "ebbcast:broadcast"
+#: Sequenced broadcasts: ``<epoch>\n<offset>\n`` and ``encode(node, source, frame, token)``.
+SEQUENCED_CHANNEL = "ebbcast:sequenced"
+EPOCH_KEY, OFFSET_KEY, STREAM_KEY = "ebbcast:epoch", "ebbcast:offset", "ebbcast:history"
+#: The replication id of the master the epoch was made on.
+EPOCH_MASTER_KEY = "ebbcast:epoch:replid"
+KEYS = [EPOCH_KEY, OFFSET_KEY, STREAM_KEY, EPOCH_MASTER_KEY]
+#: The epoch, made anew (offsets and history cleared) when it is missing (Redis lost
+#: its data), or when it was made on a master of another replication id: a replica
+#: promoted by a failover, or a master restarted from a snapshot, may lack offsets
+#: the master before it handed out, so offsets restart in a new epoch rather than
+#: be given twice. Sets ``epoch``.
+_ENSURE_EPOCH = """
+local replication = redis.call('INFO', 'replication')
+local replid = string.match(replication, 'master_replid:(%w+)') or ''
+local epoch = redis.call('GET', KEYS[1])
+if not epoch or redis.call('GET', KEYS[4]) ~= replid then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[1], epoch)
+  redis.call('SET', KEYS[4], replid)
+  redis.call('DEL', KEYS[2], KEYS[3])
+end
+"""
+#: KEYS: see KEYS; ARGV: new epoch, history size, channel, header, frame.
+SEQUENCE_SCRIPT = _ENSURE_EPOCH + r"""
+local offset = redis.call('INCR', KEYS[2])
+local frame = string.sub(ARGV[5], 1, -2) .. ',"offset":' .. offset .. '}'
+local size = tonumber(ARGV[2])
+if size > 0 then
+  local now = redis.call('TIME')
+  redis.call('XADD', KEYS[3], 'MAXLEN', size, '0-' .. offset, 'f', frame, 'h', ARGV[4],
+             't', now[1] .. '.' .. string.format('%06d', tonumber(now[2])))
+end
+redis.call('PUBLISH', ARGV[3], epoch .. '\n' .. offset .. '\n' .. ARGV[4] .. frame)
+return offset
+"""
+#: KEYS: see KEYS; ARGV: new epoch. Returns {epoch, latest offset}.
+POSITION_SCRIPT = _ENSURE_EPOCH + """
+return {epoch, tonumber(redis.call('GET', KEYS[2]) or '0')}
+"""
+#: Each instance keeps a key NODE_PREFIX<id> = its WebSocket URL, with a TTL, so the
+#: others can name it in their shutdown frames; refreshed every HEARTBEAT_SECONDS.
+NODE_PREFIX = "ebbcast:node:"
+HEARTBEAT_SECONDS, NODE_TTL_SECONDS = 3.0, 10
+#: How often the sentinels are asked which master to use (redis+sentinel:// only), at
+#: the latest: a sentinel's +switch-master announcement has them asked at once.
+MASTER_CHECK_SECONDS = 0.5
+#: Frames waiting to be published; beyond this (Redis far slower than the
+#: clients), new ones are not published (delivered locally only) and counted.
+PUBLISH_QUEUE_LIMIT = 10_000
+
+class RedisBackplane:
+    """Redis pub/sub through redis-py's asyncio client (hiredis parser)."""
+
+    def __init__(self, url: str, node: str, deliver: Deliver,
+                 on_state: Callable[[bool], None], on_dropped: Callable[[int], None],
+                 on_missed: Callable[[int], None] | None = None,
+                 rng: random.Random | None = None, history: HistoryFeed | None = None,
+                 history_size: int = 0,
+                 on_failover: Callable[[], None] = lambda: None) -> None:
+        self._target = redis_target(url)
+        self._on_failover = on_failover
+        #: host:port of the master the subscription last reached (Sentinel only)
+        self._master: str | None = None
+        self._pubsub: Any = None  # the subscription, while there is one
+        #: Set when the sentinels name another master: a reconnection waits no more.
+        self._master_moved = asyncio.Event()
+        # unique per instance even when two share a process (tests) or a pid (containers)
+        self._node = f"{node}/{secrets.token_hex(4)}"
+        self._deliver = deliver
+        self._on_state = on_state
+        self._on_dropped = on_dropped
+        self._on_missed = on_missed or (lambda count: None)
+        self._rng = rng or random.Random()
+        self._history = history  # None: nothing is sequenced
+        self._history_size = history_size
+        self._scripts: dict[str, Any] = {}
+        #: (source, payload, token): token None for a frame published as it is
+        self._queue: deque[tuple[str, str | bytes, int | None]] = deque()
+        self._seq = 0  # of the last frame handed to Redis
+        self._last_seen: dict[str, int] = {}  # other publishers' last sequence numbers
+        self._wakeup = asyncio.Event()
+        self._up = False
+        self._tried = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._clients: list[Any] = []
+        self._publisher: Any = None  # the client that publishes
+        self._url_advertised: str | None = None
+        #: Set when the advertised URL changes: the heartbeat writes it at once.
+        self._advertised_changed = asyncio.Event()
+        self._own_urls: set[str] = set()  # ever advertised: never a peer
+        self._peers: list[str] = []
+
+    @property
+    def up(self) -> bool:
+        return self._up
+
+    def start(self) -> None:
+        self._on_state(False)
+        self._tasks = [asyncio.ensure_future(self._subscribe_forever()),
+                       asyncio.ensure_future(self._publish_forever()),
+                       asyncio.ensure_future(self._heartbeat_forever()),
+                       asyncio.ensure_future(self._watch_master_forever())]
+
+    def advertise(self, url: str | None) -> None:
+        """Offer ``url`` to other instances' draining clients; None withdraws it (as
+        this instance starts its own drain, it stops being a place to go): the
+        heartbeat writes the change at once, not at its next beat."""
+        if url != self._url_advertised:
+            self._url_advertised = url
+            self._advertised_changed.set()
+        if url:
+            self._own_urls.add(url)
+
+    def peers(self) -> list[str]:
+        """Other live instances' URLs, as of the last heartbeat: not this one's,
+        even as advertised by its sibling workers, each URL once."""
+        return sorted(set(self._peers) - self._own_urls)
+
+    async def stop(self) -> None:
+        await cancel_for_good(self._tasks)
+        for client in list(self._clients):
+            await self._close(client)
+        await self._target.close()
+
+    def publish(self, payload: str | bytes, source: str) -> None:
+        """Queue a frame for the other instances (delivered locally by the caller)."""
+        self._enqueue(source, payload, None)
+
+    def submit(self, frame: str, source: str, token: int) -> bool:
+        """Have ``frame`` sequenced by Redis (``ebbcast.backplane.base.Sequencing``); it is
+        delivered here too when it comes back. False while Redis is down."""
+        return self._enqueue(source, frame, token)
+
+    def _enqueue(self, source: str, payload: str | bytes, token: int | None) -> bool:
+        if not self._up:
+            self._on_dropped(1)
+            return False
+        if len(self._queue) >= PUBLISH_QUEUE_LIMIT:  # Redis far slower than the clients
+            self._on_dropped(1)
+            return False
+        self._queue.append((source, payload, token))
+        self._wakeup.set()
+        return True
+
+    async def _close(self, client: Any) -> None:
+        """Close ``client``'s connections, then forget it. A close that fails, or
+        is cut short (a stop cancels the subscriber as it closes the client of a
+        lost subscription), leaves it listed: stop() closes it again, so that no
+        connection outlives the backplane."""
+        try:
+            await client.aclose()
+        except Exception as exc:  # Redis gone mid-close: still listed
+            log.debug("backplane: closing a Redis client failed: %s", exc)
+            return
+        self._clients.remove(client)
+
+    def _client(self) -> Any:
+        client = self._target.client()
+        self._clients.append(client)
+        if not self._scripts:
+            self._scripts = {"sequence": client.register_script(SEQUENCE_SCRIPT),
+                             "position": client.register_script(POSITION_SCRIPT)}
+        return client
+
+    def _set_up(self, up: bool) -> None:
+        """Record a change of state; log each change once (and a first failure)."""
+        first_failure = not up and not self._tried
+        self._tried = True
+        if up == self._up and not first_failure:
+            return
+        self._up = up
+        self._on_state(up)
+        where = self._target.where
+        if up:
+            log.info("backplane connected: %s%s", where,
+                     f" at {self._master}" if self._master else "")
+        else:
+            log.warning("backplane %s: %s; local delivery goes on, retrying",
+                        "unreachable" if first_failure else "lost", where)
+
+    async def _subscribe_forever(self) -> None:
+        delays = backoff_delays(self._rng, self._target.backoff_max)
+        while True:
+            client = self._client()
+            try:
+                async with client.pubsub() as pubsub:
+                    self._pubsub = pubsub
+                    await pubsub.subscribe(CHANNEL, SEQUENCED_CHANNEL)
+                    self._note_master(self._target.server_of(pubsub.connection))
+                    if self._history is not None:
+                        await self._catch_up(client)
+                    if self._publisher is not None:  # its connections may predate an outage
+                        await self._publisher.connection_pool.disconnect()
+                    self._set_up(True)
+                    delays = backoff_delays(self._rng, self._target.backoff_max)
+                    await self._receive(pubsub, client)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any Redis or network failure: retry
+                log.debug("backplane subscription failed: %s", exc)
+            finally:
+                self._pubsub = None
+                await self._close(client)
+            self._set_up(False)
+            dropped = len(self._queue)
+            if dropped:
+                self._queue.clear()
+                self._on_dropped(dropped)
+            if self._history is not None:
+                self._history.sequencing_lost()
+            self._master_moved.clear()
+            try:  # the backoff's pause, cut short when the sentinels name a new master
+                await within(self._master_moved.wait(), next(delays))
+            except asyncio.TimeoutError:
+                pass
+
+    def _note_master(self, master: str | None) -> None:
+        """Which master the subscription reached; another than before is a failover."""
+        if master is None:
+            return
+        if self._master is not None and master != self._master:
+            log.warning("backplane: Redis failover: the master is now %s (was %s)",
+                        master, self._master)
+            self._on_failover()
+        self._master = master
+
+    async def _watch_master_forever(self) -> None:
+        """With Sentinel: when the sentinels name another master than the one the
+        subscription reached, drop the subscription, so that it (and the
+        publisher) reconnect to the new one now: not when the old one is demoted
+        (a manual failover leaves it writable for seconds), nor after a backoff.
+        The sentinels are asked on each +switch-master, and every 0.5 s."""
+        events: Any = None
+        while True:
+            try:
+                if events is None:
+                    events = await self._target.switch_events()
+                if events is not None:
+                    await events.get_message(ignore_subscribe_messages=True,
+                                             timeout=MASTER_CHECK_SECONDS)
+                else:
+                    await asyncio.sleep(MASTER_CHECK_SECONDS)
+                named = await self._target.master_now()
+            except asyncio.CancelledError:
+                if events is not None:
+                    await events.aclose()
+                raise
+            except Exception as exc:  # sentinels unreachable: the subscription says so
+                log.debug("backplane: asking the sentinels failed: %s", exc)
+                if events is not None:
+                    await events.aclose()
+                    events = None
+                await asyncio.sleep(MASTER_CHECK_SECONDS)
+                continue
+            if named is None:
+                return  # a plain Redis: nothing to watch
+            if self._master is not None and named != self._master:
+                self._master_moved.set()
+                pubsub = self._pubsub
+                if pubsub is not None:
+                    log.info("backplane: the sentinels name %s as master: leaving %s",
+                             named, self._master)
+                    await pubsub.aclose()
+
+    async def _receive(self, pubsub: Any, client: Any) -> None:
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if message is None or message.get("type") != "message":
+                continue
+            if message["channel"] == SEQUENCED_CHANNEL.encode():
+                await self._on_sequenced(message["data"], client)
+                continue
+            node, source, seq, payload = decode(message["data"])
+            if node != self._node:
+                self._check_sequence(node, seq)
+                self._deliver(payload, source)
+
+    async def _on_sequenced(self, data: bytes, client: Any) -> None:
+        """One sequenced broadcast; what came before it and was missed first."""
+        history = self._history
+        if history is None:
+            return
+        epoch_bytes, offset_bytes, rest = data.split(b"\n", 2)
+        epoch, offset = epoch_bytes.decode(), int(offset_bytes)
+        node, source, token, frame = decode(rest)
+        known_epoch, latest = history.position()
+        if epoch != known_epoch or offset > latest + 1:
+            await self._catch_up(client)
+        assert isinstance(frame, str)
+        history.deliver_sequenced(epoch, offset, frame, source, token, node == self._node)
+
+    async def _catch_up(self, client: Any) -> None:
+        """Bring this process's history up to Redis's: at start, load it; after a
+        gap, deliver what was missed from the stream; on a new epoch, say so and
+        deliver the new epoch's broadcasts so far."""
+        history = self._history
+        assert history is not None
+        epoch_bytes, latest = await self._scripts["position"](
+            keys=KEYS, args=[new_epoch()], client=client)
+        epoch, latest = epoch_bytes.decode(), int(latest)
+        known_epoch, known = history.position()
+        if not known_epoch:
+            kept = _entries(reversed(await client.xrevrange(
+                STREAM_KEY, count=max(self._history_size, 1))))
+            history.preload(epoch, kept[0][0] - 1 if kept else latest,
+                            [(offset, frame, age) for offset, frame, age, _ in kept])
+            return
+        if epoch == known_epoch and latest <= known:
+            return
+        first = known + 1 if epoch == known_epoch else 1
+        missed = _entries(await client.xrange(STREAM_KEY, min=f"0-{first}"))
+        if epoch != known_epoch:
+            history.new_epoch(epoch, missed[0][0] - 1 if missed else latest)
+        lost = (missed[0][0] if missed else latest + 1) - first
+        if epoch == known_epoch and lost > 0:
+            log.warning("backplane: %d broadcasts were missed and are no longer in the "
+                        "history; clients resuming across them will not recover", lost)
+            self._on_missed(lost)
+        for offset, frame, _, header in missed:
+            node, source, token, _ = decode(header)
+            history.deliver_sequenced(epoch, offset, frame, source, token, node == self._node)
+
+    def _check_sequence(self, node: str, seq: int) -> None:
+        """Count the frames of ``node`` that never arrived (a gap before ``seq``)."""
+        last = self._last_seen.get(node)
+        self._last_seen[node] = seq
+        if last is not None and seq > last + 1:
+            log.info("backplane: %d frames from %s were missed while this instance's "
+                     "subscription was down", seq - last - 1, node)
+            self._on_missed(seq - last - 1)
+
+    async def _heartbeat_forever(self) -> None:
+        client = self._client()
+        key = NODE_PREFIX + self._node
+        while True:
+            # cleared before the URL is read: a change from now on wakes the next wait
+            self._advertised_changed.clear()
+            try:
+                if self._url_advertised:
+                    await client.set(key, self._url_advertised, ex=NODE_TTL_SECONDS)
+                else:
+                    await client.delete(key)
+                keys = [k async for k in client.scan_iter(match=NODE_PREFIX + "*")
+                        if k.decode() != key]
+                urls = await client.mget(keys) if keys else []
+                self._peers = sorted(u.decode() for u in urls if u)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis down: the subscriber logs the outage
+                log.debug("backplane heartbeat failed: %s", exc)
+            await self._until_advertised_changes(
+                HEARTBEAT_SECONDS if self._url_advertised else 0.5)
+
+    async def _until_advertised_changes(self, timeout: float) -> None:
+        """Sleep ``timeout`` seconds, less if ``advertise()`` changes the URL."""
+        try:
+            await within(self._advertised_changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _publish_forever(self) -> None:
+        client = self._publisher = self._client()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue and self._up:
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), 256))]
+                try:
+                    async with client.pipeline(transaction=False) as pipe:
+                        for source, payload, token in batch:
+                            await self._queue_publish(pipe, source, payload, token)
+                        await pipe.execute()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # numbered, so the others count the gap
+                    unsequenced = sum(1 for _, _, token in batch if token is not None)
+                    if unsequenced and self._history is not None:
+                        log.warning("backplane: %d broadcasts may not have been sequenced "
+                                    "(%s)", unsequenced, exc)
+                        self._on_dropped(unsequenced)
+                        self._history.sequencing_lost()
+                    log.debug("backplane publish of %d frames failed: %s", len(batch), exc)
+
+    async def _queue_publish(self, pipe: Any, source: str, payload: str | bytes,
+                             token: int | None) -> None:
+        if token is None:
+            self._seq += 1
+            pipe.publish(CHANNEL, encode(self._node, source, payload, self._seq))
+            return
+        await self._scripts["sequence"](
+            keys=KEYS,
+            args=[new_epoch(), self._history_size, SEQUENCED_CHANNEL,
+                  encode(self._node, source, "", token), payload], client=pipe)
+
+
+def _entries(stream: Any) -> list[tuple[int, str, float, bytes]]:
+    """``(offset, frame, age, header)`` of history stream entries (ids
+    ``0-<offset>``; the header is ``encode(node, source, "", token)``)."""
+    now = time.time()
+    return [(int(entry_id.split(b"-")[1]), fields[b"f"].decode(),
+             max(0.0, now - float(fields[b"t"])), fields[b"h"]) for entry_id, fields in stream]

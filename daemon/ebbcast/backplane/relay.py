@@ -1,0 +1,296 @@
+"""The local link between the main process and one worker (README "Every core: worker processes").
+
+With ``server.workers = N`` the main process creates one AF_UNIX stream
+socketpair per worker at start-up and keeps one end; the worker inherits the
+other. The link carries small records, each ``<length:4 bytes big-endian><kind:1
+byte><body>``:
+
+worker -> main
+    ``F`` a frame to relay to every other worker (body: ``backplane.encode``);
+    ``R`` the worker is ready (body: its ebbcast version); ``C`` its connection
+    count (ASCII digits); ``H`` a heartbeat, every HEARTBEAT_SECONDS (a worker that
+    goes silent is stuck).
+main -> worker
+    ``F`` a frame another worker relayed: deliver it to local clients only;
+    ``I`` an admin broadcast to inject: deliver locally *and* publish it, as if a
+    local client had sent it; ``T`` connections on the other workers (ASCII);
+    ``A`` start accepting (a worker of a new generation, started ``--hold``, is
+    ready but waits for this); ``U`` a new generation serves: drain as an upgrade.
+
+The records are the interface between two versions of ebbcast during an upgrade
+(the main process keeps the code it started with; a new generation's workers run
+the code installed now), so a kind is never given a new meaning, and a side
+ignores kinds it does not know.
+
+A stream is FIFO and the main process relays each worker's records in the order
+it reads them, so every worker receives one sender's frames in the order they
+were sent. The link closing means the other side is gone: a worker whose main
+process died drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from tornado.ioloop import PeriodicCallback
+from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
+
+from ebbcast.backplane.base import decode, encode
+from ebbcast.backplane.memory import MemoryBackplane
+
+log = logging.getLogger(__name__)
+
+FRAME, READY, COUNT, HEARTBEAT, INJECT, OTHERS = b"F", b"R", b"C", b"H", b"I", b"T"
+ACCEPT, HAND_OVER = b"A", b"U"
+SEQUENCE, SEQUENCER, HISTORY, ORDERED, CAPABILITIES = b"S", b"E", b"Y", b"O", b"K"
+#: What a worker of this release tells the main process it can do (``K``).
+OFFSETS = "offsets"
+HEARTBEAT_SECONDS = 1.0
+_HEADER = struct.Struct(">IB")
+#: What one side may leave unread on the link before the writer gives up on it
+#: (a worker whose loop is stuck): beyond it, frames are dropped and counted.
+MAX_BACKLOG_BYTES = 64 * 1024 * 1024
+READ_CHUNK = 256 * 1024
+
+
+def pack(kind: bytes, body: bytes = b"") -> bytes:
+    return _HEADER.pack(len(body), kind[0]) + body
+
+
+class Unpacker:
+    """Splits a byte stream back into ``(kind, body)`` records."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        self._buffer += data
+        records = []
+        start, size = 0, len(self._buffer)
+        while size - start >= _HEADER.size:
+            length, kind = _HEADER.unpack_from(self._buffer, start)
+            end = start + _HEADER.size + length
+            if end > size:
+                break
+            records.append((bytes((kind,)), bytes(self._buffer[start + _HEADER.size:end])))
+            start = end
+        del self._buffer[:start]
+        return records
+
+
+class Link:
+    """One end of a relay socketpair, on Tornado's loop.
+
+    ``on_record(kind, body)`` is called for each record read, in order;
+    ``on_closed()`` once, when the other side has gone. ``send`` never blocks:
+    records wait in the stream's buffer, up to MAX_BACKLOG_BYTES.
+    """
+
+    def __init__(self, sock: socket.socket, on_record: Callable[[bytes, bytes], None],
+                 on_closed: Callable[[], None]) -> None:
+        sock.setblocking(False)
+        self._stream = IOStream(sock, max_write_buffer_size=MAX_BACKLOG_BYTES)
+        self._on_record = on_record
+        self._on_closed = on_closed
+        self._reader: asyncio.Task[None] | None = None
+        self._outgoing: list[bytes] = []  # records of this pass of the loop
+        self._backlog = 0  # bytes sent and not yet written to the socket
+        self.dropped = 0
+
+    def start(self) -> None:
+        self._reader = asyncio.ensure_future(self._read_forever())
+
+    def send(self, kind: bytes, body: bytes = b"") -> bool:
+        """Queue one record; False (and counted in ``dropped``) if it cannot be.
+        A command (``ACCEPT``, ``HAND_OVER``) goes out now, with what is queued
+        before it: the switch between generations must not wait for the loop."""
+        queued = self.send_packed(pack(kind, body))
+        if queued and kind in (ACCEPT, HAND_OVER):
+            self._flush()
+        return queued
+
+    def send_packed(self, record: bytes) -> bool:
+        """``send`` for a record already packed (one frame relayed to many links is
+        packed once). The records of one pass of the loop go out in one write."""
+        if self._stream.closed():
+            return False
+        if self._backlog + len(record) > MAX_BACKLOG_BYTES:  # the other side has stopped
+            self.dropped += 1
+            log.debug("relay link backlogged: a record dropped")
+            return False
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outgoing.append(record)
+        self._backlog += len(record)
+        return True
+
+    def _flush(self) -> None:
+        data = b"".join(self._outgoing)
+        self._outgoing = []
+        if not data or self._stream.closed():
+            return
+        try:
+            future = self._stream.write(data)
+        except (StreamClosedError, StreamBufferFullError):
+            return
+        future.add_done_callback(lambda done: self._written(len(data), done))
+
+    def _written(self, size: int, future: Any) -> None:
+        self._backlog -= size
+        _ignore_closed(future)
+
+    async def _read_forever(self) -> None:
+        unpacker = Unpacker()
+        try:
+            while True:
+                data = await self._stream.read_bytes(READ_CHUNK, partial=True)
+                for kind, body in unpacker.feed(data):
+                    self._dispatch(kind, body)
+        except StreamClosedError:
+            pass
+        self._on_closed()
+
+    def _dispatch(self, kind: bytes, body: bytes) -> None:
+        """One record to ``on_record``; a failure there loses that record only."""
+        try:
+            self._on_record(kind, body)
+        except Exception:
+            log.exception("relay record %r could not be handled", kind)
+
+    def close(self) -> None:
+        """Idempotent; does not call ``on_closed``."""
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        self._stream.close()
+
+
+def _ignore_closed(future: Any) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved, so a closed link is not logged as unhandled
+
+
+class LinkPeer(Protocol):
+    """What a serving process does with the main process's records."""
+
+    def deliver_remote(self, payload: str | bytes, source: str) -> None:
+        """A frame another worker sent: fan it out to this one's clients only."""
+
+    def inject(self, payload: str | bytes, source: str) -> None:
+        """An admin broadcast: deliver it here and publish it on."""
+
+    def set_elsewhere(self, count: int) -> None:
+        """Connections on the daemon's other serving processes."""
+
+    def start_accepting(self) -> None: ...
+
+    def sequenced_by_main(self, epoch: str, base: int) -> None:
+        """The main process sequences broadcasts; its history after ``base`` follows."""
+
+    def recorded(self, offset: int, age: float, frame: str) -> None:
+        """One broadcast of the main process's history, ``age`` seconds old: record
+        it, deliver it to nobody."""
+
+    def deliver_sequenced(self, epoch: str, offset: int, frame: str, source: str,
+                          token: int, own: bool) -> None:
+        """A sequenced broadcast (``own``: sent from this process, with ``token``)."""
+
+    def hand_over(self) -> None:
+        """A new generation serves: drain as an upgrade."""
+
+    def main_lost(self) -> None: ...
+
+
+class WorkerLink:
+    """The worker's end: frames in and out, readiness and counts to the main
+    process, commands from it to ``peer``."""
+
+    def __init__(self, sock: socket.socket, node: str, peer: LinkPeer) -> None:
+        # unique even for a serving process restarted inside the main process (same
+        # pid), whose tokens start again at 1
+        self._node = f"{node}/{secrets.token_hex(4)}"
+        self._peer = peer
+        self._sock = sock
+        self._link: Link | None = None  # made in start(), on the running loop
+        self._heartbeat: PeriodicCallback | None = None
+        self._epoch = ""  # the main process's, once it says it sequences
+
+    def start(self) -> None:
+        self._link = Link(self._sock, self._on_record, self._peer.main_lost)
+        self._link.start()
+        self._heartbeat = PeriodicCallback(self._beat, HEARTBEAT_SECONDS * 1000)
+        self._heartbeat.start()
+
+    def _send(self, kind: bytes, body: bytes = b"") -> bool:
+        return self._link is not None and self._link.send(kind, body)
+
+    def ready(self, version: str) -> None:
+        self._send(CAPABILITIES, OFFSETS.encode())
+        self._send(READY, version.encode())
+
+    def _beat(self) -> None:
+        self._send(HEARTBEAT)
+
+    def report_count(self, count: int) -> None:
+        """Send the connection count (the registry reports only changes)."""
+        self._send(COUNT, str(count).encode())
+
+    def publish(self, payload: str | bytes, source: str) -> bool:
+        return self._send(FRAME, encode(self._node, source, payload))
+
+    def submit(self, frame: str, source: str, token: int) -> bool:
+        """Have the main process sequence ``frame`` (``ebbcast.backplane.base.Sequencing``):
+        it comes back as ``O``."""
+        return self._send(SEQUENCE, encode(self._node, source, frame, token))
+
+    def _on_record(self, kind: bytes, body: bytes) -> None:
+        peer = self._peer
+        if kind == ORDERED:
+            offset, rest = body.split(b"\n", 1)
+            node, source, token, frame = decode(rest)
+            assert isinstance(frame, str)
+            peer.deliver_sequenced(self._epoch, int(offset), frame, source, token,
+                                   node == self._node)
+        elif kind == FRAME or kind == INJECT:
+            _, source, _, payload = decode(body)
+            (peer.deliver_remote if kind == FRAME else peer.inject)(payload, source)
+        elif kind == HISTORY:
+            offset, age, frame = body.split(b"\n", 2)
+            peer.recorded(int(offset), float(age), frame.decode())
+        elif kind == SEQUENCER:
+            epoch, base = body.decode().split("\n")
+            self._epoch = epoch
+            peer.sequenced_by_main(epoch, int(base))
+        elif kind == OTHERS:
+            peer.set_elsewhere(int(body))
+        elif kind == ACCEPT:
+            peer.start_accepting()
+        elif kind == HAND_OVER:
+            peer.hand_over()
+
+    def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+        if self._link is not None:
+            self._link.close()
+        else:
+            self._sock.close()
+
+
+class RelayBackplane(MemoryBackplane):
+    """The ``memory://`` backplane of a worker: frames go to the main process,
+    which relays them to the other workers."""
+
+    def __init__(self, link: WorkerLink, on_dropped: Callable[[int], None]) -> None:
+        self._link = link
+        self._on_dropped = on_dropped
+
+    def publish(self, payload: str | bytes, source: str) -> None:
+        if not self._link.publish(payload, source):
+            self._on_dropped(1)

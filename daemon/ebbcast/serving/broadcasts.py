@@ -1,0 +1,260 @@
+"""Broadcasts in one order: submitting, delivering and replaying them.
+
+A broadcast that begins in this serving process (a client's frame, an admin
+broadcast) is *submitted*. With the JSON envelope and a sequencer it goes to the
+sequencer first (``Sequencing``: this process's own counter, the main process
+over the relay link, or Redis) and is delivered here only when it comes back
+with its offset, in offset order with every other process's broadcasts: every
+client of every process sees one order. Without one (the raw envelope, or a
+main process from before offsets) it is delivered here at once and published.
+
+Each sequenced broadcast delivered is appended to the ``History`` first, then
+handed to the fan-out, in one step on the loop; a resuming client's replay is
+read from the history in the step that joins it to the fan-out, so the seam has
+no gap and no repeat. The frame carries its offset in its text: the fan-out
+still encodes it once for every client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from ebbcast.backplane.base import Sequencing
+from ebbcast.backplane.history import History, Replay, Resume, with_offset
+from ebbcast.config import Config
+from ebbcast.core import frames
+from ebbcast.core.metrics import Metrics
+from ebbcast.core.waits import within
+from ebbcast.serving.fanout import Fanout, Recipient
+
+log = logging.getLogger(__name__)
+
+#: Broadcasts submitted here and not yet back from the sequencer that are
+#: remembered; beyond this (the sequencer would have to be stuck) the oldest are
+#: forgotten, with a warning.
+IN_FLIGHT_LIMIT = 10_000
+
+
+#: publish(payload, source): hand a broadcast to the backplane, for the other processes.
+Publish = Callable[[str | bytes, str], None]
+
+
+class Members(Protocol):
+    """The connections of this process, as broadcasts count them."""
+
+    def __len__(self) -> int: ...
+    def __contains__(self, item: object) -> bool: ...
+
+
+@dataclass
+class Submitted:
+    frame: str
+    source: str
+    exclude: Recipient | None
+
+
+class InFlight:
+    """Broadcasts submitted here, by token, until they come back sequenced; and the
+    tokens of those delivered here without an offset when the sequencer was lost
+    (if one comes back after all, it is recorded, not delivered twice)."""
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._waiting: OrderedDict[int, Submitted] = OrderedDict()
+        self._delivered_here: OrderedDict[int, None] = OrderedDict()
+        self.forgotten = 0
+
+    def add(self, submitted: Submitted) -> int:
+        self._last += 1
+        self._waiting[self._last] = submitted
+        if len(self._waiting) > IN_FLIGHT_LIMIT:
+            self._waiting.popitem(last=False)
+            self.forgotten += 1
+            if self.forgotten in (1, 10, 100) or self.forgotten % 1000 == 0:
+                log.warning("%d broadcasts never came back from the sequencer: forgotten",
+                            self.forgotten)
+        return self._last
+
+    def take(self, token: int) -> Submitted | None:
+        return self._waiting.pop(token, None)
+
+    def delivered_here(self, token: int) -> bool:
+        return token in self._delivered_here
+
+    def give_up(self) -> list[Submitted]:
+        """Every broadcast still waiting, oldest first; they will be delivered here."""
+        waiting = list(self._waiting.values())
+        for token in self._waiting:
+            self._delivered_here[token] = None
+        while len(self._delivered_here) > IN_FLIGHT_LIMIT:
+            self._delivered_here.popitem(last=False)
+        self._waiting.clear()
+        return waiting
+
+
+class Broadcasts:
+    """Submits, delivers and replays the broadcasts of one serving process."""
+
+    def __init__(self, history: History, fanout: Fanout, members: Members, metrics: Metrics,
+                 config: Callable[[], Config], publish: Publish) -> None:
+        self.history = history
+        self._fanout = fanout
+        self._members = members
+        self._metrics = metrics
+        self._config = config  # read when needed: a reload replaces it
+        self._publish = publish
+        self.sequencing: Sequencing | None = None
+        self._in_flight = InFlight()
+        #: Handshakes of clients ahead of this process, waiting (see ``caught_up``).
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    @property
+    def sequenced(self) -> bool:
+        """Whether broadcasts get offsets now (the epoch known, the JSON envelope)."""
+        return self.sequencing is not None and bool(self.history.epoch) and \
+            self._config().broadcast.envelope == "json"
+
+    def is_caught_up(self, resume: Resume) -> bool:
+        """Whether a resuming client can be answered now (see ``caught_up()``)."""
+        return resume.epoch != self.history.epoch or resume.since <= self.history.latest
+
+    async def caught_up(self, resume: Resume, timeout: float) -> None:
+        """Wait (at most ``timeout``) until this process has delivered the offset a
+        client resuming in this epoch has seen already: another worker or instance
+        may be ahead of this one by a broadcast or two."""
+        if self.is_caught_up(resume):
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        entry = (resume.since, waiter)
+        self._waiters.append(entry)
+        try:
+            await within(waiter, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:  # woken, timed out or cancelled: never left behind
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+
+    def release_waiting(self) -> None:
+        """Let every waiting handshake go on now, caught up or not (a drain began:
+        each is decided again, and refused)."""
+        for _, waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters = []
+
+    @property
+    def waiting(self) -> int:
+        """Handshakes waiting for this process to catch up (see ``caught_up()``)."""
+        return len(self._waiters)
+
+    def _wake(self) -> None:
+        latest = self.history.latest
+        waiting = []
+        for since, waiter in self._waiters:
+            if since <= latest:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                waiting.append((since, waiter))
+        self._waiters = waiting
+
+    def submit(self, payload: str | bytes, source: str,
+               exclude: Recipient | None = None) -> int:
+        """A broadcast that begins here (counted here); how many local connections
+        it is for (those of other processes not included)."""
+        if self.sequencing is not None and isinstance(payload, str) and self.sequenced:
+            self._metrics.broadcasts.labels(source).inc()
+            token = self._in_flight.add(Submitted(payload, source, exclude))
+            if self.sequencing.submit(payload, source, token):
+                members = self._members
+                return len(members) - (exclude is not None and exclude in members)
+            self._in_flight.take(token)  # the backplane is down: here only, with no offset
+            self.history.hole()
+            return self._fanout.broadcast(payload, source, exclude=exclude, relayed=True)
+        recipients = self._fanout.broadcast(payload, source, exclude=exclude)
+        self._publish(payload, source)
+        return recipients
+
+    def deliver(self, epoch: str, offset: int, frame: str, source: str, token: int,
+                own: bool, now: float) -> None:
+        """A sequenced broadcast, in offset order (``own``: submitted here)."""
+        history = self.history
+        if epoch != history.epoch:
+            self.new_epoch(epoch, offset - 1)
+        elif offset <= history.latest:
+            return  # delivered already (a catch-up overlapping live frames)
+        exclude = None
+        if own:
+            submitted = self._in_flight.take(token)
+            if submitted is None and self._in_flight.delivered_here(token):
+                history.append(offset, frame, now)  # its clients have it, without offset
+                return
+            exclude = submitted.exclude if submitted is not None else None
+        history.append(offset, frame, now)
+        self._fanout.broadcast(frame, source, exclude=exclude, relayed=True)
+        if self._waiters:
+            self._wake()
+
+    def sequencing_lost(self) -> None:
+        """The sequencer is gone (Redis down, a publish failed): what was submitted
+        here and has not come back is delivered here now, without an offset, so
+        local delivery never stops; one that comes back after all is not repeated."""
+        waiting = self._in_flight.give_up()
+        if waiting:
+            self.history.hole()
+        for submitted in waiting:
+            self._fanout.broadcast(submitted.frame, submitted.source,
+                                       exclude=submitted.exclude, relayed=True)
+        if waiting:
+            log.info("%d broadcasts delivered here without an offset: the sequencer "
+                     "is unreachable", len(waiting))
+
+    def record(self, offset: int, frame: str, now: float) -> None:
+        """A broadcast from before this process: history only, delivered to nobody."""
+        self.history.append(offset, frame, now)
+
+    def new_epoch(self, epoch: str, base: int) -> None:
+        """The history was lost (``base``: the offset the new epoch goes on from);
+        every client is told first, so it knows its offsets no longer count."""
+        if len(self._members):
+            log.warning("history epoch %s -> %s: connected clients told",
+                        self.history.epoch or "(none yet)", epoch)
+            self._fanout.broadcast(frames.epoch(epoch, base), "epoch", relayed=True)
+        self.history.reset(epoch, base)
+
+    def replay(self, resume: Resume, now: float) -> Replay:
+        """What a resuming client missed (counted), or not recovered: also when the
+        replay would not fit in limits.client_queue_bytes, so that writing it does
+        not make the client a slow consumer at once."""
+        metrics = self._metrics
+        replay = self.history.replay(resume, now) if self.sequenced else Replay(False)
+        if sum(map(len, replay.frames)) > self._config().limits.client_queue_bytes:
+            replay = Replay(False)
+        metrics.resumes.labels("recovered" if replay.recovered else "not_recovered").inc()
+        metrics.resumed_messages.inc(replay.missed)
+        return replay
+
+
+class Clock(Protocol):
+    def __call__(self) -> float: ...
+
+
+class LocalSequencing:
+    """The sequencer of a serving process on its own: its history's next offset."""
+
+    def __init__(self, broadcasts: Broadcasts, clock: Clock) -> None:
+        self._broadcasts = broadcasts
+        self._clock = clock
+
+    def submit(self, frame: str, source: str, token: int) -> bool:
+        history = self._broadcasts.history
+        offset = history.latest + 1
+        self._broadcasts.deliver(history.epoch, offset, with_offset(frame, offset), source,
+                                 token, True, self._clock())
+        return True

@@ -1,0 +1,346 @@
+"""Where ebbcast goes under Tornado's public WebSocket API, kept in one place.
+
+Why: a broadcast copies one message to many connections. Tornado's
+``write_message`` frames (and possibly compresses) the message again for every
+connection and wraps every write in an asyncio Task. ebbcast never negotiates
+permessage-deflate, so a server frame (RFC 6455 section 5.2: unmasked) is the same
+bytes for every client: it is built once by :func:`encode_frame` and written
+straight to each connection's IOStream by :func:`write_frame`.
+
+Every use of Tornado beyond its documented API is here, hence the pinned Tornado
+range in setup.py:
+
+- ``WebSocketProtocol13``: subclassed (:class:`EbbcastProtocol`), overriding the
+  private ``_abort``, ``_receive_frame`` and ``_handle_message``; setting
+  ``client_terminated`` (to fail a connection), clearing and reading ``_frame_mask``
+  (set only when a frame carries a mask key), calling ``handler``'s
+  ``on_ws_connection_close`` (for a reader that failed), and reading
+  ``server_terminated``, ``close_reason``,
+  ``close_code``, ``stream`` and ``is_closing()``; built with the private
+  ``_WebSocketParams`` and started on a detached stream by running its private
+  ``_receive_frame_loop()`` (:func:`start_protocol`), which is what Tornado's
+  ``WebSocketHandler`` does after its RequestHandler has written the 101.
+- ``IOStream``: the private ``_write_buffer`` (send directly only when nothing is
+  queued), ``socket``, ``write``, ``closed()`` and, in
+  :func:`forget_stream_error`, the ``error`` attribute.
+- ``HTTPServer._connections``, the HTTP connections not yet upgraded or closed
+  (:func:`open_http_connections`), so that a generation handing over does not exit
+  under a handshake it has accepted.
+
+:func:`check_tornado` checks every one of these on the installed Tornado at
+start-up, so that a Tornado that changed them stops ebbcast with a message naming
+what changed, instead of serving broken.
+
+The protocol subclass also closes conformance gaps in how Tornado reads a client's
+close frame: it echoes whatever close code a client sends, where RFC 6455 section
+7.4 requires a server to fail the connection with 1002 when the code is not one a
+peer may send; it echoes an empty close for a one-byte payload (a protocol error:
+1002); and a reason that is not UTF-8 (8.1: fail with 1007) raised out of its reader
+and left the connection open and silent. :func:`close_frame_problem` decides all
+three, and :func:`start_protocol` closes the connection of any reader that fails.
+And it fails a client frame that comes unmasked (section 5.1: 1002), which Tornado
+reads as if it were masked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import tornado
+from tornado.httpserver import HTTPServer
+from tornado.iostream import IOStream, StreamClosedError
+from tornado.websocket import WebSocketProtocol13, _WebSocketParams
+
+log = logging.getLogger(__name__)
+
+OPCODE_TEXT = 0x1
+OPCODE_BINARY = 0x2
+OPCODE_CLOSE = 0x8
+_FIN = 0x80
+
+#: Kernel send buffer asked for per client socket. Linux doubles it; kept modest so
+#: that what waits for a slow client is mostly in the daemon, where
+#: limits.client_queue_bytes bounds it, rather than hidden in the kernel.
+CLIENT_SNDBUF_BYTES = 32 * 1024
+
+
+def encode_frame(payload: bytes, binary: bool = False) -> bytes:
+    """One unfragmented, unmasked server-to-client data frame (RFC 6455 section 5.2)."""
+    head = _FIN | (OPCODE_BINARY if binary else OPCODE_TEXT)
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", head, length)
+    elif length <= 0xFFFF:
+        header = struct.pack("!BBH", head, 126, length)
+    else:
+        header = struct.pack("!BBQ", head, 127, length)
+    return header + payload
+
+
+def valid_close_code(code: int) -> bool:
+    """Whether a peer may send ``code`` in a close frame (RFC 6455 section 7.4)."""
+    return code in (1000, 1001, 1002, 1003) or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def close_frame_problem(payload: bytes) -> tuple[int, str] | None:
+    """What is wrong with a client's close frame payload (RFC 6455 5.5.1, 7.4, 8.1),
+    as the close code and reason to fail the connection with; None if it is valid."""
+    if len(payload) == 1:
+        return 1002, "close frame payload of one byte"
+    if len(payload) >= 2:
+        (code,) = struct.unpack("!H", payload[:2])
+        if not valid_close_code(code):
+            return 1002, "invalid close code"
+        try:
+            payload[2:].decode("utf-8")
+        except UnicodeDecodeError:
+            return 1007, "close reason is not UTF-8"
+    return None
+
+
+class SlowConsumer(Exception):
+    """The client's unsent backlog would exceed limits.client_queue_bytes."""
+
+
+class EbbcastProtocol(WebSocketProtocol13):
+    """Tornado's RFC 6455 protocol, with close codes validated and recorded.
+
+    ``server_close_code`` remembers what this side sent first, so the handler can
+    tell an oversized frame (closed inside Tornado with 1009) from a client's own
+    close.
+    """
+
+    server_close_code: int | None = None
+
+    def _abort(self) -> None:
+        """Before Tornado fails the connection (a protocol error from the client),
+        the handler's ``flush_before_abort()`` has the fan-out write what this client
+        is already owed, so that a valid frame's echo is not lost to a bad frame
+        that follows it in one read.
+
+        The hook is looked up on the handler, not stored here: one more attribute
+        set on every protocol instance costs about 1.4 KB per idle connection (the
+        instance dict stops sharing its keys with the class's other instances).
+        """
+        self._flush_what_is_owed()
+        super()._abort()
+
+    def _flush_what_is_owed(self) -> None:
+        hook = getattr(self.handler, "flush_before_abort", None)
+        if hook is not None and not self.server_terminated and self.stream is not None \
+                and not self.stream.closed():
+            hook()
+
+    async def _receive_frame(self) -> None:
+        """Tornado reads a frame; a client frame that came unmasked (a fragment that
+        does not end a message: :meth:`_handle_message` sees the others) fails the
+        connection, as RFC 6455 section 5.1 requires. Tornado reads a frame's mask
+        key into ``_frame_mask`` only when the frame has one: it is cleared first."""
+        self._frame_mask = None
+        await super()._receive_frame()
+        if self._frame_mask is None and not self.client_terminated:
+            self._fail(1002, "unmasked frame")
+
+    def _handle_message(self, opcode: int, data: bytes) -> Any:
+        """A frame that ends a message, or a control frame. Unmasked: the connection
+        fails before anything is relayed. A client's close frame that Tornado would
+        echo (a bad code, one byte) or raise on (a reason that is not UTF-8) fails the
+        connection instead: our close frame with the code that says why, then the
+        TCP connection closes."""
+        if self.client_terminated:
+            return super()._handle_message(opcode, data)
+        if self._frame_mask is None:
+            self._fail(1002, "unmasked frame")
+            return None
+        if opcode == OPCODE_CLOSE:
+            problem = close_frame_problem(data)
+            if problem is not None:
+                self._fail(*problem)
+                return None
+        return super()._handle_message(opcode, data)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """What the client is owed (as :meth:`_abort` does), our close frame with
+        ``code``, then the TCP connection closes at once."""
+        self._flush_what_is_owed()
+        self.client_terminated = True  # so close() also closes the stream
+        self.close(code, reason)
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        if not self.server_terminated and self.server_close_code is None:
+            self.server_close_code = code
+        super().close(code, reason)
+
+
+def configure_stream(protocol: Any) -> None:
+    """Send at once (TCP_NODELAY) and keep the kernel's share of what waits for
+    this client modest (SO_SNDBUF).
+
+    The fan-out already gathers everything a client is owed into one write per
+    loop pass, so Nagle's algorithm could only hold a small frame back until the
+    client's delayed ACK (some 40 ms on Linux) and add nothing. The daemon's share
+    of the backlog is bounded by :func:`write_frame`, not by the stream's
+    max_write_buffer_size, so that Tornado's own small writes (pongs, the close
+    frame) never fail and one large frame is not mistaken for a slow client.
+    """
+    sock = protocol.stream.socket
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CLIENT_SNDBUF_BYTES)
+    except OSError as exc:  # not fatal: a socket being reset, or not TCP
+        log.debug("could not set TCP_NODELAY or SO_SNDBUF: %s", exc)
+
+
+def write_frame(protocol: Any, frame: bytes, queue_limit: int) -> bool:
+    """Write encoded frames to the connection; False if it is closing or closed.
+
+    When nothing is waiting in the stream's buffer, the bytes go straight to the
+    kernel with one send(); only what the kernel does not take goes through
+    ``IOStream.write`` (which buffers it and waits for the socket to drain). This
+    skips the Future and bookkeeping IOStream.write makes per call, which is most of
+    the Python cost of a fan-out. TLS streams always take the IOStream path.
+
+    Raises SlowConsumer when bytes are already waiting for this client and the new
+    ones would take the backlog over ``queue_limit`` (limits.client_queue_bytes). A
+    client with nothing waiting always takes the write, however large: large
+    frames are buffered by reference, so a broadcast bigger than the limit costs
+    no copy per client and does not cut everyone off.
+    """
+    if protocol is None or protocol.is_closing():
+        return False
+    stream = protocol.stream
+    data: bytes | memoryview = frame
+    backlog = len(stream._write_buffer)
+    if backlog and backlog + len(frame) > queue_limit:
+        raise SlowConsumer()
+    if not backlog and type(stream) is IOStream:
+        try:
+            sent = stream.socket.send(frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            sent = 0  # a broken connection: IOStream.write below notices and closes it
+        if sent == len(frame):
+            return True
+        data = memoryview(frame)[sent:]
+    try:
+        stream.write(data)
+    except StreamClosedError:
+        return False
+    return True
+
+
+def open_http_connections(server: HTTPServer) -> int:
+    """HTTP connections of ``server`` still open and not upgraded to WebSocket: a
+    page load, a keep-alive connection, or a handshake not yet complete."""
+    return len(server._connections)
+
+
+def start_protocol(delegate: Any, stream: IOStream, max_message_size: int) -> EbbcastProtocol:
+    """The RFC 6455 protocol over a stream whose 101 is being written, reading
+    frames for ``delegate`` (``on_message``, ``on_pong``, ``on_ws_connection_close``
+    ...) until the connection ends. Tornado's own handshake does the same after its
+    RequestHandler has answered; ``ebbcast.serving.handlers`` answers without one."""
+    protocol = EbbcastProtocol(delegate, False, _WebSocketParams(
+        max_message_size=max_message_size))
+    protocol.stream = stream
+    reader = asyncio.ensure_future(protocol._receive_frame_loop())
+    reader.add_done_callback(partial(_reader_stopped, protocol))
+    return protocol
+
+
+def _reader_stopped(protocol: EbbcastProtocol, reader: asyncio.Future[None]) -> None:
+    """A reader that raised is a bug: logged, its connection closed and its delegate
+    told, so that no client is left connected to a socket nobody reads. (Tornado 6.6
+    tells the delegate on the way out of a failed reader, 6.5 does not: the delegate's
+    ``on_ws_connection_close`` must take being told twice.)"""
+    if not reader.cancelled() and reader.exception() is not None:
+        log.error("a WebSocket reader failed: closing its connection",
+                  exc_info=reader.exception())
+        if protocol.stream is not None:
+            protocol.stream.close()
+        protocol.handler.on_ws_connection_close(protocol.close_code, protocol.close_reason)
+
+
+def forget_stream_error(protocol: Any) -> None:
+    """A stream closed by a socket error keeps the exception, whose traceback's
+    frames point back at the stream: forget it, so reference counting can free
+    the connection without the cyclic GC."""
+    if protocol is not None and protocol.stream is not None:
+        protocol.stream.error = None
+
+
+#: Tornado minor versions this code was written and tested against (setup.py pins them).
+TESTED_TORNADO = ("6.5", "6.6")
+
+
+def check_tornado() -> list[str]:
+    """What ebbcast relies on beyond Tornado's documented API and cannot find in
+    the installed Tornado: one line each, empty when everything is there."""
+    problems: list[str] = []
+
+    def need(what: str, check: Callable[[], object]) -> None:
+        try:
+            if not check():
+                problems.append(what)
+        except Exception as exc:  # whatever the change, name it
+            problems.append(f"{what} ({type(exc).__name__}: {exc})")
+
+    from tornado import websocket
+
+    need("tornado.websocket._WebSocketParams(max_message_size=...)",
+         lambda: websocket._WebSocketParams(max_message_size=1))
+    protocol = _probe(lambda: WebSocketProtocol13(_FakeHandler(), False,  # type: ignore
+                                                  websocket._WebSocketParams()))
+    for name in ("stream", "handler", "server_terminated", "client_terminated", "close_code",
+                 "close_reason", "params", "_frame_mask"):
+        need(f"WebSocketProtocol13.{name}", partial(hasattr, protocol, name))
+    for name in ("_abort", "_handle_message", "_receive_frame", "close", "is_closing",
+                 "_receive_frame_loop"):
+        need(f"WebSocketProtocol13.{name}()", partial(_has_method, WebSocketProtocol13, name))
+    mine, theirs = socket.socketpair()
+    try:
+        stream = IOStream(mine)
+        need("IOStream._write_buffer (with len())", lambda: len(stream._write_buffer) == 0)
+        for name in ("error", "socket", "max_write_buffer_size"):
+            need(f"IOStream.{name}", partial(hasattr, stream, name))
+        for name in ("write", "closed"):
+            need(f"IOStream.{name}()", partial(_has_method, stream, name))
+        stream.close()
+    finally:
+        mine.close()
+        theirs.close()
+    server = _probe(lambda: HTTPServer(lambda request: None))
+    need("HTTPServer._connections (with len())", lambda: len(server._connections) == 0)
+    return problems
+
+
+def _has_method(owner: object, name: str) -> bool:
+    return callable(getattr(owner, name, None))
+
+
+def _probe(make: Callable[[], Any]) -> Any:
+    try:
+        return make()
+    except Exception:  # the checks that use it will name what is missing
+        return None
+
+
+class _FakeHandler:
+    """Stands in for a handler where a Tornado object only stores it."""
+
+    def set_close_callback(self, callback: Any) -> None:
+        pass
+
+
+def tornado_problem_report(problems: list[str]) -> str:
+    """The message ebbcast stops with when ``check_tornado()`` found problems."""
+    return (f"Tornado {tornado.version} lacks what ebbcast relies on: {'; '.join(problems)}. "
+            f"ebbcast is tested with Tornado {' and '.join(TESTED_TORNADO)}; install one of "
+            "those (setup.py pins them)")

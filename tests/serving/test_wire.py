@@ -1,0 +1,258 @@
+"""Protocol edge cases of the fast path (ebbcast.serving.wire): what goes on the wire."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import struct
+import subprocess
+import sys
+
+import pytest
+import websockets
+
+from helpers import STEP_TIMEOUT, never_reading_client, read_server_frames, wait_until
+from ebbcast.serving.wire import (check_tornado, encode_frame, tornado_problem_report,
+                                  valid_close_code)
+
+
+def masked_close(code: int) -> bytes:
+    """A client close frame (masked with a zero key, RFC 6455 5.3)."""
+    return close_frame(struct.pack("!H", code))
+
+
+def close_frame(payload: bytes) -> bytes:
+    """A client close frame with any payload under 126 bytes, masked with a zero key."""
+    return bytes([0x88, 0x80 | len(payload)]) + b"\x00\x00\x00\x00" + payload
+
+
+async def read_rest(sock) -> bytes:
+    """Everything the server sends until it closes the TCP connection."""
+    def read() -> bytes:
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        return data
+    return await asyncio.to_thread(read)
+
+
+async def test_compression_offer_is_declined_and_frames_stay_plain(start_daemon):
+    d = await start_daemon()
+    async with websockets.connect(d.ws_url, compression="deflate") as ws:
+        assert ws.response.headers.get("Sec-WebSocket-Extensions") is None
+        assert '"welcome"' in await asyncio.wait_for(ws.recv(), 10)
+        await ws.send("plain")
+        assert '"text":"plain"' in await asyncio.wait_for(ws.recv(), 10)
+
+
+async def test_no_frame_follows_the_close_when_a_client_closes_mid_broadcast(start_daemon):
+    d = await start_daemon(broadcast__envelope="raw")
+    sock = await never_reading_client(d.ws_url)
+    try:
+        await wait_until(lambda: len(d.daemon.ctx.registry) == 1)
+        for i in range(50):
+            d.daemon.ctx.fanout.broadcast(f"m{i}", "admin")
+        sock.sendall(masked_close(1000))  # races the queued broadcasts
+        for i in range(50, 100):
+            d.daemon.ctx.fanout.broadcast(f"m{i}", "admin")
+            await asyncio.sleep(0)
+        frames = await asyncio.to_thread(read_server_frames, sock)
+        assert frames[-1] == (0x8, struct.pack("!H", 1000))  # the echo of our close
+        texts = [payload.decode() for opcode, payload in frames if opcode == 0x1]
+        assert texts == [f"m{i}" for i in range(len(texts))]  # in order, no gaps
+        assert await read_rest(sock) == b""  # and nothing after the close frame
+    finally:
+        sock.close()
+
+
+async def test_no_frame_follows_a_server_close_queued_behind_broadcasts(start_daemon):
+    d = await start_daemon(broadcast__envelope="raw")
+    sock = await never_reading_client(d.ws_url)
+    try:
+        await wait_until(lambda: len(d.daemon.ctx.registry) == 1)
+        (conn,) = d.daemon.ctx.registry.snapshot()
+        d.daemon.ctx.fanout.broadcast("before", "admin")
+        conn.end("forced", 1001, "bye")  # closes before the fan-out's flush runs
+        d.daemon.ctx.fanout.broadcast("after", "admin")
+        frames = await asyncio.to_thread(read_server_frames, sock)
+        assert frames == [(0x8, struct.pack("!H", 1001) + b"bye")]
+        sock.sendall(masked_close(1001))
+        assert await read_rest(sock) == b""
+    finally:
+        sock.close()
+    await wait_until(lambda: len(d.daemon.ctx.registry) == 0)
+
+
+#: Autobahn 7.5.1's close reason: UTF-8 that turns into a lone surrogate (ED A0 80).
+NOT_UTF8 = b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80edited"
+
+
+@pytest.mark.parametrize("payload, answer", [
+    # RFC 6455 7.4: codes a peer may not send (Tornado alone would echo them back)
+    *[(struct.pack("!H", code), b"\x03\xeainvalid close code")
+      for code in (0, 999, 1004, 1005, 1006, 1015, 2000, 2999, 5000, 65535)],
+    (struct.pack("!H", 1000) + NOT_UTF8, b"\x03\xefclose reason is not UTF-8"),  # 8.1
+    (struct.pack("!H", 4000) + b"\xff", b"\x03\xefclose reason is not UTF-8"),
+    (b"\x03", b"\x03\xeaclose frame payload of one byte"),  # 5.5.1: a code is two bytes
+])
+async def test_a_bad_close_frame_fails_the_connection_at_once(start_daemon, payload, answer):
+    """Our close frame says why (1002 or 1007), then the server closes TCP itself:
+    the read ends with EOF, where a connection left open would time out."""
+    d = await start_daemon(broadcast__envelope="raw")
+    sock = await never_reading_client(d.ws_url)
+    try:
+        await wait_until(lambda: len(d.daemon.ctx.registry) == 1)
+        sock.sendall(close_frame(payload))
+        assert await read_rest(sock) == b"\x88" + bytes([len(answer)]) + answer
+    finally:
+        sock.close()
+    await wait_until(lambda: len(d.daemon.ctx.registry) == 0)
+    assert d.daemon.metrics.disconnections.labels("client")._value.get() == 1
+
+
+@pytest.mark.parametrize("frames", [
+    b"\x81\x05hello",  # a whole text message, unmasked
+    b"\x01\x03hel",  # the first fragment of one, unmasked
+    b"\x01\x83\x00\x00\x00\x00hel" + b"\x80\x02lo",  # a masked first, an unmasked last
+    b"\x89\x00",  # a ping, unmasked
+])
+async def test_an_unmasked_client_frame_fails_the_connection_with_1002(start_daemon, frames):
+    """RFC 6455 5.1: a server must close the connection on an unmasked client frame;
+    Tornado reads it as if it were masked. Nothing of it is relayed: another client's
+    next frame is the first the watcher gets."""
+    d = await start_daemon(broadcast__envelope="raw")
+    watcher = await d.connect()
+    sock = await never_reading_client(d.ws_url)
+    try:
+        await wait_until(lambda: len(d.daemon.ctx.registry) == 2)
+        sock.sendall(frames)
+        assert await read_rest(sock) == b"\x88\x10\x03\xeaunmasked frame"
+    finally:
+        sock.close()
+    talker = await d.connect()
+    await talker.write_message("the first relayed")
+    assert await asyncio.wait_for(watcher.read_message(), STEP_TIMEOUT) == "the first relayed"
+
+
+@pytest.mark.parametrize("payload", [
+    b"", struct.pack("!H", 1000), struct.pack("!H", 4000), struct.pack("!H", 1001) + b"bye",
+    struct.pack("!H", 1000) + "κόσμε".encode()])
+async def test_a_valid_close_frame_is_echoed_and_the_connection_closed(start_daemon, payload):
+    d = await start_daemon(broadcast__envelope="raw")
+    sock = await never_reading_client(d.ws_url)
+    try:
+        sock.sendall(close_frame(payload))
+        assert await read_rest(sock) == b"\x88" + bytes([len(payload[:2])]) + payload[:2]
+    finally:
+        sock.close()
+
+
+async def test_a_reader_that_fails_has_its_connection_closed_and_logged(start_daemon,
+                                                                         monkeypatch, caplog):
+    """One guard for every path out of the protocol's reader: an exception that
+    escapes it (a bug, here planted) never leaves a client on an unread socket."""
+    from ebbcast.serving.wire import EbbcastProtocol
+
+    def broken(self, opcode, data):
+        raise RuntimeError("a planted bug")
+
+    d = await start_daemon(broadcast__envelope="raw")
+    sock = await never_reading_client(d.ws_url)
+    try:
+        await wait_until(lambda: len(d.daemon.ctx.registry) == 1)
+        monkeypatch.setattr(EbbcastProtocol, "_handle_message", broken)
+        sock.sendall(b"\x81\x85\x00\x00\x00\x00hello")
+        assert await read_rest(sock) == b""  # EOF: closed, no close frame to send
+    finally:
+        sock.close()
+    await wait_until(lambda: len(d.daemon.ctx.registry) == 0)
+    (record,) = [r for r in caplog.records if r.name == "ebbcast.serving.wire"]
+    assert record.getMessage() == "a WebSocket reader failed: closing its connection"
+    assert str(record.exc_info[1]) == "a planted bug"
+
+
+@pytest.mark.parametrize("bad, then", [
+    (b"\xf1\x80\x00\x00\x00\x00", b""),  # RSV1-3 set: dropped, no close frame
+    (b"\x81\x02no", b"\x88\x10\x03\xeaunmasked frame"),
+    (close_frame(b"\x03"), b"\x88\x21\x03\xeaclose frame payload of one byte"),
+])
+async def test_a_valid_frame_is_echoed_even_when_a_bad_one_follows_in_the_same_read(
+        start_daemon, bad, then):
+    """Autobahn 3.x/4.x/5.15: the echo queued for the valid frame is written before
+    the connection is failed for the protocol error right behind it."""
+    d = await start_daemon(broadcast__envelope="raw")
+    sock = await never_reading_client(d.ws_url)
+    try:
+        await wait_until(lambda: len(d.daemon.ctx.registry) == 1)
+        good = b"\x81\x85\x00\x00\x00\x00hello"
+        sock.sendall(good + bad)
+        assert await read_rest(sock) == b"\x81\x05hello" + then  # the echo first
+    finally:
+        sock.close()
+    await wait_until(lambda: len(d.daemon.ctx.registry) == 0)
+
+
+async def test_client_sockets_send_at_once_with_a_modest_kernel_buffer(start_daemon):
+    """TCP_NODELAY: the fan-out coalesces, so Nagle could only delay a lone small
+    frame until the client's delayed ACK. SO_SNDBUF: see wire.configure_stream."""
+    import socket
+
+    from ebbcast.serving.wire import CLIENT_SNDBUF_BYTES
+
+    d = await start_daemon()
+    await d.connect_welcomed()
+    (conn,) = d.daemon.ctx.registry.snapshot()
+    sock = conn.protocol.stream.socket
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) <= 2 * CLIENT_SNDBUF_BYTES
+
+
+# -- the start-up check of what wire.py relies on ---------------------------------------
+
+
+def test_the_installed_tornado_has_everything_ebbcast_relies_on():
+    assert check_tornado() == []
+
+
+def test_a_tornado_that_changed_is_named_change_by_change(monkeypatch):
+    import tornado.websocket
+
+    monkeypatch.delattr(tornado.websocket.WebSocketProtocol, "_abort")
+    monkeypatch.delattr(tornado.websocket, "_WebSocketParams")
+    problems = check_tornado()
+    assert "WebSocketProtocol13._abort()" in problems
+    assert any(p.startswith("tornado.websocket._WebSocketParams") for p in problems)
+    report = tornado_problem_report(problems)
+    assert report.startswith(f"Tornado {tornado.version} lacks what ebbcast relies on: ")
+
+
+@pytest.mark.processes
+def test_the_daemon_refuses_to_serve_on_a_tornado_that_changed(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-c", "import tornado.websocket as w; del w.WebSocketProtocol._abort; "
+         "from ebbcast.cli import main; raise SystemExit(main(['serve', '--port', '0', "
+         "'--admin-port', '0']))"],
+        capture_output=True, text=True, timeout=STEP_TIMEOUT, cwd=tmp_path,
+        env={**os.environ, "RUNTIME_DIRECTORY": str(tmp_path)}, stdin=subprocess.DEVNULL)
+    assert run.returncode == 1
+    assert re.search(r"ERROR ebbcast\.cli\[\d+\]: Tornado 6\.\d+\.\d+ lacks what ebbcast relies "
+                     r"on: WebSocketProtocol13\._abort\(\)\.", run.stderr), run.stderr
+    assert "serving ws=" not in run.stderr
+
+
+@pytest.mark.parametrize("size, header", [(0, b"\x81\x00"), (125, b"\x81\x7d"),
+                                          (126, b"\x81\x7e\x00\x7e"),
+                                          (65535, b"\x81\x7e\xff\xff"),
+                                          (65536, b"\x81\x7f" + struct.pack("!Q", 65536))])
+def test_encode_frame_uses_rfc6455_length_encodings(size, header):
+    payload = b"a" * size
+    assert encode_frame(payload) == header + payload
+    assert encode_frame(b"\x00", binary=True) == b"\x82\x01\x00"
+
+
+def test_valid_close_codes_follow_rfc6455_7_4():
+    for code in (1000, 1001, 1002, 1003, 1007, 1011, 1014, 3000, 4999):
+        assert valid_close_code(code)
+    for code in (0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000):
+        assert not valid_close_code(code)
