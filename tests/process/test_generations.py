@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-import signal
 import socket
-import time
 from dataclasses import dataclass
 
 import pytest
 
-from ebbcast.core.events import (DrainRequested, Event, EventQueue, SignalReceived, Tick,
-                                 UpgradeRequested, who_asked)
 from ebbcast.process.generations import Generation, UpgradeStatus, assign_sets
 from ebbcast.core.lifecycle import DrainCause, Lifecycle, State, StopReason
 
@@ -107,29 +103,6 @@ def test_the_stop_reason_recorded_outranks_how_the_drain_ended(recorded, expired
     assert lifecycle.state is State.STOPPING and lifecycle.stop_reason is expected
     lifecycle.stop(StopReason.NORMAL)  # the first reason is kept
     assert lifecycle.stop_reason is expected
-
-
-def test_events_are_acted_on_in_order_and_a_tick_comes_when_asked():
-    async def scenario() -> list[Event]:
-        queue = EventQueue()
-        seen: list[Event] = []
-        wake = [math.inf]
-
-        def act(event: Event, now: float) -> None:
-            seen.append(event)
-            wake[0] = now + 0.01 if len(seen) == 2 else math.inf
-
-        queue.record_signal(signal.SIGUSR2)
-        queue.put(DrainRequested("the admin API"))
-        started = time.monotonic()
-        await asyncio.wait_for(queue.run(act, lambda: wake[0], lambda: len(seen) == 3), 5)
-        assert time.monotonic() - started >= 0.01
-        return seen
-
-    seen = asyncio.run(scenario())
-    assert seen == [SignalReceived(signal.SIGUSR2), DrainRequested("the admin API"), Tick()]
-    assert [who_asked(e) for e in seen[:2]] == ["SIGUSR2", "the admin API"]
-    assert who_asked(UpgradeRequested("the admin API")) == "the admin API"
 
 
 @dataclass

@@ -4,7 +4,9 @@ Signal handlers, the admin API, timers and child processes only put an event in
 the queue; one coroutine takes them in order and acts (gunicorn's arbiter does the
 same), so no action ever runs inside a signal handler or interleaves with another.
 A serving process and the main process over workers share this loop shape; each
-has its own ``act``.
+has its own ``act``, and its own events beside the common ones here (a serving
+process's in ``ebbcast.serving.process``, the main process's in
+``ebbcast.process.workers`` and ``ebbcast.process.generations``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Generic, TypeVar, Union
 
 from ebbcast.core.waits import within
 
@@ -38,69 +40,28 @@ class DrainRequested:
 
 
 @dataclass(frozen=True)
-class UpgradeRequested:
-    """Start a new generation (SIGUSR2 arrives as a SignalReceived)."""
-
-    source: str
-
-
-@dataclass(frozen=True)
-class HandOver:
-    """The main process tells a serving process: a new generation serves, drain as
-    an upgrade (``ebbcast.backplane.relay``'s HAND_OVER record)."""
-
-
-@dataclass(frozen=True)
-class WorkerReady:
-    worker: Any  # a ebbcast.process.workers.Worker; Any keeps this module free of imports
-
-
-@dataclass(frozen=True)
-class WorkerExited:
-    worker: Any
-    description: str  # "worker 0 (pid 4242) was killed by SIGKILL"
-    failed: bool
-
-
-@dataclass(frozen=True)
-class NoConnections:
-    """The last client of a draining process has gone."""
-
-
-@dataclass(frozen=True)
-class FanoutBroken:
-    """Broadcasts kept failing (``failures`` batches in a row): a bug, or a
-    dependency that changed under us. The process gives up rather than serve
-    broken."""
-
-    failures: int
-
-
-@dataclass(frozen=True)
 class Tick:
     """A timer the loop asked for (``wake_at``) has come."""
 
 
-Event = Union[SignalReceived, DrainRequested, UpgradeRequested, HandOver, WorkerReady,
-              WorkerExited, NoConnections, FanoutBroken, Tick]
+#: What every process's loop acts on; each process adds events of its own (``E``).
+Common = Union[SignalReceived, DrainRequested, Tick]
+E = TypeVar("E")
 
 
-def who_asked(event: Event) -> str:
-    """Who asked for a stop or an upgrade, for the log."""
-    if isinstance(event, SignalReceived):
-        return event.name
-    if isinstance(event, (DrainRequested, UpgradeRequested)):
-        return event.source
-    return type(event).__name__
+def who_asked(event: SignalReceived | DrainRequested) -> str:
+    """Who asked for a stop, for the log."""
+    return event.name if isinstance(event, SignalReceived) else event.source
 
 
-class EventQueue:
-    """The queue every producer puts into, and the loop that empties it."""
+class EventQueue(Generic[E]):
+    """The queue every producer puts into, and the loop that empties it: the
+    common events and a process's own ``E``."""
 
     def __init__(self) -> None:
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._queue: asyncio.Queue[E | Common] = asyncio.Queue()
 
-    def put(self, event: Event) -> None:
+    def put(self, event: E | Common) -> None:
         """Safe from signal handlers, callbacks and coroutines on the loop."""
         self._queue.put_nowait(event)
 
@@ -110,10 +71,10 @@ class EventQueue:
     def empty(self) -> bool:
         return self._queue.empty()
 
-    async def get(self) -> Event:
+    async def get(self) -> E | Common:
         return await self._queue.get()
 
-    async def run(self, act: Callable[[Event, float], None], wake_at: Callable[[], float],
+    async def run(self, act: Callable[[E | Common, float], None], wake_at: Callable[[], float],
                   finished: Callable[[], bool]) -> None:
         """Until ``finished()``: take the next event, or a Tick at the monotonic time
         ``wake_at()`` (``math.inf``: none), and ``act(event, now)`` on it."""

@@ -21,6 +21,16 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from ebbcast.process.workers import Worker
+
+
+@dataclass(frozen=True)
+class UpgradeRequested:
+    """Start a new generation (asked by the admin API; SIGUSR2 arrives as a
+    SignalReceived)."""
+
+    source: str
+
 
 @dataclass
 class Generation:
@@ -28,7 +38,7 @@ class Generation:
     is set when it hands over (the end of its drain, for ``/status``)."""
 
     number: int
-    workers: list[Any]
+    workers: list[Worker]
     deadline_unix: float | None = None
 
     @property

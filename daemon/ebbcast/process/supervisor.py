@@ -49,7 +49,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Union
 
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
@@ -74,16 +74,7 @@ from ebbcast.backplane.relay import (
 )
 from ebbcast.backplane.sequencer import Sequencer
 from ebbcast.config import Config, ConfigError, changed_keys, reload_config, render_toml
-from ebbcast.core.events import (
-    DrainRequested,
-    Event,
-    EventQueue,
-    SignalReceived,
-    UpgradeRequested,
-    WorkerExited,
-    WorkerReady,
-    who_asked,
-)
+from ebbcast.core.events import Common, DrainRequested, EventQueue, SignalReceived, who_asked
 from ebbcast.core.lifecycle import (
     DEADLINE_CLOSE_GRACE,
     FORCED_CLOSE_GRACE,
@@ -98,17 +89,11 @@ from ebbcast.core.logs import set_level
 from ebbcast.core.metrics import MergedMetrics, Metrics
 from ebbcast.core.sockets import Spare, listener_url, tls_context
 from ebbcast.process.admin import admin_server, build_status
-from ebbcast.process.generations import Generation, UpgradeStatus, assign_sets
+from ebbcast.process.generations import Generation, UpgradeRequested, UpgradeStatus, assign_sets
 from ebbcast.process.listener import BindError, bind_idle_like, bind_listener, bind_public
 from ebbcast.process.notify import SystemdNotifier
-from ebbcast.process.workers import (
-    ChildWorker,
-    LocalRun,
-    LocalWorker,
-    Worker,
-    describe_exit,
-    worker_count,
-)
+from ebbcast.process.workers import (ChildWorker, LocalRun, LocalWorker, Worker, WorkerExited,
+                                     WorkerReady, describe_exit, worker_count)
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +107,10 @@ HANDED_OVER_KEYS = ("server.host", "server.port", "admin.host", "admin.port")
 #: Builds the serving process that runs inside this one: (relay, public, config,
 #: metrics) -> an ``ebbcast.serving.process.Daemon`` (given by ``ebbcast.cli``).
 ServeHere = Callable[[socket.socket, list[socket.socket], Config, Metrics], LocalRun]
+
+
+#: What the main process's loop acts on, beside the common events.
+MainEvent = Union[UpgradeRequested, WorkerReady, WorkerExited]
 
 
 class DirectSequencing:
@@ -157,7 +146,7 @@ class Supervisor:
         self._worker_args = list(worker_args)
         self._notifier = notifier or SystemdNotifier()
         self._serve_here = serve_here
-        self._events = EventQueue()
+        self._events: EventQueue[MainEvent] = EventQueue()
         self.lifecycle = Lifecycle()
         self.metrics = Metrics()
         self.metrics.backplane_up.set(1)
@@ -446,7 +435,7 @@ class Supervisor:
         return self.lifecycle.state not in (State.STARTING, State.SERVING) and \
             not any(w.alive for w in self._workers()) and self._events.empty()
 
-    def _act(self, event: Event, now: float) -> None:
+    def _act(self, event: MainEvent | Common, now: float) -> None:
         state = self.lifecycle.state
         match event:
             case SignalReceived(signal.SIGHUP):

@@ -20,13 +20,12 @@ import subprocess
 import sys
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+from ebbcast.backplane.base import Sequencing
 from ebbcast.backplane.relay import Link
 from ebbcast.core.lifecycle import HANDLED_SIGNALS, StopReason
-
-if TYPE_CHECKING:  # the serving modules are not loaded in the main process for them
-    from ebbcast.backplane.base import Sequencing
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +160,20 @@ class Worker:
         if self.link is not None:
             self.link.close()
         self.link, self.ready, self.connections = None, False, 0
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    """A worker said it is ready (its READY record)."""
+
+    worker: Worker
+
+
+@dataclass(frozen=True)
+class WorkerExited:
+    worker: Worker
+    description: str  # "worker 0 (pid 4242) was killed by SIGKILL"
+    failed: bool
 
 
 class ChildWorker(Worker):

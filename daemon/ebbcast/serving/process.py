@@ -24,7 +24,8 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Protocol, Union
 
 from tornado.httpserver import HTTPServer
 
@@ -32,16 +33,7 @@ from ebbcast.backplane.base import Backplane, Sequencing
 from ebbcast.backplane.history import History, new_epoch
 from ebbcast.backplane.redis import RedisBackplane
 from ebbcast.config import Config, ConfigError, is_reloadable, reload_config
-from ebbcast.core.events import (
-    DrainRequested,
-    Event,
-    EventQueue,
-    FanoutBroken,
-    HandOver,
-    NoConnections,
-    SignalReceived,
-    who_asked,
-)
+from ebbcast.core.events import Common, DrainRequested, EventQueue, SignalReceived, who_asked
 from ebbcast.core.lifecycle import (
     DEADLINE_CLOSE_GRACE,
     FORCED_CLOSE_GRACE,
@@ -89,6 +81,30 @@ FANOUT_FAILURE_LIMIT = 5
 #: unanswered); ebbcast.serving.handshake answers 431 from MAX_HEADER_BLOCK (16 KiB) on.
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PUBLIC_BODY_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class HandOver:
+    """The main process tells a serving process: a new generation serves, drain as
+    an upgrade (``ebbcast.backplane.relay``'s HAND_OVER record)."""
+
+
+@dataclass(frozen=True)
+class NoConnections:
+    """The last client of a draining process has gone."""
+
+
+@dataclass(frozen=True)
+class FanoutBroken:
+    """Broadcasts kept failing (``failures`` batches in a row): a bug, or a
+    dependency that changed under us. The process gives up rather than serve
+    broken."""
+
+    failures: int
+
+
+#: What a serving process's loop acts on, beside the common events.
+ServingEvent = Union[HandOver, NoConnections, FanoutBroken]
 
 
 class Role(Protocol):
@@ -142,7 +158,7 @@ class Daemon:
         self.serving = asyncio.Event()
         self._tls = tls_context(config)
         self._reload_config = reload
-        self._events = EventQueue()
+        self._events: EventQueue[ServingEvent] = EventQueue()
         self.lifecycle = Lifecycle()
         self.metrics = metrics or Metrics()
         registry: ConnectionRegistry[Client] = ConnectionRegistry(self._on_count)
@@ -343,7 +359,7 @@ class Daemon:
         if count == 0 and self.lifecycle.state is State.DRAINING:
             self._events.put(NoConnections())
 
-    def _act(self, event: Event, now: float) -> None:
+    def _act(self, event: ServingEvent | Common, now: float) -> None:
         state = self.lifecycle.state
         match event:
             case SignalReceived(signal.SIGHUP):
