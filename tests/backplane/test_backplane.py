@@ -9,13 +9,15 @@ from collections.abc import Callable
 from typing import Any
 
 from helpers import REPO, STEP_TIMEOUT, recv, recv_json, wait_until
-from ebbcast.backplane.base import BACKOFF_MAX, backoff_delays, decode, encode
+from ebbcast.backplane.base import BACKOFF_MAX, Envelope, backoff_delays
 
 
 def test_backplane_messages_round_trip():
-    assert decode(encode("node:1", "client", "héllo\nworld", 7)) == \
-        ("node:1", "client", 7, "héllo\nworld")
-    assert decode(encode("n", "admin", b"\x00\n\xff")) == ("n", "admin", 0, b"\x00\n\xff")
+    text = Envelope("node:1", "client", 7, "héllo\nworld")
+    assert text.encode() == "node:1\nclient\n7\nthéllo\nworld".encode()
+    assert Envelope.decode(text.encode()) == text
+    binary = Envelope("n", "admin", 0, b"\x00\n\xff")
+    assert Envelope.decode(binary.encode()) == binary
 
 
 def test_peers_never_name_this_instance_even_as_its_sibling_workers_advertise_it():

@@ -11,7 +11,7 @@ from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from ebbcast.client import ReconnectingSession, follow_nodes
-from ebbcast.backplane.history import History, Replay, Resume, with_offset
+from ebbcast.backplane.history import History, Kept, Replay, Resume, with_offset
 from ebbcast.backplane.sequencer import Sequencer
 
 
@@ -88,7 +88,7 @@ def test_sequencer_numbers_from_one_and_keeps_what_it_numbered() -> None:
     sequencer = Sequencer(10, 0, epoch="e9")
     assert sequencer.sequence('{"t":1}', 0) == (1, '{"t":1,"offset":1}')
     assert sequencer.sequence('{"t":2}', 0) == (2, '{"t":2,"offset":2}')
-    assert sequencer.history.after(1, now=3.0) == [(2, 3.0, '{"t":2,"offset":2}')]
+    assert sequencer.history.after(1, now=3.0) == [Kept(2, '{"t":2,"offset":2}', 3.0)]
     assert (sequencer.epoch, sequencer.latest) == ("e9", 2)
 
 

@@ -25,21 +25,10 @@ from helpers import (QUICK, STEP_TIMEOUT, _never_reading_client, clients_on_ever
                      close_all, closed_code, dial, http_json, metric, notifications, pid_of,
                      promtool_accepts, recv_frame, recv_kinds, start_workers, status, wait_for)
 from ebbcast.process.listener import bind_public
-from ebbcast.backplane.relay import FRAME, READY, Unpacker, pack
 from ebbcast.process.workers import (RESTART_DELAY_MAX, ChildWorker, RestartBudget,
                                      describe_exit, worker_count)
 
 # -- units ---------------------------------------------------------------------------
-
-
-def test_relay_records_survive_any_split_of_the_stream():
-    stream = pack(FRAME, b"x" * 70_000) + pack(READY) + pack(FRAME, "é\n".encode())
-    for step in (1, 3, 4, 5, 4096, len(stream)):
-        unpacker = Unpacker()
-        records = []
-        for start in range(0, len(stream), step):
-            records += unpacker.feed(stream[start:start + step])
-        assert records == [(FRAME, b"x" * 70_000), (READY, b""), (FRAME, "é\n".encode())]
 
 
 def test_restart_budget_allows_a_limit_per_window_with_growing_delays():

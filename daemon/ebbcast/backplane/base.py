@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
+
+from ebbcast.backplane.history import Kept
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 10.0
 
@@ -25,8 +28,8 @@ class HistoryFeed(Protocol):
     def position(self) -> tuple[str, int]:
         """The epoch and latest offset delivered ("" and 0 before the first)."""
 
-    def preload(self, epoch: str, base: int, entries: list[tuple[int, str, float]]) -> None:
-        """At start: the history as it is, ``(offset, frame, age in seconds)``."""
+    def preload(self, epoch: str, base: int, entries: list[Kept]) -> None:
+        """At start: the history as it is."""
 
     def new_epoch(self, epoch: str, base: int) -> None: ...
 
@@ -54,18 +57,37 @@ class Sequencing(Protocol):
         ``token`` when it comes back. False: it cannot be sequenced now."""
 
 
-def encode(node: str, source: str, payload: str | bytes, seq: int = 0) -> bytes:
-    """``<node>\\n<source>\\n<seq>\\n<t|b><payload>``: who sent it, for what, its
-    number in that sender's sequence, text or binary."""
-    body = payload if isinstance(payload, bytes) else payload.encode()
-    kind = b"b" if isinstance(payload, bytes) else b"t"
-    return b"\n".join((node.encode(), source.encode(), str(seq).encode(), kind + body))
+@dataclass(frozen=True)
+class Envelope:
+    """A broadcast between processes and instances: the node that sent it, for what
+    (``source``: client, admin, ...), its number in that sender's sequence (or the
+    token of a broadcast submitted to be sequenced), and the payload, text or binary."""
 
+    node: str
+    source: str
+    seq: int
+    payload: str | bytes
 
-def decode(message: bytes) -> tuple[str, str, int, str | bytes]:
-    node, source, seq, rest = message.split(b"\n", 3)
-    payload: str | bytes = rest[1:] if rest[:1] == b"b" else rest[1:].decode()
-    return node.decode(), source.decode(), int(seq), payload
+    def encode(self) -> bytes:
+        """``<node>\\n<source>\\n<seq>\\n<t|b><payload>``."""
+        payload = self.payload
+        body = payload if isinstance(payload, bytes) else payload.encode()
+        kind = b"b" if isinstance(payload, bytes) else b"t"
+        return b"\n".join((self.node.encode(), self.source.encode(), str(self.seq).encode(),
+                           kind + body))
+
+    @classmethod
+    def decode(cls, message: bytes) -> Envelope:
+        node, source, seq, rest = message.split(b"\n", 3)
+        payload: str | bytes = rest[1:] if rest[:1] == b"b" else rest[1:].decode()
+        return cls(node.decode(), source.decode(), int(seq), payload)
+
+    @property
+    def text(self) -> str:
+        """The payload of a sequenced broadcast: always text (a JSON frame)."""
+        if not isinstance(self.payload, str):
+            raise ValueError("a sequenced broadcast carries text")
+        return self.payload
 
 
 def backoff_delays(rng: random.Random, cap: float = BACKOFF_MAX) -> Any:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import secrets
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 def new_epoch() -> str:
@@ -32,6 +33,25 @@ def with_offset(frame: str, offset: int) -> str:
     """A JSON object frame with ``"offset":N`` added as its last field."""
     assert frame.endswith("}"), "a sequenced frame is one JSON object"
     return f'{frame[:-1]},"offset":{offset}}}'
+
+
+class Entry(NamedTuple):
+    """One broadcast of a history, as a History keeps it: its offset, its frame
+    (the offset in its text), and when it was added (monotonic seconds)."""
+
+    offset: int
+    frame: str
+    added: float
+
+
+class Kept(NamedTuple):
+    """One broadcast of a history, as it is handed on (to a worker, from Redis): the
+    same fields in the same order, with its age in seconds instead of a time of
+    this process's clock."""
+
+    offset: int
+    frame: str
+    age: float
 
 
 @dataclass(frozen=True)
@@ -63,7 +83,7 @@ class History:
         self.ttl = ttl  # seconds; 0 = no age limit
         self.epoch = epoch
         self.latest = latest  # the last offset delivered (0: none yet)
-        self._entries: deque[tuple[int, float, str]] = deque()  # (offset, added, frame)
+        self._entries: deque[Entry] = deque()
         #: A resume from before this offset cannot be vouched for (see ``hole``).
         self._floor = 0
 
@@ -92,7 +112,7 @@ class History:
             self._entries.clear()
         self.latest = offset
         if self.size > 0:
-            self._entries.append((offset, now, frame))
+            self._entries.append(Entry(offset, frame, now))
         self.trim(now)
 
     def trim(self, now: float) -> None:
@@ -100,7 +120,7 @@ class History:
         while len(entries) > self.size:
             entries.popleft()
         if self.ttl > 0:
-            while entries and now - entries[0][1] > self.ttl:
+            while entries and now - entries[0].added > self.ttl:
                 entries.popleft()
 
     def replay(self, resume: Resume, now: float) -> Replay:
@@ -113,11 +133,11 @@ class History:
         if since == self.latest:
             return Replay(True)
         entries = self._entries
-        if not entries or entries[0][0] > since + 1:
+        if not entries or entries[0].offset > since + 1:
             return Replay(False)
-        skip = since + 1 - entries[0][0]
-        return Replay(True, tuple(entries[i][2] for i in range(skip, len(entries))))
+        skip = since + 1 - entries[0].offset
+        return Replay(True, tuple(entries[i].frame for i in range(skip, len(entries))))
 
-    def after(self, offset: int, now: float) -> list[tuple[int, float, str]]:
-        """``(offset, age, frame)`` of every kept broadcast after ``offset``."""
-        return [(o, now - added, frame) for o, added, frame in self._entries if o > offset]
+    def after(self, offset: int, now: float) -> list[Kept]:
+        """Every kept broadcast after ``offset``, with its age at ``now``."""
+        return [Kept(e.offset, e.frame, now - e.added) for e in self._entries if e.offset > offset]

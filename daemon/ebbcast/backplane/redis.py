@@ -43,17 +43,18 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from ebbcast.backplane.base import Deliver, HistoryFeed, backoff_delays, decode, encode
-from ebbcast.backplane.history import new_epoch
+from ebbcast.backplane.base import Deliver, Envelope, HistoryFeed, backoff_delays
+from ebbcast.backplane.history import Kept, new_epoch
 from ebbcast.backplane.sentinel import redis_target
 from ebbcast.core.waits import cancel_for_good, within
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "ebbcast:broadcast"
-#: Sequenced broadcasts: ``<epoch>\n<offset>\n`` and ``encode(node, source, frame, token)``.
+#: Sequenced broadcasts: ``<epoch>\n<offset>\n`` and ``Envelope(node, source, token, frame)``.
 SEQUENCED_CHANNEL = "ebbcast:sequenced"
 EPOCH_KEY, OFFSET_KEY, STREAM_KEY = "ebbcast:epoch", "ebbcast:offset", "ebbcast:history"
 #: The replication id of the master the epoch was made on.
@@ -325,10 +326,10 @@ class RedisBackplane:
             if message["channel"] == SEQUENCED_CHANNEL.encode():
                 await self._on_sequenced(message["data"], client)
                 continue
-            node, source, seq, payload = decode(message["data"])
-            if node != self._node:
-                self._check_sequence(node, seq)
-                self._deliver(payload, source)
+            envelope = Envelope.decode(message["data"])
+            if envelope.node != self._node:
+                self._check_sequence(envelope.node, envelope.seq)
+                self._deliver(envelope.payload, envelope.source)
 
     async def _on_sequenced(self, data: bytes, client: Any) -> None:
         """One sequenced broadcast; what came before it and was missed first."""
@@ -337,12 +338,12 @@ class RedisBackplane:
             return
         epoch_bytes, offset_bytes, rest = data.split(b"\n", 2)
         epoch, offset = epoch_bytes.decode(), int(offset_bytes)
-        node, source, token, frame = decode(rest)
+        envelope = Envelope.decode(rest)
         known_epoch, latest = history.position()
         if epoch != known_epoch or offset > latest + 1:
             await self._catch_up(client)
-        assert isinstance(frame, str)
-        history.deliver_sequenced(epoch, offset, frame, source, token, node == self._node)
+        history.deliver_sequenced(epoch, offset, envelope.text, envelope.source, envelope.seq,
+                                  envelope.node == self._node)
 
     async def _catch_up(self, client: Any) -> None:
         """Bring this process's history up to Redis's: at start, load it; after a
@@ -357,23 +358,24 @@ class RedisBackplane:
         if not known_epoch:
             kept = _entries(reversed(await client.xrevrange(
                 STREAM_KEY, count=max(self._history_size, 1))))
-            history.preload(epoch, kept[0][0] - 1 if kept else latest,
-                            [(offset, frame, age) for offset, frame, age, _ in kept])
+            history.preload(epoch, kept[0].entry.offset - 1 if kept else latest,
+                            [stored.entry for stored in kept])
             return
         if epoch == known_epoch and latest <= known:
             return
         first = known + 1 if epoch == known_epoch else 1
         missed = _entries(await client.xrange(STREAM_KEY, min=f"0-{first}"))
         if epoch != known_epoch:
-            history.new_epoch(epoch, missed[0][0] - 1 if missed else latest)
-        lost = (missed[0][0] if missed else latest + 1) - first
+            history.new_epoch(epoch, missed[0].entry.offset - 1 if missed else latest)
+        lost = (missed[0].entry.offset if missed else latest + 1) - first
         if epoch == known_epoch and lost > 0:
             log.warning("backplane: %d broadcasts were missed and are no longer in the "
                         "history; clients resuming across them will not recover", lost)
             self._on_missed(lost)
-        for offset, frame, _, header in missed:
-            node, source, token, _ = decode(header)
-            history.deliver_sequenced(epoch, offset, frame, source, token, node == self._node)
+        for stored in missed:
+            sender = stored.sender
+            history.deliver_sequenced(epoch, stored.entry.offset, stored.entry.frame,
+                                      sender.source, sender.seq, sender.node == self._node)
 
     def _check_sequence(self, node: str, seq: int) -> None:
         """Count the frames of ``node`` that never arrived (a gap before ``seq``)."""
@@ -440,17 +442,29 @@ class RedisBackplane:
                              token: int | None) -> None:
         if token is None:
             self._seq += 1
-            pipe.publish(CHANNEL, encode(self._node, source, payload, self._seq))
+            pipe.publish(CHANNEL, Envelope(self._node, source, self._seq, payload).encode())
             return
         await self._scripts["sequence"](
             keys=KEYS,
             args=[new_epoch(), self._history_size, SEQUENCED_CHANNEL,
-                  encode(self._node, source, "", token), payload], client=pipe)
+                  Envelope(self._node, source, token, "").encode(), payload], client=pipe)
 
 
-def _entries(stream: Any) -> list[tuple[int, str, float, bytes]]:
-    """``(offset, frame, age, header)`` of history stream entries (ids
-    ``0-<offset>``; the header is ``encode(node, source, "", token)``)."""
+@dataclass(frozen=True)
+class Stored:
+    """One entry of the history stream (id ``0-<offset>``): the broadcast, and
+    the envelope of who sent it (its payload empty)."""
+
+    entry: Kept
+    header: bytes
+
+    @property
+    def sender(self) -> Envelope:
+        return Envelope.decode(self.header)
+
+
+def _entries(stream: Any) -> list[Stored]:
     now = time.time()
-    return [(int(entry_id.split(b"-")[1]), fields[b"f"].decode(),
-             max(0.0, now - float(fields[b"t"])), fields[b"h"]) for entry_id, fields in stream]
+    return [Stored(Kept(int(entry_id.split(b"-")[1]), fields[b"f"].decode(),
+                        max(0.0, now - float(fields[b"t"]))), fields[b"h"])
+            for entry_id, fields in stream]

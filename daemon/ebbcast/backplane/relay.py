@@ -2,25 +2,9 @@
 
 With ``server.workers = N`` the main process creates one AF_UNIX stream
 socketpair per worker at start-up and keeps one end; the worker inherits the
-other. The link carries small records, each ``<length:4 bytes big-endian><kind:1
-byte><body>``:
-
-worker -> main
-    ``F`` a frame to relay to every other worker (body: ``backplane.encode``);
-    ``R`` the worker is ready (body: its ebbcast version); ``C`` its connection
-    count (ASCII digits); ``H`` a heartbeat, every HEARTBEAT_SECONDS (a worker that
-    goes silent is stuck).
-main -> worker
-    ``F`` a frame another worker relayed: deliver it to local clients only;
-    ``I`` an admin broadcast to inject: deliver locally *and* publish it, as if a
-    local client had sent it; ``T`` connections on the other workers (ASCII);
-    ``A`` start accepting (a worker of a new generation, started ``--hold``, is
-    ready but waits for this); ``U`` a new generation serves: drain as an upgrade.
-
-The records are the interface between two versions of ebbcast during an upgrade
-(the main process keeps the code it started with; a new generation's workers run
-the code installed now), so a kind is never given a new meaning, and a side
-ignores kinds it does not know.
+other. The link carries small typed records (``ebbcast.backplane.records``: what each
+is, and how a side ignores kinds it does not know, as two releases talk during an
+upgrade).
 
 A stream is FIFO and the main process relays each worker's records in the order
 it reads them, so every worker receives one sender's frames in the order they
@@ -34,37 +18,30 @@ import asyncio
 import logging
 import secrets
 import socket
-import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from tornado.ioloop import PeriodicCallback
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
-from ebbcast.backplane.base import decode, encode
+from ebbcast.backplane import records
+from ebbcast.backplane.base import Envelope
+from ebbcast.backplane.history import Kept
 from ebbcast.backplane.memory import MemoryBackplane
+from ebbcast.backplane.records import HEADER, Record, pack, parse
 
 log = logging.getLogger(__name__)
 
-FRAME, READY, COUNT, HEARTBEAT, INJECT, OTHERS = b"F", b"R", b"C", b"H", b"I", b"T"
-ACCEPT, HAND_OVER = b"A", b"U"
-SEQUENCE, SEQUENCER, HISTORY, ORDERED, CAPABILITIES = b"S", b"E", b"Y", b"O", b"K"
-#: What a worker of this release tells the main process it can do (``K``).
-OFFSETS = "offsets"
 HEARTBEAT_SECONDS = 1.0
-_HEADER = struct.Struct(">IB")
 #: What one side may leave unread on the link before the writer gives up on it
 #: (a worker whose loop is stuck): beyond it, frames are dropped and counted.
 MAX_BACKLOG_BYTES = 64 * 1024 * 1024
 READ_CHUNK = 256 * 1024
 
 
-def pack(kind: bytes, body: bytes = b"") -> bytes:
-    return _HEADER.pack(len(body), kind[0]) + body
-
-
 class Unpacker:
-    """Splits a byte stream back into ``(kind, body)`` records."""
+    """Splits a byte stream back into ``(kind, body)`` records (``records.parse``
+    makes each a record)."""
 
     def __init__(self) -> None:
         self._buffer = bytearray()
@@ -73,12 +50,12 @@ class Unpacker:
         self._buffer += data
         records = []
         start, size = 0, len(self._buffer)
-        while size - start >= _HEADER.size:
-            length, kind = _HEADER.unpack_from(self._buffer, start)
-            end = start + _HEADER.size + length
+        while size - start >= HEADER.size:
+            length, kind = HEADER.unpack_from(self._buffer, start)
+            end = start + HEADER.size + length
             if end > size:
                 break
-            records.append((bytes((kind,)), bytes(self._buffer[start + _HEADER.size:end])))
+            records.append((bytes((kind,)), bytes(self._buffer[start + HEADER.size:end])))
             start = end
         del self._buffer[:start]
         return records
@@ -87,12 +64,13 @@ class Unpacker:
 class Link:
     """One end of a relay socketpair, on Tornado's loop.
 
-    ``on_record(kind, body)`` is called for each record read, in order;
+    ``on_record(record)`` is called for each record read, in order (a kind this
+    release does not know is skipped);
     ``on_closed()`` once, when the other side has gone. ``send`` never blocks:
     records wait in the stream's buffer, up to MAX_BACKLOG_BYTES.
     """
 
-    def __init__(self, sock: socket.socket, on_record: Callable[[bytes, bytes], None],
+    def __init__(self, sock: socket.socket, on_record: Callable[[Record], None],
                  on_closed: Callable[[], None]) -> None:
         sock.setblocking(False)
         self._stream = IOStream(sock, max_write_buffer_size=MAX_BACKLOG_BYTES)
@@ -106,12 +84,12 @@ class Link:
     def start(self) -> None:
         self._reader = asyncio.ensure_future(self._read_forever())
 
-    def send(self, kind: bytes, body: bytes = b"") -> bool:
+    def send(self, record: Record) -> bool:
         """Queue one record; False (and counted in ``dropped``) if it cannot be.
-        A command (``ACCEPT``, ``HAND_OVER``) goes out now, with what is queued
-        before it: the switch between generations must not wait for the loop."""
-        queued = self.send_packed(pack(kind, body))
-        if queued and kind in (ACCEPT, HAND_OVER):
+        An urgent one (``Accept``, ``HandOver``) goes out now, with what is queued
+        before it."""
+        queued = self.send_packed(pack(record))
+        if queued and getattr(record, "URGENT", False):
             self._flush()
         return queued
 
@@ -157,9 +135,12 @@ class Link:
         self._on_closed()
 
     def _dispatch(self, kind: bytes, body: bytes) -> None:
-        """One record to ``on_record``; a failure there loses that record only."""
+        """One record to ``on_record``; a failure (in reading it, or there) loses
+        that record only."""
         try:
-            self._on_record(kind, body)
+            record = parse(kind, body)
+            if record is not None:
+                self._on_record(record)
         except Exception:
             log.exception("relay record %r could not be handled", kind)
 
@@ -193,9 +174,9 @@ class LinkPeer(Protocol):
     def sequenced_by_main(self, epoch: str, base: int) -> None:
         """The main process sequences broadcasts; its history after ``base`` follows."""
 
-    def recorded(self, offset: int, age: float, frame: str) -> None:
-        """One broadcast of the main process's history, ``age`` seconds old: record
-        it, deliver it to nobody."""
+    def recorded(self, entry: Kept) -> None:
+        """One broadcast of the main process's history: record it, deliver it to
+        nobody."""
 
     def deliver_sequenced(self, epoch: str, offset: int, frame: str, source: str,
                           token: int, own: bool) -> None:
@@ -227,52 +208,50 @@ class WorkerLink:
         self._heartbeat = PeriodicCallback(self._beat, HEARTBEAT_SECONDS * 1000)
         self._heartbeat.start()
 
-    def _send(self, kind: bytes, body: bytes = b"") -> bool:
-        return self._link is not None and self._link.send(kind, body)
+    def _send(self, record: Record) -> bool:
+        return self._link is not None and self._link.send(record)
 
     def ready(self, version: str) -> None:
-        self._send(CAPABILITIES, OFFSETS.encode())
-        self._send(READY, version.encode())
+        self._send(records.Capabilities((records.OFFSETS,)))
+        self._send(records.Ready(version))
 
     def _beat(self) -> None:
-        self._send(HEARTBEAT)
+        self._send(records.Heartbeat())
 
     def report_count(self, count: int) -> None:
         """Send the connection count (the registry reports only changes)."""
-        self._send(COUNT, str(count).encode())
+        self._send(records.Count(count))
 
     def publish(self, payload: str | bytes, source: str) -> bool:
-        return self._send(FRAME, encode(self._node, source, payload))
+        return self._send(records.Frame.of(Envelope(self._node, source, 0, payload)))
 
     def submit(self, frame: str, source: str, token: int) -> bool:
         """Have the main process sequence ``frame`` (``ebbcast.backplane.base.Sequencing``):
-        it comes back as ``O``."""
-        return self._send(SEQUENCE, encode(self._node, source, frame, token))
+        it comes back ``Ordered``."""
+        return self._send(records.Sequence(Envelope(self._node, source, token, frame)))
 
-    def _on_record(self, kind: bytes, body: bytes) -> None:
+    def _on_record(self, record: Record) -> None:
         peer = self._peer
-        if kind == ORDERED:
-            offset, rest = body.split(b"\n", 1)
-            node, source, token, frame = decode(rest)
-            assert isinstance(frame, str)
-            peer.deliver_sequenced(self._epoch, int(offset), frame, source, token,
-                                   node == self._node)
-        elif kind == FRAME or kind == INJECT:
-            _, source, _, payload = decode(body)
-            (peer.deliver_remote if kind == FRAME else peer.inject)(payload, source)
-        elif kind == HISTORY:
-            offset, age, frame = body.split(b"\n", 2)
-            peer.recorded(int(offset), float(age), frame.decode())
-        elif kind == SEQUENCER:
-            epoch, base = body.decode().split("\n")
-            self._epoch = epoch
-            peer.sequenced_by_main(epoch, int(base))
-        elif kind == OTHERS:
-            peer.set_elsewhere(int(body))
-        elif kind == ACCEPT:
-            peer.start_accepting()
-        elif kind == HAND_OVER:
-            peer.hand_over()
+        match record:
+            case records.Ordered(offset, envelope):
+                peer.deliver_sequenced(self._epoch, offset, envelope.text, envelope.source,
+                                       envelope.seq, envelope.node == self._node)
+            case records.Frame():
+                envelope = record.envelope
+                peer.deliver_remote(envelope.payload, envelope.source)
+            case records.Inject(envelope):
+                peer.inject(envelope.payload, envelope.source)
+            case records.History(entry):
+                peer.recorded(entry)
+            case records.Sequencer(epoch, base):
+                self._epoch = epoch
+                peer.sequenced_by_main(epoch, base)
+            case records.Others(connections):
+                peer.set_elsewhere(connections)
+            case records.Accept():
+                peer.start_accepting()
+            case records.HandOver():
+                peer.hand_over()
 
     def close(self) -> None:
         if self._heartbeat is not None:

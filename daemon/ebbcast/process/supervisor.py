@@ -55,23 +55,9 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 
 from ebbcast import __version__
-from ebbcast.backplane.base import decode, encode
-from ebbcast.backplane.relay import (
-    ACCEPT,
-    CAPABILITIES,
-    COUNT,
-    FRAME,
-    HAND_OVER,
-    HISTORY,
-    INJECT,
-    OFFSETS,
-    ORDERED,
-    OTHERS,
-    READY,
-    SEQUENCE,
-    SEQUENCER,
-    pack,
-)
+from ebbcast.backplane import records
+from ebbcast.backplane.base import Envelope
+from ebbcast.backplane.records import Record, pack
 from ebbcast.backplane.sequencer import Sequencer
 from ebbcast.config import Config, ConfigError, changed_keys, reload_config, render_toml
 from ebbcast.core.events import Common, DrainRequested, EventQueue, SignalReceived, who_asked
@@ -89,11 +75,24 @@ from ebbcast.core.logs import set_level
 from ebbcast.core.metrics import MergedMetrics, Metrics
 from ebbcast.core.sockets import Spare, listener_url, tls_context
 from ebbcast.process.admin import admin_server, build_status
-from ebbcast.process.generations import Generation, UpgradeRequested, UpgradeStatus, assign_sets
+from ebbcast.process.generations import (
+    Generation,
+    UpgradeRequested,
+    UpgradeStatus,
+    assign_sets,
+)
 from ebbcast.process.listener import BindError, bind_idle_like, bind_listener, bind_public
 from ebbcast.process.notify import SystemdNotifier
-from ebbcast.process.workers import (ChildWorker, LocalRun, LocalWorker, Worker, WorkerExited,
-                                     WorkerReady, describe_exit, worker_count)
+from ebbcast.process.workers import (
+    ChildWorker,
+    LocalRun,
+    LocalWorker,
+    Worker,
+    WorkerExited,
+    WorkerReady,
+    describe_exit,
+    worker_count,
+)
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +221,7 @@ class Supervisor:
             return self.total_connections
         for worker in self._current.workers:
             if worker.ready and worker.link is not None and \
-                    worker.link.send(INJECT, encode("main", "admin", payload)):
+                    worker.link.send(records.Inject(Envelope("main", "admin", 0, payload))):
                 return self.total_connections
         return 0
 
@@ -315,7 +314,7 @@ class Supervisor:
         args = ["--effective-config", self._effective_config(worker.generation),
                 *self._worker_args]
         try:
-            worker.start(args, lambda kind, body: self._on_record(worker, kind, body),
+            worker.start(args, lambda record: self._on_record(worker, record),
                          lambda: self._reap(worker), time.monotonic(), hold=True)
         except OSError as exc:
             self._events.put(WorkerExited(
@@ -335,43 +334,44 @@ class Supervisor:
             history, now = self._sequencer.history, time.monotonic()
             history.trim(now)
             kept = history.after(0, now)
-            base = kept[0][0] - 1 if kept else history.latest
+            base = kept[0].offset - 1 if kept else history.latest
             local = worker.local_run()
             if local is not None:
                 local.sequenced_by_main(history.epoch, base, DirectSequencing(self, worker))
-                for offset, age, frame in kept:
-                    local.recorded(offset, age, frame)
+                for entry in kept:
+                    local.recorded(entry)
             else:
-                link.send(SEQUENCER, f"{history.epoch}\n{base}".encode())
-                for offset, age, frame in kept:
-                    link.send(HISTORY, b"%d\n%.3f\n%s" % (offset, age, frame.encode()))
+                link.send(records.Sequencer(history.epoch, base))
+                for entry in kept:
+                    link.send(records.History(entry))
         if not hold:
-            link.send(ACCEPT)
+            link.send(records.Accept())
 
     # -- what workers report -----------------------------------------------------
 
-    def _on_record(self, worker: Worker, kind: bytes, body: bytes) -> None:
+    def _on_record(self, worker: Worker, record: Record) -> None:
         worker.last_heard = time.monotonic()
-        if kind == SEQUENCE:
-            node, source, token, payload = decode(body)
-            if self._sequencer is not None and isinstance(payload, str):
-                self.sequence(worker, node, source, payload, token)
-        elif kind == FRAME:  # to every other worker, ready or still starting
-            record = pack(FRAME, body)
-            for other in self._workers():
-                if other is not worker and other.link is not None:
-                    if not other.link.send_packed(record):
-                        self.metrics.backplane_dropped.inc()
-        elif kind == CAPABILITIES:
-            worker.sequenced = OFFSETS in body.decode(errors="replace").split(",")
-        elif kind == COUNT:
-            worker.connections = int(body)
-            self._others_dirty = True
-        elif kind == READY:
-            worker.ready = True
-            worker.version = body.decode(errors="replace")
-            self._others_dirty = True
-            self._events.put(WorkerReady(worker))
+        match record:
+            case records.Sequence(envelope):
+                if self._sequencer is not None and isinstance(envelope.payload, str):
+                    self.sequence(worker, envelope.node, envelope.source, envelope.payload,
+                                  envelope.seq)
+            case records.Frame():  # to every other worker, ready or still starting
+                packed = pack(record)
+                for other in self._workers():
+                    if other is not worker and other.link is not None:
+                        if not other.link.send_packed(packed):
+                            self.metrics.backplane_dropped.inc()
+            case records.Capabilities(names):
+                worker.sequenced = records.OFFSETS in names
+            case records.Count(connections):
+                worker.connections = connections
+                self._others_dirty = True
+            case records.Ready(version):
+                worker.ready = True
+                worker.version = version
+                self._others_dirty = True
+                self._events.put(WorkerReady(worker))
 
     def sequence(self, origin: Worker | None, node: str, source: str, frame: str,
                  token: int) -> None:
@@ -388,8 +388,8 @@ class Supervisor:
                 continue
             if worker.link is None:
                 continue
-            record = record or pack(ORDERED, b"%d\n%s" % (
-                offset, encode(node, source, sequenced, token)))
+            record = record or pack(records.Ordered(offset, Envelope(node, source, token,
+                                                                     sequenced)))
             if not worker.link.send_packed(record):
                 self.metrics.backplane_dropped.inc()
 
@@ -409,7 +409,7 @@ class Supervisor:
         total = self.total_connections
         for worker in self._workers():
             if worker.ready and worker.link is not None:
-                worker.link.send(OTHERS, str(total - worker.connections).encode())
+                worker.link.send(records.Others(total - worker.connections))
 
     def _reap(self, worker: Worker) -> None:
         """The worker has exited (its pidfd became readable, or its task ended)."""
@@ -581,13 +581,13 @@ class Supervisor:
         assert new is not None
         for worker in new.workers:
             if worker.link is not None:
-                worker.link.send(ACCEPT)
+                worker.link.send(records.Accept())
         for worker in old.workers:
             if worker.restart is not None:
                 worker.restart.cancel()
                 worker.restart = None
             if worker.link is not None:
-                worker.link.send(HAND_OVER)
+                worker.link.send(records.HandOver())
         old.deadline_unix = time.time() + self.config.shutdown.drain_timeout
         if old.alive:
             self._previous.append(old)

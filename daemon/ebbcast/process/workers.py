@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ebbcast.backplane.base import Sequencing
+from ebbcast.backplane.history import Kept
+from ebbcast.backplane.records import Record
 from ebbcast.backplane.relay import Link
 from ebbcast.core.lifecycle import HANDLED_SIGNALS, StopReason
 
@@ -129,7 +131,7 @@ class Worker:
     def alive(self) -> bool:
         raise NotImplementedError
 
-    def start(self, args: Sequence[str], on_record: Callable[[bytes, bytes], None],
+    def start(self, args: Sequence[str], on_record: Callable[[Record], None],
               on_exit: Callable[[], None], now: float, hold: bool = False) -> None:
         raise NotImplementedError
 
@@ -194,7 +196,7 @@ class ChildWorker(Worker):
     def alive(self) -> bool:
         return self.process is not None
 
-    def start(self, args: Sequence[str], on_record: Callable[[bytes, bytes], None],
+    def start(self, args: Sequence[str], on_record: Callable[[Record], None],
               on_exit: Callable[[], None], now: float, hold: bool = False) -> None:
         """Start the worker. Raises OSError (with nothing left open) if it cannot be
         started."""
@@ -267,7 +269,7 @@ class LocalRun(Protocol):
     def run(self) -> Coroutine[Any, Any, object]: ...
     def sequenced_by_main(self, epoch: str, base: int,
                           direct: Sequencing | None = None) -> None: ...
-    def recorded(self, offset: int, age: float, frame: str) -> None: ...
+    def recorded(self, entry: Kept) -> None: ...
     def deliver_sequenced(self, epoch: str, offset: int, frame: str, source: str,
                           token: int, own: bool) -> None: ...
 
@@ -292,7 +294,7 @@ class LocalWorker(Worker):
     def alive(self) -> bool:
         return self._task is not None
 
-    def start(self, args: Sequence[str], on_record: Callable[[bytes, bytes], None],
+    def start(self, args: Sequence[str], on_record: Callable[[Record], None],
               on_exit: Callable[[], None], now: float, hold: bool = False) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # copies, so that its server closing them leaves the main process's open

@@ -30,7 +30,7 @@ from typing import Protocol, Union
 from tornado.httpserver import HTTPServer
 
 from ebbcast.backplane.base import Backplane, Sequencing
-from ebbcast.backplane.history import History, new_epoch
+from ebbcast.backplane.history import History, Kept, new_epoch
 from ebbcast.backplane.redis import RedisBackplane
 from ebbcast.config import Config, ConfigError, is_reloadable, reload_config
 from ebbcast.core.events import Common, DrainRequested, EventQueue, SignalReceived, who_asked
@@ -246,8 +246,8 @@ class Daemon:
         self.broadcasts.history.reset(epoch, base)
         self.broadcasts.sequencing = sequencing
 
-    def recorded(self, offset: int, age: float, frame: str) -> None:
-        self.broadcasts.record(offset, frame, time.monotonic() - age)
+    def recorded(self, entry: Kept) -> None:
+        self.broadcasts.record(entry.offset, entry.frame, time.monotonic() - entry.age)
 
     def deliver_sequenced(self, epoch: str, offset: int, frame: str, source: str,
                           token: int, own: bool) -> None:
@@ -258,12 +258,12 @@ class Daemon:
     def position(self) -> tuple[str, int]:
         return self.broadcasts.history.epoch, self.broadcasts.history.latest
 
-    def preload(self, epoch: str, base: int, entries: list[tuple[int, str, float]]) -> None:
-        """The history as Redis has it, at start: ``(offset, frame, age)``."""
+    def preload(self, epoch: str, base: int, entries: list[Kept]) -> None:
+        """The history as Redis has it, at start."""
         history, now = self.broadcasts.history, time.monotonic()
         self.broadcasts.new_epoch(epoch, base)  # clients welcomed before it was known
-        for offset, frame, age in entries:
-            history.append(offset, frame, now - age)
+        for entry in entries:
+            history.append(entry.offset, entry.frame, now - entry.age)
         history.trim(now)
 
     def new_epoch(self, epoch: str, base: int) -> None:

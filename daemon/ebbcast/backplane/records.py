@@ -1,0 +1,228 @@
+"""The records between the main process and a worker, as small typed classes.
+
+On the link (``ebbcast.backplane.relay``) each record is ``<length:4 bytes
+big-endian><kind:1 byte><body>``. The records are the interface between two
+releases during an upgrade (the main process keeps the code it started with; a
+new generation's workers run the code installed now), so a kind never gets a new
+meaning or a new body, and ``parse`` returns None for a kind it does not know:
+the side that reads it ignores it.
+
+worker -> main
+    ``Frame`` to relay to every other worker; ``Ready`` (its version) and
+    ``Capabilities`` (what it can do: ``offsets``); ``Count``, its connections;
+    ``Heartbeat``, every second (a worker that goes silent is stuck);
+    ``Sequence``, a broadcast to give an offset to.
+main -> worker
+    ``Frame``, from another worker: deliver it to local clients only; ``Inject``,
+    an admin broadcast: deliver it *and* publish it, as if a local client had sent
+    it; ``Others``, the connections on the other workers; ``Accept``, start
+    accepting (a held worker of a new generation); ``HandOver``, a new generation
+    serves: drain as an upgrade; ``Sequencer``, the main process gives the
+    offsets (its epoch, and the offset its history goes on from); ``History``, one
+    broadcast of that history; ``Ordered``, a sequenced broadcast.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, Union
+
+from ebbcast.backplane.base import Envelope
+from ebbcast.backplane.history import Kept
+
+HEADER = struct.Struct(">IB")
+#: What a worker of this release tells the main process it can do.
+OFFSETS = "offsets"
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A frame relayed between workers; the envelope stays encoded on the way
+    through the main process, which never reads it."""
+
+    KIND: ClassVar[bytes] = b"F"
+    encoded: bytes
+
+    @classmethod
+    def of(cls, envelope: Envelope) -> Frame:
+        return cls(envelope.encode())
+
+    def body(self) -> bytes:
+        return self.encoded
+
+    @property
+    def envelope(self) -> Envelope:
+        return Envelope.decode(self.encoded)
+
+
+@dataclass(frozen=True)
+class Inject:
+    KIND: ClassVar[bytes] = b"I"
+    envelope: Envelope
+
+    def body(self) -> bytes:
+        return self.envelope.encode()
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """Give this broadcast an offset (``envelope.seq`` is the sender's token)."""
+
+    KIND: ClassVar[bytes] = b"S"
+    envelope: Envelope
+
+    def body(self) -> bytes:
+        return self.envelope.encode()
+
+
+@dataclass(frozen=True)
+class Ready:
+    KIND: ClassVar[bytes] = b"R"
+    version: str
+
+    def body(self) -> bytes:
+        return self.version.encode()
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    KIND: ClassVar[bytes] = b"K"
+    names: tuple[str, ...]
+
+    def body(self) -> bytes:
+        return ",".join(self.names).encode()
+
+
+@dataclass(frozen=True)
+class Count:
+    """This worker's connections (sent when the count changes)."""
+
+    KIND: ClassVar[bytes] = b"C"
+    connections: int
+
+    def body(self) -> bytes:
+        return str(self.connections).encode()
+
+
+@dataclass(frozen=True)
+class Others:
+    """The connections on the daemon's other workers."""
+
+    KIND: ClassVar[bytes] = b"T"
+    connections: int
+
+    def body(self) -> bytes:
+        return str(self.connections).encode()
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    KIND: ClassVar[bytes] = b"H"
+
+    def body(self) -> bytes:
+        return b""
+
+
+@dataclass(frozen=True)
+class Accept:
+    KIND: ClassVar[bytes] = b"A"
+    #: Sent at once, with what is queued before it: a switch between generations
+    #: must not wait for the end of the loop's pass.
+    URGENT: ClassVar[bool] = True
+
+    def body(self) -> bytes:
+        return b""
+
+
+@dataclass(frozen=True)
+class HandOver:
+    KIND: ClassVar[bytes] = b"U"
+    URGENT: ClassVar[bool] = True
+
+    def body(self) -> bytes:
+        return b""
+
+
+@dataclass(frozen=True)
+class Sequencer:
+    """The main process sequences: its epoch, and the offset its history after
+    which follows (as ``History`` records)."""
+
+    KIND: ClassVar[bytes] = b"E"
+    epoch: str
+    base: int
+
+    def body(self) -> bytes:
+        return f"{self.epoch}\n{self.base}".encode()
+
+
+@dataclass(frozen=True)
+class History:
+    """One broadcast of the main process's history: record it, deliver it to nobody."""
+
+    KIND: ClassVar[bytes] = b"Y"
+    entry: Kept
+
+    def body(self) -> bytes:
+        return b"%d\n%.3f\n%s" % (self.entry.offset, self.entry.age, self.entry.frame.encode())
+
+
+@dataclass(frozen=True)
+class Ordered:
+    """A sequenced broadcast (``envelope.seq``: the token its sender gave it)."""
+
+    KIND: ClassVar[bytes] = b"O"
+    offset: int
+    envelope: Envelope
+
+    def body(self) -> bytes:
+        return b"%d\n%s" % (self.offset, self.envelope.encode())
+
+
+Record = Union[Frame, Inject, Sequence, Ready, Capabilities, Count, Others, Heartbeat, Accept,
+               HandOver, Sequencer, History, Ordered]
+
+
+def pack(record: Record) -> bytes:
+    body = record.body()
+    return HEADER.pack(len(body), record.KIND[0]) + body
+
+
+def parse(kind: bytes, body: bytes) -> Record | None:
+    """The record of ``kind``; None for a kind this release does not know.
+    ValueError for a body that is not what its kind says."""
+    if kind == Frame.KIND:
+        return Frame(body)
+    if kind == Ordered.KIND:
+        offset, rest = body.split(b"\n", 1)
+        return Ordered(int(offset), Envelope.decode(rest))
+    make = _PARSERS.get(kind)
+    return make(body) if make is not None else None
+
+
+def _history(body: bytes) -> History:
+    offset, age, frame = body.split(b"\n", 2)
+    return History(Kept(int(offset), frame.decode(), float(age)))
+
+
+def _sequencer(body: bytes) -> Sequencer:
+    epoch, base = body.decode().split("\n")
+    return Sequencer(epoch, int(base))
+
+
+_PARSERS: dict[bytes, Callable[[bytes], Record]] = {
+    Inject.KIND: lambda body: Inject(Envelope.decode(body)),
+    Sequence.KIND: lambda body: Sequence(Envelope.decode(body)),
+    Ready.KIND: lambda body: Ready(body.decode(errors="replace")),
+    Capabilities.KIND: lambda body: Capabilities(
+        tuple(body.decode(errors="replace").split(","))),
+    Count.KIND: lambda body: Count(int(body)),
+    Others.KIND: lambda body: Others(int(body)),
+    Heartbeat.KIND: lambda body: Heartbeat(),
+    Accept.KIND: lambda body: Accept(),
+    HandOver.KIND: lambda body: HandOver(),
+    Sequencer.KIND: _sequencer,
+    History.KIND: _history,
+}

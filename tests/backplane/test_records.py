@@ -1,0 +1,73 @@
+"""The relay's records (ebbcast.backplane.records): typed, and byte for byte what
+earlier releases send and read, since two releases talk over the link during an
+upgrade."""
+
+from __future__ import annotations
+
+import pytest
+
+from ebbcast.backplane import records
+from ebbcast.backplane.base import Envelope
+from ebbcast.backplane.history import Kept
+from ebbcast.backplane.relay import Unpacker
+
+
+def wire(kind: bytes, body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + kind + body
+
+
+#: Each record and its bytes on the link, as releases before the typed records wrote them.
+ON_THE_WIRE = [
+    (records.Frame(b"w/1\nclient\n0\nthi"), wire(b"F", b"w/1\nclient\n0\nthi")),
+    (records.Inject(Envelope("main", "admin", 0, "hi")), wire(b"I", b"main\nadmin\n0\nthi")),
+    (records.Sequence(Envelope("w/1", "client", 7, '{"t":1}')),
+     wire(b"S", b'w/1\nclient\n7\nt{"t":1}')),
+    (records.Ready("0.1.0"), wire(b"R", b"0.1.0")),
+    (records.Capabilities(("offsets",)), wire(b"K", b"offsets")),
+    (records.Count(12), wire(b"C", b"12")),
+    (records.Others(3), wire(b"T", b"3")),
+    (records.Heartbeat(), wire(b"H", b"")),
+    (records.Accept(), wire(b"A", b"")),
+    (records.HandOver(), wire(b"U", b"")),
+    (records.Sequencer("e9", 41), wire(b"E", b"e9\n41")),
+    (records.History(Kept(42, '{"t":1,"offset":42}', 1.5)),
+     wire(b"Y", b'42\n1.500\n{"t":1,"offset":42}')),
+    (records.Ordered(43, Envelope("w/1", "client", 7, '{"t":2,"offset":43}')),
+     wire(b"O", b'43\nw/1\nclient\n7\nt{"t":2,"offset":43}')),
+]
+
+
+@pytest.mark.parametrize("record, packed", ON_THE_WIRE, ids=lambda x: type(x).__name__)
+def test_each_record_has_the_bytes_earlier_releases_use_and_reads_back(record, packed):
+    assert records.pack(record) == packed
+    (kind, body), = Unpacker().feed(packed)
+    assert records.parse(kind, body) == record
+
+
+def test_a_kind_this_release_does_not_know_is_skipped_not_an_error():
+    assert records.parse(b"Z", b"from a newer release") is None
+
+
+def test_a_body_that_is_not_what_its_kind_says_is_an_error():
+    with pytest.raises(ValueError):
+        records.parse(b"C", b"twelve")
+
+
+def test_a_frame_crosses_the_main_process_without_being_read():
+    frame = records.Frame.of(Envelope("w/1", "client", 0, b"\x00\n\xff"))
+    assert records.parse(b"F", frame.body()) == frame
+    assert frame.envelope == Envelope("w/1", "client", 0, b"\x00\n\xff")
+
+
+def test_records_survive_any_split_of_the_stream():
+    stream = b"".join(records.pack(r) for r in (records.Frame(b"x" * 70_000),
+                                                 records.Ready(""),
+                                                 records.Frame("é\n".encode())))
+    for step in (1, 3, 4, 5, 4096, len(stream)):
+        unpacker = Unpacker()
+        found = []
+        for start in range(0, len(stream), step):
+            found += [records.parse(kind, body)
+                      for kind, body in unpacker.feed(stream[start:start + step])]
+        assert found == [records.Frame(b"x" * 70_000), records.Ready(""),
+                         records.Frame("é\n".encode())]
