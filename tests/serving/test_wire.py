@@ -13,8 +13,8 @@ import pytest
 import websockets
 
 from helpers import STEP_TIMEOUT, never_reading_client, read_server_frames, wait_until
-from ebbcast.serving.wire import (check_tornado, encode_frame, tornado_problem_report,
-                                  valid_close_code)
+from ebbcast.serving.wire import (INTERNALS, check_tornado, encode_frame,
+                                  tornado_problem_report, valid_close_code)
 
 
 def masked_close(code: int) -> bytes:
@@ -238,6 +238,47 @@ def test_the_daemon_refuses_to_serve_on_a_tornado_that_changed(tmp_path):
     assert run.returncode == 1
     assert re.search(r"ERROR ebbcast\.cli\[\d+\]: Tornado 6\.\d+\.\d+ lacks what ebbcast relies "
                      r"on: WebSocketProtocol13\._abort\(\)\.", run.stderr), run.stderr
+    assert "serving ws=" not in run.stderr
+
+
+#: Run before the daemon in a fresh interpreter: take ``name`` away from Tornado's
+#: ``owner`` as a release that changed it would (a method from the class in the MRO
+#: that defines it, an instance attribute right after __init__, a module's name).
+REMOVE = """
+import importlib, sys
+owner, name, kind = sys.argv[1:4]
+if kind == "callable":
+    delattr(importlib.import_module(owner), name)
+else:
+    module, _, cls_name = owner.rpartition(".")
+    cls = getattr(importlib.import_module(module), cls_name)
+    if kind == "method":
+        delattr(next(c for c in cls.__mro__ if name in vars(c)), name)
+    else:
+        hook = "initialize" if hasattr(cls, "initialize") else "__init__"  # HTTPServer
+        made = getattr(cls, hook)
+        def without(self, *args, **kwargs):
+            made(self, *args, **kwargs)
+            if name in vars(self):
+                delattr(self, name)
+        setattr(cls, hook, without)
+from ebbcast.cli import main
+raise SystemExit(main(["serve", "--port", "0", "--admin-port", "0"]))
+"""
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("internal", INTERNALS, ids=lambda internal: internal.label)
+def test_the_daemon_refuses_to_start_without_each_internal_naming_it(tmp_path, internal):
+    run = subprocess.run(
+        [sys.executable, "-c", REMOVE, internal.owner, internal.name, internal.kind],
+        capture_output=True, text=True, timeout=STEP_TIMEOUT, cwd=tmp_path,
+        env={**os.environ, "RUNTIME_DIRECTORY": str(tmp_path)}, stdin=subprocess.DEVNULL)
+    assert run.returncode == 1, run.stderr
+    match = re.search(r"ERROR ebbcast\.cli\[\d+\]: Tornado 6\.\d+\.\d+ lacks what ebbcast "
+                      r"relies on: (.*)$", run.stderr, re.M)
+    assert match, run.stderr
+    assert internal.label in match.group(1)
     assert "serving ws=" not in run.stderr
 
 

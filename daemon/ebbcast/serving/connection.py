@@ -26,6 +26,7 @@ from ebbcast.serving.ratelimit import TokenBucket
 from ebbcast.serving.wire import (
     EbbcastProtocol,
     SlowConsumer,
+    abort,
     configure_stream,
     encode_frame,
     forget_stream_error,
@@ -147,7 +148,7 @@ class Connection:
         """Drop the connection now, without a close handshake (on_close runs now)."""
         protocol = self._protocol
         if protocol is not None:
-            protocol._abort()
+            abort(protocol)
         self.on_close()
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:

@@ -16,7 +16,6 @@ import asyncio
 import json
 import logging
 import re
-import socket
 import time
 from collections.abc import Awaitable, Coroutine
 from http import HTTPStatus
@@ -49,7 +48,7 @@ from ebbcast.serving.handshake import (
     read_upgrade,
     request,
 )
-from ebbcast.serving.wire import start_protocol
+from ebbcast.serving.wire import consume, detach_stream, peek, peer_address, start_protocol
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +164,8 @@ class PublicRouter(HTTPServerConnectionDelegate):
         queue, that will be accepted, is read and answered here and now, with no
         HTTP/1 connection object. False (nothing read) for anything else, which
         then takes the usual way through Tornado and :class:`_PublicRequest`."""
-        sock = stream.socket
         try:
-            data = sock.recv(PEEK_BYTES, socket.MSG_PEEK)
+            data = peek(stream, PEEK_BYTES)
         except OSError:
             return False  # nothing yet, or an error Tornado's reader will meet too
         upgrade = read_upgrade(data)
@@ -179,7 +177,7 @@ class PublicRouter(HTTPServerConnectionDelegate):
                 and not self.ctx.broadcasts.is_caught_up(decided.resume)):
             return False  # refusals are HTTP answers; a resume may wait to catch up
         try:
-            sock.recv(upgrade.length)  # exactly the request: it is all there
+            consume(stream, upgrade.length)  # exactly the request: it is all there
         except OSError:
             return False
         self.accept(stream, decided,
@@ -245,7 +243,7 @@ class _PublicRequest(HTTPMessageDelegate):
             self._accept(decided)
 
     def _accept(self, answer: Acceptance) -> None:
-        stream = self.request_conn.detach()  # type: ignore[attr-defined]
+        stream = detach_stream(self.request_conn)
         self.router.accept(stream, answer, self._remote_ip())
 
     def _refuse(self, refusal: Refusal) -> None:
@@ -269,7 +267,7 @@ class _PublicRequest(HTTPMessageDelegate):
 
     def _remote_ip(self) -> str:
         """The client's address, as a trusted proxy forwarded it, else the peer's."""
-        peer = str(getattr(getattr(self.request_conn, "context", None), "remote_ip", "?"))
+        peer = peer_address(self.request_conn)
         return self.router.proxies.client_address(peer, self.headers or {})
 
     def data_received(self, chunk: bytes) -> Awaitable[None] | None:

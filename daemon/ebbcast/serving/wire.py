@@ -26,9 +26,14 @@ range in setup.py:
 - ``HTTPServer._connections``, the HTTP connections not yet upgraded or closed
   (:func:`open_http_connections`), so that a generation handing over does not exit
   under a handshake it has accepted.
+- ``HTTP1Connection.detach()`` (:func:`detach_stream`: the stream of a request
+  answered as a handshake) and its ``context``, the private ``_HTTPRequestContext``
+  whose ``remote_ip`` is the peer (:func:`peer_address`).
+- The socket under an ``IOStream`` Tornado has not read from yet, peeked at and read
+  directly (:func:`peek`, :func:`consume`): the handshake's fast path.
 
-:func:`check_tornado` checks every one of these on the installed Tornado at
-start-up, so that a Tornado that changed them stops ebbcast with a message naming
+``INTERNALS`` lists every one of these, and :func:`check_tornado` checks each on the
+installed Tornado at start-up, so that a Tornado that changed them stops ebbcast with a message naming
 what changed, instead of serving broken.
 
 The protocol subclass also closes conformance gaps in how Tornado reads a client's
@@ -45,17 +50,20 @@ reads as if it were masked.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import socket
 import struct
-from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import tornado
 from tornado.httpserver import HTTPServer
+from tornado.httputil import HTTPConnection
 from tornado.iostream import IOStream, StreamClosedError
-from tornado.websocket import WebSocketProtocol13, _WebSocketParams
+from tornado import websocket
+from tornado.websocket import WebSocketProtocol13
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +255,7 @@ def start_protocol(delegate: Any, stream: IOStream, max_message_size: int) -> Eb
     frames for ``delegate`` (``on_message``, ``on_pong``, ``on_ws_connection_close``
     ...) until the connection ends. Tornado's own handshake does the same after its
     RequestHandler has answered; ``ebbcast.serving.handlers`` answers without one."""
-    protocol = EbbcastProtocol(delegate, False, _WebSocketParams(
+    protocol = EbbcastProtocol(delegate, False, websocket._WebSocketParams(
         max_message_size=max_message_size))
     protocol.stream = stream
     reader = asyncio.ensure_future(protocol._receive_frame_loop())
@@ -276,60 +284,161 @@ def forget_stream_error(protocol: Any) -> None:
         protocol.stream.error = None
 
 
+def abort(protocol: EbbcastProtocol) -> None:
+    """Drop a connection now, with no close handshake (the private ``_abort()``)."""
+    protocol._abort()
+
+
+def detach_stream(request_conn: HTTPConnection) -> IOStream:
+    """The stream under the HTTP/1 connection of a request answered as a handshake
+    (``HTTP1Connection.detach()``, which the ``HTTPConnection`` interface lacks)."""
+    stream: IOStream = request_conn.detach()  # type: ignore[attr-defined]
+    return stream
+
+
+def peer_address(request_conn: HTTPConnection) -> str:
+    """The address a request came from (the private ``_HTTPRequestContext``'s
+    ``remote_ip``, under ``HTTP1Connection.context``), "?" when there is none."""
+    context = getattr(request_conn, "context", None)
+    return str(getattr(context, "remote_ip", "?"))
+
+
+def peek(stream: IOStream, size: int) -> bytes:
+    """Up to ``size`` bytes waiting in the socket of a stream Tornado has not read
+    from yet (its ``socket``), left there; OSError when there are none."""
+    return stream.socket.recv(size, socket.MSG_PEEK)
+
+
+def consume(stream: IOStream, size: int) -> None:
+    """Take ``size`` bytes that ``peek`` saw from the stream's socket."""
+    stream.socket.recv(size)
+
+
 #: Tornado minor versions this code was written and tested against (setup.py pins them).
 TESTED_TORNADO = ("6.5", "6.6")
 
 
+@dataclass(frozen=True)
+class Internal:
+    """One thing of Tornado's that ebbcast uses beyond its documented API.
+
+    ``kind``: ``method`` (callable on the class), ``attribute`` (set on every
+    instance), ``sized`` (an instance attribute with ``len()``, empty when new),
+    ``callable`` (a module-level name, called with ``max_message_size=1``).
+    """
+
+    owner: str  # "tornado.websocket.WebSocketProtocol13", or a module for ``callable``
+    name: str
+    kind: str
+
+    @property
+    def label(self) -> str:
+        """How the start-up check names it."""
+        short = self.owner.rsplit(".", 1)[1]
+        if self.kind == "callable":
+            return f"{self.owner}.{self.name}(max_message_size=...)"
+        if self.kind == "method":
+            return f"{short}.{self.name}()"
+        if self.kind == "sized":
+            return f"{short}.{self.name} (with len())"
+        return f"{short}.{self.name}"
+
+
+_PROTOCOL, _STREAM = "tornado.websocket.WebSocketProtocol13", "tornado.iostream.IOStream"
+_HTTP1 = "tornado.http1connection.HTTP1Connection"
+#: Every Tornado internal ebbcast uses; ``check_tornado()`` checks each one.
+INTERNALS = (
+    Internal("tornado.websocket", "_WebSocketParams", "callable"),
+    *(Internal(_PROTOCOL, name, "attribute") for name in (
+        "stream", "handler", "server_terminated", "client_terminated", "close_code",
+        "close_reason", "params", "_frame_mask")),
+    *(Internal(_PROTOCOL, name, "method") for name in (
+        "_abort", "_handle_message", "_receive_frame", "close", "is_closing",
+        "_receive_frame_loop")),
+    Internal(_STREAM, "_write_buffer", "sized"),
+    *(Internal(_STREAM, name, "attribute") for name in ("error", "socket",
+                                                        "max_write_buffer_size")),
+    *(Internal(_STREAM, name, "method") for name in ("write", "closed")),
+    Internal("tornado.httpserver.HTTPServer", "_connections", "sized"),
+    Internal(_HTTP1, "detach", "method"),
+    Internal(_HTTP1, "context", "attribute"),
+    Internal("tornado.httpserver._HTTPRequestContext", "remote_ip", "attribute"),
+)
+
+
 def check_tornado() -> list[str]:
-    """What ebbcast relies on beyond Tornado's documented API and cannot find in
-    the installed Tornado: one line each, empty when everything is there."""
-    problems: list[str] = []
-
-    def need(what: str, check: Callable[[], object]) -> None:
-        try:
-            if not check():
-                problems.append(what)
-        except Exception as exc:  # whatever the change, name it
-            problems.append(f"{what} ({type(exc).__name__}: {exc})")
-
-    from tornado import websocket
-
-    need("tornado.websocket._WebSocketParams(max_message_size=...)",
-         lambda: websocket._WebSocketParams(max_message_size=1))
-    protocol = _probe(lambda: WebSocketProtocol13(_FakeHandler(), False,  # type: ignore
-                                                  websocket._WebSocketParams()))
-    for name in ("stream", "handler", "server_terminated", "client_terminated", "close_code",
-                 "close_reason", "params", "_frame_mask"):
-        need(f"WebSocketProtocol13.{name}", partial(hasattr, protocol, name))
-    for name in ("_abort", "_handle_message", "_receive_frame", "close", "is_closing",
-                 "_receive_frame_loop"):
-        need(f"WebSocketProtocol13.{name}()", partial(_has_method, WebSocketProtocol13, name))
+    """What ebbcast relies on beyond Tornado's documented API (``INTERNALS``) and
+    cannot find in the installed Tornado: one line each, empty when all is there."""
     mine, theirs = socket.socketpair()
     try:
-        stream = IOStream(mine)
-        need("IOStream._write_buffer (with len())", lambda: len(stream._write_buffer) == 0)
-        for name in ("error", "socket", "max_write_buffer_size"):
-            need(f"IOStream.{name}", partial(hasattr, stream, name))
-        for name in ("write", "closed"):
-            need(f"IOStream.{name}()", partial(_has_method, stream, name))
-        stream.close()
+        probes = _Probes(mine)
+        problems = [problem for internal in INTERNALS
+                    if (problem := _problem(internal, probes)) is not None]
+        probes.close()
+        return problems
     finally:
         mine.close()
         theirs.close()
-    server = _probe(lambda: HTTPServer(lambda request: None))
-    need("HTTPServer._connections (with len())", lambda: len(server._connections) == 0)
-    return problems
 
 
-def _has_method(owner: object, name: str) -> bool:
-    return callable(getattr(owner, name, None))
-
-
-def _probe(make: Callable[[], Any]) -> Any:
+def _problem(internal: Internal, probes: _Probes) -> str | None:
     try:
-        return make()
-    except Exception:  # the checks that use it will name what is missing
-        return None
+        owner: Any = importlib.import_module(internal.owner) if internal.kind == "callable" \
+            else _class(internal.owner)
+        if internal.kind == "callable":
+            found = getattr(owner, internal.name)(max_message_size=1) is not None
+        elif internal.kind == "method":  # and not the abstract stub of a base class
+            method = getattr(owner, internal.name, None)
+            found = callable(method) and not getattr(method, "__isabstractmethod__", False)
+        else:
+            instance = probes.instance(internal.owner)
+            found = hasattr(instance, internal.name) if internal.kind == "attribute" \
+                else len(getattr(instance, internal.name)) == 0
+    except Exception as exc:  # whatever the change, name it
+        return f"{internal.label} ({type(exc).__name__}: {exc})"
+    return None if found else internal.label
+
+
+def _class(dotted: str) -> Any:
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+class _Probes:
+    """One instance of each Tornado class whose instance attributes are checked,
+    made on a socket that carries nothing."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._made: dict[str, Any] = {}
+
+    def instance(self, owner: str) -> Any:
+        if owner not in self._made:
+            self._made[owner] = self._make(owner)
+        return self._made[owner]
+
+    def _make(self, owner: str) -> Any:
+        from tornado.http1connection import HTTP1Connection
+        from tornado.httpserver import _HTTPRequestContext
+        if owner == _PROTOCOL:
+            return WebSocketProtocol13(_FakeHandler(), False,  # type: ignore[arg-type]
+                                       websocket._WebSocketParams())
+        if owner == _STREAM:
+            return IOStream(self._sock.dup())
+        if owner == "tornado.httpserver.HTTPServer":
+            return HTTPServer(lambda request: None)
+        context = _HTTPRequestContext(self.instance(_STREAM), ("127.0.0.1", 1), None)
+        if owner == "tornado.httpserver._HTTPRequestContext":
+            return context
+        return HTTP1Connection(self.instance(_STREAM), False, None, context)
+
+    def close(self) -> None:
+        stream = self._made.get(_STREAM)
+        try:
+            if stream is not None:
+                stream.close()
+        except Exception:  # a changed IOStream: its problems are named already
+            pass
 
 
 class _FakeHandler:
