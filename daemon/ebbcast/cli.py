@@ -227,9 +227,10 @@ def serve(args: argparse.Namespace) -> int:
     try:
         from ebbcast.core.metrics import Metrics
         from ebbcast.process.supervisor import Supervisor
+        from ebbcast.process.workers import LocalRun
 
         def serve_here(relay: socket.socket, public: list[socket.socket], running: Config,
-                       metrics: Metrics) -> Any:
+                       metrics: Metrics) -> LocalRun:
             """The serving process inside the main one (``server.workers = 1``); the
             serving stack is imported only then."""
             from ebbcast.process.roles import Member, WorkerSetup

@@ -46,9 +46,10 @@ QUIET = {"EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0"}
 DOCS_SCREENSHOT = REPO / "docs" / "screenshot-drain.png"
 UPGRADE_SCREENSHOT = REPO / "docs" / "screenshot-upgrade.png"
 RESUME_SCREENSHOT = REPO / "docs" / "screenshot-resume.png"
-#: What Chromium logs when a WebSocket connect finds nothing listening.
-REFUSED_RE = re.compile(r"^WebSocket connection to 'ws://127\.0\.0\.1:\d+/ws' failed: "
-                        r".*net::ERR_CONNECTION_REFUSED")
+#: What Chromium logs when a WebSocket connect finds nothing listening (a page that
+#: had a welcome reconnects with ?since=N&epoch=E).
+REFUSED_RE = re.compile(r"^WebSocket connection to 'ws://127\.0\.0\.1:\d+/ws(\?[^']*)?' "
+                        r"failed: .*net::ERR_CONNECTION_REFUSED")
 
 
 def page_url(ws_url: str) -> str:

@@ -126,8 +126,8 @@ async def test_drain_refuses_new_clients_notifies_and_keeps_serving(start_daemon
     assert (await recv_json(b))["text"] == "still chatting"
     a.close()
     await wait_until(lambda: len(d.daemon.ctx.registry) == 1)
-    ticked = d.daemon._next_tick
-    await wait_until(lambda: d.daemon._next_tick > ticked)  # a drain step has run since
+    ticked = d.daemon._progress.next_at
+    await wait_until(lambda: d.daemon._progress.next_at > ticked)  # a drain step has run since
     assert d.daemon.lifecycle.state.value == "draining" and not d.task.done()
     b.close()
     assert await d.stopped() is StopReason.DRAINED

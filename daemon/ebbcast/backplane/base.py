@@ -40,6 +40,18 @@ class HistoryFeed(Protocol):
                           token: int, own: bool) -> None: ...
 
 
+class SequencedFeed(HistoryFeed, Protocol):
+    """Where a worker's sequenced broadcasts go when the main process sequences
+    (over the relay link, or by calls inside it)."""
+
+    def sequenced_by(self, epoch: str, base: int, sequencing: Sequencing) -> None:
+        """``sequencing`` gives the offsets from now on; the history after ``base``
+        follows (``recorded``)."""
+
+    def recorded(self, entry: Kept) -> None:
+        """One broadcast of the sequencer's history: record it, deliver it to nobody."""
+
+
 class Backplane(Protocol):
     def start(self) -> None: ...
     async def stop(self) -> None: ...

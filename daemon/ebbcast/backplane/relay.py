@@ -25,8 +25,7 @@ from tornado.ioloop import PeriodicCallback
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
 from ebbcast.backplane import records
-from ebbcast.backplane.base import Envelope
-from ebbcast.backplane.history import Kept
+from ebbcast.backplane.base import Envelope, SequencedFeed
 from ebbcast.backplane.memory import MemoryBackplane
 from ebbcast.backplane.records import HEADER, Record, pack, parse
 
@@ -171,17 +170,6 @@ class LinkPeer(Protocol):
 
     def start_accepting(self) -> None: ...
 
-    def sequenced_by_main(self, epoch: str, base: int) -> None:
-        """The main process sequences broadcasts; its history after ``base`` follows."""
-
-    def recorded(self, entry: Kept) -> None:
-        """One broadcast of the main process's history: record it, deliver it to
-        nobody."""
-
-    def deliver_sequenced(self, epoch: str, offset: int, frame: str, source: str,
-                          token: int, own: bool) -> None:
-        """A sequenced broadcast (``own``: sent from this process, with ``token``)."""
-
     def hand_over(self) -> None:
         """A new generation serves: drain as an upgrade."""
 
@@ -190,13 +178,16 @@ class LinkPeer(Protocol):
 
 class WorkerLink:
     """The worker's end: frames in and out, readiness and counts to the main
-    process, commands from it to ``peer``."""
+    process, commands from it to ``peer``, sequenced broadcasts to ``feed``; and
+    the ``Sequencing`` of a worker whose main process sequences."""
 
-    def __init__(self, sock: socket.socket, node: str, peer: LinkPeer) -> None:
+    def __init__(self, sock: socket.socket, node: str, peer: LinkPeer,
+                 feed: SequencedFeed) -> None:
         # unique even for a serving process restarted inside the main process (same
         # pid), whose tokens start again at 1
         self._node = f"{node}/{secrets.token_hex(4)}"
         self._peer = peer
+        self._feed = feed
         self._sock = sock
         self._link: Link | None = None  # made in start(), on the running loop
         self._heartbeat: PeriodicCallback | None = None
@@ -234,18 +225,19 @@ class WorkerLink:
         peer = self._peer
         match record:
             case records.Ordered(offset, envelope):
-                peer.deliver_sequenced(self._epoch, offset, envelope.text, envelope.source,
-                                       envelope.seq, envelope.node == self._node)
+                self._feed.deliver_sequenced(self._epoch, offset, envelope.text,
+                                             envelope.source, envelope.seq,
+                                             envelope.node == self._node)
             case records.Frame():
                 envelope = record.envelope
                 peer.deliver_remote(envelope.payload, envelope.source)
             case records.Inject(envelope):
                 peer.inject(envelope.payload, envelope.source)
             case records.History(entry):
-                peer.recorded(entry)
+                self._feed.recorded(entry)
             case records.Sequencer(epoch, base):
                 self._epoch = epoch
-                peer.sequenced_by_main(epoch, base)
+                self._feed.sequenced_by(epoch, base, self)
             case records.Others(connections):
                 peer.set_elsewhere(connections)
             case records.Accept():

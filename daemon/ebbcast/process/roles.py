@@ -24,7 +24,7 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 
 from ebbcast import __version__
-from ebbcast.backplane.base import Backplane, Sequencing
+from ebbcast.backplane.base import Backplane, SequencedFeed
 from ebbcast.backplane.memory import MemoryBackplane
 from ebbcast.backplane.relay import LinkPeer, RelayBackplane, WorkerLink
 from ebbcast.config import Config
@@ -79,6 +79,9 @@ class Served(LinkPeer, Protocol):
     def connection_count(self) -> int: ...
     def submit(self, payload: str, source: str) -> int: ...
     def request_drain(self, source: str) -> None: ...
+    @property
+    def feed(self) -> SequencedFeed:
+        """Where broadcasts sequenced elsewhere go."""
     def sequence_here(self) -> None:
         """Give this process's broadcasts their offsets here (``memory://`` alone)."""
 
@@ -109,9 +112,6 @@ class Standalone:
 
     def memory_sequencing(self, served: Served) -> None:
         served.sequence_here()
-
-    def main_sequencing(self) -> Sequencing | None:
-        return None  # no main process
 
     def start(self, served: Served) -> None:
         config = served.config
@@ -200,7 +200,7 @@ class Member:
         self.counts_failovers = setup.index == 0
 
     def attach(self, served: Served) -> None:
-        self.link = WorkerLink(self.setup.relay, served.node_id, served)
+        self.link = WorkerLink(self.setup.relay, served.node_id, served, served.feed)
 
     def public_sockets(self, spare: Spare) -> list[socket.socket]:
         return [ShedOnExhaustion.adopt(sock, spare) for sock in self.setup.public]
@@ -211,9 +211,6 @@ class Member:
 
     def memory_sequencing(self, served: Served) -> None:
         pass  # the main process says so first, if it sequences (ebbcast.backplane.relay)
-
-    def main_sequencing(self) -> Sequencing | None:
-        return self.link
 
     def start(self, served: Served) -> None:
         assert self.link is not None

@@ -337,9 +337,9 @@ class Supervisor:
             base = kept[0].offset - 1 if kept else history.latest
             local = worker.local_run()
             if local is not None:
-                local.sequenced_by_main(history.epoch, base, DirectSequencing(self, worker))
+                local.feed.sequenced_by(history.epoch, base, DirectSequencing(self, worker))
                 for entry in kept:
-                    local.recorded(entry)
+                    local.feed.recorded(entry)
             else:
                 link.send(records.Sequencer(history.epoch, base))
                 for entry in kept:
@@ -383,8 +383,8 @@ class Supervisor:
         for worker in self._workers():
             local = worker.local_run()
             if local is not None:
-                local.deliver_sequenced(self._sequencer.epoch, offset, sequenced, source,
-                                        token, worker is origin)
+                local.feed.deliver_sequenced(self._sequencer.epoch, offset, sequenced, source,
+                                             token, worker is origin)
                 continue
             if worker.link is None:
                 continue

@@ -23,8 +23,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ebbcast.backplane.base import Sequencing
-from ebbcast.backplane.history import Kept
+from ebbcast.backplane.base import SequencedFeed
 from ebbcast.backplane.records import Record
 from ebbcast.backplane.relay import Link
 from ebbcast.core.lifecycle import HANDLED_SIGNALS, StopReason
@@ -262,16 +261,13 @@ MakeLocalRun = Callable[[socket.socket, list[socket.socket]], "LocalRun"]
 
 class LocalRun(Protocol):
     """The serving process a LocalWorker runs (an ``ebbcast.serving.process.Daemon``); the
-    main process hands it sequenced broadcasts by calls (see ``ebbcast.backplane.relay``'s
-    ``E``, ``Y`` and ``O`` records for what each is)."""
+    main process hands its ``feed`` sequenced broadcasts by calls (where a worker of
+    its own gets ``Sequencer``, ``History`` and ``Ordered`` records)."""
 
     def record_signal(self, signum: int) -> None: ...
     def run(self) -> Coroutine[Any, Any, object]: ...
-    def sequenced_by_main(self, epoch: str, base: int,
-                          direct: Sequencing | None = None) -> None: ...
-    def recorded(self, entry: Kept) -> None: ...
-    def deliver_sequenced(self, epoch: str, offset: int, frame: str, source: str,
-                          token: int, own: bool) -> None: ...
+    @property
+    def feed(self) -> SequencedFeed: ...
 
 
 class LocalWorker(Worker):

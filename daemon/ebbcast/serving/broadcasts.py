@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from ebbcast.backplane.base import Sequencing
-from ebbcast.backplane.history import History, Replay, Resume, with_offset
+from ebbcast.backplane.history import History, Kept, Replay, Resume, new_epoch, with_offset
 from ebbcast.config import Config
 from ebbcast.core import frames
 from ebbcast.core.metrics import Metrics
@@ -97,12 +98,18 @@ class InFlight:
         return waiting
 
 
+class Clock(Protocol):
+    def __call__(self) -> float: ...
+
+
 class Broadcasts:
     """Submits, delivers and replays the broadcasts of one serving process."""
 
     def __init__(self, history: History, fanout: Fanout, members: Members, metrics: Metrics,
-                 config: Callable[[], Config], publish: Publish) -> None:
+                 config: Callable[[], Config], publish: Publish,
+                 clock: Clock = time.monotonic) -> None:
         self.history = history
+        self._clock = clock
         self._fanout = fanout
         self._members = members
         self._metrics = metrics
@@ -215,9 +222,35 @@ class Broadcasts:
             log.info("%d broadcasts delivered here without an offset: the sequencer "
                      "is unreachable", len(waiting))
 
-    def record(self, offset: int, frame: str, now: float) -> None:
+    # -- from a sequencer elsewhere (ebbcast.backplane.base.SequencedFeed) ---------
+
+    def deliver_sequenced(self, epoch: str, offset: int, frame: str, source: str,
+                          token: int, own: bool) -> None:
+        self.deliver(epoch, offset, frame, source, token, own, self._clock())
+
+    def recorded(self, entry: Kept) -> None:
         """A broadcast from before this process: history only, delivered to nobody."""
-        self.history.append(offset, frame, now)
+        self.history.append(entry.offset, entry.frame, self._clock() - entry.age)
+
+    def sequenced_by(self, epoch: str, base: int, sequencing: Sequencing) -> None:
+        self.history.reset(epoch, base)
+        self.sequencing = sequencing
+
+    def sequence_here(self) -> None:
+        """This process gives its own broadcasts their offsets (alone, ``memory://``)."""
+        self.history.reset(new_epoch(), 0)
+        self.sequencing = LocalSequencing(self, self._clock)
+
+    def position(self) -> tuple[str, int]:
+        return self.history.epoch, self.history.latest
+
+    def preload(self, epoch: str, base: int, entries: list[Kept]) -> None:
+        """The history as the sequencer has it, at start."""
+        now = self._clock()
+        self.new_epoch(epoch, base)  # clients welcomed before it was known
+        for entry in entries:
+            self.history.append(entry.offset, entry.frame, now - entry.age)
+        self.history.trim(now)
 
     def new_epoch(self, epoch: str, base: int) -> None:
         """The history was lost (``base``: the offset the new epoch goes on from);
@@ -239,10 +272,6 @@ class Broadcasts:
         metrics.resumes.labels("recovered" if replay.recovered else "not_recovered").inc()
         metrics.resumed_messages.inc(replay.missed)
         return replay
-
-
-class Clock(Protocol):
-    def __call__(self) -> float: ...
 
 
 class LocalSequencing:

@@ -20,7 +20,6 @@ import asyncio
 import logging
 import math
 import os
-import signal
 import socket
 import time
 from collections.abc import Callable
@@ -29,28 +28,26 @@ from typing import Protocol, Union
 
 from tornado.httpserver import HTTPServer
 
-from ebbcast.backplane.base import Backplane, Sequencing
-from ebbcast.backplane.history import History, Kept, new_epoch
+from ebbcast.backplane.base import Backplane, SequencedFeed
+from ebbcast.backplane.history import History
 from ebbcast.backplane.redis import RedisBackplane
 from ebbcast.config import Config, ConfigError, is_reloadable, reload_config
-from ebbcast.core.events import Common, DrainRequested, EventQueue, SignalReceived, who_asked
+from ebbcast.core.events import Common, DrainRequested, SignalReceived, Tick, who_asked
 from ebbcast.core.lifecycle import (
     DEADLINE_CLOSE_GRACE,
     FORCED_CLOSE_GRACE,
     STOP_SIGNALS,
-    UPGRADE_SIGNAL,
     DrainCause,
     Lifecycle,
     State,
     StopReason,
-    handle_signals,
-    unhandle_signals,
 )
 from ebbcast.core.logs import log_request, set_level
+from ebbcast.core.loop import Loop, Progress, Step, common_step, extend_seconds
 from ebbcast.core.metrics import Metrics
 from ebbcast.core.sockets import LISTEN_BACKLOG, Spare, listener_url, tls_context
 from ebbcast.serving.auth import TokenVerifier
-from ebbcast.serving.broadcasts import Broadcasts, LocalSequencing
+from ebbcast.serving.broadcasts import Broadcasts
 from ebbcast.serving.context import Client, DaemonContext
 from ebbcast.serving.fanout import Fanout
 from ebbcast.serving.gcpolicy import CollectorPolicy
@@ -124,8 +121,6 @@ class Role(Protocol):
     def memory_backplane(self, metrics: Metrics) -> Backplane: ...
     def memory_sequencing(self, daemon: Daemon) -> None:
         """Who gives ``memory://`` broadcasts their offsets (``daemon.broadcasts``)."""
-    def main_sequencing(self) -> Sequencing | None:
-        """How the main process sequences, when it says it does (None: no main process)."""
     def start(self, daemon: Daemon) -> None: ...
     def serving(self, daemon: Daemon) -> None: ...
     def report_count(self, count: int) -> None: ...
@@ -154,11 +149,10 @@ class Daemon:
     def __init__(self, config: Config, reload: Callable[[], Config], role: Role,
                  handle_signals: bool = True, metrics: Metrics | None = None) -> None:
         self._role = role
-        self._handle_signals = handle_signals and role.takes_signals
+        self._loop: Loop[ServingEvent] = Loop(handle_signals and role.takes_signals)
         self.serving = asyncio.Event()
         self._tls = tls_context(config)
         self._reload_config = reload
-        self._events: EventQueue[ServingEvent] = EventQueue()
         self.lifecycle = Lifecycle()
         self.metrics = metrics or Metrics()
         registry: ConnectionRegistry[Client] = ConnectionRegistry(self._on_count)
@@ -183,7 +177,8 @@ class Daemon:
         self._gc_policy = CollectorPolicy(lambda: len(registry),
                                           quiet=lambda: self.ctx.fanout.idle)
         self._public: list[socket.socket] = []
-        self._next_tick = math.inf
+        self._progress = Progress()
+        self._give_up = math.inf  # stopping: when closing clients are aborted
 
     # -- what a role asks (ebbcast.process.roles.Served) --------------------------
 
@@ -206,8 +201,7 @@ class Daemon:
         return self.broadcasts.submit(payload, source)
 
     def sequence_here(self) -> None:
-        self.broadcasts.history.reset(new_epoch(), 0)
-        self.broadcasts.sequencing = LocalSequencing(self.broadcasts, time.monotonic)
+        self.broadcasts.sequence_here()
 
     def _make_backplane(self, config: Config, counts_failovers: bool) -> Backplane:
         if config.backplane.url == "memory://":
@@ -220,13 +214,18 @@ class Daemon:
                                on_state=lambda up: metrics.backplane_up.set(1 if up else 0),
                                on_dropped=metrics.backplane_dropped.inc,
                                on_missed=metrics.backplane_missed.inc,
-                               history=self, history_size=config.history.size,
+                               history=self.broadcasts, history_size=config.history.size,
                                on_failover=metrics.backplane_failovers.inc
                                if counts_failovers else lambda: None)
         self.broadcasts.sequencing = redis
         return redis
 
-    # -- what the main process asks (ebbcast.backplane.relay.LinkPeer) ----------------------
+    # -- what the main process asks (ebbcast.backplane.relay.LinkPeer) -------------
+
+    @property
+    def feed(self) -> SequencedFeed:
+        """Where broadcasts sequenced elsewhere go: this process's Broadcasts."""
+        return self.broadcasts
 
     def deliver_remote(self, payload: str | bytes, source: str) -> None:
         """A frame another worker or instance sent: fan it out to this one's clients."""
@@ -237,46 +236,11 @@ class Daemon:
         a local client's frame would be."""
         self.broadcasts.submit(payload, source)
 
-    def sequenced_by_main(self, epoch: str, base: int,
-                          direct: Sequencing | None = None) -> None:
-        """The main process sequences: over the link, or ``direct`` by calls (this
-        process runs inside it)."""
-        sequencing = direct or self._role.main_sequencing()
-        assert sequencing is not None
-        self.broadcasts.history.reset(epoch, base)
-        self.broadcasts.sequencing = sequencing
-
-    def recorded(self, entry: Kept) -> None:
-        self.broadcasts.record(entry.offset, entry.frame, time.monotonic() - entry.age)
-
-    def deliver_sequenced(self, epoch: str, offset: int, frame: str, source: str,
-                          token: int, own: bool) -> None:
-        self.broadcasts.deliver(epoch, offset, frame, source, token, own, time.monotonic())
-
-    # -- what the Redis backplane asks (ebbcast.backplane.base.HistoryFeed) -------------
-
-    def position(self) -> tuple[str, int]:
-        return self.broadcasts.history.epoch, self.broadcasts.history.latest
-
-    def preload(self, epoch: str, base: int, entries: list[Kept]) -> None:
-        """The history as Redis has it, at start."""
-        history, now = self.broadcasts.history, time.monotonic()
-        self.broadcasts.new_epoch(epoch, base)  # clients welcomed before it was known
-        for entry in entries:
-            history.append(entry.offset, entry.frame, now - entry.age)
-        history.trim(now)
-
-    def new_epoch(self, epoch: str, base: int) -> None:
-        self.broadcasts.new_epoch(epoch, base)
-
-    def sequencing_lost(self) -> None:
-        self.broadcasts.sequencing_lost()
-
     def set_elsewhere(self, count: int) -> None:
         self.ctx.elsewhere = count
 
     def hand_over(self) -> None:
-        self._events.put(HandOver())
+        self._loop.put(HandOver())
 
     def main_lost(self) -> None:
         self.broadcasts.sequencing_lost()
@@ -284,27 +248,21 @@ class Daemon:
             log.warning("the main process is gone: draining")
             self.request_drain("the main process's exit")
 
-    # -- start-up ----------------------------------------------------------------
+    def record_signal(self, signum: int) -> None:
+        """The signal handler (or the main process, for a member inside it): it
+        records only; the loop acts."""
+        self._loop.record_signal(signum)
+
+    def request_drain(self, source: str) -> None:
+        """Start the drain exactly as SIGTERM does; ``source`` names who asked."""
+        self._loop.put(DrainRequested(source))
+
+    # -- the loop (ebbcast.core.loop.LoopOwner) -----------------------------------
 
     async def run(self) -> StopReason:
-        loop = asyncio.get_running_loop()
-        if self._handle_signals:
-            handle_signals(loop, self.record_signal)
-        try:
-            self._start()
-            await self._events.run(self._act, lambda: self._next_tick,
-                                   lambda: self.lifecycle.state is State.STOPPING)
-            # handshakes still waiting to catch up are refused (503) before the end
-            self.broadcasts.release_waiting()
-            await self._router.all_answered(CATCH_UP_SECONDS)
-            await self._await_closed()
-        finally:
-            self._teardown(loop)
-            await self.ctx.backplane.stop()
-        assert self.lifecycle.stop_reason is not None
-        return self.lifecycle.stop_reason
+        return await self._loop.run(self)
 
-    def _start(self) -> None:
+    def start(self) -> None:
         config = self.ctx.config
         scheme = "https" if self._tls else "http"
         self._public = self._role.public_sockets(self.spare)
@@ -338,49 +296,25 @@ class Daemon:
         self._periodic.start()
         self._role.serving(self)
 
-    # -- events ------------------------------------------------------------------
+    def wake_at(self) -> float:
+        return min(self._progress.next_at, self._give_up)
 
-    def record_signal(self, signum: int) -> None:
-        """The signal handler (or the main process, for a member inside it): it
-        records only; the loop acts."""
-        self._events.record_signal(signum)
+    def finished(self) -> bool:
+        """Stopping, with every client closed or out of time to close."""
+        return self.lifecycle.state is State.STOPPING and (
+            len(self.ctx.registry) == 0 or time.monotonic() >= self._give_up)
 
-    def request_drain(self, source: str) -> None:
-        """Start the drain exactly as SIGTERM does; ``source`` names who asked."""
-        self._events.put(DrainRequested(source))
-
-    def _on_fanout_failing(self, in_a_row: int) -> None:
-        if in_a_row == FANOUT_FAILURE_LIMIT:
-            self._events.put(FanoutBroken(in_a_row))
-
-    def _on_count(self, count: int) -> None:
-        self.metrics.connections.set(count)
-        self._role.report_count(count)
-        if count == 0 and self.lifecycle.state is State.DRAINING:
-            self._events.put(NoConnections())
-
-    def _act(self, event: ServingEvent | Common, now: float) -> None:
-        state = self.lifecycle.state
+    def act(self, event: ServingEvent | Common, now: float) -> None:
+        if self.lifecycle.state is State.STOPPING:  # clients are closing
+            if isinstance(event, SignalReceived) and event.signum in STOP_SIGNALS:
+                self._give_up = now  # another stop signal: abort them now
+            return
         match event:
-            case SignalReceived(signal.SIGHUP):
-                self.reload()
-            case SignalReceived(signum) if signum == UPGRADE_SIGNAL:
-                log.info("SIGUSR2 ignored: the main process runs upgrades")
-            case SignalReceived() | DrainRequested() if state is State.STARTING:
-                log.info("%s before serving: stopping", self._role.who_asked(who_asked(event)))
-                self.lifecycle.stop(StopReason.NORMAL)
-            case SignalReceived() | DrainRequested() if state is State.SERVING:
-                self._begin_drain(self._role.who_asked(who_asked(event)), DrainCause.STOP, now)
-            case SignalReceived(name=name) if self.lifecycle.escalate():
-                log.info("%s while handing over: the drain goes on; another stop "
-                         "signal closes the remaining clients now", name)
-            case SignalReceived(name=name) if state is State.DRAINING:
-                log.info("%s during the drain: closing the remaining clients now", name)
-                self._close_all("forced", 1001, "server stopping")
-                self.lifecycle.stop(StopReason.FORCED)
-            case HandOver() if state is State.SERVING:
+            case SignalReceived() | DrainRequested() | Tick():
+                self._common(event, now)
+            case HandOver() if self.lifecycle.state is State.SERVING:
                 self._begin_drain("the new generation", DrainCause.UPGRADE, now)
-            case FanoutBroken(failures) if state is not State.STOPPING:
+            case FanoutBroken(failures):
                 log.error("broadcasts failed %d times in a row: closing every client and "
                           "stopping (exit 1), so that a fresh process takes over", failures)
                 self.lifecycle.record(StopReason.FAILED)
@@ -388,6 +322,74 @@ class Daemon:
                 self.lifecycle.stop(StopReason.FAILED)
         if self.lifecycle.state is State.DRAINING:
             self._drain_step(now)
+        self._begin_closing(now)
+
+    def _common(self, event: Common, now: float) -> None:
+        step = common_step(event, self.lifecycle.state)
+        if step is Step.RELOAD:
+            self.reload()
+        elif step is Step.UPGRADE:
+            log.info("SIGUSR2 ignored: the main process runs upgrades")
+        elif step in (Step.STOP_NOW, Step.DRAIN):
+            assert isinstance(event, (SignalReceived, DrainRequested))
+            asked = self._role.who_asked(who_asked(event))
+            if step is Step.DRAIN:
+                self._begin_drain(asked, DrainCause.STOP, now)
+            else:
+                log.info("%s before serving: stopping", asked)
+                self.lifecycle.stop(StopReason.NORMAL)
+        elif step is Step.STOP_SIGNAL_AGAIN and isinstance(event, SignalReceived):
+            if self.lifecycle.escalate():
+                log.info("%s while handing over: the drain goes on; another stop "
+                         "signal closes the remaining clients now", event.name)
+            elif self.lifecycle.state is State.DRAINING:
+                log.info("%s during the drain: closing the remaining clients now", event.name)
+                self._close_all("forced", 1001, "server stopping")
+                self.lifecycle.stop(StopReason.FORCED)
+
+    def _begin_closing(self, now: float) -> None:
+        """Stopping: closing clients get a few seconds for their close handshake
+        (less after a forced stop); handshakes still waiting to catch up are
+        refused (503) now."""
+        if self.lifecycle.state is not State.STOPPING or self._give_up != math.inf:
+            return
+        forced = self.lifecycle.stop_reason is StopReason.FORCED
+        self._give_up = now + (FORCED_CLOSE_GRACE if forced else DEADLINE_CLOSE_GRACE)
+        self._progress.stop()
+        self.broadcasts.release_waiting()
+
+    async def wind_down(self) -> None:
+        await self._router.all_answered(CATCH_UP_SECONDS)
+        registry = self.ctx.registry
+        if len(registry):
+            log.info("aborting %d connections that did not finish closing", len(registry))
+            for conn in registry.snapshot():
+                conn.abort()
+        log.log(logging.DEBUG if self._role.quiet else logging.INFO, "stopped (%s)",
+                self.lifecycle.stop_reason.value if self.lifecycle.stop_reason else "normal")
+
+    async def teardown(self) -> None:
+        self.lifecycle.stop(StopReason.NORMAL)
+        self._periodic.stop()
+        self._keepalive.stop()
+        self._gc_policy.stop()
+        for server in self.servers.values():
+            server.stop()
+        for sock in self._public:  # those a held member never got to serve
+            sock.close()
+        self._role.close()
+        self.spare.close()
+        await self.ctx.backplane.stop()
+
+    def _on_fanout_failing(self, in_a_row: int) -> None:
+        if in_a_row == FANOUT_FAILURE_LIMIT:
+            self._loop.put(FanoutBroken(in_a_row))
+
+    def _on_count(self, count: int) -> None:
+        self.metrics.connections.set(count)
+        self._role.report_count(count)
+        if count == 0 and self.lifecycle.state in (State.DRAINING, State.STOPPING):
+            self._loop.put(NoConnections())
 
     # -- the drain ---------------------------------------------------------------
 
@@ -408,22 +410,19 @@ class Daemon:
             self.metrics.drain_started_at(plan.started_unix, plan.deadline_unix)
             log.info("drain started by %s: %d connections, %s", source, remaining,
                      plan.deadline_text())
-        self._role.drain_progress(self._drain_status(now_mono), self._extend_seconds(), True)
+        interval = self.ctx.config.shutdown.progress_interval
+        self._role.drain_progress(self._drain_status(now_mono), extend_seconds(interval), True)
         if self.ctx.config.broadcast.envelope == "json":
             for conn in self.ctx.registry.snapshot():
                 conn.send_shutdown()
-        self._next_tick = plan.next_tick(now_mono, self.ctx.config.shutdown.progress_interval)
+        self._progress.schedule(plan, now_mono, interval)
         if cause is DrainCause.UPGRADE:  # look again when the grace ends
-            self._next_tick = min(self._next_tick, now_mono + HANDOVER_GRACE)
+            self._progress.next_at = min(self._progress.next_at, now_mono + HANDOVER_GRACE)
 
     def _drain_status(self, now_mono: float) -> str:
         plan = self.lifecycle.drain
         assert plan is not None
         return plan.status(len(self.ctx.registry), now_mono)
-
-    def _extend_seconds(self) -> float:
-        """How long systemd should wait beyond now: past the next tick, with margin."""
-        return 3 * self.ctx.config.shutdown.progress_interval + DEADLINE_CLOSE_GRACE
 
     def _drain_step(self, now_mono: float) -> None:
         plan = self.lifecycle.drain
@@ -437,12 +436,12 @@ class Daemon:
             self._close_all("drain_deadline", self.ctx.config.shutdown.close_code,
                             "drain deadline")
             self.lifecycle.finish_drain(now_mono)
-        elif now_mono >= self._next_tick:
+        elif self._progress.due(now_mono):
+            interval = self.ctx.config.shutdown.progress_interval
             status = self._drain_status(now_mono)
             log.log(logging.DEBUG if self._role.quiet else logging.INFO, "%s", status)
-            self._role.drain_progress(status, self._extend_seconds(), False)
-            self._next_tick = plan.next_tick(now_mono,
-                                             self.ctx.config.shutdown.progress_interval)
+            self._role.drain_progress(status, extend_seconds(interval), False)
+            self._progress.schedule(plan, now_mono, interval)
 
     def _accepted_pending(self, now_mono: float) -> bool:
         """While handing over: HTTP connections accepted before, within the grace."""
@@ -455,34 +454,6 @@ class Daemon:
     def _close_all(self, reason: str, code: int, text: str) -> None:
         for conn in self.ctx.registry.snapshot():
             conn.end(reason, code, text)
-
-    async def _await_closed(self) -> None:
-        """Give closing clients a few seconds for their close handshake, then abort.
-
-        Another stop signal meanwhile aborts them at once.
-        """
-        registry = self.ctx.registry
-        grace = FORCED_CLOSE_GRACE if self.lifecycle.stop_reason is StopReason.FORCED \
-            else DEADLINE_CLOSE_GRACE
-        give_up = time.monotonic() + grace
-        while len(registry) and time.monotonic() < give_up:
-            event = asyncio.ensure_future(self._events.get())
-            empty = asyncio.ensure_future(registry.wait_empty())
-            await asyncio.wait({event, empty}, timeout=give_up - time.monotonic(),
-                               return_when=asyncio.FIRST_COMPLETED)
-            empty.cancel()
-            if not event.done():
-                event.cancel()
-            else:
-                got = event.result()
-                if isinstance(got, SignalReceived) and got.signum in STOP_SIGNALS:
-                    break
-        if len(registry):
-            log.info("aborting %d connections that did not finish closing", len(registry))
-            for conn in registry.snapshot():
-                conn.abort()
-        log.log(logging.DEBUG if self._role.quiet else logging.INFO, "stopped (%s)",
-                self.lifecycle.stop_reason.value if self.lifecycle.stop_reason else "normal")
 
     # -- reload ------------------------------------------------------------------
 
@@ -498,26 +469,8 @@ class Daemon:
             self._periodic.restart()
         if any(key.startswith("keepalive.") for key in changed):
             self._keepalive.start()
-        plan = self.lifecycle.drain
-        if plan is not None and "shutdown.progress_interval" in changed:
-            self._next_tick = plan.next_tick(time.monotonic(),
-                                             self.ctx.config.shutdown.progress_interval)
+        self._progress.reloaded(self.lifecycle, changed, time.monotonic(),
+                                self.ctx.config.shutdown.progress_interval)
         # after the new log level is set: a reload to "debug" shows this line too
         log.debug("reload applied by this serving process: %s",
                   ", ".join(key for key in changed if is_reloadable(key)) or "no change")
-
-    # -- teardown ----------------------------------------------------------------
-
-    def _teardown(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.lifecycle.stop(StopReason.NORMAL)
-        if self._handle_signals:
-            unhandle_signals(loop)
-        self._periodic.stop()
-        self._keepalive.stop()
-        self._gc_policy.stop()
-        for server in self.servers.values():
-            server.stop()
-        for sock in self._public:  # those a held member never got to serve
-            sock.close()
-        self._role.close()
-        self.spare.close()

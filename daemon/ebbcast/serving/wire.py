@@ -59,10 +59,10 @@ from functools import partial
 from typing import Any
 
 import tornado
+from tornado import websocket
 from tornado.httpserver import HTTPServer
 from tornado.httputil import HTTPConnection
 from tornado.iostream import IOStream, StreamClosedError
-from tornado import websocket
 from tornado.websocket import WebSocketProtocol13
 
 log = logging.getLogger(__name__)
