@@ -1,4 +1,5 @@
-"""The package's shape (ebbcast._layout): arrows point down only, no import cycle."""
+"""The package's shape (ebbcast._layout): arrows point down only, no import cycle, no
+module or class too long."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def test_the_command_says_so():
     done = subprocess.run([sys.executable, "-m", "ebbcast._layout"], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stdout
-    assert done.stdout.splitlines()[-1] == "no upward arrow, no cycle"
+    assert done.stdout.splitlines()[-1] == "no upward arrow, no cycle, no module or class too long"
 
 
 @pytest.fixture
@@ -76,3 +77,29 @@ def test_a_relative_import_counts_too(copy):
     assert _layout.problems(copy) == [
         f"ebbcast/backplane/history.py:{line}: ebbcast.backplane.history (backplane) imports "
         "ebbcast.serving.wire (serving): upward"]
+
+
+def test_a_class_grown_too_long_is_named(copy):
+    path = copy / "core" / "waits.py"
+    text = path.read_text()
+    padding = "\n".join(f"    x{i} = {i}" for i in range(_layout.MAX_CLASS_LINES))
+    path.write_text(text + "\n\nclass Grown:\n" + padding + "\n")
+    first = text.count("\n") + 3
+    assert _layout.problems(copy) == [
+        f"ebbcast/core/waits.py:{first}: class Grown has {_layout.MAX_CLASS_LINES + 1} lines "
+        f"(at most {_layout.MAX_CLASS_LINES})"]
+
+
+def test_a_module_grown_too_long_is_named(copy):
+    path = copy / "core" / "waits.py"
+    text = path.read_text()
+    lines = _layout.MAX_MODULE_LINES + 1
+    path.write_text(text + "#\n" * (lines - text.count("\n")))
+    assert _layout.problems(copy) == [
+        f"ebbcast/core/waits.py: {lines} lines (at most {_layout.MAX_MODULE_LINES})"]
+
+
+def test_the_configuration_schema_may_be_long(copy):
+    path = copy / "config.py"
+    path.write_text(path.read_text() + "\n" * 10 + "# the end\n")
+    assert _layout.problems(copy) == []

@@ -1,4 +1,5 @@
-"""The package's shape, checked: arrows point down only, and no import cycle.
+"""The package's shape, checked: arrows point down only, no import cycle, and no
+module or class grown past the size where it should be split.
 
 The package has four wings and a few modules above and below them::
 
@@ -26,6 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGE = "ebbcast"
+#: Sizes past which a module or a class is split (the configuration schema, one
+#: table of every key, is the exception).
+MAX_MODULE_LINES, MAX_CLASS_LINES = 500, 350
+LONG_MODULES_ALLOWED = {"ebbcast.config"}
 #: A wing's rank: a module imports only lower ranks, or its own wing.
 RANKS = {"config": 0, "core": 1, "backplane": 2, "serving": 3, "process": 3, "top": 4}
 
@@ -100,7 +105,24 @@ def problems(root: Path) -> list[str]:
             if arrow:
                 found.append(f"{module.path.relative_to(root.parent)}:{line}: {arrow}")
     found.extend(f"import cycle: {' -> '.join(cycle)}" for cycle in cycles(graph))
+    for module in known.values():
+        found.extend(size_problems(module, root))
     return found
+
+
+def size_problems(module: Module, root: Path) -> Iterator[str]:
+    """A module over MAX_MODULE_LINES lines, a class over MAX_CLASS_LINES."""
+    text = module.path.read_text()
+    where = module.path.relative_to(root.parent)
+    lines = len(text.splitlines())
+    if lines > MAX_MODULE_LINES and module.name not in LONG_MODULES_ALLOWED:
+        yield f"{where}: {lines} lines (at most {MAX_MODULE_LINES})"
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ClassDef):
+            length = (node.end_lineno or node.lineno) - node.lineno + 1
+            if length > MAX_CLASS_LINES:
+                yield (f"{where}:{node.lineno}: class {node.name} has {length} lines "
+                       f"(at most {MAX_CLASS_LINES})")
 
 
 def _arrow_problem(source: Module, target: Module) -> str | None:
@@ -177,7 +199,7 @@ def main() -> int:
         wings.setdefault(module.wing, []).append(module.name)
     for wing in sorted(wings, key=lambda w: -RANKS[w]):
         print(f"{wing}: {len(wings[wing])} modules")
-    print("no upward arrow, no cycle")
+    print("no upward arrow, no cycle, no module or class too long")
     return 0
 
 

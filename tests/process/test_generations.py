@@ -125,12 +125,13 @@ def test_old_generation_workers_reaped_together_are_never_restarted(tmp_path):
                           notifier=SystemdNotifier(env={}))
         main.lifecycle.serve()
         first, second = ExitedWorker(), ExitedWorker()
-        main._current = Generation(2, [ExitedWorker(alive=True, ready=True)])
-        main._previous = [Generation(1, [first, second])]
+        generations = main._generations
+        generations.current = Generation(2, [ExitedWorker(alive=True, ready=True)])
+        generations.previous = [Generation(1, [first, second])]
         main._on_exited(first, "worker 0 exited with status 0", False, 100.0)
         main._on_exited(second, "worker 1 exited with status 0", False, 100.0)
         assert first.restart is None and second.restart is None
         return main
 
     main = asyncio.run(scenario())
-    assert main._previous == [] and main.lifecycle.state is State.SERVING
+    assert main._generations.previous == [] and main.lifecycle.state is State.SERVING

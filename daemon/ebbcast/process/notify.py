@@ -14,6 +14,8 @@ import os
 import socket
 from collections.abc import Mapping
 
+from tornado.ioloop import PeriodicCallback
+
 log = logging.getLogger(__name__)
 
 
@@ -27,6 +29,7 @@ class SystemdNotifier:
         self._sock: socket.socket | None = None
         self._failed = False
         self.watchdog_interval = _watchdog_interval(env)
+        self._watchdog: PeriodicCallback | None = None
 
     @property
     def enabled(self) -> bool:
@@ -62,7 +65,20 @@ class SystemdNotifier:
     def watchdog(self) -> bool:
         return self.notify("WATCHDOG=1")
 
+    def start_watchdog(self) -> None:
+        """WATCHDOG=1 every ``watchdog_interval`` from the event loop itself (when
+        systemd asks for it), so that a stuck loop is what systemd sees."""
+        if self.watchdog_interval and self._watchdog is None:
+            self._watchdog = PeriodicCallback(self._beat, self.watchdog_interval * 1000)
+            self._watchdog.start()
+
+    def _beat(self) -> None:
+        self.watchdog()
+
     def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None

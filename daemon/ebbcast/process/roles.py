@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tornado.httpserver import HTTPServer
-from tornado.ioloop import PeriodicCallback
 
 from ebbcast import __version__
 from ebbcast.backplane.base import Backplane, SequencedFeed
@@ -96,7 +95,6 @@ class Standalone:
     def __init__(self, notifier: SystemdNotifier, config: Config) -> None:
         self.notifier = notifier
         self._config = config
-        self._watchdog: PeriodicCallback | None = None
         self._admin_urls = ""
 
     def attach(self, served: Served) -> None:
@@ -128,13 +126,7 @@ class Standalone:
         log.info("ebbcast %s (pid %d) started", __version__, os.getpid())
         log.info("serving ws=%s admin=%s", served.bound_ws, self._admin_urls)
         self.notifier.ready(f"serving on {served.urls['ws']}")
-        if self.notifier.watchdog_interval:
-            self._watchdog = PeriodicCallback(self._send_watchdog,
-                                              self.notifier.watchdog_interval * 1000)
-            self._watchdog.start()
-
-    def _send_watchdog(self) -> None:
-        self.notifier.watchdog()
+        self.notifier.start_watchdog()
 
     def report_count(self, count: int) -> None:
         pass
@@ -148,8 +140,6 @@ class Standalone:
         return asked
 
     def close(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.stop()
         self.notifier.notify("STATUS=stopped")
         self.notifier.close()
 

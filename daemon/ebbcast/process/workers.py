@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import socket
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -321,3 +322,70 @@ class LocalWorker(Worker):
 
     def silent_for(self, now: float) -> float:
         return 0.0
+
+
+class Stopping:
+    """Workers told to stop, and when those still there are killed (SIGKILL)."""
+
+    def __init__(self) -> None:
+        self.kill_at = math.inf
+
+    def stop(self, workers: Iterable[Worker], kill_at: float) -> None:
+        """SIGTERM to each of ``workers`` now (a restart not yet due is cancelled);
+        SIGKILL to those left at ``kill_at``."""
+        for worker in workers:
+            worker.signal(signal.SIGTERM)
+            if worker.restart is not None:
+                worker.restart.cancel()
+                worker.restart = None
+        self.kill_at = kill_at
+
+    def kill_by(self, when: float) -> None:
+        self.kill_at = min(self.kill_at, when)
+
+    def due(self, now: float) -> bool:
+        return now >= self.kill_at
+
+    def kill(self, workers: Iterable[Worker]) -> None:
+        """SIGKILL those of ``workers`` that should have stopped by now."""
+        for worker in workers:
+            if worker.alive:
+                log.error("%s (pid %d) did not stop in time: SIGKILL", worker.name,
+                          worker.pid)
+                worker.signal(signal.SIGKILL)
+        self.kill_at = math.inf
+
+
+def kill_silent(workers: Iterable[Worker], now: float, timeout: float) -> None:
+    """SIGKILL each worker that has sent nothing (not even a heartbeat) for
+    ``timeout`` seconds: its loop is stuck. Its exit is then reported as any other."""
+    for worker in workers:
+        if worker.alive and worker.silent_for(now) > timeout:
+            log.error("%s (pid %d) sent nothing for %ds: killing it", worker.name,
+                      worker.pid, int(worker.silent_for(now)))
+            worker.signal(signal.SIGKILL)
+            worker.last_heard = now  # once
+
+
+def let_go(worker: Worker, loop: asyncio.AbstractEventLoop) -> None:
+    """The main process is ending: a worker still running (only when the main
+    process fails) is left to drain on its own; its pidfd and link are closed."""
+    if worker.restart is not None:
+        worker.restart.cancel()
+    if worker.alive:
+        log.warning("%s (pid %d) left to drain on its own", worker.name, worker.pid)
+        worker.signal(signal.SIGTERM)
+    if isinstance(worker, ChildWorker) and worker.pidfd is not None:
+        loop.remove_reader(worker.pidfd)
+        os.close(worker.pidfd)
+    if worker.link is not None:
+        worker.link.close()
+
+
+def first_workers(sets: list[list[socket.socket]],
+                  serve_here: MakeLocalRun | None) -> list[Worker]:
+    """Generation 1: one worker per socket set; a single one runs inside the main
+    process when it can (``serve_here``), so that the default daemon is one process."""
+    if len(sets) == 1 and serve_here is not None:
+        return [LocalWorker(0, sets[0], serve_here)]
+    return [ChildWorker(i, public) for i, public in enumerate(sets)]
