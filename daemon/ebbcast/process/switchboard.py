@@ -60,15 +60,8 @@ class Switchboard:
             history.trim(now)
             kept = history.after(0, now)
             base = kept[0].offset - 1 if kept else history.latest
-            local = worker.local_run()
-            if local is not None:
-                local.feed.sequenced_by(history.epoch, base, DirectSequencing(self, worker))
-                for entry in kept:
-                    local.feed.recorded(entry)
-            else:
-                link.send(records.Sequencer(history.epoch, base))
-                for entry in kept:
-                    link.send(records.History(entry))
+            worker.take_sequencer(history.epoch, base, kept,
+                                  lambda: DirectSequencing(self, worker))
         if not hold:
             link.send(records.Accept())
 
@@ -102,18 +95,17 @@ class Switchboard:
         (``origin`` sent it, with ``token``)."""
         assert self.sequencer is not None
         offset, sequenced = self.sequencer.sequence(frame, time.monotonic())
-        packed = b""
+        envelope = Envelope(node, source, token, sequenced)
+        packed: list[bytes] = []
+
+        def pack_once() -> bytes:
+            if not packed:
+                packed.append(pack(records.Ordered(offset, envelope)))
+            return packed[0]
+
         for worker in self._workers():
-            local = worker.local_run()
-            if local is not None:
-                local.feed.deliver_sequenced(self.sequencer.epoch, offset, sequenced, source,
-                                             token, worker is origin)
-                continue
-            if worker.link is None:
-                continue
-            packed = packed or pack(records.Ordered(offset, Envelope(node, source, token,
-                                                                     sequenced)))
-            if not worker.link.send_packed(packed):
+            if not worker.take_ordered(self.sequencer.epoch, offset, envelope,
+                                       worker is origin, pack_once):
                 self._metrics.backplane_dropped.inc()
 
     def inject(self, workers: list[Worker], payload: str) -> bool:

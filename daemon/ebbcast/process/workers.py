@@ -24,7 +24,9 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ebbcast.backplane.base import SequencedFeed
+from ebbcast.backplane import records
+from ebbcast.backplane.base import Envelope, SequencedFeed, Sequencing
+from ebbcast.backplane.history import Kept
 from ebbcast.backplane.records import Record
 from ebbcast.backplane.relay import Link
 from ebbcast.core.lifecycle import HANDLED_SIGNALS, StopReason
@@ -146,9 +148,20 @@ class Worker:
         """Seconds since the serving worker last sent anything (0 if not serving)."""
         return now - self.last_heard if self.ready else 0.0
 
-    def local_run(self) -> LocalRun | None:
-        """The serving process, when it runs inside the main process."""
-        return None
+    def take_sequencer(self, epoch: str, base: int, kept: list[Kept],
+                       direct: Callable[[], Sequencing]) -> None:
+        """The main process gives the offsets: its epoch, the offset its history
+        ``kept`` goes on from, and that history."""
+        if self.link is not None:
+            self.link.send(records.Sequencer(epoch, base))
+            for entry in kept:
+                self.link.send(records.History(entry))
+
+    def take_ordered(self, epoch: str, offset: int, envelope: Envelope, own: bool,
+                     packed: Callable[[], bytes]) -> bool:
+        """One sequenced broadcast (``packed()``: its Ordered record, packed once for
+        every worker); False if it was dropped."""
+        return self.link is None or self.link.send_packed(packed())
 
     def _started(self, link: Link, now: float) -> None:
         self.ready, self.connections, self.version = False, 0, ""
@@ -313,8 +326,20 @@ class LocalWorker(Worker):
             return 1
         return 1 if task.result() is StopReason.FAILED else 0
 
-    def local_run(self) -> LocalRun | None:
-        return self._daemon
+    def take_sequencer(self, epoch: str, base: int, kept: list[Kept],
+                       direct: Callable[[], Sequencing]) -> None:
+        """By calls: this serving process also sequences by calls (``direct``)."""
+        if self._daemon is not None:
+            self._daemon.feed.sequenced_by(epoch, base, direct())
+            for entry in kept:
+                self._daemon.feed.recorded(entry)
+
+    def take_ordered(self, epoch: str, offset: int, envelope: Envelope, own: bool,
+                     packed: Callable[[], bytes]) -> bool:
+        if self._daemon is not None:
+            self._daemon.feed.deliver_sequenced(epoch, offset, envelope.text,
+                                                envelope.source, envelope.seq, own)
+        return True
 
     def signal(self, signum: int) -> None:
         if self._daemon is not None and signum != signal.SIGKILL:

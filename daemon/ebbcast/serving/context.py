@@ -44,13 +44,13 @@ class DaemonContext:
     node_id: str
     request_drain: Callable[[str], None]
     started_mono: float
+    #: Submits, delivers and replays broadcasts.
+    broadcasts: Broadcasts
     backplane: Backplane = field(default_factory=MemoryBackplane)
     rng: random.Random = field(default_factory=random.Random)
     #: Connections on the daemon's other worker processes, as last reported by
     #: the main process (0 without workers).
     elsewhere: int = 0
-    #: Submits, delivers and replays broadcasts (set right after construction).
-    broadcasts: Broadcasts = field(init=False)
 
     def total_connections(self) -> int:
         """This process's connections plus the other workers': what clients are told."""

@@ -156,16 +156,17 @@ class Daemon:
         self.lifecycle = Lifecycle()
         self.metrics = metrics or Metrics()
         registry: ConnectionRegistry[Client] = ConnectionRegistry(self._on_count)
-        self.ctx = DaemonContext(
-            config=config, lifecycle=self.lifecycle, registry=registry,
-            fanout=Fanout(registry, self.metrics,  # type: ignore[arg-type]
-                          on_failing=self._on_fanout_failing),
-            metrics=self.metrics, node_id=f"{socket.gethostname()}:{os.getpid()}",
-            request_drain=self.request_drain, started_mono=time.monotonic())
-        self.broadcasts = self.ctx.broadcasts = Broadcasts(
-            History(config.history.size, config.history.ttl), self.ctx.fanout, registry,
-            self.metrics, lambda: self.ctx.config,
+        fanout = Fanout(registry, self.metrics,  # type: ignore[arg-type]
+                        on_failing=self._on_fanout_failing)
+        self.broadcasts = Broadcasts(
+            History(config.history.size, config.history.ttl), fanout, registry, self.metrics,
+            lambda: self.ctx.config,
             lambda payload, source: self.ctx.backplane.publish(payload, source))
+        self.ctx = DaemonContext(
+            config=config, lifecycle=self.lifecycle, registry=registry, fanout=fanout,
+            metrics=self.metrics, node_id=f"{socket.gethostname()}:{os.getpid()}",
+            request_drain=self.request_drain, started_mono=time.monotonic(),
+            broadcasts=self.broadcasts)
         self.servers: dict[str, HTTPServer] = {}
         self.spare = Spare()  # a descriptor in reserve, see ebbcast.core.sockets
         self.urls: dict[str, str] = {}
