@@ -4,14 +4,15 @@ A ``Daemon`` serves WebSocket clients in one process, in the role it is handed
 (``Role``): on its own, or as a member under the main process
 (``ebbcast.process.roles`` has both; this module never imports them).
 
-Signal handlers only record the signal; the loop (``ebbcast.core.events``) acts on it.
+Signal handlers only record the signal; the loop (``ebbcast.core.loop``) acts on it.
 The drain, in order: the state becomes DRAINING, the public listener stops
 accepting, every client gets the shutdown frame, and the clients keep being
 served until the last one leaves (stop at once), the deadline passes (close with
 shutdown.close_code), or a second stop signal arrives (close with 1001 now). A
-drain for an upgrade (the main process's HAND_OVER record) is the same, with
+drain for an upgrade (the main process's ``HandOver`` record) is the same, with
 ``"reason":"upgrade"`` in the shutdown frame; a stop signal then turns it into a
-stop's drain, and the next one forces it.
+stop's drain, and the next one forces it. Once stopping, the clients still
+closing get a few seconds for their close handshake, on the same loop.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ MAX_PUBLIC_BODY_BYTES = 64 * 1024
 @dataclass(frozen=True)
 class HandOver:
     """The main process tells a serving process: a new generation serves, drain as
-    an upgrade (``ebbcast.backplane.relay``'s HAND_OVER record)."""
+    an upgrade (``ebbcast.backplane.records.HandOver``)."""
 
 
 @dataclass(frozen=True)
