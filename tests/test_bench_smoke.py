@@ -91,3 +91,14 @@ def test_c100k_quick_run_connects_broadcasts_drains_and_upgrades(tmp_path):
     assert upgrade["moved"] == upgrade["moves_started"] == 200, upgrade
     assert upgrade["handshakes_failed"] == 0 and upgrade["errors"] == 0, upgrade
     assert "| upgrade: handshakes failed | 0 " in stdout
+
+
+def test_before_after_quick_run_alternates_two_trees(tmp_path):
+    """Both sides from this checkout: the driver runs each once and lines them up."""
+    _, data = quick_run("alternate.py", tmp_path, "memory", "--before", str(REPO),
+                             "--rounds", "1")
+    (table,) = tmp_path.glob("memory-before-after-*.md")
+    assert "| RSS KB/conn |" in table.read_text()
+    assert [(run["side"], run["returncode"]) for run in data["runs"]] == [("before", 0),
+                                                                        ("after", 0)]
+    assert all(run["figures"]["RSS KB/conn"] > 0 for run in data["runs"])
