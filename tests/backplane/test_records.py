@@ -4,12 +4,16 @@ upgrade."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+
 import pytest
 
 from ebbcast.backplane import records
 from ebbcast.backplane.base import Envelope
 from ebbcast.backplane.history import Kept
-from ebbcast.backplane.relay import Unpacker
+from ebbcast.backplane.relay import Link, Unpacker
+from helpers import wait_until
 
 
 def wire(kind: bytes, body: bytes) -> bytes:
@@ -44,8 +48,9 @@ def test_each_record_has_the_bytes_earlier_releases_use_and_reads_back(record, p
     assert records.parse(kind, body) == record
 
 
-def test_a_kind_this_release_does_not_know_is_skipped_not_an_error():
-    assert records.parse(b"Z", b"from a newer release") is None
+def test_a_kind_this_release_does_not_know_is_read_as_unknown_not_an_error():
+    assert records.parse(b"Z", b"from a newer release") == \
+        records.Unknown(b"Z", b"from a newer release")
 
 
 def test_a_body_that_is_not_what_its_kind_says_is_an_error():
@@ -71,3 +76,22 @@ def test_records_survive_any_split_of_the_stream():
                       for kind, body in unpacker.feed(stream[start:start + step])]
         assert found == [records.Frame(b"x" * 70_000), records.Ready(""),
                          records.Frame("é\n".encode())]
+
+
+def test_the_link_hands_on_what_it_cannot_read_so_its_sender_counts_as_heard():
+    """The main process takes any record as a sign of life (a worker that sends
+    nothing for server.worker_timeout is killed): one of a newer release's kinds, or
+    one it cannot read (logged), still reaches it, as Unknown."""
+    async def scenario() -> list[records.Received]:
+        mine, theirs = socket.socketpair()
+        got: list[records.Received] = []
+        link = Link(mine, got.append, lambda: None)
+        link.start()
+        theirs.sendall(wire(b"Z", b"new") + wire(b"C", b"twelve") + wire(b"C", b"3"))
+        await wait_until(lambda: len(got) == 3)
+        link.close()
+        theirs.close()
+        return got
+
+    assert asyncio.run(scenario()) == [records.Unknown(b"Z", b"new"),
+                                       records.Unknown(b"C", b"twelve"), records.Count(3)]

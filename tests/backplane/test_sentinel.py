@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from ebbcast.config import SentinelURL, parse_sentinel_url
+from ebbcast.values import SentinelURL, parse_sentinel_url
 from helpers import (QUICK, STEP_TIMEOUT, DaemonProcess, port_below_ephemeral_range, dial, metric,
                      recv_frame, wait_for)
 from sentinels import (FAILOVER_BOUND, MASTER_NAME, Cluster, Publisher, Recorder,

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from helpers import promtool_accepts, recv, recv_json, recv_until, sample, wait_until
+from helpers import (STEP_TIMEOUT, promtool_accepts, recv, recv_json, recv_until, sample,
+                     wait_until)
 from ebbcast.core.lifecycle import StopReason
 
 TOKEN = "secret-token"
@@ -234,6 +235,39 @@ async def test_second_signal_during_the_deadline_close_aborts_at_once(start_daem
         assert await d.stopped() is StopReason.DEADLINE
         assert "aborting 1 connections that did not finish closing" in caplog.messages
         assert len(d.daemon.ctx.registry) == 0
+    finally:
+        silent.close()
+
+
+async def test_the_close_grace_ends_when_the_last_client_has_answered(start_daemon,
+                                                                       monkeypatch, caplog):
+    # the grace made far longer than any wait here: the daemon stops within the
+    # step only because the client's close answer ends it
+    monkeypatch.setattr("ebbcast.serving.process.DEADLINE_CLOSE_GRACE", 10 * STEP_TIMEOUT)
+    caplog.set_level(logging.INFO, logger="ebbcast.serving.process")
+    d = await start_daemon(shutdown__drain_timeout="100ms")
+    await d.connect_welcomed()  # a Tornado client: it answers the close frame
+    d.daemon.record_signal(signal.SIGTERM)
+    assert await d.stopped() is StopReason.DEADLINE
+    assert not any(m.startswith("aborting") for m in caplog.messages)
+
+
+async def test_a_forced_stop_gives_closing_clients_the_shorter_grace(start_daemon,
+                                                                    monkeypatch, caplog):
+    from helpers import never_reading_client
+
+    monkeypatch.setattr("ebbcast.serving.process.DEADLINE_CLOSE_GRACE", 10 * STEP_TIMEOUT)
+    monkeypatch.setattr("ebbcast.serving.process.FORCED_CLOSE_GRACE", 0.2)
+    caplog.set_level(logging.INFO, logger="ebbcast.serving.process")
+    d = await start_daemon()
+    silent = await never_reading_client(d.ws_url)  # will never answer the close frame
+    try:
+        await wait_until(lambda: len(d.daemon.ctx.registry) == 1)
+        d.daemon.record_signal(signal.SIGTERM)
+        await wait_until(lambda: d.daemon.lifecycle.state.value == "draining")
+        d.daemon.record_signal(signal.SIGTERM)  # closes it with 1001 now: forced
+        assert await d.stopped() is StopReason.FORCED
+        assert "aborting 1 connections that did not finish closing" in caplog.messages
     finally:
         silent.close()
 

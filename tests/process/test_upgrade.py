@@ -608,3 +608,69 @@ def test_going_back_to_a_release_without_offsets_is_refused_not_lossy(spawn, tmp
     assert (frame["text"], frame["offset"]) == ("still sequenced", welcome["offset"] + 1)
     assert metric(d, 'ebbcast_broadcasts_total{source="admin"}') == 1
     ws.close()
+
+
+# -- from the release before (0.1.0, as shipped) ----------------------------------------
+
+#: The package of release 0.1.0 (``git archive c2100c8 daemon/ebbcast``): the release
+#: before the package was arranged in wings, whose main process must upgrade to this one.
+RELEASE_0_1_0 = REPO / "tests" / "fixtures" / "ebbcast-0.1.0.tar.gz"
+
+
+def release_0_1_0(tmp_path: Path) -> Path:
+    """0.1.0 unpacked to run from (PYTHONPATH): the returned folder holds ``ebbcast``."""
+    import tarfile
+
+    unpacked = tmp_path / "release"
+    with tarfile.open(RELEASE_0_1_0) as archive:
+        if hasattr(tarfile, "data_filter"):
+            archive.extractall(unpacked, filter="data")
+        else:  # pragma: no cover - a Python without extraction filters
+            archive.extractall(unpacked)
+    return unpacked / "daemon"
+
+
+def install_this_release(root: Path) -> None:
+    """What `pip install -U` does under a running daemon: the files are replaced."""
+    shutil.rmtree(root / "ebbcast")
+    shutil.copytree(REPO / "daemon" / "ebbcast", root / "ebbcast",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    set_version(root, "0.2.0-this")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_upgrade_from_0_1_0_keeps_one_conversation_and_its_offsets(spawn, tmp_path,
+                                                                       workers):
+    """The 0.1.0 main process keeps its code and gives the offsets; this release's
+    workers talk to it over the relay link (the records are the interface) and take
+    them. A reload of a setting 0.1.0 checks with a module it loads late
+    (server.trusted_proxies: ebbcast.forwarded) still finds it."""
+    root = release_0_1_0(tmp_path)
+    config = tmp_path / "ebbcast.toml"
+    config.write_text("")
+    d = start(spawn, workers, "--config", str(config), env={"PYTHONPATH": str(root)},
+              cwd=tmp_path)
+    assert build_versions(d) == {"0.1.0"}
+    old, welcome = welcomed(d)
+    install_this_release(root)
+    config.write_text('[server]\ntrusted_proxies = ["10.0.0.0/8"]\n')
+    upgrade(d, 2)
+    assert build_versions(d) == {"0.1.0", "0.2.0-this"}
+    assert recv_frame(old, "shutdown")["reason"] == "upgrade"
+    new, new_welcome = welcomed(d)
+    assert new_welcome["epoch"] == welcome["epoch"]  # the main process's, kept
+    broadcast(d, "to both generations")
+    for ws in (old, new):
+        frame = recv_frame(ws)
+        assert (frame["text"], frame["offset"]) == ("to both generations",
+                                                    welcome["offset"] + 1)
+    new.send("from the new generation")
+    for ws in (old, new):
+        frame = recv_frame(ws)
+        assert (frame["text"], frame["offset"]) == ("from the new generation",
+                                                    welcome["offset"] + 2)
+    close_all([old, new])
+    mark = len(d.lines)
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    assert not any("Traceback" in line for line in d.lines[mark:]), d.log_text()

@@ -243,7 +243,8 @@ def test_the_daemon_refuses_to_serve_on_a_tornado_that_changed(tmp_path):
 
 #: Run before the daemon in a fresh interpreter: take ``name`` away from Tornado's
 #: ``owner`` as a release that changed it would (a method from the class in the MRO
-#: that defines it, an instance attribute right after __init__, a module's name).
+#: that defines it, an instance attribute right after __init__ and any class-level
+#: default of it, a module's name).
 REMOVE = """
 import importlib, sys
 owner, name, kind = sys.argv[1:4]
@@ -255,6 +256,9 @@ else:
     if kind == "method":
         delattr(next(c for c in cls.__mro__ if name in vars(c)), name)
     else:
+        for owner_class in cls.__mro__:  # a class-level default too (Tornado 6.5's stream)
+            if name in vars(owner_class) and owner_class is not object:
+                delattr(owner_class, name)
         hook = "initialize" if hasattr(cls, "initialize") else "__init__"  # HTTPServer
         made = getattr(cls, hook)
         def without(self, *args, **kwargs):

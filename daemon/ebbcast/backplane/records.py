@@ -4,8 +4,8 @@ On the link (``ebbcast.backplane.relay``) each record is ``<length:4 bytes
 big-endian><kind:1 byte><body>``. The records are the interface between two
 releases during an upgrade (the main process keeps the code it started with; a
 new generation's workers run the code installed now), so a kind never gets a new
-meaning or a new body, and ``parse`` returns None for a kind it does not know:
-the side that reads it ignores it.
+meaning or a new body, and ``parse`` reads a kind it does not know as ``Unknown``:
+the side that reads it ignores it (but has heard from the other side).
 
 worker -> main
     ``Frame`` to relay to every other worker; ``Ready`` (its version) and
@@ -185,13 +185,26 @@ Record = Union[Frame, Inject, Sequence, Ready, Capabilities, Count, Others, Hear
                HandOver, Sequencer, History, Ordered]
 
 
+@dataclass(frozen=True)
+class Unknown:
+    """A record of a kind this release does not know (a newer release's), or one whose
+    body it could not read: nothing is done with it, but its sender was heard from."""
+
+    kind: bytes
+    body: bytes
+
+
+#: What a side reads from the link.
+Received = Union[Record, Unknown]
+
+
 def pack(record: Record) -> bytes:
     body = record.body()
     return HEADER.pack(len(body), record.KIND[0]) + body
 
 
-def parse(kind: bytes, body: bytes) -> Record | None:
-    """The record of ``kind``; None for a kind this release does not know.
+def parse(kind: bytes, body: bytes) -> Received:
+    """The record of ``kind``; ``Unknown`` for a kind this release does not know.
     ValueError for a body that is not what its kind says."""
     if kind == Frame.KIND:
         return Frame(body)
@@ -199,7 +212,7 @@ def parse(kind: bytes, body: bytes) -> Record | None:
         offset, rest = body.split(b"\n", 1)
         return Ordered(int(offset), Envelope.decode(rest))
     make = _PARSERS.get(kind)
-    return make(body) if make is not None else None
+    return make(body) if make is not None else Unknown(kind, body)
 
 
 def _history(body: bytes) -> History:

@@ -27,7 +27,7 @@ from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from ebbcast.backplane import records
 from ebbcast.backplane.base import Envelope, SequencedFeed
 from ebbcast.backplane.memory import MemoryBackplane
-from ebbcast.backplane.records import HEADER, Record, pack, parse
+from ebbcast.backplane.records import HEADER, Received, Record, pack, parse
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +63,13 @@ class Unpacker:
 class Link:
     """One end of a relay socketpair, on Tornado's loop.
 
-    ``on_record(record)`` is called for each record read, in order (a kind this
-    release does not know is skipped);
+    ``on_record(record)`` is called for each record read, in order (one this
+    release cannot read comes as ``records.Unknown``);
     ``on_closed()`` once, when the other side has gone. ``send`` never blocks:
     records wait in the stream's buffer, up to MAX_BACKLOG_BYTES.
     """
 
-    def __init__(self, sock: socket.socket, on_record: Callable[[Record], None],
+    def __init__(self, sock: socket.socket, on_record: Callable[[Received], None],
                  on_closed: Callable[[], None]) -> None:
         sock.setblocking(False)
         self._stream = IOStream(sock, max_write_buffer_size=MAX_BACKLOG_BYTES)
@@ -138,8 +138,11 @@ class Link:
         that record only."""
         try:
             record = parse(kind, body)
-            if record is not None:
-                self._on_record(record)
+        except Exception:
+            log.exception("relay record %r could not be handled", kind)
+            record = records.Unknown(kind, body)  # unreadable, but its sender is alive
+        try:
+            self._on_record(record)
         except Exception:
             log.exception("relay record %r could not be handled", kind)
 
@@ -221,7 +224,7 @@ class WorkerLink:
         it comes back ``Ordered``."""
         return self._send(records.Sequence(Envelope(self._node, source, token, frame)))
 
-    def _on_record(self, record: Record) -> None:
+    def _on_record(self, record: Received) -> None:
         peer = self._peer
         match record:
             case records.Ordered(offset, envelope):

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from ebbcast.config import SENTINEL_SCHEME, parse_sentinel_url
+from ebbcast.values import SENTINEL_SCHEME, parse_sentinel_url
 
 #: Longest pause between reconnection attempts: a plain Redis that is down may stay
 #: down a while; with Sentinel a new master is named within seconds.

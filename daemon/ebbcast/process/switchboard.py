@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 from ebbcast.backplane import records
 from ebbcast.backplane.base import Envelope
-from ebbcast.backplane.records import Record, pack
+from ebbcast.backplane.records import Received, pack
 from ebbcast.backplane.sequencer import Sequencer
 from ebbcast.core.metrics import Metrics
 from ebbcast.process.workers import Worker
@@ -65,7 +65,7 @@ class Switchboard:
         if not hold:
             link.send(records.Accept())
 
-    def on_record(self, worker: Worker, record: Record) -> None:
+    def on_record(self, worker: Worker, record: Received) -> None:
         worker.last_heard = time.monotonic()
         match record:
             case records.Sequence(envelope):

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from ebbcast.backplane import records
 from ebbcast.backplane.base import Envelope, SequencedFeed, Sequencing
 from ebbcast.backplane.history import Kept
-from ebbcast.backplane.records import Record
+from ebbcast.backplane.records import Received
 from ebbcast.backplane.relay import Link
 from ebbcast.core.lifecycle import HANDLED_SIGNALS, StopReason
 
@@ -133,7 +133,7 @@ class Worker:
     def alive(self) -> bool:
         raise NotImplementedError
 
-    def start(self, args: Sequence[str], on_record: Callable[[Record], None],
+    def start(self, args: Sequence[str], on_record: Callable[[Received], None],
               on_exit: Callable[[], None], now: float, hold: bool = False) -> None:
         raise NotImplementedError
 
@@ -209,7 +209,7 @@ class ChildWorker(Worker):
     def alive(self) -> bool:
         return self.process is not None
 
-    def start(self, args: Sequence[str], on_record: Callable[[Record], None],
+    def start(self, args: Sequence[str], on_record: Callable[[Received], None],
               on_exit: Callable[[], None], now: float, hold: bool = False) -> None:
         """Start the worker. Raises OSError (with nothing left open) if it cannot be
         started."""
@@ -304,7 +304,7 @@ class LocalWorker(Worker):
     def alive(self) -> bool:
         return self._task is not None
 
-    def start(self, args: Sequence[str], on_record: Callable[[Record], None],
+    def start(self, args: Sequence[str], on_record: Callable[[Received], None],
               on_exit: Callable[[], None], now: float, hold: bool = False) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # copies, so that its server closing them leaves the main process's open

@@ -29,7 +29,7 @@ from typing import Any, TypeGuard
 
 import jwt
 
-from ebbcast.config import load_public_key
+from ebbcast.values import load_public_key
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 
-from ebbcast.config import parse_network
+from ebbcast.values import parse_network
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
