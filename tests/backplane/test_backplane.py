@@ -519,7 +519,7 @@ def started_on(client_class: type[ClosingSlowly]) -> Any:
     return plane
 
 
-async def test_a_subscription_whose_client_fails_to_close_is_tried_again():
+async def test_a_subscription_whose_client_fails_to_close_is_tried_again(io_loop):
     """A failed close of a lost subscription's client does not end the subscriber:
     it subscribes again (a new client, after the backoff); stop() closes them all."""
     plane = started_on(FailingToClose)
@@ -528,7 +528,7 @@ async def test_a_subscription_whose_client_fails_to_close_is_tried_again():
     assert all(client.closed for client in ClosingSlowly.made)
 
 
-async def test_a_stop_that_cuts_a_client_close_short_still_closes_that_client():
+async def test_a_stop_that_cuts_a_client_close_short_still_closes_that_client(io_loop):
     """The stop cancels the subscriber as it closes the client of its lost
     subscription: stop() closes that client again, so no connection outlives it."""
     plane = started_on(ClosingSlowly)

@@ -4,7 +4,6 @@ upgrade."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 
 import pytest
@@ -78,20 +77,19 @@ def test_records_survive_any_split_of_the_stream():
                          records.Frame("é\n".encode())]
 
 
-def test_the_link_hands_on_what_it_cannot_read_so_its_sender_counts_as_heard():
+async def test_the_link_hands_on_what_it_cannot_read_so_its_sender_counts_as_heard(io_loop):
     """The main process takes any record as a sign of life (a worker that sends
     nothing for server.worker_timeout is killed): one of a newer release's kinds, or
     one it cannot read (logged), still reaches it, as Unknown."""
-    async def scenario() -> list[records.Received]:
-        mine, theirs = socket.socketpair()
-        got: list[records.Received] = []
-        link = Link(mine, got.append, lambda: None)
-        link.start()
+    mine, theirs = socket.socketpair()
+    got: list[records.Received] = []
+    link = Link(mine, got.append, lambda: None)
+    link.start()
+    try:
         theirs.sendall(wire(b"Z", b"new") + wire(b"C", b"twelve") + wire(b"C", b"3"))
         await wait_until(lambda: len(got) == 3)
+    finally:
         link.close()
         theirs.close()
-        return got
-
-    assert asyncio.run(scenario()) == [records.Unknown(b"Z", b"new"),
-                                       records.Unknown(b"C", b"twelve"), records.Count(3)]
+    assert got == [records.Unknown(b"Z", b"new"), records.Unknown(b"C", b"twelve"),
+                   records.Count(3)]

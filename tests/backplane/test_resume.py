@@ -487,7 +487,7 @@ async def test_a_drain_refuses_the_handshakes_still_waiting(start_daemon, monkey
     await d.stopped()
 
 
-async def test_with_workers_a_drain_refuses_the_handshakes_still_waiting(spawn, tmp_path):
+async def test_with_workers_a_drain_refuses_the_handshakes_still_waiting(io_loop, spawn, tmp_path):
     """--workers 2, from a copy whose catch-up wait is a minute and that says on
     stderr when a handshake starts waiting: six resumes from the future wait, then
     SIGTERM; each is answered 503 within STEP_TIMEOUT, so by the drain's start,

@@ -8,6 +8,10 @@ import pytest
 
 from ebbcast.core.waits import cancel_for_good, within
 
+#: pytest-tornasync runs each test on the io_loop fixture's loop (without it, on the
+#: "current" one, which Python 3.12+ warns about when no test before set one)
+pytestmark = pytest.mark.usefixtures("io_loop")
+
 
 async def test_the_result_comes_back_within_the_limit():
     assert await within(asyncio.sleep(0, "done"), 10) == "done"
