@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import shutil
 import signal
@@ -65,7 +66,17 @@ PROCESS_FIXTURES = {"spawn", "redis_server", "wsbench"}
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Marks `fast` every test that starts no process (no daemon subprocess, Redis,
-    browser, proxy or tool): `make fast-tests` and CI's newest-versions job run those."""
+    browser, proxy or tool): `make fast-tests` and CI's newest-versions job run those.
+
+    Refuses an async test that does not run on the io_loop fixture: pytest-tornasync
+    then runs it on whatever loop is current, so it passes or fails by the tests
+    before it (Python 3.12 warns when none is current)."""
+    loose = [item.nodeid for item in items
+             if inspect.iscoroutinefunction(getattr(item, "obj", None))
+             and "io_loop" not in getattr(item, "fixturenames", ())]
+    if loose:
+        raise pytest.UsageError("async tests must use the io_loop fixture (directly, "
+                                "through start_daemon, or by pytestmark): " + ", ".join(loose))
     for item in items:
         if (item.get_closest_marker("processes") is None
                 and item.get_closest_marker("slow") is None

@@ -207,12 +207,19 @@ def patch_module(root: Path, module: str, after: str, code: str) -> None:
 def package_copy(tmp_path: Path) -> Path:
     """A copy of the ebbcast package to run from (PYTHONPATH), to change in place: a
     new release for an upgrade, or a bug put there on purpose."""
+    root = tmp_path / "site"
+    install_package(root)
+    return root
+
+
+def install_package(root: Path) -> None:
+    """This tree's package as ``root``/ebbcast, replacing what is there (as
+    `pip install -U` does under a running daemon)."""
     import shutil
 
-    root = tmp_path / "site"
+    shutil.rmtree(root / "ebbcast", ignore_errors=True)
     shutil.copytree(REPO / "daemon" / "ebbcast", root / "ebbcast",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    return root
 
 
 

@@ -440,7 +440,7 @@ async def test_the_connection_limit_holds_for_handshakes_that_waited(start_daemo
 
 
 async def test_with_workers_each_holds_its_connection_limit_for_handshakes_that_waited(
-        spawn):
+        io_loop, spawn):
     """--workers 2, server.max_connections 5 (per serving process): 30 resumes from
     the future, each admitted after its wait or refused then; no worker holds more
     than 5, one that refused holds exactly 5, and every 101 is a connection there."""

@@ -24,8 +24,9 @@ import pytest
 from websockets.sync.client import ClientConnection
 
 from helpers import (QUICK, REPO, STEP_TIMEOUT, DaemonProcess, clients_on_every_worker,
-                     close_all, closed_code, dial, metric, notifications, package_copy,
-                     pid_of, promtool_accepts, recv_frame, server_frames, status, wait_for)
+                     close_all, closed_code, dial, install_package, metric, notifications,
+                     package_copy, pid_of, promtool_accepts, recv_frame, server_frames, status,
+                     wait_for)
 
 UPGRADE_ENV = {**QUICK, "EBBCAST_SHUTDOWN_UPGRADE_SPREAD": "2s"}
 
@@ -631,10 +632,7 @@ def release_0_1_0(tmp_path: Path) -> Path:
 
 
 def install_this_release(root: Path) -> None:
-    """What `pip install -U` does under a running daemon: the files are replaced."""
-    shutil.rmtree(root / "ebbcast")
-    shutil.copytree(REPO / "daemon" / "ebbcast", root / "ebbcast",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    install_package(root)
     set_version(root, "0.2.0-this")
 
 

@@ -37,8 +37,20 @@ HEADER = struct.Struct(">IB")
 OFFSETS = "offsets"
 
 
+class _Record:
+    """What every record has: its kind (one byte on the link), its body, and whether
+    it goes out at once, with what is queued before it, rather than at the end of
+    the loop's pass (a switch between generations must not wait)."""
+
+    KIND: ClassVar[bytes]
+    URGENT: ClassVar[bool] = False
+
+    def body(self) -> bytes:
+        return b""
+
+
 @dataclass(frozen=True)
-class Frame:
+class Frame(_Record):
     """A frame relayed between workers; the envelope stays encoded on the way
     through the main process, which never reads it."""
 
@@ -58,8 +70,9 @@ class Frame:
 
 
 @dataclass(frozen=True)
-class Inject:
-    KIND: ClassVar[bytes] = b"I"
+class _Carrying(_Record):
+    """A record whose body is one Envelope."""
+
     envelope: Envelope
 
     def body(self) -> bytes:
@@ -67,18 +80,19 @@ class Inject:
 
 
 @dataclass(frozen=True)
-class Sequence:
+class Inject(_Carrying):
+    KIND: ClassVar[bytes] = b"I"
+
+
+@dataclass(frozen=True)
+class Sequence(_Carrying):
     """Give this broadcast an offset (``envelope.seq`` is the sender's token)."""
 
     KIND: ClassVar[bytes] = b"S"
-    envelope: Envelope
-
-    def body(self) -> bytes:
-        return self.envelope.encode()
 
 
 @dataclass(frozen=True)
-class Ready:
+class Ready(_Record):
     KIND: ClassVar[bytes] = b"R"
     version: str
 
@@ -87,7 +101,7 @@ class Ready:
 
 
 @dataclass(frozen=True)
-class Capabilities:
+class Capabilities(_Record):
     KIND: ClassVar[bytes] = b"K"
     names: tuple[str, ...]
 
@@ -96,57 +110,48 @@ class Capabilities:
 
 
 @dataclass(frozen=True)
-class Count:
+class _Counting(_Record):
+    """A record whose body is a number of connections, in ASCII digits."""
+
+    connections: int
+
+    def body(self) -> bytes:
+        return str(self.connections).encode()
+
+
+@dataclass(frozen=True)
+class Count(_Counting):
     """This worker's connections (sent when the count changes)."""
 
     KIND: ClassVar[bytes] = b"C"
-    connections: int
-
-    def body(self) -> bytes:
-        return str(self.connections).encode()
 
 
 @dataclass(frozen=True)
-class Others:
+class Others(_Counting):
     """The connections on the daemon's other workers."""
 
     KIND: ClassVar[bytes] = b"T"
-    connections: int
-
-    def body(self) -> bytes:
-        return str(self.connections).encode()
 
 
 @dataclass(frozen=True)
-class Heartbeat:
+class Heartbeat(_Record):
     KIND: ClassVar[bytes] = b"H"
 
-    def body(self) -> bytes:
-        return b""
-
 
 @dataclass(frozen=True)
-class Accept:
+class Accept(_Record):
     KIND: ClassVar[bytes] = b"A"
-    #: Sent at once, with what is queued before it: a switch between generations
-    #: must not wait for the end of the loop's pass.
     URGENT: ClassVar[bool] = True
 
-    def body(self) -> bytes:
-        return b""
-
 
 @dataclass(frozen=True)
-class HandOver:
+class HandOver(_Record):
     KIND: ClassVar[bytes] = b"U"
     URGENT: ClassVar[bool] = True
 
-    def body(self) -> bytes:
-        return b""
-
 
 @dataclass(frozen=True)
-class Sequencer:
+class Sequencer(_Record):
     """The main process sequences: its epoch, and the offset its history after
     which follows (as ``History`` records)."""
 
@@ -159,7 +164,7 @@ class Sequencer:
 
 
 @dataclass(frozen=True)
-class History:
+class History(_Record):
     """One broadcast of the main process's history: record it, deliver it to nobody."""
 
     KIND: ClassVar[bytes] = b"Y"
@@ -170,7 +175,7 @@ class History:
 
 
 @dataclass(frozen=True)
-class Ordered:
+class Ordered(_Record):
     """A sequenced broadcast (``envelope.seq``: the token its sender gave it)."""
 
     KIND: ClassVar[bytes] = b"O"

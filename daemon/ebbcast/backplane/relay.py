@@ -88,7 +88,7 @@ class Link:
         An urgent one (``Accept``, ``HandOver``) goes out now, with what is queued
         before it."""
         queued = self.send_packed(pack(record))
-        if queued and getattr(record, "URGENT", False):
+        if queued and record.URGENT:
             self._flush()
         return queued
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -32,8 +31,7 @@ class DaemonContext:
     """The collaborators handlers receive through ``initialize()``.
 
     ``config`` is replaced (never mutated) when a SIGHUP reload applies new values,
-    so handlers read it at the moment they need a setting. ``request_drain`` starts
-    the drain exactly as SIGTERM does; its argument names who asked.
+    so handlers read it at the moment they need a setting.
     """
 
     config: Config
@@ -42,7 +40,6 @@ class DaemonContext:
     fanout: Fanout
     metrics: Metrics
     node_id: str
-    request_drain: Callable[[str], None]
     started_mono: float
     #: Submits, delivers and replays broadcasts.
     broadcasts: Broadcasts

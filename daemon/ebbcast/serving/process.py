@@ -166,7 +166,7 @@ class Daemon:
         self.ctx = DaemonContext(
             config=config, lifecycle=self.lifecycle, registry=registry, fanout=fanout,
             metrics=self.metrics, node_id=f"{socket.gethostname()}:{os.getpid()}",
-            request_drain=self.request_drain, started_mono=time.monotonic(),
+            started_mono=time.monotonic(),
             broadcasts=self.broadcasts)
         self.servers: dict[str, HTTPServer] = {}
         self.spare = Spare()  # a descriptor in reserve, see ebbcast.core.sockets
