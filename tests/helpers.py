@@ -257,6 +257,15 @@ class DaemonProcess:
     def wait_for_log(self, pattern: str, timeout: float = STEP_TIMEOUT,
                      start: int = 0) -> re.Match[str]:
         """The first log line from index ``start`` on that matches ``pattern``."""
+        return self._find_line(pattern, timeout, start)[1]
+
+    def wait_for_log_index(self, pattern: str, timeout: float = STEP_TIMEOUT,
+                           start: int = 0) -> int:
+        """The index of the first log line from ``start`` on that matches ``pattern``."""
+        return self._find_line(pattern, timeout, start)[0]
+
+    def _find_line(self, pattern: str, timeout: float,
+                   start: int) -> tuple[int, re.Match[str]]:
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         index = start
@@ -265,7 +274,7 @@ class DaemonProcess:
                 while index < len(self.lines):
                     match = regex.search(self.lines[index])
                     if match:
-                        return match
+                        return index, match
                     if self.lines[index] == "<EOF>":
                         raise AssertionError(f"exited before logging {pattern!r}:\n"
                                              + self.log_text())
@@ -354,10 +363,14 @@ class RedisServer:
     tried. A Redis answering on the port counts only if its ``process_id`` is the
     one started here: never another run's. Only a restart must have the same port:
     it fails, naming why, if the port was taken meanwhile.
+
+    ``url`` (what a daemon is given) logs in as the user docs/operations.md tells
+    operators to make, with the commands it lists and only ``prefixes``' keys and
+    channels; ``client()`` (what a test inspects Redis with) as the default user.
     """
 
     def __init__(self, workdir: Path, tls_dir: Path | None = None,
-                 args: tuple[str, ...] = ()) -> None:
+                 args: tuple[str, ...] = (), prefixes: tuple[str, ...] = ("ebbcast",)) -> None:
         import shutil
 
         binary = shutil.which("redis-server")
@@ -369,6 +382,7 @@ class RedisServer:
         self.proc: subprocess.Popen[str] | None = None
         self.tls_dir = tls_dir
         self.args = list(args)  # more redis-server arguments, e.g. ("--replicaof", ...)
+        self.acl = ["--user", ACL_USER, *documented_acl(prefixes)]
         if tls_dir is not None:  # TLS only (port 0 turns plain TCP off), from a test CA
             import trustme
 
@@ -380,9 +394,11 @@ class RedisServer:
 
     @property
     def url(self) -> str:
+        login = f"{ACL_USER}:{ACL_PASSWORD}@"
         if self.tls_dir is not None:
-            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls_dir / 'ca.pem'}"
-        return f"redis://127.0.0.1:{self.port}/0"
+            return (f"rediss://{login}127.0.0.1:{self.port}/0"
+                    f"?ssl_ca_certs={self.tls_dir / 'ca.pem'}")
+        return f"redis://{login}127.0.0.1:{self.port}/0"
 
     def client(self, port: int | None = None, timeout: float = STEP_TIMEOUT) -> Any:
         """A redis-py client of this server (or of whatever answers on ``port``)."""
@@ -417,7 +433,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [self.binary, *listen, "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.workdir), "--loglevel", "warning",
-             *self.args],
+             *self.acl, *self.args],
             cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL)
         if wait_for_own_redis(self.proc, lambda: self.client(port, timeout=1)):
@@ -437,6 +453,25 @@ class RedisServer:
         self.proc.kill()
         self.proc.wait(STEP_TIMEOUT)
         self.proc = None
+
+
+ACL_USER, ACL_PASSWORD = "ebbcast", "acl-test-password"
+
+
+def documented_acl(prefixes: tuple[str, ...]) -> list[str]:
+    """The rules of the ``ACL SETUSER ebbcast ...`` line in docs/operations.md, with
+    this password and ``prefixes``' keys and channels in place of ebbcast's."""
+    line = next(text for text in (REPO / "docs" / "operations.md").read_text().splitlines()
+                if text.strip().startswith(f"ACL SETUSER {ACL_USER} "))
+    rules: list[str] = []
+    for rule in line.split()[3:]:
+        if rule == ">PASSWORD":
+            rules.append(f">{ACL_PASSWORD}")
+        elif rule in ("~ebbcast:*", "&ebbcast:*"):
+            rules += [f"{rule[0]}{prefix}:*" for prefix in prefixes]
+        else:
+            rules.append(rule)
+    return rules
 
 
 def wait_for_own_redis(proc: subprocess.Popen[Any], client: Callable[[], Any]) -> bool:

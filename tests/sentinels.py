@@ -21,7 +21,7 @@ from typing import Any
 import redis
 from websockets.exceptions import ConnectionClosed
 
-from helpers import (STEP_TIMEOUT, RedisServer, port_below_ephemeral_range, dial, wait_for,
+from helpers import (ACL_PASSWORD, ACL_USER, STEP_TIMEOUT, RedisServer, port_below_ephemeral_range, dial, wait_for,
                      wait_for_own_redis)
 
 MASTER_NAME = "mymaster"
@@ -111,7 +111,10 @@ class Cluster:
 
     @property
     def url(self) -> str:
-        return f"redis+sentinel://127.0.0.1:{self.sentinel.port}/{MASTER_NAME}"
+        """Redis is reached as the documented ACL user (``RedisServer``), sentinels
+        as they are."""
+        return (f"redis+sentinel://{ACL_USER}:{ACL_PASSWORD}@127.0.0.1:{self.sentinel.port}"
+                f"/{MASTER_NAME}")
 
     def current_master(self) -> RedisServer:
         return self.servers[self.sentinel.master()]

@@ -141,11 +141,11 @@ def print_token(args: argparse.Namespace) -> int:
         print("ebbcast token: --sub: 1 to 128 characters, no control characters",
               file=sys.stderr)
         return ExitCode.USAGE
-    if not config.auth.jwt_key:
+    if not config.jwt_secret:
         print("ebbcast token: auth.jwt_key: not set; tokens are signed with it (HS256). "
-              "Set it in the config file or EBBCAST_AUTH_JWT_KEY", file=sys.stderr)
+              "Set auth.jwt_key_file, or EBBCAST_AUTH_JWT_KEY", file=sys.stderr)
         return ExitCode.USAGE
-    print(mint(config.auth.jwt_key, args.sub, ttl, args.read_only, config.auth.audience))
+    print(mint(config.jwt_secret, args.sub, ttl, args.read_only, config.auth.audience))
     return ExitCode.OK
 
 
@@ -222,8 +222,14 @@ def serve(args: argparse.Namespace) -> int:
     metrics_dir = os.path.join(rundir, "metrics")
     os.mkdir(metrics_dir, 0o700)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    from ebbcast.backplane.names import new_instance_id
+
+    # one id for every process of this daemon, generations included: how other
+    # instances tell it apart (its public URL may be theirs too, behind one proxy)
+    instance = new_instance_id()
     worker_args = (["--config", path] if path else []) + \
-        [f"--set={key}={value}" for key, value in overrides.items()]
+        [f"--set={key}={value}" for key, value in overrides.items()] + \
+        ["--instance", instance]
     try:
         from ebbcast.core.metrics import Metrics
         from ebbcast.process.supervisor import Supervisor
@@ -237,7 +243,8 @@ def serve(args: argparse.Namespace) -> int:
             from ebbcast.serving.process import Daemon
 
             return Daemon(running, reload, metrics=metrics,
-                          role=Member(WorkerSetup(0, relay, public, hold=True, local=True)))
+                          role=Member(WorkerSetup(0, relay, public, hold=True, local=True,
+                                                  instance=instance)))
 
         return _run_until_stopped(lambda: Supervisor(config, reload, rundir, worker_args,
                                                      metrics_dir, serve_here=serve_here))
@@ -281,6 +288,9 @@ def run_worker(argv: Sequence[str]) -> int:
     parser.add_argument("--effective-config", required=True)
     parser.add_argument("--config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    # absent when a main process of 0.1.0 starts this release's workers: they are
+    # told apart by that main process's pid
+    parser.add_argument("--instance", default="")
     args = parser.parse_args(argv)
     _prepare_process()
     if signal.SIGINT in signal.sigpending():
@@ -304,6 +314,7 @@ def run_worker(argv: Sequence[str]) -> int:
 
     setup = WorkerSetup(args.index, socket.socket(fileno=args.relay_fd),
                         [socket.socket(fileno=int(fd)) for fd in args.listen_fds.split(",")],
-                        generation=args.generation, hold=args.hold)
+                        generation=args.generation, hold=args.hold,
+                        instance=args.instance or f"{socket.gethostname()}:{os.getppid()}")
 
     return _run_until_stopped(lambda: Daemon(config, reload, Member(setup)))

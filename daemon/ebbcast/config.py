@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 from urllib.parse import urlsplit
 
-from ebbcast.values import load_public_key, parse_network, parse_sentinel_url
+from ebbcast.values import (
+    parse_network,
+    parse_sentinel_url,
+    parse_verification_keys,
+    read_secret_file,
+    read_text_file,
+)
 
 
 if sys.version_info >= (3, 11):
@@ -42,6 +48,8 @@ RELOADABLE = (
     "keepalive.*",
     "logging.level",
     "admin.token",
+    "admin.token_file",
+    "auth.*",
     "shutdown.progress_interval",
 )
 
@@ -229,6 +237,28 @@ def _check_backplane(v: str) -> str | None:
             f"\"redis+sentinel://host:port[,host:port...]/master\", got {_masked(v)!r}")
 
 
+def _check_public_url(v: str) -> str | None:
+    if not v:
+        return None
+    parts = urlsplit(v)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in ("ws", "wss") or not parts.hostname or not port_ok \
+            or parts.query or parts.fragment or not parts.path.startswith("/"):
+        return f"must be a ws:// or wss:// URL with a path, like \"wss://chat.example.com/ws\"; got {v!r}"
+    if parts.hostname in ("0.0.0.0", "::"):
+        return f"names an unspecified address, which no client can reach: {v!r}"
+    return None
+
+
+def _check_prefix(v: str) -> str | None:
+    if re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v):
+        return None
+    return f"must be 1-64 letters, digits, \"_\", \".\" or \"-\" (no \":\"), got {v!r}"
+
+
 def _masked(url: str) -> str:
     """A URL with its password, if any, replaced (error messages are printed)."""
     scheme, sep, rest = url.partition("://")
@@ -285,6 +315,9 @@ class ServerConfig:
                                  "else the connection is closed", _positive)
     body_timeout: float = _key("duration", 30.0, "a request body that stops arriving is "
                                "given up after this; the connection is closed", _positive)
+    public_url: str = _key("str", "", "URL clients reach this instance at, e.g. "
+                           "\"wss://chat.example.com/ws\" (behind a proxy), advertised to "
+                           "draining clients; \"\" = the bound address", _check_public_url)
 
 
 @dataclass(frozen=True)
@@ -293,7 +326,9 @@ class AdminConfig:
                      "(metrics, health, status, publish)")
     port: int = _key("int", 8001, "port of the admin listener; 0 = any free port", _check_port)
     token: str = _key("str", "", "bearer token for POST /broadcast, /drain and /upgrade; "
-                      "\"\" disables them", _check_token)
+                      "\"\" (and no token_file) disables them", _check_token)
+    token_file: str = _key("str", "", "file holding the admin token instead (re-read on "
+                           "SIGHUP; keep it 0600)")
     request_timeout: float = _key("duration", 30.0, "an admin request's headers, then its "
                                   "body, must each arrive within this; else the connection "
                                   "is closed", _positive)
@@ -305,10 +340,15 @@ class AuthConfig:
                      "\"jwt\": a client needs a token (?token= or Authorization: Bearer)",
                      _one_of("none", "jwt"))
     jwt_key: str = _key("str", "", "HS256 secret tokens are signed with (secret: better "
-                        "in EBBCAST_AUTH_JWT_KEY)")
-    jwt_public_key_file: str = _key("str", "", "PEM public key tokens are verified with "
-                                    "(RS256 for RSA, ES256 for EC P-256), instead of jwt_key")
+                        "in jwt_key_file or EBBCAST_AUTH_JWT_KEY)")
+    jwt_key_file: str = _key("str", "", "file holding the HS256 secret instead (re-read on "
+                             "SIGHUP)")
+    jwt_public_key_file: str = _key("str", "", "PEM public key (RS256 for RSA, ES256 for EC "
+                                    "P-256) or JWKS file of keys told apart by kid, instead "
+                                    "of jwt_key (re-read on SIGHUP)")
     audience: str = _key("str", "", "when set, a token's aud must name it")
+    leeway: float = _key("duration", 30.0, "clock skew allowed on a token's exp and nbf, at "
+                         "the handshake and for the 4001 close")
 
 
 @dataclass(frozen=True)
@@ -365,6 +405,8 @@ class BackplaneConfig:
     url: str = _key("str", "memory://", "\"memory://\", or for several hosts "
                     "\"redis://host:port/db\" or \"redis+sentinel://host:port[,host:port...]"
                     "/master[/db]\" (Redis Sentinel)", _check_backplane)
+    prefix: str = _key("str", "ebbcast", "every Redis key and channel is <prefix>:<name>; "
+                       "deployments sharing one Redis each take their own", _check_prefix)
 
 
 @dataclass(frozen=True)
@@ -375,8 +417,26 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class SecretFiles:
+    """What the files named by ``admin.token_file``, ``auth.jwt_key_file`` and
+    ``auth.jwt_public_key_file`` held when the configuration was loaded (read once,
+    so a file changed later takes effect at the next SIGHUP, and a bad one then is
+    refused with the rest of that reload)."""
+
+    admin_token: str = ""
+    jwt_key: str = ""
+    public_keys: str = ""
+
+
+#: Each file read with the configuration: (its key, the SecretFiles field it fills).
+SECRET_FILE_KEYS = (("admin.token_file", "admin_token"), ("auth.jwt_key_file", "jwt_key"),
+                    ("auth.jwt_public_key_file", "public_keys"))
+
+
+@dataclass(frozen=True)
 class Config:
-    """The whole, validated configuration. Durations are float seconds."""
+    """The whole, validated configuration. Durations are float seconds. ``files``
+    holds what the key files named in it held when it was loaded."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
@@ -388,6 +448,7 @@ class Config:
     history: HistoryConfig = field(default_factory=HistoryConfig)
     backplane: BackplaneConfig = field(default_factory=BackplaneConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    files: SecretFiles = field(default_factory=SecretFiles, repr=False)
 
     def value(self, key: str) -> Value:
         """The value of ``"section.key"``."""
@@ -397,6 +458,16 @@ class Config:
     @property
     def tls_enabled(self) -> bool:
         return bool(self.server.tls_cert and self.server.tls_key)
+
+    @property
+    def admin_token(self) -> str:
+        """The admin bearer token: ``admin.token``, or what ``admin.token_file`` held."""
+        return self.admin.token or self.files.admin_token
+
+    @property
+    def jwt_secret(self) -> str:
+        """The HS256 secret: ``auth.jwt_key``, or what ``auth.jwt_key_file`` held."""
+        return self.auth.jwt_key or self.files.jwt_key
 
 
 SECTIONS: dict[str, type] = {
@@ -420,8 +491,13 @@ def is_reloadable(key: str) -> bool:
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:
-    """The keys whose value differs between two configurations."""
-    return [key for key, _ in iter_keys() if old.value(key) != new.value(key)]
+    """The keys whose value differs between two configurations; a key naming a
+    file counts as changed when the file's contents did."""
+    changed = [key for key, _ in iter_keys() if old.value(key) != new.value(key)]
+    for key, held in SECRET_FILE_KEYS:
+        if key not in changed and getattr(old.files, held) != getattr(new.files, held):
+            changed.append(key)
+    return changed
 
 
 # -- loading ----------------------------------------------------------------------
@@ -509,11 +585,15 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
             else:
                 sections[section][name] = value
             break
+    files = SecretFiles()
     if not problems:
         problems.extend(_cross_checks(sections))
+    if not problems:
+        files = _read_files(sections, problems)
     if problems:
         raise ConfigError(problems)
-    return Config(**{name: SECTIONS[name](**values) for name, values in sections.items()})
+    return Config(**{name: SECTIONS[name](**values) for name, values in sections.items()},
+                  files=files)
 
 
 def _cross_checks(sections: dict[str, dict[str, Value]]) -> list[tuple[str, str]]:
@@ -531,20 +611,49 @@ def _cross_checks(sections: dict[str, dict[str, Value]]) -> list[tuple[str, str]
 
 def _auth_checks(auth: dict[str, Value]) -> list[tuple[str, str]]:
     secret, public_key_file = auth.get("jwt_key", ""), str(auth.get("jwt_public_key_file", ""))
+    secret = secret or auth.get("jwt_key_file", "")
     if auth.get("mode") != "jwt":
         return []
     if secret and public_key_file:
-        return [("auth.jwt_key", "set auth.jwt_key (HS256) or auth.jwt_public_key_file "
-                 "(RS256/ES256), not both")]
+        return [("auth.jwt_key", "set auth.jwt_key or auth.jwt_key_file (HS256), or "
+                 "auth.jwt_public_key_file (RS256/ES256 or a JWKS), not both")]
     if not secret and not public_key_file:
-        return [("auth.mode", "\"jwt\" needs auth.jwt_key (HS256 secret) or "
-                 "auth.jwt_public_key_file (RS256/ES256 public key)")]
-    if public_key_file:
-        try:
-            load_public_key(public_key_file)
-        except ValueError as exc:
-            return [("auth.jwt_public_key_file", str(exc))]
+        return [("auth.mode", "\"jwt\" needs auth.jwt_key or auth.jwt_key_file (HS256 "
+                 "secret) or auth.jwt_public_key_file (a public key or a JWKS)")]
     return []
+
+
+def _read_files(sections: dict[str, dict[str, Value]],
+                problems: list[tuple[str, str]]) -> SecretFiles:
+    """Read the files the configuration names (each at most once per load)."""
+    for secret, file_key in (("admin.token", "admin.token_file"),
+                             ("auth.jwt_key", "auth.jwt_key_file")):
+        if _get(sections, secret) and _get(sections, file_key):
+            problems.append((file_key, f"{secret} and {file_key} are both set; "
+                             "keep one (the file is better)"))
+    held: dict[str, str] = {}
+    for key, name in SECRET_FILE_KEYS:
+        path = str(_get(sections, key) or "")
+        if not path or (key == "auth.jwt_public_key_file"
+                        and _get(sections, "auth.mode") != "jwt"):
+            continue
+        try:
+            if key == "auth.jwt_public_key_file":
+                held[name] = read_text_file(path, "a key file")
+                parse_verification_keys(held[name], path)
+            else:
+                held[name] = read_secret_file(path)
+        except ValueError as exc:
+            problems.append((key, str(exc)))
+    token = held.get("admin_token")
+    if token and (reason := _check_token(token)):
+        problems.append(("admin.token_file", f"the token in it {reason}"))
+    return SecretFiles(**held)
+
+
+def _get(sections: dict[str, dict[str, Value]], key: str) -> Value | None:
+    section, name = key.split(".", 1)
+    return sections[section].get(name)
 
 
 # -- rendering --------------------------------------------------------------------
@@ -579,7 +688,8 @@ def render_toml(config: Config, mask_secrets: bool = True) -> str:
 
 
 def merge_reloadable(running: Config, loaded: Config) -> Config:
-    """``running`` with the reloadable keys taken from ``loaded`` (SIGHUP)."""
+    """``running`` with the reloadable keys taken from ``loaded`` (SIGHUP): the
+    key files among them, whose contents come with their keys."""
     sections = {}
     for section, cls in SECTIONS.items():
         values = {}
@@ -587,7 +697,7 @@ def merge_reloadable(running: Config, loaded: Config) -> Config:
             key = f"{section}.{f.name}"
             values[f.name] = (loaded if is_reloadable(key) else running).value(key)
         sections[section] = cls(**values)
-    return Config(**sections)
+    return Config(**sections, files=loaded.files)
 
 
 def reload_config(running: Config, load: Callable[[], Config], quiet: bool = False,

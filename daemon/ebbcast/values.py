@@ -1,5 +1,5 @@
 """Parsers of configuration values the wings read the same way: networks, Sentinel
-URLs, PEM public keys.
+URLs, token verification keys (a PEM public key or a JWKS), secrets read from files.
 
 ``ebbcast.config`` checks each value with these, and the modules that use the value
 (``ebbcast.serving.forwarded``, ``ebbcast.backplane.sentinel``,
@@ -13,6 +13,7 @@ no other ebbcast module at all: a main process of release 0.1.0, which keeps its
 from __future__ import annotations
 
 import ipaddress
+import json
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -70,27 +71,136 @@ def parse_sentinel_url(url: str) -> SentinelURL:
                        query.get("sentinel_password", [None])[0])
 
 
+#: Algorithms a key in a JWKS may be used with (``none`` never is).
+JWKS_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                             "ES256", "ES384", "ES512", "HS256", "HS384", "HS512", "EdDSA"})
+#: RFC 7518 section 3.2: an HMAC key at least as long as the hash (HS256).
+MIN_HMAC_KEY_BYTES = 32
+#: Largest key file read (a JWKS of a few dozen RSA keys is well under this).
+MAX_KEY_FILE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class VerificationKey:
+    """A key tokens may be signed with: the key, its one algorithm and its ``kid``
+    (None for a PEM file or ``auth.jwt_key``)."""
+
+    key: Any
+    algorithm: str
+    kid: str | None = None
+
+
+def read_text_file(path: str, what: str) -> str:
+    """The contents of a small file holding a secret or keys; ValueError naming it."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_KEY_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_KEY_FILE_BYTES} bytes: not {what}")
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text: not {what}") from None
+
+
+def read_secret_file(path: str) -> str:
+    """A secret kept in a file: its contents without surrounding whitespace (the
+    newline an editor or ``echo`` adds); ValueError when unreadable or empty."""
+    secret = read_text_file(path, "a secret").strip()
+    if not secret:
+        raise ValueError(f"{path} is empty")
+    return secret
+
+
+def parse_verification_keys(text: str, path: str) -> list[VerificationKey]:
+    """The keys of a key file: one PEM public key, or a JWKS (``{"keys": [...]}``,
+    RSA, EC, OKP and ``oct`` keys, told apart by ``kid``). ValueError naming what
+    is wrong."""
+    if text.lstrip().startswith("{"):
+        return _parse_jwks(text, path)
+    return [_pem_key(text.encode(), path)]
+
+
 def load_public_key(path: str) -> tuple[Any, str]:
     """The key in a PEM file and its algorithm: RS256 for RSA, ES256 for P-256.
 
     Raises ValueError naming what is wrong."""
-    # here, not at the top: only a configuration with a key file loads cryptography
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
     try:
         with open(path, "rb") as fh:
             pem = fh.read()
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    found = _pem_key(pem, path)
+    return found.key, found.algorithm
+
+
+def _pem_key(pem: bytes, path: str) -> VerificationKey:
+    # here, not at the top: only a configuration with a key file loads cryptography
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
     try:
         key = load_pem_public_key(pem)
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"{path} is not a PEM public key: {exc}") from None
+        raise ValueError(f"{path} is not a PEM public key or a JWKS: {exc}") from None
     if isinstance(key, rsa.RSAPublicKey):
         if key.key_size < 2048:
             raise ValueError(f"{path}: an RSA key of {key.key_size} bits; use 2048 or more")
-        return key, "RS256"
+        return VerificationKey(key, "RS256")
     if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
-        return key, "ES256"
+        return VerificationKey(key, "ES256")
     raise ValueError(f"{path}: use an RSA key (RS256) or an EC P-256 key (ES256)")
+
+
+def _parse_jwks(text: str, path: str) -> list[VerificationKey]:
+    import jwt  # here, not at the top, for the reason _pem_key gives
+
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    entries = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: a JWKS is {{\"keys\": [...]}} with at least one key")
+    keys: list[VerificationKey] = []
+    for number, entry in enumerate(entries, 1):
+        where = f"{path}: key {number}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} is not a JSON object")
+        kid = entry.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise ValueError(f"{where}: kid must be a string")
+        if entry.get("use", "sig") != "sig":
+            continue  # an encryption key published beside the signing keys
+        if "alg" in entry and entry["alg"] not in JWKS_ALGORITHMS:
+            raise ValueError(f"{where} ({kid or 'no kid'}): algorithm {entry['alg']!r} is "
+                             "not allowed")
+        try:
+            jwk = jwt.PyJWK(entry)
+        except Exception as exc:  # whatever PyJWT makes of a key it cannot read
+            raise ValueError(f"{where} ({kid or 'no kid'}) cannot be used: "
+                             f"{exc or type(exc).__name__}") from None
+        if jwk.algorithm_name not in JWKS_ALGORITHMS:
+            raise ValueError(f"{where} ({kid or 'no kid'}): algorithm "
+                             f"{jwk.algorithm_name} is not allowed")
+        _check_strength(jwk, f"{where} ({kid or 'no kid'})")
+        keys.append(VerificationKey(jwk.key, jwk.algorithm_name, kid))
+    kids = [k.kid for k in keys if k.kid is not None]
+    if len(kids) != len(set(kids)):
+        raise ValueError(f"{path}: two keys have the same kid")
+    if not keys:
+        raise ValueError(f"{path}: no signing key (every key has a \"use\" other than sig)")
+    return keys
+
+
+def _check_strength(jwk: Any, where: str) -> None:
+    if isinstance(jwk.key, bytes):
+        if len(jwk.key) < MIN_HMAC_KEY_BYTES:
+            raise ValueError(f"{where}: an oct key of {len(jwk.key)} bytes; use "
+                             f"{MIN_HMAC_KEY_BYTES} or more")
+        return
+    size = getattr(jwk.key, "key_size", None)
+    if jwk.algorithm_name[:2] in ("RS", "PS") and size is not None and size < 2048:
+        raise ValueError(f"{where}: an RSA key of {size} bits; use 2048 or more")

@@ -20,16 +20,27 @@ def test_backplane_messages_round_trip():
     assert Envelope.decode(binary.encode()) == binary
 
 
-def test_peers_never_name_this_instance_even_as_its_sibling_workers_advertise_it():
+async def test_peers_are_told_apart_by_instance_not_by_url(io_loop, redis_server):
+    """Behind one proxy every instance advertises the same URL: another instance's
+    counts, a sibling serving process's (same instance) never does."""
     from ebbcast.backplane.redis import RedisBackplane
 
-    plane = RedisBackplane("redis://127.0.0.1:1/0", "node", lambda payload, source: None,
-                           lambda up: None, lambda count: None)
-    plane.advertise("ws://10.0.0.1:8000/ws")
-    plane._peers = ["ws://10.0.0.2:8000/ws", "ws://10.0.0.1:8000/ws", "ws://10.0.0.2:8000/ws"]
-    assert plane.peers() == ["ws://10.0.0.2:8000/ws"]
-    plane.advertise(None)  # draining: still not a place to go
-    assert plane.peers() == ["ws://10.0.0.2:8000/ws"]
+    url = "wss://chat.example.com/ws"
+    first, sibling, other = (RedisBackplane(redis_server.url, "node", lambda payload, src: None,
+                                            lambda up: None, lambda count: None,
+                                            instance=instance)
+                             for instance in ("host:1:aa", "host:1:aa", "host:2:bb"))
+    for plane in (first, sibling, other):
+        plane.advertise(url)
+        plane.start()
+    try:
+        await wait_until(lambda: other.peers() == [url] and first.peers() == [url])
+        other.advertise(None)  # the other instance drains: only the sibling is left
+        await wait_until(lambda: first.peers() == [] and sibling.peers() == [])
+        assert other.peers() == [url]
+    finally:
+        for plane in (first, sibling, other):
+            await plane.stop()
 
 
 def test_reconnect_backoff_grows_with_jitter_and_is_capped():
@@ -440,7 +451,7 @@ def test_rediss_reaches_a_redis_server_that_speaks_only_tls(spawn, tmp_path):
     redis = RedisServer(tmp_path / "redis", tls_dir=tmp_path)
     redis.start()
     try:
-        assert redis.url.startswith("rediss://127.0.0.1:")
+        assert redis.url.startswith("rediss://ebbcast:acl-test-password@127.0.0.1:")
         env = {"EBBCAST_BACKPLANE_URL": redis.url, "EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0"}
         one = spawn("--port", "0", "--admin-port", "0", env=env)
         two = spawn("--port", "0", "--admin-port", "0", env=env)

@@ -1,7 +1,8 @@
 """SIGHUP end to end: every reloadable key, each change observed from outside the
 process (the admin API, a client's frames, the log, the metrics).
 
-Reloadable: broadcast.*, limits.*, keepalive.*, logging.level, admin.token and
+Reloadable: broadcast.*, limits.*, keepalive.*, auth.* (tests/serving/test_secrets.py),
+logging.level, admin.token, admin.token_file and
 shutdown.progress_interval.
 """
 

@@ -275,7 +275,7 @@ async def test_the_daemon_refuses_bad_tokens_with_401_counted_as_auth(
         f"?token={hs256(claims(exp=time.time() + 60, aud='chat'), key='x' * 40)}",
         f"?token={unsigned(claims(exp=time.time() + 60, aud='chat'))}",  # alg none
         f"?token={live(aud='other')}",                             # wrong audience
-        f"?token={live(ttl=-1, aud='chat')}",                      # expired
+        f"?token={live(ttl=-31, aud='chat')}",                     # expired beyond the leeway
         f"/mallory?token={live(aud='chat')}",                      # another client id
     ]
     for path in bad:
@@ -288,7 +288,7 @@ async def test_the_daemon_refuses_bad_tokens_with_401_counted_as_auth(
 
 async def test_a_connection_is_closed_with_4001_when_its_token_expires(
         start_daemon: Any) -> None:
-    d = await start_daemon(**JWT)
+    d = await start_daemon(**JWT, auth__leeway="1s")
     lasting = await welcomed(d, ttl=60, sub="lasting")
     # long enough to connect on a busy machine, short enough to wait for
     expires_at = time.time() + STEP_TIMEOUT / 4
@@ -296,7 +296,7 @@ async def test_a_connection_is_closed_with_4001_when_its_token_expires(
     assert (await recv_json(expiring))["type"] == "welcome"
     while await asyncio.wait_for(expiring.read_message(), STEP_TIMEOUT) is not None:
         pass
-    assert time.time() >= expires_at  # closed at its exp, not before
+    assert time.time() >= expires_at + 1  # closed at its exp plus the leeway, not before
     assert (expiring.close_code, expiring.close_reason) == (4001, "token expired")
     expired = d.daemon.ctx.metrics.disconnections.labels("token_expired")
     await wait_until(lambda: expired._value.get() == 1)  # counted when the close completes
@@ -371,7 +371,7 @@ def test_the_reconnecting_client_exits_1_once_its_expired_token_is_refused(
     with the token it has, which is refused now (401): it stops with exit 1."""
     d = spawn("--port", "0", "--admin-port", "0",
               env={"EBBCAST_AUTH_MODE": "jwt", "EBBCAST_AUTH_JWT_KEY": KEY,
-                   "EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0"})
+                   "EBBCAST_AUTH_LEEWAY": "0", "EBBCAST_BROADCAST_PERIODIC_INTERVAL": "0"})
     expires_at = time.time() + STEP_TIMEOUT / 4  # time enough to connect first
     token = hs256({"sub": "frank", "exp": expires_at})
     done = ebbcast("client", d.ws_url, "--token", token, "--reconnect", "--listen", "60s")

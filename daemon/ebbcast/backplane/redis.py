@@ -48,19 +48,14 @@ from typing import Any
 
 from ebbcast.backplane.base import Deliver, Envelope, HistoryFeed, backoff_delays
 from ebbcast.backplane.history import Kept, new_epoch
+from ebbcast.backplane.names import RedisNames
 from ebbcast.backplane.sentinel import redis_target
 from ebbcast.core.waits import cancel_for_good, within
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "ebbcast:broadcast"
-#: Sequenced broadcasts: ``<epoch>\n<offset>\n`` and ``Envelope(node, source, token, frame)``.
-SEQUENCED_CHANNEL = "ebbcast:sequenced"
-EPOCH_KEY, OFFSET_KEY, STREAM_KEY = "ebbcast:epoch", "ebbcast:offset", "ebbcast:history"
-#: The replication id of the master the epoch was made on.
-EPOCH_MASTER_KEY = "ebbcast:epoch:replid"
-KEYS = [EPOCH_KEY, OFFSET_KEY, STREAM_KEY, EPOCH_MASTER_KEY]
-#: The epoch, made anew (offsets and history cleared) when it is missing (Redis lost
+#: Key and channel names: ``ebbcast.backplane.names``; the scripts' KEYS are
+#: RedisNames.keys. The epoch, made anew (offsets and history cleared) when it is missing (Redis lost
 #: its data), or when it was made on a master of another replication id: a replica
 #: promoted by a failover, or a master restarted from a snapshot, may lack offsets
 #: the master before it handed out, so offsets restart in a new epoch rather than
@@ -76,7 +71,7 @@ if not epoch or redis.call('GET', KEYS[4]) ~= replid then
   redis.call('DEL', KEYS[2], KEYS[3])
 end
 """
-#: KEYS: see KEYS; ARGV: new epoch, history size, channel, header, frame.
+#: KEYS: RedisNames.keys; ARGV: new epoch, history size, channel, header, frame.
 SEQUENCE_SCRIPT = _ENSURE_EPOCH + r"""
 local offset = redis.call('INCR', KEYS[2])
 local frame = string.sub(ARGV[5], 1, -2) .. ',"offset":' .. offset .. '}'
@@ -89,13 +84,14 @@ end
 redis.call('PUBLISH', ARGV[3], epoch .. '\n' .. offset .. '\n' .. ARGV[4] .. frame)
 return offset
 """
-#: KEYS: see KEYS; ARGV: new epoch. Returns {epoch, latest offset}.
+#: KEYS: RedisNames.keys; ARGV: new epoch. Returns {epoch, latest offset}.
 POSITION_SCRIPT = _ENSURE_EPOCH + """
 return {epoch, tonumber(redis.call('GET', KEYS[2]) or '0')}
 """
-#: Each instance keeps a key NODE_PREFIX<id> = its WebSocket URL, with a TTL, so the
-#: others can name it in their shutdown frames; refreshed every HEARTBEAT_SECONDS.
-NODE_PREFIX = "ebbcast:node:"
+#: Each serving process keeps a key (RedisNames.node_key) = the URL its instance
+#: advertises, with a TTL, so that other instances, told apart by the instance id in
+#: the key (not by URL: behind one proxy all have the same), can name it in their
+#: shutdown frames; refreshed every HEARTBEAT_SECONDS.
 HEARTBEAT_SECONDS, NODE_TTL_SECONDS = 3.0, 10
 #: How often the sentinels are asked which master to use (redis+sentinel:// only), at
 #: the latest: a sentinel's +switch-master announcement has them asked at once.
@@ -111,9 +107,10 @@ class RedisBackplane:
                  on_state: Callable[[bool], None], on_dropped: Callable[[int], None],
                  on_missed: Callable[[int], None] | None = None,
                  rng: random.Random | None = None, history: HistoryFeed | None = None,
-                 history_size: int = 0,
-                 on_failover: Callable[[], None] = lambda: None) -> None:
+                 history_size: int = 0, on_failover: Callable[[], None] = lambda: None,
+                 names: RedisNames = RedisNames(), instance: str = "") -> None:
         self._target = redis_target(url)
+        self._names = names
         self._on_failover = on_failover
         #: host:port of the master the subscription last reached (Sentinel only)
         self._master: str | None = None
@@ -122,6 +119,7 @@ class RedisBackplane:
         self._master_moved = asyncio.Event()
         # unique per instance even when two share a process (tests) or a pid (containers)
         self._node = f"{node}/{secrets.token_hex(4)}"
+        self._instance = instance or self._node  # its serving processes share it
         self._deliver = deliver
         self._on_state = on_state
         self._on_dropped = on_dropped
@@ -143,7 +141,6 @@ class RedisBackplane:
         self._url_advertised: str | None = None
         #: Set when the advertised URL changes: the heartbeat writes it at once.
         self._advertised_changed = asyncio.Event()
-        self._own_urls: set[str] = set()  # ever advertised: never a peer
         self._peers: list[str] = []
 
     @property
@@ -164,13 +161,12 @@ class RedisBackplane:
         if url != self._url_advertised:
             self._url_advertised = url
             self._advertised_changed.set()
-        if url:
-            self._own_urls.add(url)
 
     def peers(self) -> list[str]:
-        """Other live instances' URLs, as of the last heartbeat: not this one's,
-        even as advertised by its sibling workers, each URL once."""
-        return sorted(set(self._peers) - self._own_urls)
+        """Other live instances' URLs, as of the last heartbeat, each URL once: not
+        this instance's serving processes', and this one's own URL when another
+        instance advertises it too (behind one proxy)."""
+        return self._peers
 
     async def stop(self) -> None:
         await cancel_for_good(self._tasks)
@@ -241,7 +237,8 @@ class RedisBackplane:
             try:
                 async with client.pubsub() as pubsub:
                     self._pubsub = pubsub
-                    await pubsub.subscribe(CHANNEL, SEQUENCED_CHANNEL)
+                    await pubsub.subscribe(self._names.channel,
+                                           self._names.sequenced_channel)
                     self._note_master(self._target.server_of(pubsub.connection))
                     if self._history is not None:
                         await self._catch_up(client)
@@ -323,7 +320,7 @@ class RedisBackplane:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             if message is None or message.get("type") != "message":
                 continue
-            if message["channel"] == SEQUENCED_CHANNEL.encode():
+            if message["channel"] == self._names.sequenced_channel.encode():
                 await self._on_sequenced(message["data"], client)
                 continue
             envelope = Envelope.decode(message["data"])
@@ -352,19 +349,19 @@ class RedisBackplane:
         history = self._history
         assert history is not None
         epoch_bytes, latest = await self._scripts["position"](
-            keys=KEYS, args=[new_epoch()], client=client)
+            keys=self._names.keys, args=[new_epoch()], client=client)
         epoch, latest = epoch_bytes.decode(), int(latest)
         known_epoch, known = history.position()
         if not known_epoch:
             kept = _entries(reversed(await client.xrevrange(
-                STREAM_KEY, count=max(self._history_size, 1))))
+                self._names.stream, count=max(self._history_size, 1))))
             history.preload(epoch, kept[0].entry.offset - 1 if kept else latest,
                             [stored.entry for stored in kept])
             return
         if epoch == known_epoch and latest <= known:
             return
         first = known + 1 if epoch == known_epoch else 1
-        missed = _entries(await client.xrange(STREAM_KEY, min=f"0-{first}"))
+        missed = _entries(await client.xrange(self._names.stream, min=f"0-{first}"))
         if epoch != known_epoch:
             history.new_epoch(epoch, missed[0].entry.offset - 1 if missed else latest)
         lost = (missed[0].entry.offset if missed else latest + 1) - first
@@ -388,7 +385,8 @@ class RedisBackplane:
 
     async def _heartbeat_forever(self) -> None:
         client = self._client()
-        key = NODE_PREFIX + self._node
+        key = self._names.node_key(self._instance, self._node)
+        mine = self._names.instance_keys(self._instance)
         while True:
             # cleared before the URL is read: a change from now on wakes the next wait
             self._advertised_changed.clear()
@@ -397,10 +395,13 @@ class RedisBackplane:
                     await client.set(key, self._url_advertised, ex=NODE_TTL_SECONDS)
                 else:
                     await client.delete(key)
-                keys = [k async for k in client.scan_iter(match=NODE_PREFIX + "*")
-                        if k.decode() != key]
+                keys = [k async for k in client.scan_iter(match=self._names.node_keys + "*")
+                        if not k.decode().startswith(mine)]
                 urls = await client.mget(keys) if keys else []
-                self._peers = sorted(u.decode() for u in urls if u)
+                peers = sorted({u.decode() for u in urls if u})
+                if peers != self._peers:
+                    log.debug("backplane: other instances at: %s", ", ".join(peers) or "none")
+                self._peers = peers
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis down: the subscriber logs the outage
@@ -442,11 +443,12 @@ class RedisBackplane:
                              token: int | None) -> None:
         if token is None:
             self._seq += 1
-            pipe.publish(CHANNEL, Envelope(self._node, source, self._seq, payload).encode())
+            envelope = Envelope(self._node, source, self._seq, payload)
+            pipe.publish(self._names.channel, envelope.encode())
             return
         await self._scripts["sequence"](
-            keys=KEYS,
-            args=[new_epoch(), self._history_size, SEQUENCED_CHANNEL,
+            keys=self._names.keys,
+            args=[new_epoch(), self._history_size, self._names.sequenced_channel,
                   Envelope(self._node, source, token, "").encode(), payload], client=pipe)
 
 

@@ -15,11 +15,13 @@ daemon logs one warning per episode (at most one a minute) and keeps serving.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import socket
 import ssl
 import time
+from urllib.parse import urlsplit
 
 from ebbcast.config import Config, ConfigError
 
@@ -33,6 +35,28 @@ def listener_url(scheme: str, sock: socket.socket, path: str = "") -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{scheme}://{host}:{port}{path}"
+
+
+def advertised_url(public_url: str, bound_ws: str) -> str | None:
+    """The URL other instances' draining clients are sent to: ``server.public_url``,
+    else the bound WebSocket URL, but never an unspecified address (``0.0.0.0``,
+    ``::``), which no client can reach: None then."""
+    if public_url:
+        return public_url
+    try:
+        unspecified = ipaddress.ip_address(urlsplit(bound_ws).hostname or "").is_unspecified
+    except ValueError:
+        unspecified = False
+    return None if unspecified else bound_ws
+
+
+def say_if_unadvertised(config: Config, bound_ws: str) -> None:
+    """Log once, at start, why this instance is named to nobody."""
+    if advertised_url(config.server.public_url, bound_ws) is None:
+        log.info("server.public_url is not set and the public listener is bound to %s, "
+                 "which no client can reach: other instances' draining clients are not "
+                 "sent here (set server.public_url to the URL clients use)",
+                 urlsplit(bound_ws).hostname)
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:

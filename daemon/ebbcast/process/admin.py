@@ -69,9 +69,10 @@ class AdminHandler(RequestHandler):
         404 when no token is configured (the actions are disabled), 401 when the
         token is missing or wrong. Compared in constant time; never logged.
         """
-        token = self.backend.config.admin.token
+        token = self.backend.config.admin_token
         if not token:
-            self.write_json(404, {"error": "disabled: admin.token is not set"})
+            self.write_json(404, {"error": "disabled: admin.token (or admin.token_file) "
+                                           "is not set"})
             return False
         scheme, _, given = self.request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),

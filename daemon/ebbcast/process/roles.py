@@ -25,11 +25,12 @@ from tornado.httpserver import HTTPServer
 from ebbcast import __version__
 from ebbcast.backplane.base import Backplane, SequencedFeed
 from ebbcast.backplane.memory import MemoryBackplane
+from ebbcast.backplane.names import new_instance_id
 from ebbcast.backplane.relay import LinkPeer, RelayBackplane, WorkerLink
 from ebbcast.config import Config
 from ebbcast.core.lifecycle import Lifecycle, State
 from ebbcast.core.metrics import Metrics, Readiness
-from ebbcast.core.sockets import ShedOnExhaustion, Spare, listener_url
+from ebbcast.core.sockets import ShedOnExhaustion, Spare, listener_url, say_if_unadvertised
 from ebbcast.process.admin import admin_server, build_status
 from ebbcast.process.listener import bind_listener
 from ebbcast.process.notify import SystemdNotifier
@@ -52,6 +53,8 @@ class WorkerSetup:
     generation: int = 1
     hold: bool = False
     local: bool = False
+    #: The id of the daemon (``ebbcast.backplane.names.new_instance_id``).
+    instance: str = ""
 
     @property
     def name(self) -> str:
@@ -96,6 +99,7 @@ class Standalone:
         self.notifier = notifier
         self._config = config
         self._admin_urls = ""
+        self.instance = new_instance_id()
 
     def attach(self, served: Served) -> None:
         served.metrics.registry.register(
@@ -125,6 +129,7 @@ class Standalone:
     def serving(self, served: Served) -> None:
         log.info("ebbcast %s (pid %d) started", __version__, os.getpid())
         log.info("serving ws=%s admin=%s", served.bound_ws, self._admin_urls)
+        say_if_unadvertised(served.config, served.bound_ws)
         self.notifier.ready(f"serving on {served.urls['ws']}")
         self.notifier.start_watchdog()
 
@@ -188,6 +193,7 @@ class Member:
         self.takes_signals = not setup.local
         #: every serving process sees a Redis failover: the first one counts it
         self.counts_failovers = setup.index == 0
+        self.instance = setup.instance or new_instance_id()
 
     def attach(self, served: Served) -> None:
         self.link = WorkerLink(self.setup.relay, served.node_id, served, served.feed)

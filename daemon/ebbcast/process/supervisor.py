@@ -67,7 +67,7 @@ from ebbcast.core.lifecycle import (
 from ebbcast.core.logs import set_level
 from ebbcast.core.loop import Loop, Progress, Step, common_step, extend_seconds
 from ebbcast.core.metrics import MergedMetrics, Metrics
-from ebbcast.core.sockets import Spare, listener_url, tls_context
+from ebbcast.core.sockets import Spare, listener_url, say_if_unadvertised, tls_context
 from ebbcast.process.admin import admin_server, build_status
 from ebbcast.process.generations import (
     EffectiveConfigs,
@@ -338,6 +338,7 @@ class Supervisor:
         if self.lifecycle.state is State.STARTING and current.ready:
             self.lifecycle.serve()
             log.info("serving ws=%s admin=%s", self.urls["ws"], self.urls["admin"])
+            say_if_unadvertised(self.config, self.urls["ws"].split(",")[0])
             count = len(current.workers)
             self._notifier.ready(f"serving on {self.urls['ws'].split(',')[0]}" +
                                  (f" with {count} workers" if count > 1 else ""))

@@ -6,10 +6,15 @@ With ``auth.mode = "jwt"`` a WebSocket handshake carries a JSON Web Token
 :class:`Denial`; it reads no clock (``now`` is an argument) and does no I/O, so
 every rule is tested by calling it. The rules:
 
-- signed with ``auth.jwt_key`` (HS256), or verifiable with the public key in
-  ``auth.jwt_public_key_file`` (RS256 for an RSA key, ES256 for a P-256 key); any
-  other algorithm, ``none`` included, is refused;
-- ``exp`` is required and must be in the future; ``nbf``, when present, in the past;
+- signed with ``auth.jwt_key`` (HS256), or verifiable with a key in
+  ``auth.jwt_public_key_file``: one PEM public key (RS256 for an RSA key, ES256 for
+  a P-256 key), or a JWKS of several, each with its own algorithm. A token whose
+  header names a ``kid`` is checked with the key of that ``kid`` (or, when none
+  has it, with the keys that have no ``kid``); a token without one, with each key
+  in turn. Any other algorithm, ``none`` included, is refused;
+- ``exp`` is required and must be in the future, ``nbf``, when present, in the
+  past, both give or take ``auth.leeway`` (clocks differ); the connection is
+  closed with 4001 at ``exp`` plus the leeway;
 - ``aud`` must name ``auth.audience`` when that is set (and is ignored otherwise);
 - ``sub``, when present, becomes the client id: 1 to 128 characters, none of them
   control characters;
@@ -29,7 +34,7 @@ from typing import Any, TypeGuard
 
 import jwt
 
-from ebbcast.values import load_public_key
+from ebbcast.values import VerificationKey, parse_verification_keys, read_text_file
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +56,8 @@ class Grant:
     #: ``sub``, or None when the token names no subject.
     client_id: str | None
     publish: bool
-    #: ``exp``, in unix seconds.
+    #: When the connection is closed with 4001: ``exp`` plus the leeway, in unix
+    #: seconds.
     expires_at: float
 
 
@@ -63,12 +69,16 @@ class Denial:
 
 
 class TokenVerifier:
-    """Checks client tokens against one key (see the module's rules)."""
+    """Checks client tokens against a set of keys (see the module's rules)."""
 
-    def __init__(self, key: Any, algorithm: str, audience: str = "") -> None:
-        self._key = key
-        self._algorithms = [algorithm]
+    def __init__(self, keys: list[VerificationKey], audience: str = "",
+                 leeway: float = 0.0) -> None:
+        if not keys:
+            raise ValueError("no key to verify tokens with")
+        self._keys = keys
+        self._kids = {key.kid for key in keys}
         self._audience = audience or None
+        self._leeway = leeway
         self._decoder = jwt.PyJWT(options={
             "require": ["exp"],
             # exp and nbf are checked against the ``now`` given, not PyJWT's clock
@@ -77,23 +87,26 @@ class TokenVerifier:
         })
 
     @classmethod
-    def from_settings(cls, mode: str, secret: str, public_key_file: str,
-                      audience: str) -> TokenVerifier | None:
-        """The verifier auth.* asks for; None when ``mode`` is "none".
+    def from_settings(cls, mode: str, secret: str, public_key_file: str, audience: str,
+                      leeway: float = 0.0, key_text: str | None = None) -> TokenVerifier | None:
+        """The verifier auth.* asks for; None when ``mode`` is "none". ``key_text``
+        is what ``public_key_file`` held when the configuration was loaded (read
+        from the file when None).
 
-        Raises ValueError when the public key file cannot be used."""
+        Raises ValueError when the key file cannot be used."""
         if mode != "jwt":
             return None
         if public_key_file:
-            key, algorithm = load_public_key(public_key_file)
-            return cls(key, algorithm, audience)
+            text = read_text_file(public_key_file, "a key file") if key_text is None \
+                else key_text
+            return cls(parse_verification_keys(text, public_key_file), audience, leeway)
         if len(secret.encode()) < MIN_HS256_KEY_BYTES:
-            log.warning("auth.jwt_key is shorter than %d bytes: a short HS256 secret can be "
-                        "guessed offline from any token; use e.g. `openssl rand -base64 48`",
-                        MIN_HS256_KEY_BYTES)
+            log.warning("the HS256 secret (auth.jwt_key or jwt_key_file) is shorter than "
+                        "%d bytes: a short HS256 secret can be guessed offline from any "
+                        "token; use e.g. `openssl rand -base64 48`", MIN_HS256_KEY_BYTES)
             # said once here, rather than by PyJWT at every handshake
             warnings.filterwarnings("ignore", category=jwt.InsecureKeyLengthWarning)
-        return cls(secret.encode(), "HS256", audience)
+        return cls([VerificationKey(secret.encode(), "HS256")], audience, leeway)
 
     def verify(self, token: str | None, now: float) -> Grant | Denial:
         """What ``token`` (None: none was given) allows at unix time ``now``."""
@@ -101,23 +114,48 @@ class TokenVerifier:
             return Denial("a token is required (Authorization: Bearer, or ?token=)")
         if len(token) > MAX_TOKEN_CHARS:
             return Denial("token too long")
-        try:
-            claims = self._decoder.decode(token, self._key, algorithms=self._algorithms,
-                                          audience=self._audience)
-        except jwt.InvalidTokenError as exc:
-            return Denial(_explain(exc))
-        return grant_from(claims, now)
+        candidates = self._keys
+        if len(self._kids) > 1 or None not in self._kids:
+            try:
+                kid = jwt.get_unverified_header(token).get("kid")
+            except jwt.InvalidTokenError as exc:
+                return Denial(_explain(exc))
+            if kid is not None:
+                candidates = [key for key in self._keys if key.kid == kid] or \
+                    [key for key in self._keys if key.kid is None]
+                if not candidates:
+                    return Denial("unknown key id (kid)")
+        denial: Denial | None = None
+        for key in candidates:
+            try:
+                claims = self._decoder.decode(token, key.key, algorithms=[key.algorithm],
+                                              audience=self._audience)
+            except (jwt.InvalidSignatureError, jwt.InvalidAlgorithmError) as exc:
+                denial = _telling(denial, Denial(_explain(exc)))
+                continue
+            except jwt.InvalidTokenError as exc:
+                return Denial(_explain(exc))
+            return grant_from(claims, now, self._leeway)
+        assert denial is not None  # there is always a candidate
+        return denial
 
 
-def grant_from(claims: dict[str, Any], now: float) -> Grant | Denial:
-    """The grant of a token whose signature (and audience) checked out."""
+def _telling(first: Denial | None, second: Denial) -> Denial:
+    """Of two keys' answers, the one to give: a signature that did not check out
+    with a key of the token's algorithm says more than an algorithm refused."""
+    return first if first is not None and first.reason == "bad signature" else second
+
+
+def grant_from(claims: dict[str, Any], now: float, leeway: float = 0.0) -> Grant | Denial:
+    """The grant of a token whose signature (and audience) checked out, ``exp``
+    and ``nbf`` given ``leeway`` seconds either way."""
     expires = claims.get("exp")
     if not _is_time(expires):
         return Denial("exp must be a number of seconds since the epoch")
-    if expires <= now:
+    if expires + leeway <= now:
         return Denial("token expired")
     not_before = claims.get("nbf")
-    if not_before is not None and (not _is_time(not_before) or not_before > now):
+    if not_before is not None and (not _is_time(not_before) or not_before > now + leeway):
         return Denial("token not valid yet (nbf)")
     subject = claims.get("sub")
     if subject is not None and not valid_subject(subject):
@@ -126,7 +164,7 @@ def grant_from(claims: dict[str, Any], now: float) -> Grant | Denial:
     publish = claims.get("publish", True)
     if not isinstance(publish, bool):
         return Denial("publish must be true or false")
-    return Grant(subject, publish, float(expires))
+    return Grant(subject, publish, float(expires) + leeway)
 
 
 def valid_subject(subject: object) -> bool:

@@ -31,6 +31,7 @@ from tornado.httpserver import HTTPServer
 
 from ebbcast.backplane.base import Backplane, SequencedFeed
 from ebbcast.backplane.history import History
+from ebbcast.backplane.names import RedisNames
 from ebbcast.backplane.redis import RedisBackplane
 from ebbcast.config import Config, ConfigError, is_reloadable, reload_config
 from ebbcast.core.events import Common, DrainRequested, SignalReceived, Tick, who_asked
@@ -46,7 +47,7 @@ from ebbcast.core.lifecycle import (
 from ebbcast.core.logs import log_request, set_level
 from ebbcast.core.loop import Loop, Progress, Step, common_step, extend_seconds
 from ebbcast.core.metrics import Metrics
-from ebbcast.core.sockets import LISTEN_BACKLOG, Spare, listener_url, tls_context
+from ebbcast.core.sockets import LISTEN_BACKLOG, Spare, advertised_url, listener_url, tls_context
 from ebbcast.serving.auth import TokenVerifier
 from ebbcast.serving.broadcasts import Broadcasts
 from ebbcast.serving.context import Client, DaemonContext
@@ -115,6 +116,8 @@ class Role(Protocol):
     takes_signals: bool
     #: Whether this process counts a Redis failover (every one sees it: one counts).
     counts_failovers: bool
+    #: The daemon this process serves for: other instances tell it apart by this.
+    instance: str
 
     def attach(self, daemon: Daemon) -> None:
         """Called once, first thing, as the serving process is built."""
@@ -136,8 +139,9 @@ def client_tokens(config: Config) -> TokenVerifier | None:
     """The client token checks auth.* asks for (None: anyone may connect)."""
     auth = config.auth
     try:
-        return TokenVerifier.from_settings(auth.mode, auth.jwt_key, auth.jwt_public_key_file,
-                                           auth.audience)
+        return TokenVerifier.from_settings(auth.mode, config.jwt_secret,
+                                           auth.jwt_public_key_file, auth.audience,
+                                           auth.leeway, config.files.public_keys or None)
     except ValueError as exc:
         raise ConfigError([("auth.jwt_public_key_file", str(exc))]) from None
 
@@ -212,6 +216,8 @@ class Daemon:
             return self._role.memory_backplane(self.metrics)
         metrics = self.metrics
         redis = RedisBackplane(config.backplane.url, self.ctx.node_id,
+                               names=RedisNames(config.backplane.prefix),
+                               instance=self._role.instance,
                                deliver=self.deliver_remote,
                                on_state=lambda up: metrics.backplane_up.set(1 if up else 0),
                                on_dropped=metrics.backplane_dropped.inc,
@@ -280,7 +286,8 @@ class Daemon:
                      "page": listener_url(scheme, self._public[0], "/")}
         self.bound_ws = ",".join(listener_url(scheme, s, config.server.ws_path)
                                  for s in self._public)
-        self.ctx.backplane.advertise(self.urls["ws"].replace("http", "ws", 1))
+        self.ctx.backplane.advertise(advertised_url(
+            config.server.public_url, self.urls["ws"].replace("http", "ws", 1)))
         self.ctx.backplane.start()
         self._keepalive.start()
         self._gc_policy.start()
@@ -471,6 +478,10 @@ class Daemon:
             self._periodic.restart()
         if any(key.startswith("keepalive.") for key in changed):
             self._keepalive.start()
+        if any(key.startswith("auth.") for key in changed):
+            # checked as the configuration loaded: a new handshake meets the new keys,
+            # and a connection already made keeps the grant it was given
+            self._router.tokens = client_tokens(self.ctx.config)
         self._progress.reloaded(self.lifecycle, changed, time.monotonic(),
                                 self.ctx.config.shutdown.progress_interval)
         # after the new log level is set: a reload to "debug" shows this line too
