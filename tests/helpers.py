@@ -223,7 +223,7 @@ def install_package(root: Path) -> None:
 
 
 
-SERVING_RE = re.compile(r"serving ws=(\S+) admin=(\S+)")
+SERVING_RE = re.compile(r"serving ws=([^\s\"]+) admin=([^\s\"]+)")  # text or JSON logs
 
 
 class DaemonProcess:

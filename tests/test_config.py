@@ -200,3 +200,23 @@ def test_unloadable_tls_files_are_a_config_error_naming_the_key(tmp_path):
     with pytest.raises(ConfigError) as caught:
         tls_context(config)
     assert caught.value.problems[0][0] == "server.tls_cert"
+
+
+def test_kubernetes_service_links_are_ignored_and_listed_but_settings_still_count():
+    links = {"EBBCAST_SERVICE_HOST": "10.96.0.2", "EBBCAST_SERVICE_PORT": "80",
+             "EBBCAST_SERVICE_PORT_WS": "80", "EBBCAST_PORT": "tcp://10.96.0.2:80",
+             "EBBCAST_PORT_80_TCP": "tcp://10.96.0.2:80", "EBBCAST_PORT_80_TCP_PROTO": "tcp",
+             "EBBCAST_PORT_80_TCP_PORT": "80", "EBBCAST_PORT_80_TCP_ADDR": "10.96.0.2",
+             "EBBCAST_ADMIN_PORT": "tcp://10.96.0.3:8001",  # a setting's name, too
+             "EBBCAST_ADMIN_SERVICE_PORT_ADMIN": "8001"}
+    config = load_config(env={**links, "EBBCAST_SERVER_PORT": "9000"})
+    assert config.service_links == tuple(sorted(links))
+    assert (config.server.port, config.admin.port) == (9000, 8001)
+    # a setting with a setting's value is a setting, and a typo is still an error
+    assert load_config(env={"EBBCAST_ADMIN_PORT": "9001"}).admin.port == 9001
+    with pytest.raises(ConfigError) as typo:
+        load_config(env={**links, "EBBCAST_SERVER_PORTT": "1"})
+    assert [key for key, _ in typo.value.problems] == ["EBBCAST_SERVER_PORTT"]
+    with pytest.raises(ConfigError) as bad:
+        load_config(env={"EBBCAST_ADMIN_PORT": "tcp://nowhere"})  # not a Service's value
+    assert [key for key, _ in bad.value.problems] == ["admin.port"]

@@ -69,7 +69,8 @@ def test_the_kubernetes_manifests_are_valid_for_current_kubernetes_releases():
 def test_a_pod_can_drain_before_the_kubelet_kills_it():
     from ebbcast.config import parse_duration
 
-    (deployment,) = [d for d in kubernetes_documents() if d["kind"] == "Deployment"]
+    (deployment,) = [d for d in kubernetes_documents() if d["kind"] == "Deployment"
+                     and d["metadata"]["name"] == "ebbcast"]
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     env = {e["name"]: e.get("value") for e in container["env"]}
@@ -83,6 +84,35 @@ def test_a_pod_can_drain_before_the_kubelet_kills_it():
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert env["RUNTIME_DIRECTORY"] in mounts  # the only writable place it needs
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_the_kubernetes_pods_are_joined_probed_with_room_and_scraped_as_the_alerts_expect():
+    """More than one replica shares a Redis backplane; no service links; probe
+    timeouts well above the loop's worst lateness measured at 100,000 clients (1.9 s);
+    the scrape job is the one EbbcastDown watches."""
+    documents = kubernetes_documents()
+    (deployment,) = [d for d in documents if d["kind"] == "Deployment"
+                     and d["metadata"]["name"] == "ebbcast"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert pod["enableServiceLinks"] is False
+    assert deployment["spec"]["replicas"] > 1
+    redis = env["EBBCAST_BACKPLANE_URL"]
+    assert redis.startswith("redis://")
+    services = {d["metadata"]["name"]: d for d in documents if d["kind"] == "Service"}
+    assert redis.split("//")[1].split(":")[0] in services  # a Service of this manifest
+    assert env["EBBCAST_SERVER_PUBLIC_URL"].startswith("wss://")
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["timeoutSeconds"] >= 2 * 1.9, probe
+    scrape = yaml.safe_load((KUBERNETES.parent / "prometheus-scrape.yml").read_text())
+    (job,) = scrape["scrape_configs"]
+    watched = re.search(r'up\{job="(\w+)"\} == 0', RULES.read_text())
+    assert watched and job["job_name"] == watched.group(1) == "ebbcast"
+    kept = {rule["regex"] for rule in job["relabel_configs"] if rule.get("action") == "keep"}
+    assert kept == {deployment["spec"]["template"]["metadata"]["labels"]
+                    ["app.kubernetes.io/name"], "admin"}
+    assert "admin" in {port["name"] for port in container["ports"]}
 
 
 # -- the Grafana dashboard --------------------------------------------------------------

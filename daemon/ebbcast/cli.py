@@ -213,6 +213,10 @@ def serve(args: argparse.Namespace) -> int:
     config = _load_and_log(reload)
     if config is None:
         return ExitCode.USAGE
+    if config.service_links:
+        log.info("ignored %d environment variables Kubernetes sets for its Services "
+                 "(service links): %s; `enableServiceLinks: false` in the pod spec leaves "
+                 "them out", len(config.service_links), ", ".join(config.service_links))
     if not _tornado_as_expected():
         return ExitCode.FAILURE
     if "prometheus_client" in sys.modules:

@@ -60,6 +60,15 @@ SECRETS = ("admin.token", "auth.jwt_key")
 SENDABLE_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011,
                                   1012, 1013, 1014} | set(range(3000, 5000)))
 
+#: The variables Kubernetes sets for a Service whose name begins with "ebbcast" (its
+#: service links: ``<NAME>_SERVICE_HOST``, ``<NAME>_SERVICE_PORT[_<PORT NAME>]``,
+#: ``<NAME>_PORT`` and ``<NAME>_PORT_<port>_<PROTOCOL>[_PROTO|_PORT|_ADDR]``).
+_SERVICE_LINK_RE = re.compile(r"EBBCAST(?:_[A-Z0-9_]+?)?_(?:SERVICE_HOST|SERVICE_PORT"
+                              r"(?:_[A-Z0-9_]+)?|PORT(?:_\d+_(?:TCP|UDP|SCTP)"
+                              r"(?:_(?:PROTO|PORT|ADDR))?)?)")
+#: The value of ``<NAME>_PORT``: where a variable is also a setting's name
+#: (EBBCAST_ADMIN_PORT, for a Service "ebbcast-admin"), this value tells them apart.
+_SERVICE_ADDRESS_RE = re.compile(r"(?:tcp|udp|sctp)://[^\s/]+:\d+")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _LEVELS = ("debug", "info", "warning", "error")
@@ -449,6 +458,8 @@ class Config:
     backplane: BackplaneConfig = field(default_factory=BackplaneConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     files: SecretFiles = field(default_factory=SecretFiles, repr=False)
+    #: The environment variables ignored as Kubernetes service links (logged at start).
+    service_links: tuple[str, ...] = field(default=(), compare=False)
 
     def value(self, key: str) -> Value:
         """The value of ``"section.key"``."""
@@ -539,15 +550,27 @@ def _file_layer(path: str, problems: list[tuple[str, str]]) -> _Layer:
     return layer
 
 
-def _env_layer(env: Mapping[str, str], problems: list[tuple[str, str]]) -> _Layer:
+def is_service_link(var: str, value: str, is_setting: bool) -> bool:
+    """Whether ``var`` is one Kubernetes set for a Service (not for ebbcast): its name
+    has a service link's shape and, when it is also a setting's name, its value is a
+    service address (``tcp://10.96.0.13:8001``) no setting takes."""
+    if not _SERVICE_LINK_RE.fullmatch(var):
+        return False
+    return not is_setting or bool(_SERVICE_ADDRESS_RE.fullmatch(value.strip()))
+
+
+def _env_layer(env: Mapping[str, str], problems: list[tuple[str, str]],
+               ignored: list[str]) -> _Layer:
     layer = _Layer()
     known = {key: f"{ENV_PREFIX}{key.replace('.', '_').upper()}" for key, _ in iter_keys()}
     by_var = {var: key for key, var in known.items()}
-    for var, text in env.items():
+    for var, text in sorted(env.items()):
         if not var.startswith(ENV_PREFIX):
             continue
         key = by_var.get(var)
-        if key is None:
+        if is_service_link(var, text, key is not None):
+            ignored.append(var)
+        elif key is None:
             problems.append((var, "unknown ebbcast environment variable (expected "
                              "EBBCAST_<SECTION>_<KEY>, e.g. EBBCAST_SERVER_PORT)"))
         else:
@@ -563,8 +586,9 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
     Raises ConfigError listing every problem found.
     """
     problems: list[tuple[str, str]] = []
+    links: list[str] = []
     layers = [_file_layer(path, problems) if path else _Layer(),
-              _env_layer(os.environ if env is None else env, problems),
+              _env_layer(os.environ if env is None else env, problems, links),
               _Layer({k: (v, True, " (from the command line)")
                       for k, v in (overrides or {}).items()})]
     sections: dict[str, dict[str, Value]] = {name: {} for name in SECTIONS}
@@ -593,7 +617,7 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
     if problems:
         raise ConfigError(problems)
     return Config(**{name: SECTIONS[name](**values) for name, values in sections.items()},
-                  files=files)
+                  files=files, service_links=tuple(links))
 
 
 def _cross_checks(sections: dict[str, dict[str, Value]]) -> list[tuple[str, str]]:
@@ -697,7 +721,7 @@ def merge_reloadable(running: Config, loaded: Config) -> Config:
             key = f"{section}.{f.name}"
             values[f.name] = (loaded if is_reloadable(key) else running).value(key)
         sections[section] = cls(**values)
-    return Config(**sections, files=loaded.files)
+    return Config(**sections, files=loaded.files, service_links=running.service_links)
 
 
 def reload_config(running: Config, load: Callable[[], Config], quiet: bool = False,

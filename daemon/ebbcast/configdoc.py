@@ -32,6 +32,17 @@ Durations are a number of seconds or a string with a unit: `"250ms"`, `"10s"`,
 `yes`/`no`, `on`/`off`) and lists are a JSON list (`["https://a.example"]`) or
 comma-separated.
 
+Kubernetes gives a pod variables for every Service of its namespace (service links),
+and a Service named `ebbcast...` gives it `EBBCAST_...` ones: `EBBCAST_SERVICE_HOST`,
+`EBBCAST_PORT=tcp://...`, `EBBCAST_ADMIN_PORT=tcp://...` for a Service `ebbcast-admin`.
+Those are ignored, whatever their name (a `tcp://` address is never a setting's
+value), and named in one log line at start; any other unknown `EBBCAST_` variable
+is an error.
+
+`admin.token_file`, `auth.jwt_key_file` and `auth.jwt_public_key_file` are read with
+the configuration, at start and at each SIGHUP; a file that cannot be used makes
+that reload fail (logged), and the secrets in use stay.
+
 SIGHUP reloads the file and applies the keys marked *reload* below to the running
 daemon and every worker; a changed key that is not marked is logged as needing a
 restart (or an upgrade, SIGUSR2, which starts new processes with the
