@@ -38,24 +38,36 @@ def _hostport(url: str) -> str:
     return f"{parts.hostname}:{parts.port}"
 
 
+def bound_listener() -> socket.socket:
+    """A listening socket on a port of its own, for a proxy to inherit."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    return listener
+
+
 class Proxy:
-    """A proxy process in front of one ebbcast instance, on a socket of its own."""
+    """A proxy process in front of ebbcast instances, on a socket of its own: bound
+    here, or bound first (``bound_listener``) when the instances must know the
+    proxy's URL before it starts (``server.public_url``)."""
 
     name = ""
 
-    def __init__(self, workdir: Path, ws_url: str, admin_url: str) -> None:
+    def __init__(self, workdir: Path, ws_url: str | list[str], admin_url: str | list[str],
+                 listener: socket.socket | None = None) -> None:
         binary = shutil.which(self.name, path=f"{os.environ.get('PATH', '')}:/usr/sbin")
         if binary is None:
             raise AssertionError(f"{self.name} is not installed: run `make test-deps`")
         self.binary = binary
         self.workdir = workdir
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(1024)
+        self.listener = listener or bound_listener()
         self.port = self.listener.getsockname()[1]
         self.lines: list[str] = []
-        self.proc = self._start(_hostport(ws_url), _hostport(admin_url))
+        publics = [ws_url] if isinstance(ws_url, str) else ws_url
+        admins = [admin_url] if isinstance(admin_url, str) else admin_url
+        self.proc = self._start([_hostport(url) for url in publics],
+                                [_hostport(url) for url in admins])
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self._wait_ready()
@@ -68,7 +80,9 @@ class Proxy:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
 
-    def _start(self, public: str, admin: str) -> subprocess.Popen[str]:
+    def _start(self, publics: list[str], admins: list[str]) -> subprocess.Popen[str]:
+        """The proxy in front of the instances at ``publics`` (their admin listeners at
+        ``admins``, in the same order)."""
         raise NotImplementedError
 
     def _read(self) -> None:
@@ -116,10 +130,12 @@ class Proxy:
 class Nginx(Proxy):
     name = "nginx"
 
-    def _start(self, public: str, admin: str) -> subprocess.Popen[str]:
+    def _start(self, publics: list[str], admins: list[str]) -> subprocess.Popen[str]:
         site = NGINX_CONF.read_text()
-        site = _replace(site, "server 127.0.0.1:8000 ", f"server {public} ")
-        site = _replace(site, "server 127.0.0.1:8001;", f"server {admin};")
+        site = _replace(site, "    server 127.0.0.1:8000 max_fails=1 fail_timeout=5s;\n", "".join(
+            f"    server {public} max_fails=1 fail_timeout=5s;\n" for public in publics))
+        site = _replace(site, "    server 127.0.0.1:8001;\n",
+                        "".join(f"    server {admin};\n" for admin in admins))
         site = _replace(site, "listen 80;", f"listen 127.0.0.1:{self.port};")
         site = _replace(site, "/var/log/nginx/ebbcast.access.log",
                         str(self.workdir / "access.log"))
@@ -140,11 +156,11 @@ class Nginx(Proxy):
 class HAProxy(Proxy):
     name = "haproxy"
 
-    def _start(self, public: str, admin: str) -> subprocess.Popen[str]:
+    def _start(self, publics: list[str], admins: list[str]) -> subprocess.Popen[str]:
         cfg = HAPROXY_CFG.read_text()
-        admin_port = admin.rsplit(":", 1)[1]
-        cfg = _replace(cfg, "server ebbcast1 127.0.0.1:8000 check port 8001",
-                       f"server ebbcast1 {public} check port {admin_port}")
+        cfg = _replace(cfg, "    server ebbcast1 127.0.0.1:8000 check port 8001\n", "".join(
+            f"    server ebbcast{n} {public} check port {admin.rsplit(':', 1)[1]}\n"
+            for n, (public, admin) in enumerate(zip(publics, admins), 1)))
         fd = self.listener.fileno()
         cfg = _replace(cfg, "bind :80\n", f"bind fd@{fd}\n")
         cfg = _replace(cfg, "log /dev/log local0",
@@ -163,8 +179,8 @@ class HAProxy(Proxy):
     def stats_path(self) -> Path:
         return self.workdir / "stats.sock"
 
-    def server_state(self) -> dict[str, str]:
-        """The backend server's row of ``show stat``: status, check_status, ..."""
+    def server_state(self, server: str = "ebbcast1") -> dict[str, str]:
+        """A backend server's row of ``show stat``: status, check_status, ..."""
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(STEP_TIMEOUT)
             sock.connect(str(self.stats_path))
@@ -176,7 +192,7 @@ class HAProxy(Proxy):
         names = re.sub(r"^# ", "", header).split(",")
         for row in rows:
             values = dict(zip(names, row.split(",")))
-            if values["svname"] == "ebbcast1":
+            if values["svname"] == server:
                 return values
         raise AssertionError(f"no server ebbcast1 in:\n{data.decode()}")
 

@@ -1,11 +1,14 @@
 """ebbcast behind the real Debian nginx and HAProxy, configured by the shipped
 deploy/ files: clients connect and chat through each; a drain's shutdown frame and
 an upgrade's move reach them; the proxy's health check sees /readyz turn 503; a
-connection hammer through the proxy during an upgrade is never refused; and the
-address a proxy forwards is believed only from server.trusted_proxies."""
+connection hammer through the proxy during an upgrade is never refused; with two
+instances behind one proxy, a drain sends every client back through it to the
+other; and the address a proxy forwards is believed only from
+server.trusted_proxies."""
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import threading
@@ -17,7 +20,7 @@ from websockets.sync.client import ClientConnection
 
 from ebbcast.serving.forwarded import TrustedProxies
 from helpers import (QUICK, DaemonProcess, close_all, dial, recv_frame, status, wait_for)
-from proxies import PROXIES, HAProxy, Proxy
+from proxies import PROXIES, HAProxy, Proxy, bound_listener
 
 #: The daemon trusts only 127.0.0.1 (where the proxies connect from); the tests'
 #: clients connect from another loopback address, so their own headers are
@@ -167,3 +170,49 @@ def test_an_upgrade_moves_clients_through_the_proxy_and_a_hammer_is_never_refuse
     assert results["failed"] == 0, errors[:5]
     assert proxy.get("/readyz")[0] == 200
     close_all(moved)
+
+
+# -- several instances behind one proxy ------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(PROXIES))
+def test_a_drain_behind_the_proxy_sends_every_client_back_through_it(
+        name: str, spawn: Any, redis_server: Any, tmp_path: Any) -> None:
+    """Two instances on Redis behind one proxy, each with the proxy's URL as its
+    server.public_url: the draining one's shutdown frame names that URL (the other
+    instance is live, though its URL is the same), and every one of its clients
+    moves through the proxy to the other, none refused."""
+    listener = bound_listener()
+    public = f"ws://127.0.0.1:{listener.getsockname()[1]}/ws"
+    env = {**PROXY_ENV, "EBBCAST_SERVER_PUBLIC_URL": public,
+           "EBBCAST_BACKPLANE_URL": redis_server.url, "EBBCAST_SHUTDOWN_DRAIN_TIMEOUT": "60s"}
+    draining, staying = (spawn("--port", "0", "--admin-port", "0", env=env) for _ in range(2))
+    for d in (draining, staying):  # each has read the other's node key
+        d.wait_for_log(rf"backplane: other instances at: {re.escape(public)}$")
+    proxy = PROXIES[name](tmp_path, [draining.ws_url, staying.ws_url],
+                          [draining.admin_url, staying.admin_url], listener)
+    try:
+        if isinstance(proxy, HAProxy):
+            wait_for(lambda: all(proxy.server_state(server)["status"] == "UP"
+                                 for server in ("ebbcast1", "ebbcast2")))
+        node = {d: f"{socket.gethostname()}:{d.proc.pid}" for d in (draining, staying)}
+        clients: dict[str, list[ClientConnection]] = {node[draining]: [], node[staying]: []}
+        while len(clients[node[draining]]) < 10:  # the proxy spreads them over both
+            ws = through(proxy)
+            clients[recv_frame(ws, "welcome")["server"]].append(ws)
+        draining.signal(signal.SIGTERM)
+        moved = []
+        for ws in clients[node[draining]]:
+            shutdown = recv_frame(ws, "shutdown")
+            assert (shutdown["reason"], shutdown["nodes"]) == ("draining", [public])
+            new = dial(shutdown["nodes"][0], sock=client_socket(shutdown["nodes"][0]))
+            assert recv_frame(new, "welcome")["server"] == node[staying]
+            moved.append(new)
+            ws.close()  # make before break
+        assert draining.wait_exit() == 0
+        moved[0].send("all moved")
+        for ws in moved + clients[node[staying]]:
+            assert recv_frame(ws)["text"] == "all moved"
+        close_all(moved + clients[node[staying]])
+        assert "refused WebSocket handshake" not in staying.log_text()
+    finally:
+        proxy.stop()
