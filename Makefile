@@ -78,9 +78,11 @@ conformance: $(RUN_LOCK)
 conformance-quick: $(RUN_LOCK)
 	$(BIN)/python conformance/run.py --quick
 
-# docs/configuration.md, written from the schema (a test fails when they disagree).
+# docs/configuration.md and docs/metrics.md, written from the schema and the metrics
+# (tests fail when they disagree with the code).
 docs: $(RUN_LOCK)
 	$(BIN)/python -m ebbcast.configdoc > docs/configuration.md
+	$(BIN)/python -m ebbcast.metricsdoc > docs/metrics.md
 
 # deploy/grafana/ebbcast-dashboard.json, built with grafanalib (a test fails when stale).
 dashboard: $(TEST_LOCK)

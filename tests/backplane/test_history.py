@@ -232,3 +232,19 @@ def test_a_drain_that_names_other_instances_moves_the_session_there(
     """The path (client id) and query (token) stay; only the address changes, and
     only for a drain: an upgrade's new generation serves the same address."""
     assert follow_nodes("ws://a:8/ws/alice?token=t", frame, random.Random(1)) == url
+
+
+def test_the_main_processs_history_takes_an_upgrades_history_settings():
+    """With memory:// the main process's history outlives the generations: an upgrade
+    (Switchboard.configured) resizes it, larger or smaller, from the next broadcast."""
+    sequencer = Sequencer(2, 0, epoch="e")
+    for n in range(5):
+        sequencer.sequence(f'{{"n":{n}}}', now=float(n))
+    assert [kept.offset for kept in sequencer.history.after(0, 5.0)] == [4, 5]
+    sequencer.keep(100, 0)
+    for n in range(5, 10):
+        sequencer.sequence(f'{{"n":{n}}}', now=float(n))
+    assert [kept.offset for kept in sequencer.history.after(0, 10.0)] == list(range(4, 11))
+    sequencer.keep(3, 3.5)  # fewer, and none older than 3.5 s
+    sequencer.sequence('{"n":10}', now=12.0)
+    assert [kept.offset for kept in sequencer.history.after(0, 12.0)] == [10, 11]

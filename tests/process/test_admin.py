@@ -97,7 +97,19 @@ async def test_admin_actions_are_404_without_a_token(start_daemon):
     d = await start_daemon(admin__token="")
     assert (await d.admin("/broadcast", "POST", "x", token="")).code == 404
     assert (await d.admin("/drain", "POST", "", token="anything")).code == 404
+    assert (await d.admin("/upgrade", "POST", "", token="anything")).code == 404
     assert (await d.admin("/readyz")).code == 200  # still serving
+
+
+async def test_every_admin_action_needs_the_token(start_daemon):
+    """/broadcast, /drain and /upgrade, as the docs list them: 401 without the right
+    token, before anything is done (the daemon still serves, generation 1)."""
+    d = await start_daemon()
+    for path in ("/broadcast", "/drain", "/upgrade"):
+        for token in (None, "wrong"):
+            assert (await d.admin(path, "POST", "x", token=token)).code == 401, path
+    status = json.loads((await d.admin("/status")).body)
+    assert status["state"] == "serving"
 
 
 async def test_drain_refuses_new_clients_notifies_and_keeps_serving(start_daemon):
@@ -146,7 +158,8 @@ async def test_drain_deadline_closes_clients_with_close_code(start_daemon):
 
 
 async def test_second_signal_closes_clients_now_with_1001(start_daemon):
-    d = await start_daemon(shutdown__drain_timeout="60s")
+    # 1001 whatever shutdown.close_code says: that code is for the deadline
+    d = await start_daemon(shutdown__drain_timeout="60s", shutdown__close_code="4000")
     conn, _ = await d.connect_welcomed()
     d.daemon.record_signal(signal.SIGINT)
     await recv_until(conn, "shutdown")

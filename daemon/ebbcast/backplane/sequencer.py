@@ -21,6 +21,11 @@ class Sequencer:
     def epoch(self) -> str:
         return self.history.epoch
 
+    def keep(self, size: int, ttl: float) -> None:
+        """Keep ``size`` broadcasts for ``ttl`` from now on (an upgrade's history.*):
+        what no longer fits goes as the next broadcast is recorded."""
+        self.history.size, self.history.ttl = size, ttl
+
     @property
     def latest(self) -> int:
         return self.history.latest

@@ -222,6 +222,7 @@ class Supervisor:
         set_level(config.logging.level)
         self.metrics.upgrades.labels("ok").inc()
         self.metrics.generation.set(generation)
+        self._switchboard.configured(config)
         self._switchboard.counts_changed()
 
     # -- the loop (ebbcast.core.loop.LoopOwner) -----------------------------------

@@ -20,6 +20,7 @@ from ebbcast.backplane import records
 from ebbcast.backplane.base import Envelope
 from ebbcast.backplane.records import Received, pack
 from ebbcast.backplane.sequencer import Sequencer
+from ebbcast.config import Config
 from ebbcast.core.metrics import Metrics
 from ebbcast.process.workers import Worker
 
@@ -116,6 +117,12 @@ class Switchboard:
                     worker.link.send(records.Inject(Envelope("main", "admin", 0, payload))):
                 return True
         return False
+
+    def configured(self, config: Config) -> None:
+        """A new generation serves with ``config``: the history the main process
+        keeps for every generation takes its history.* (``memory://``)."""
+        if self.sequencer is not None:
+            self.sequencer.keep(config.history.size, config.history.ttl)
 
     def counts_changed(self) -> None:
         """A worker's count changed, or a worker came or went: tell the others."""
