@@ -120,3 +120,13 @@ def test_the_units_pointer_to_its_install_steps_leads_somewhere() -> None:
     unit = (REPO / "systemd" / "ebbcast.service").read_text()
     heading, doc = re.search(r'^# Install: see "([^"]+)" in (\S+)\.$', unit, re.M).groups()
     assert f"## {heading}\n" in (REPO / doc).read_text()
+
+
+def test_every_relative_link_of_the_docs_leads_to_a_file_of_the_repository() -> None:
+    """The README's figures come with their committed results, and no page sends a
+    reader to a file that moved."""
+    for path in PROSE:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text()):
+            if "://" in target:
+                continue
+            assert (path.parent / target).resolve().exists(), f"{path.name}: {target}"

@@ -1,4 +1,4 @@
-"""The ``ebbcast`` command (README "Commands"); the only place that picks exit codes."""
+"""The ``ebbcast`` command (docs/operations.md "Commands"); the only place that picks exit codes."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 ENV_PREFIX = "EBBCAST_"
 
-#: Keys whose new value a SIGHUP applies to the running daemon (README "Configuration").
+#: Keys whose new value a SIGHUP applies to the running daemon (docs/configuration.md).
 #: A whole section is named by its name followed by ``.*``.
 RELOADABLE = (
     "broadcast.*",

@@ -207,10 +207,10 @@ async def next_event(events: Any, wanted: str) -> str:
             return message["channel"].decode().split(":", 1)[1]
 
 
-def test_the_readme_states_the_node_keys_timing_as_the_code_has_it():
+def test_the_docs_state_the_node_keys_timing_as_the_code_has_it():
     from ebbcast.backplane.redis import HEARTBEAT_SECONDS, NODE_TTL_SECONDS
 
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "scaling.md").read_text()
     assert (f"refreshed every {HEARTBEAT_SECONDS:g} s with a {NODE_TTL_SECONDS} s TTL"
             in " ".join(readme.split()))
 

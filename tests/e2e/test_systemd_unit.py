@@ -1,4 +1,5 @@
-"""Checks on systemd/ebbcast.service against what README "Running under systemd" promises.
+"""Checks on systemd/ebbcast.service against what docs/operations.md, "Running under
+systemd", promises.
 
 These tests run ``systemd-analyze``. When it is missing they fail, they are not
 skipped: the unit's hardening score and cleanliness are part of the contract.

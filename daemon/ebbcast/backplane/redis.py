@@ -2,7 +2,7 @@
 
 ``redis://`` (or ``redis+sentinel://``, the master Sentinel names:
 ``ebbcast.backplane.sentinel``) joins
-instances through Redis pub/sub (README "Several instances"): client frames and admin
+instances through Redis pub/sub (docs/scaling.md "Several instances"): client frames and admin
 broadcasts are delivered locally at once, then published; every instance
 subscribed to the channel fans out what the *others* published, so no client sees
 a frame twice. Periodic frames stay local.
@@ -16,9 +16,10 @@ was down while others published are found as gaps in each publisher's sequence
 numbers and counted in its ``ebbcast_backplane_missed_total``. (Redis pub/sub is
 at most once: a subscriber that is away gets nothing from that time.)
 
-Offsets (README "Nothing lost on reconnect"). With the JSON envelope a broadcast is *submitted*
-instead: one Lua script gives it the next offset (INCR), appends it to a capped
-stream (XADD, history.size entries, id ``0-<offset>``) and publishes it, in one
+Offsets (docs/scaling.md "Nothing lost on reconnect"). With the JSON envelope a
+broadcast is *submitted* instead: one Lua script gives it the next offset (INCR),
+appends it to a capped stream (XADD, history.size entries, id ``0-<offset>``) and
+publishes it, in one
 atomic step, so every instance agrees on the order; the epoch is a key beside
 them, made anew (with the offset counter and the stream cleared) whenever it is
 missing, as after a Redis restart without persistence, or was made on a master of
@@ -55,7 +56,8 @@ from ebbcast.core.waits import cancel_for_good, within
 log = logging.getLogger(__name__)
 
 #: Key and channel names: ``ebbcast.backplane.names``; the scripts' KEYS are
-#: RedisNames.keys. The epoch, made anew (offsets and history cleared) when it is missing (Redis lost
+#: RedisNames.keys.
+#: The epoch, made anew (offsets and history cleared) when it is missing (Redis lost
 #: its data), or when it was made on a master of another replication id: a replica
 #: promoted by a failover, or a master restarted from a snapshot, may lack offsets
 #: the master before it handed out, so offsets restart in a new epoch rather than

@@ -1,4 +1,5 @@
-"""The local link between the main process and one worker (README "Every core: worker processes").
+"""The local link between the main process and one worker (docs/scaling.md, "Every
+core: worker processes").
 
 With ``server.workers = N`` the main process creates one AF_UNIX stream
 socketpair per worker at start-up and keeps one end; the worker inherits the

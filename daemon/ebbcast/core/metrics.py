@@ -1,4 +1,4 @@
-"""Prometheus metrics (README "Watching and steering it"), on an explicit registry.
+"""Prometheus metrics (docs/metrics.md), on an explicit registry.
 
 Under ``ebbcast serve`` prometheus_client runs in its multiprocess mode, whatever
 the number of workers (an upgrade adds processes to any daemon): every process
