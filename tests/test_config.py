@@ -215,8 +215,10 @@ def test_kubernetes_service_links_are_ignored_and_listed_but_settings_still_coun
     # a setting with a setting's value is a setting, and a typo is still an error
     assert load_config(env={"EBBCAST_ADMIN_PORT": "9001"}).admin.port == 9001
     with pytest.raises(ConfigError) as typo:
-        load_config(env={**links, "EBBCAST_SERVER_PORTT": "1"})
-    assert [key for key, _ in typo.value.problems] == ["EBBCAST_SERVER_PORTT"]
+        load_config(env={**links, "EBBCAST_SERVER_PORTT": "1", "EBBCAST_BACKPLANE_PORT": "6379"})
+    # the second has a link's name, but not the value Kubernetes gives such a link
+    assert [key for key, _ in typo.value.problems] == ["EBBCAST_BACKPLANE_PORT",
+                                                       "EBBCAST_SERVER_PORTT"]
     with pytest.raises(ConfigError) as bad:
         load_config(env={"EBBCAST_ADMIN_PORT": "tcp://nowhere"})  # not a Service's value
     assert [key for key, _ in bad.value.problems] == ["admin.port"]

@@ -23,6 +23,7 @@ from typing import Any, Union
 from urllib.parse import urlsplit
 
 from ebbcast.values import (
+    is_service_link,
     parse_network,
     parse_sentinel_url,
     parse_verification_keys,
@@ -60,15 +61,6 @@ SECRETS = ("admin.token", "auth.jwt_key")
 SENDABLE_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011,
                                   1012, 1013, 1014} | set(range(3000, 5000)))
 
-#: The variables Kubernetes sets for a Service whose name begins with "ebbcast" (its
-#: service links: ``<NAME>_SERVICE_HOST``, ``<NAME>_SERVICE_PORT[_<PORT NAME>]``,
-#: ``<NAME>_PORT`` and ``<NAME>_PORT_<port>_<PROTOCOL>[_PROTO|_PORT|_ADDR]``).
-_SERVICE_LINK_RE = re.compile(r"EBBCAST(?:_[A-Z0-9_]+?)?_(?:SERVICE_HOST|SERVICE_PORT"
-                              r"(?:_[A-Z0-9_]+)?|PORT(?:_\d+_(?:TCP|UDP|SCTP)"
-                              r"(?:_(?:PROTO|PORT|ADDR))?)?)")
-#: The value of ``<NAME>_PORT``: where a variable is also a setting's name
-#: (EBBCAST_ADMIN_PORT, for a Service "ebbcast-admin"), this value tells them apart.
-_SERVICE_ADDRESS_RE = re.compile(r"(?:tcp|udp|sctp)://[^\s/]+:\d+")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _LEVELS = ("debug", "info", "warning", "error")
@@ -357,7 +349,8 @@ class AuthConfig:
                                     "of jwt_key (re-read on SIGHUP)")
     audience: str = _key("str", "", "when set, a token's aud must name it")
     leeway: float = _key("duration", 30.0, "clock skew allowed on a token's exp and nbf, at "
-                         "the handshake and for the 4001 close")
+                         "the handshake and for the 4001 close (at most 5m)",
+                         lambda v: None if v <= 300 else f"must be at most 5m, got {v:g}s")
 
 
 @dataclass(frozen=True)
@@ -550,15 +543,6 @@ def _file_layer(path: str, problems: list[tuple[str, str]]) -> _Layer:
     return layer
 
 
-def is_service_link(var: str, value: str, is_setting: bool) -> bool:
-    """Whether ``var`` is one Kubernetes set for a Service (not for ebbcast): its name
-    has a service link's shape and, when it is also a setting's name, its value is a
-    service address (``tcp://10.96.0.13:8001``) no setting takes."""
-    if not _SERVICE_LINK_RE.fullmatch(var):
-        return False
-    return not is_setting or bool(_SERVICE_ADDRESS_RE.fullmatch(value.strip()))
-
-
 def _env_layer(env: Mapping[str, str], problems: list[tuple[str, str]],
                ignored: list[str]) -> _Layer:
     layer = _Layer()
@@ -568,7 +552,7 @@ def _env_layer(env: Mapping[str, str], problems: list[tuple[str, str]],
         if not var.startswith(ENV_PREFIX):
             continue
         key = by_var.get(var)
-        if is_service_link(var, text, key is not None):
+        if is_service_link(var, text):
             ignored.append(var)
         elif key is None:
             problems.append((var, "unknown ebbcast environment variable (expected "

@@ -1,5 +1,6 @@
 """Parsers of configuration values the wings read the same way: networks, Sentinel
-URLs, token verification keys (a PEM public key or a JWKS), secrets read from files.
+URLs, token verification keys (a PEM public key or a JWKS), secrets read from files,
+and the environment variables Kubernetes sets for Services.
 
 ``ebbcast.config`` checks each value with these, and the modules that use the value
 (``ebbcast.serving.forwarded``, ``ebbcast.backplane.sentinel``,
@@ -14,11 +15,46 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+_NAME = r"EBBCAST(?:_[A-Z0-9_]+)?"  # the Service's name, from "ebbcast" on
+_EACH = r"_\d+_(?:TCP|UDP|SCTP)"  # one port of it: number and protocol
+_PORT = "_PORT" + _EACH
+#: The variables Kubernetes sets for a Service whose name begins with "ebbcast" (its
+#: service links, pkg/kubelet/envvars), each with the value it always has.
+_SERVICE_LINKS: tuple[tuple[re.Pattern[str], Callable[[str], object]], ...] = (
+    (re.compile(_NAME + r"_SERVICE_HOST"), _is_address),
+    (re.compile(_NAME + r"_SERVICE_PORT(?:_[A-Z0-9_]+)?"), str.isdigit),
+    (re.compile(_NAME + rf"_PORT(?:{_EACH})?"),
+     re.compile(r"(?:tcp|udp|sctp)://(?:\[[0-9a-fA-F:]+\]|[0-9.]+):\d+").fullmatch),
+    (re.compile(_NAME + _PORT + "_PROTO"), ("tcp", "udp", "sctp").__contains__),
+    (re.compile(_NAME + _PORT + "_PORT"), str.isdigit),
+    (re.compile(_NAME + _PORT + "_ADDR"), _is_address),
+)
+
+
+def is_service_link(var: str, value: str) -> bool:
+    """Whether ``var=value`` is one Kubernetes set for a Service (not for ebbcast):
+    a service link's name with the value that name always has. So EBBCAST_ADMIN_PORT
+    is a link as ``tcp://10.96.0.13:8001`` (Service "ebbcast-admin") and a setting
+    as ``8001``, and a typo such as EBBCAST_BACKPLANE_PORT=6379 is neither."""
+    return any(name.fullmatch(var) and bool(fits(value.strip()))
+               for name, fits in _SERVICE_LINKS)
 
 
 def parse_network(text: str) -> Network:
@@ -174,6 +210,9 @@ def _parse_jwks(text: str, path: str) -> list[VerificationKey]:
             raise ValueError(f"{where}: kid must be a string")
         if entry.get("use", "sig") != "sig":
             continue  # an encryption key published beside the signing keys
+        if entry.get("kty") != "oct" and "d" in entry:
+            raise ValueError(f"{where} ({kid or 'no kid'}) is a private key: the file "
+                             "should hold only public keys")
         if "alg" in entry and entry["alg"] not in JWKS_ALGORITHMS:
             raise ValueError(f"{where} ({kid or 'no kid'}): algorithm {entry['alg']!r} is "
                              "not allowed")
@@ -186,6 +225,7 @@ def _parse_jwks(text: str, path: str) -> list[VerificationKey]:
             raise ValueError(f"{where} ({kid or 'no kid'}): algorithm "
                              f"{jwk.algorithm_name} is not allowed")
         _check_strength(jwk, f"{where} ({kid or 'no kid'})")
+        _check_curve(jwk, f"{where} ({kid or 'no kid'})")
         keys.append(VerificationKey(jwk.key, jwk.algorithm_name, kid))
     kids = [k.kid for k in keys if k.kid is not None]
     if len(kids) != len(set(kids)):
@@ -193,6 +233,19 @@ def _parse_jwks(text: str, path: str) -> list[VerificationKey]:
     if not keys:
         raise ValueError(f"{path}: no signing key (every key has a \"use\" other than sig)")
     return keys
+
+
+#: The curve each ECDSA algorithm signs with.
+_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
+
+
+def _check_curve(jwk: Any, where: str) -> None:
+    """An EC key's curve must be its algorithm's (PyJWT would refuse every token)."""
+    wanted = _CURVES.get(jwk.algorithm_name)
+    curve = getattr(getattr(jwk.key, "curve", None), "name", None)
+    if wanted and curve != wanted:
+        raise ValueError(f"{where}: {jwk.algorithm_name} signs with {wanted}, the key is "
+                         f"on {curve}")
 
 
 def _check_strength(jwk: Any, where: str) -> None:

@@ -31,6 +31,19 @@ def test_the_advertised_url_is_the_public_one_and_never_unspecified(
     assert advertised_url(public_url, bound) == advertised
 
 
+def test_other_instances_are_told_apart_by_their_key_and_an_older_release_by_url() -> None:
+    from ebbcast.backplane.redis import _others
+
+    names = RedisNames()
+    mine = names.instance_keys("host:1:aa")
+    urls = {names.node_key("host:1:aa", "host:7/cd"): PUBLIC.encode(),  # a sibling
+            names.node_key("host:2:bb", "host:8/ef"): PUBLIC.encode(),  # behind one proxy
+            "ebbcast:node:host:6/01": PUBLIC.encode(),  # this instance, a release before
+            "ebbcast:node:host:9/02": b"ws://10.0.0.9:8000/ws",  # another, a release before
+            names.node_key("host:3:cc", "host:9/03"): None}  # expired between SCAN and MGET
+    assert _others(names, mine, urls, PUBLIC) == ["ws://10.0.0.9:8000/ws", PUBLIC]
+
+
 def test_every_name_is_under_the_prefix() -> None:
     names = RedisNames("staging")
     every = [names.channel, names.sequenced_channel, names.stream, *names.keys,

@@ -123,6 +123,29 @@ def test_the_leeway_applies_to_exp_and_nbf(claims: dict[str, Any], at: float,
     assert isinstance(got, Grant) if answer == "granted" else got == answer
 
 
+def test_a_key_that_cannot_check_a_token_refuses_it_and_is_logged(caplog: Any) -> None:
+    """A key PyJWT cannot use for the token's algorithm (here a P-256 key said to be
+    ES512, which a JWKS file is refused for) answers a 401, never an exception."""
+    from cryptography.hazmat.primitives.asymmetric.ec import SECP521R1
+
+    from ebbcast.values import VerificationKey
+
+    p256 = ec.generate_private_key(ec.SECP256R1())
+    checks = TokenVerifier([VerificationKey(p256.public_key(), "ES512", "k")])
+    token = jwt.encode({"sub": "a", "exp": NOW + 60}, ec.generate_private_key(SECP521R1()),
+                       algorithm="ES512", headers={"kid": "k"})
+    assert checks.verify(token, NOW) == Denial("bad signature")
+    assert "(kid k) cannot check tokens" in caplog.text
+
+
+def test_the_leeway_is_at_most_five_minutes() -> None:
+    assert load_config(None, env={}, overrides={"auth.leeway": "5m"}).auth.leeway == 300
+    with pytest.raises(ConfigError) as long:
+        load_config(None, env={}, overrides={"auth.leeway": "1h"})
+    assert long.value.problems == [("auth.leeway", "must be at most 5m, got 3600s (from the "
+                                    "command line)")]
+
+
 # -- configuration -----------------------------------------------------------------
 
 def test_secrets_come_from_files_without_their_newline(tmp_path: Path) -> None:
@@ -163,6 +186,12 @@ def test_a_secret_and_its_file_both_set_is_an_error_naming_both(
     ("auth.jwt_public_key_file", '{"keys": [{"kty": "oct", "k": "%s", "alg": "none"}]}'
      % b64(b"x" * 32), "algorithm 'none' is not allowed"),
     ("auth.jwt_public_key_file", '{"keys": [{"kty": "XYZ"}]}', "cannot be used"),
+    ("auth.jwt_public_key_file", json.dumps({"keys": [{**json.loads(
+        jwt.algorithms.RSAAlgorithm.to_jwk(rsa.generate_private_key(65537, 2048))),
+        "kid": "oops"}]}), "(oops) is a private key"),
+    ("auth.jwt_public_key_file", json.dumps({"keys": [{**json.loads(
+        jwt.algorithms.ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1()).public_key())),
+        "alg": "ES512"}]}), "ES512 signs with secp521r1, the key is on secp256r1"),
 ])
 def test_a_key_file_that_cannot_be_used_is_an_error_naming_it(
         tmp_path: Path, key: str, content: str | None, reason: str) -> None:

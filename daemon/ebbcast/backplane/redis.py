@@ -397,10 +397,10 @@ class RedisBackplane:
                     await client.set(key, self._url_advertised, ex=NODE_TTL_SECONDS)
                 else:
                     await client.delete(key)
-                keys = [k async for k in client.scan_iter(match=self._names.node_keys + "*")
-                        if not k.decode().startswith(mine)]
+                keys = [k.decode() async for k in client.scan_iter(
+                    match=self._names.node_keys + "*", count=1000)]
                 urls = await client.mget(keys) if keys else []
-                peers = sorted({u.decode() for u in urls if u})
+                peers = _others(self._names, mine, dict(zip(keys, urls)), self._url_advertised)
                 if peers != self._peers:
                     log.debug("backplane: other instances at: %s", ", ".join(peers) or "none")
                 self._peers = peers
@@ -452,6 +452,22 @@ class RedisBackplane:
             keys=self._names.keys,
             args=[new_epoch(), self._history_size, self._names.sequenced_channel,
                   Envelope(self._node, source, token, "").encode(), payload], client=pipe)
+
+
+def _others(names: RedisNames, mine: str, urls: dict[str, bytes | None],
+            advertised: str | None) -> list[str]:
+    """The URLs in the node keys of instances other than this one (whose keys begin
+    with ``mine``), each once. A key of a release before instance ids
+    (``<prefix>:node:<host:pid/token>``, one slash) names no instance: one that
+    advertises this process's own URL is this instance's previous generation,
+    handing over, and left out."""
+    found = set()
+    for key, url in urls.items():
+        legacy = key[len(names.node_keys):].count("/") < 2
+        if url is not None and not key.startswith(mine) and \
+                not (legacy and url.decode() == advertised):
+            found.add(url.decode())
+    return sorted(found)
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,11 @@ class TokenVerifier:
                 continue
             except jwt.InvalidTokenError as exc:
                 return Denial(_explain(exc))
+            except (jwt.PyJWTError, ValueError, TypeError) as exc:  # the key, not the token
+                log.warning("a key of auth.jwt_public_key_file (kid %s) cannot check tokens: "
+                            "%s", key.kid, exc)
+                denial = _telling(denial, Denial("bad signature"))
+                continue
             return grant_from(claims, now, self._leeway)
         assert denial is not None  # there is always a candidate
         return denial
