@@ -183,6 +183,21 @@ def _load_and_log(load: Callable[[], Config]) -> Config | None:
     return config
 
 
+def _runtime_directory() -> str:
+    """A fresh private directory for this start (metrics files, effective configs):
+    under $RUNTIME_DIRECTORY (systemd's, or a pod's volume), else the system's
+    temporary directory, also when $RUNTIME_DIRECTORY cannot be used (logged)."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
+    try:
+        return tempfile.mkdtemp(prefix="ebbcast-", dir=runtime)
+    except OSError as exc:
+        if runtime is None:
+            raise
+        log.warning("RUNTIME_DIRECTORY %s cannot be used (%s): using %s instead", runtime,
+                    exc.strerror or exc, tempfile.gettempdir())
+        return tempfile.mkdtemp(prefix="ebbcast-")
+
+
 def _tornado_as_expected() -> bool:
     """Check, before serving anything, that the installed Tornado still has what
     ebbcast.serving.wire relies on; log what changed if not."""
@@ -221,8 +236,7 @@ def serve(args: argparse.Namespace) -> int:
         return ExitCode.FAILURE
     if "prometheus_client" in sys.modules:
         raise RuntimeError("serve must run before prometheus_client is imported")
-    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
-    rundir = tempfile.mkdtemp(prefix="ebbcast-", dir=runtime)
+    rundir = _runtime_directory()
     metrics_dir = os.path.join(rundir, "metrics")
     os.mkdir(metrics_dir, 0o700)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir

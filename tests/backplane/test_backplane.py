@@ -208,7 +208,7 @@ async def next_event(events: Any, wanted: str) -> str:
 
 
 def test_the_docs_state_the_node_keys_timing_as_the_code_has_it():
-    from ebbcast.backplane.redis import HEARTBEAT_SECONDS, NODE_TTL_SECONDS
+    from ebbcast.backplane.nodes import HEARTBEAT_SECONDS, NODE_TTL_SECONDS
 
     readme = (REPO / "docs" / "scaling.md").read_text()
     assert (f"refreshed every {HEARTBEAT_SECONDS:g} s with a {NODE_TTL_SECONDS} s TTL"
@@ -217,9 +217,9 @@ def test_the_docs_state_the_node_keys_timing_as_the_code_has_it():
 
 async def test_the_node_key_names_the_instance_and_is_refreshed_before_it_expires(
         start_daemon, redis_server):
-    from ebbcast.backplane.redis import NODE_TTL_SECONDS
+    from ebbcast.backplane.nodes import NODE_TTL_SECONDS
 
-    from ebbcast.backplane.redis import HEARTBEAT_SECONDS
+    from ebbcast.backplane.nodes import HEARTBEAT_SECONDS
 
     client, events = await node_key_events(redis_server)
     one = await start_daemon(backplane__url=redis_server.url)
@@ -241,7 +241,7 @@ async def test_a_draining_instance_withdraws_its_node_key_at_once(start_daemon, 
     STEP_TIMEOUT if the drain's start itself withdrew it; the drain goes on."""
     import signal
 
-    monkeypatch.setattr("ebbcast.backplane.redis.HEARTBEAT_SECONDS", 60.0)
+    monkeypatch.setattr("ebbcast.backplane.nodes.HEARTBEAT_SECONDS", 60.0)
     client, events = await node_key_events(redis_server)
     one = await start_daemon(backplane__url=redis_server.url, shutdown__drain_timeout="60s")
     key = await next_event(events, "set")

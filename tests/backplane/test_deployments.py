@@ -32,7 +32,7 @@ def test_the_advertised_url_is_the_public_one_and_never_unspecified(
 
 
 def test_other_instances_are_told_apart_by_their_key_and_an_older_release_by_url() -> None:
-    from ebbcast.backplane.redis import _others
+    from ebbcast.backplane.nodes import other_instances
 
     names = RedisNames()
     mine = names.instance_keys("host:1:aa")
@@ -41,7 +41,7 @@ def test_other_instances_are_told_apart_by_their_key_and_an_older_release_by_url
             "ebbcast:node:host:6/01": PUBLIC.encode(),  # this instance, a release before
             "ebbcast:node:host:9/02": b"ws://10.0.0.9:8000/ws",  # another, a release before
             names.node_key("host:3:cc", "host:9/03"): None}  # expired between SCAN and MGET
-    assert _others(names, mine, urls, PUBLIC) == ["ws://10.0.0.9:8000/ws", PUBLIC]
+    assert other_instances(names, mine, urls, PUBLIC) == ["ws://10.0.0.9:8000/ws", PUBLIC]
 
 
 def test_every_name_is_under_the_prefix() -> None:

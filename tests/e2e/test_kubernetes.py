@@ -137,3 +137,26 @@ def test_a_service_named_ebbcast_with_service_links_on_does_not_stop_the_daemon(
     assert not d.admin_url.endswith(":8001")  # the file's port 0, not the link's
     assert d.log_text().count("service links") == 1  # said once
     serves(d)
+
+
+def test_a_runtime_directory_that_is_not_there_is_said_and_replaced(
+        spawn: Any, tmp_path: Path) -> None:
+    """The pod's RUNTIME_DIRECTORY is a volume; run without it (a manifest of one's
+    own, a test with the pod's environment) the daemon says so and uses the system's
+    temporary directory, which it cleans up at exit."""
+    import tempfile
+
+    missing = tmp_path / "not-mounted"
+    temporary = Path(tempfile.gettempdir())
+    before = set(temporary.glob("ebbcast-*"))
+    d = spawn("--port", "0", "--admin-port", "0", "--workers", "2",
+              env={"RUNTIME_DIRECTORY": str(missing)})
+    line = d.wait_for_log(r"RUNTIME_DIRECTORY \S+ cannot be used \(No such file or "
+                          r"directory\): using (\S+) instead")
+    assert Path(line.group(1)) == temporary
+    assert "ebbcast_connections 0.0" in d.metrics_text()  # the workers' files merge
+    assert len(set(temporary.glob("ebbcast-*")) - before) == 1
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    assert set(temporary.glob("ebbcast-*")) - before == set()
+    assert not missing.exists()

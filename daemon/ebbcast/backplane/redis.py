@@ -50,6 +50,7 @@ from typing import Any
 from ebbcast.backplane.base import Deliver, Envelope, HistoryFeed, backoff_delays
 from ebbcast.backplane.history import Kept, new_epoch
 from ebbcast.backplane.names import RedisNames
+from ebbcast.backplane.nodes import NodeDirectory
 from ebbcast.backplane.sentinel import redis_target
 from ebbcast.core.waits import cancel_for_good, within
 
@@ -90,11 +91,6 @@ return offset
 POSITION_SCRIPT = _ENSURE_EPOCH + """
 return {epoch, tonumber(redis.call('GET', KEYS[2]) or '0')}
 """
-#: Each serving process keeps a key (RedisNames.node_key) = the URL its instance
-#: advertises, with a TTL, so that other instances, told apart by the instance id in
-#: the key (not by URL: behind one proxy all have the same), can name it in their
-#: shutdown frames; refreshed every HEARTBEAT_SECONDS.
-HEARTBEAT_SECONDS, NODE_TTL_SECONDS = 3.0, 10
 #: How often the sentinels are asked which master to use (redis+sentinel:// only), at
 #: the latest: a sentinel's +switch-master announcement has them asked at once.
 MASTER_CHECK_SECONDS = 0.5
@@ -121,7 +117,8 @@ class RedisBackplane:
         self._master_moved = asyncio.Event()
         # unique per instance even when two share a process (tests) or a pid (containers)
         self._node = f"{node}/{secrets.token_hex(4)}"
-        self._instance = instance or self._node  # its serving processes share it
+        # the node keys; an instance's serving processes share its id
+        self._nodes = NodeDirectory(names, instance or self._node, self._node, self._client)
         self._deliver = deliver
         self._on_state = on_state
         self._on_dropped = on_dropped
@@ -140,10 +137,6 @@ class RedisBackplane:
         self._tasks: list[asyncio.Task[None]] = []
         self._clients: list[Any] = []
         self._publisher: Any = None  # the client that publishes
-        self._url_advertised: str | None = None
-        #: Set when the advertised URL changes: the heartbeat writes it at once.
-        self._advertised_changed = asyncio.Event()
-        self._peers: list[str] = []
 
     @property
     def up(self) -> bool:
@@ -153,22 +146,15 @@ class RedisBackplane:
         self._on_state(False)
         self._tasks = [asyncio.ensure_future(self._subscribe_forever()),
                        asyncio.ensure_future(self._publish_forever()),
-                       asyncio.ensure_future(self._heartbeat_forever()),
+                       asyncio.ensure_future(self._nodes.beat_forever()),
                        asyncio.ensure_future(self._watch_master_forever())]
 
     def advertise(self, url: str | None) -> None:
-        """Offer ``url`` to other instances' draining clients; None withdraws it (as
-        this instance starts its own drain, it stops being a place to go): the
-        heartbeat writes the change at once, not at its next beat."""
-        if url != self._url_advertised:
-            self._url_advertised = url
-            self._advertised_changed.set()
+        """Offer ``url`` to other instances' draining clients (``NodeDirectory``)."""
+        self._nodes.advertise(url)
 
     def peers(self) -> list[str]:
-        """Other live instances' URLs, as of the last heartbeat, each URL once: not
-        this instance's serving processes', and this one's own URL when another
-        instance advertises it too (behind one proxy)."""
-        return self._peers
+        return self._nodes.peers()
 
     async def stop(self) -> None:
         await cancel_for_good(self._tasks)
@@ -385,39 +371,6 @@ class RedisBackplane:
                      "subscription was down", seq - last - 1, node)
             self._on_missed(seq - last - 1)
 
-    async def _heartbeat_forever(self) -> None:
-        client = self._client()
-        key = self._names.node_key(self._instance, self._node)
-        mine = self._names.instance_keys(self._instance)
-        while True:
-            # cleared before the URL is read: a change from now on wakes the next wait
-            self._advertised_changed.clear()
-            try:
-                if self._url_advertised:
-                    await client.set(key, self._url_advertised, ex=NODE_TTL_SECONDS)
-                else:
-                    await client.delete(key)
-                keys = [k.decode() async for k in client.scan_iter(
-                    match=self._names.node_keys + "*", count=1000)]
-                urls = await client.mget(keys) if keys else []
-                peers = _others(self._names, mine, dict(zip(keys, urls)), self._url_advertised)
-                if peers != self._peers:
-                    log.debug("backplane: other instances at: %s", ", ".join(peers) or "none")
-                self._peers = peers
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis down: the subscriber logs the outage
-                log.debug("backplane heartbeat failed: %s", exc)
-            await self._until_advertised_changes(
-                HEARTBEAT_SECONDS if self._url_advertised else 0.5)
-
-    async def _until_advertised_changes(self, timeout: float) -> None:
-        """Sleep ``timeout`` seconds, less if ``advertise()`` changes the URL."""
-        try:
-            await within(self._advertised_changed.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
-
     async def _publish_forever(self) -> None:
         client = self._publisher = self._client()
         while True:
@@ -452,22 +405,6 @@ class RedisBackplane:
             keys=self._names.keys,
             args=[new_epoch(), self._history_size, self._names.sequenced_channel,
                   Envelope(self._node, source, token, "").encode(), payload], client=pipe)
-
-
-def _others(names: RedisNames, mine: str, urls: dict[str, bytes | None],
-            advertised: str | None) -> list[str]:
-    """The URLs in the node keys of instances other than this one (whose keys begin
-    with ``mine``), each once. A key of a release before instance ids
-    (``<prefix>:node:<host:pid/token>``, one slash) names no instance: one that
-    advertises this process's own URL is this instance's previous generation,
-    handing over, and left out."""
-    found = set()
-    for key, url in urls.items():
-        legacy = key[len(names.node_keys):].count("/") < 2
-        if url is not None and not key.startswith(mine) and \
-                not (legacy and url.decode() == advertised):
-            found.add(url.decode())
-    return sorted(found)
 
 
 @dataclass(frozen=True)
