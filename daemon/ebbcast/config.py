@@ -46,6 +46,7 @@ ENV_PREFIX = "EBBCAST_"
 RELOADABLE = (
     "broadcast.*",
     "limits.*",
+    "channels.*",
     "keepalive.*",
     "logging.level",
     "admin.token",
@@ -400,6 +401,20 @@ class HistoryConfig:
                      "(/ws?since=N&epoch=E); 0 keeps none", _at_least(0))
     ttl: float = _key("duration", 300.0, "broadcasts older than this are not replayed; "
                       "0 = no age limit")
+    max_channels: int = _key("int", 10000, "channels that keep a history of their own "
+                             "(size and ttl each); the least recently published lose "
+                             "theirs first", _at_least(1))
+
+
+@dataclass(frozen=True)
+class ChannelsConfig:
+    max_per_connection: int = _key("int", 100, "channels one connection may subscribe to; "
+                                   "over it: the too_many_channels error", _at_least(1))
+    max: int = _key("int", 100000, "channels with a subscriber, per process; over it: the "
+                    "too_many_channels error", _at_least(1))
+    client_publish: bool = _key("bool", True, "whether clients may publish to channels "
+                                "(without auth.mode = \"jwt\"; with it, the publish claim "
+                                "decides)")
 
 
 @dataclass(frozen=True)
@@ -448,6 +463,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
+    channels: ChannelsConfig = field(default_factory=ChannelsConfig)
     backplane: BackplaneConfig = field(default_factory=BackplaneConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     files: SecretFiles = field(default_factory=SecretFiles, repr=False)
@@ -478,7 +494,8 @@ SECTIONS: dict[str, type] = {
     "server": ServerConfig, "admin": AdminConfig, "auth": AuthConfig,
     "broadcast": BroadcastConfig,
     "keepalive": KeepaliveConfig, "limits": LimitsConfig, "shutdown": ShutdownConfig,
-    "history": HistoryConfig, "backplane": BackplaneConfig, "logging": LoggingConfig,
+    "history": HistoryConfig, "channels": ChannelsConfig, "backplane": BackplaneConfig,
+    "logging": LoggingConfig,
 }
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from ebbcast.backplane import records
 from ebbcast.backplane.base import Envelope
-from ebbcast.backplane.history import Kept
+from ebbcast.backplane.channels import Answer, Ask, PresenceChange
+from ebbcast.backplane.history import Kept, Resume
 from ebbcast.backplane.relay import Link, Unpacker
 from helpers import wait_until
 
@@ -40,7 +41,26 @@ ON_THE_WIRE = [
 ]
 
 
-@pytest.mark.parametrize("record, packed", ON_THE_WIRE, ids=lambda x: type(x).__name__)
+#: The channel records (SPEC 14), first written by this release.
+CHANNEL_RECORDS = [
+    (records.Subscribe(Ask(3, "scores", "alice")), wire(b"B", b'[3, "scores", "alice", null]')),
+    (records.Subscribe(Ask(4, "a:b", "bob", Resume(7, "e1"))),
+     wire(b"B", b'[4, "a:b", "bob", [7, "e1"]]')),
+    (records.Subscribed(Answer(4, "a:b", "e1", 9, True, ('{"offset":8}', '{"offset":9}'))),
+     wire(b"D", b'[4, "a:b", "e1", 9, true, ["{\\"offset\\":8}", "{\\"offset\\":9}"]]')),
+    (records.Subscribed(Answer(5, "c", "e2", 0)), wire(b"D", b'[5, "c", "e2", 0, null, []]')),
+    (records.Unsubscribe("scores", "alice"), wire(b"X", b"scores\nalice")),
+    (records.ChannelPublish("c", '{"t":"a\nb"}'), wire(b"P", b'c\n{"t":"a\nb"}')),
+    (records.ChannelMessage("c", '{"offset":1}'), wire(b"Q", b'c\n{"offset":1}')),
+    (records.Presence(PresenceChange("c", "bob", True)), wire(b"J", b"c\nbob\n1")),
+    (records.Presence(PresenceChange("c", "bob", False)), wire(b"J", b"c\nbob\n0")),
+    (records.Direct(8, "bob", '{"type":"direct"}'), wire(b"M", b'8\nbob\n{"type":"direct"}')),
+    (records.Delivered(8, 2), wire(b"N", b"8\n2")),
+]
+
+
+@pytest.mark.parametrize("record, packed", ON_THE_WIRE + CHANNEL_RECORDS,
+                         ids=lambda x: type(x).__name__)
 def test_each_record_has_the_bytes_earlier_releases_use_and_reads_back(record, packed):
     assert records.pack(record) == packed
     (kind, body), = Unpacker().feed(packed)

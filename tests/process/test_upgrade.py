@@ -597,7 +597,7 @@ def test_going_back_to_a_release_without_offsets_is_refused_not_lossy(spawn, tmp
     d = start(spawn, env={"PYTHONPATH": str(root)}, cwd=tmp_path)
     ws, welcome = welcomed(d)
     relay = root / "ebbcast" / "backplane" / "relay.py"
-    line = "        self._send(records.Capabilities((records.OFFSETS,)))\n"
+    line = "        self._send(records.Capabilities((records.OFFSETS, records.CHANNELS)))\n"
     assert relay.read_text().count(line) == 1
     relay.write_text(relay.read_text().replace(line, ""))
     set_version(root, "0.9.0-old")

@@ -24,6 +24,7 @@ from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from ebbcast.serving.auth import Denial, Grant, TokenVerifier, bearer_token, mint
+from ebbcast.serving.channels import NO_CHANNEL, ChannelRights
 from ebbcast.config import ConfigError, load_config, render_toml
 from ebbcast.serving.handshake import Acceptance, Refusal, Terms, decide
 from helpers import STEP_TIMEOUT, metric, recv_json, recv_until, wait_until
@@ -90,7 +91,12 @@ def test_publish_false_makes_a_read_only_grant() -> None:
     (hs256(claims(sub="")), "sub must be 1 to 128 characters, no control characters"),
     (hs256(claims(sub="a\nb")), "sub must be 1 to 128 characters, no control characters"),
     (hs256(claims(sub="x" * 129)), "sub must be 1 to 128 characters, no control characters"),
-    (hs256(claims(publish="no")), "publish must be true or false"),
+    (hs256(claims(publish="no")),
+     "publish must be true, false or a list of channel names or prefixes"),
+    (hs256(claims(channels="scores")),
+     "channels must be a list of channel names or prefixes ending in *"),
+    (hs256(claims(channels=["bad name"])),
+     "channels must be a list of channel names or prefixes ending in *"),
     ("x" * 9000, "token too long"),
 ])
 def test_a_token_breaking_a_rule_is_denied_for_that_rule(token: str | None,
@@ -150,7 +156,8 @@ def test_the_authorization_header_wins_over_the_query() -> None:
 
 def test_mint_makes_tokens_the_verifier_accepts() -> None:
     token = mint(KEY, "bob", 90, read_only=True, audience="chat", now=NOW)
-    assert verifier("chat").verify(token, NOW) == Grant("bob", False, NOW + 90)
+    assert verifier("chat").verify(token, NOW) == Grant(
+        "bob", False, NOW + 90, ChannelRights(publish=NO_CHANNEL, publish_global=False))
     assert verifier("chat").verify(token, NOW + 90) == Denial("token expired")
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ebbcast.backplane.channels import Answer, Ask, PresenceChange
 from ebbcast.backplane.history import Kept
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 10.0
@@ -67,6 +68,35 @@ class Sequencing(Protocol):
     def submit(self, frame: str, source: str, token: int) -> bool:
         """Have ``frame`` sequenced; it is delivered (``Broadcasts.deliver``) with
         ``token`` when it comes back. False: it cannot be sequenced now."""
+
+
+class ChannelRoute(Protocol):
+    """Where a serving process's channel traffic goes (SPEC 14): a centre in the
+    process itself, or the main process over the relay link. Each answer comes
+    back to the process's ``ChannelFeed``."""
+
+    def ask(self, ask: Ask) -> bool:
+        """Subscribe; the ``Answer`` follows. False: it cannot be asked now."""
+
+    def leave(self, channel: str, client_id: str) -> None:
+        """One subscription of ``client_id`` ended."""
+
+    def publish(self, channel: str, frame: str) -> bool:
+        """Have ``frame`` sequenced in ``channel`` and sent to its subscribers."""
+
+
+class ChannelFeed(Protocol):
+    """What a serving process takes from its ``ChannelRoute``."""
+
+    def answered(self, answer: Answer) -> None: ...
+
+    def deliver_channel(self, channel: str, frame: str) -> None:
+        """A channel message, its offset in its text, in the channel's order."""
+
+    def presence(self, change: PresenceChange) -> None: ...
+
+    def direct(self, client_id: str, frame: str) -> int:
+        """A direct frame for every local connection of ``client_id``: how many."""
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ worker -> main
     ``Frame`` to relay to every other worker; ``Ready`` (its version) and
     ``Capabilities`` (what it can do: ``offsets``); ``Count``, its connections;
     ``Heartbeat``, every second (a worker that goes silent is stuck);
-    ``Sequence``, a broadcast to give an offset to.
+    ``Sequence``, a broadcast to give an offset to; ``Subscribe``,
+    ``Unsubscribe`` and ``ChannelPublish`` (channels); ``Delivered``, the answer
+    to a ``Direct``.
 main -> worker
     ``Frame``, from another worker: deliver it to local clients only; ``Inject``,
     an admin broadcast: deliver it *and* publish it, as if a local client had sent
@@ -19,22 +21,28 @@ main -> worker
     accepting (a held worker of a new generation); ``HandOver``, a new generation
     serves: drain as an upgrade; ``Sequencer``, the main process gives the
     offsets (its epoch, and the offset its history goes on from); ``History``, one
-    broadcast of that history; ``Ordered``, a sequenced broadcast.
+    broadcast of that history; ``Ordered``, a sequenced broadcast;
+    ``Subscribed`` (the answer to a ``Subscribe``), ``ChannelMessage`` and
+    ``Presence`` (only for channels the worker has subscribers to); ``Direct``, a
+    frame for one client id.
 """
 
 from __future__ import annotations
 
+import json
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Union
 
 from ebbcast.backplane.base import Envelope
-from ebbcast.backplane.history import Kept
+from ebbcast.backplane.channels import Answer, Ask, PresenceChange
+from ebbcast.backplane.history import Kept, Resume
 
 HEADER = struct.Struct(">IB")
 #: What a worker of this release tells the main process it can do.
 OFFSETS = "offsets"
+CHANNELS = "channels"
 
 
 class _Record:
@@ -186,8 +194,118 @@ class Ordered(_Record):
         return b"%d\n%s" % (self.offset, self.envelope.encode())
 
 
+# -- channels (SPEC 14): the main process is the workers' ChannelCentre ----------------
+
+def _lines(*fields: str) -> bytes:
+    return "\n".join(fields).encode()
+
+
+@dataclass(frozen=True)
+class Subscribe(_Record):
+    """worker -> main: one subscription (``ask.request``: the worker's number for
+    the answer)."""
+
+    KIND: ClassVar[bytes] = b"B"
+    ask: Ask
+
+    def body(self) -> bytes:
+        resume = self.ask.resume
+        return json.dumps([self.ask.request, self.ask.channel, self.ask.client_id,
+                           None if resume is None else [resume.since, resume.epoch]]).encode()
+
+
+@dataclass(frozen=True)
+class Subscribed(_Record):
+    """main -> worker: the answer to a ``Subscribe``."""
+
+    KIND: ClassVar[bytes] = b"D"
+    answer: Answer
+
+    def body(self) -> bytes:
+        a = self.answer
+        return json.dumps([a.request, a.channel, a.epoch, a.offset, a.recovered,
+                           list(a.frames)]).encode()
+
+
+@dataclass(frozen=True)
+class Unsubscribe(_Record):
+    """worker -> main: one subscription of ``client_id`` ended."""
+
+    KIND: ClassVar[bytes] = b"X"
+    channel: str
+    client_id: str
+
+    def body(self) -> bytes:
+        return _lines(self.channel, self.client_id)
+
+
+@dataclass(frozen=True)
+class _ChannelFrame(_Record):
+    """A record whose body is a channel's name and a frame."""
+
+    channel: str
+    frame: str
+
+    def body(self) -> bytes:
+        return _lines(self.channel, self.frame)
+
+
+@dataclass(frozen=True)
+class ChannelPublish(_ChannelFrame):
+    """worker -> main: a message for a channel, to sequence and send on."""
+
+    KIND: ClassVar[bytes] = b"P"
+
+
+@dataclass(frozen=True)
+class ChannelMessage(_ChannelFrame):
+    """main -> worker: a sequenced channel message, sent only to the workers with
+    a subscriber to its channel."""
+
+    KIND: ClassVar[bytes] = b"Q"
+
+
+@dataclass(frozen=True)
+class Presence(_Record):
+    """main -> worker: a join or a leave in a channel the worker has subscribers to."""
+
+    KIND: ClassVar[bytes] = b"J"
+    change: PresenceChange
+
+    def body(self) -> bytes:
+        change = self.change
+        return _lines(change.channel, change.client_id, "1" if change.joined else "0")
+
+
+@dataclass(frozen=True)
+class Direct(_Record):
+    """main -> worker: a direct frame for every connection of ``client_id``;
+    answered with ``Delivered`` and the same ``request``."""
+
+    KIND: ClassVar[bytes] = b"M"
+    request: int
+    client_id: str
+    frame: str
+
+    def body(self) -> bytes:
+        return _lines(str(self.request), self.client_id, self.frame)
+
+
+@dataclass(frozen=True)
+class Delivered(_Record):
+    """worker -> main: how many connections a ``Direct`` reached."""
+
+    KIND: ClassVar[bytes] = b"N"
+    request: int
+    connections: int
+
+    def body(self) -> bytes:
+        return _lines(str(self.request), str(self.connections))
+
+
 Record = Union[Frame, Inject, Sequence, Ready, Capabilities, Count, Others, Heartbeat, Accept,
-               HandOver, Sequencer, History, Ordered]
+               HandOver, Sequencer, History, Ordered, Subscribe, Subscribed, Unsubscribe,
+               ChannelPublish, ChannelMessage, Presence, Direct, Delivered]
 
 
 @dataclass(frozen=True)
@@ -230,7 +348,42 @@ def _sequencer(body: bytes) -> Sequencer:
     return Sequencer(epoch, int(base))
 
 
+def _subscribe(body: bytes) -> Subscribe:
+    request, channel, client_id, resume = json.loads(body)
+    return Subscribe(Ask(int(request), str(channel), str(client_id),
+                         None if resume is None else Resume(int(resume[0]), str(resume[1]))))
+
+
+def _subscribed(body: bytes) -> Subscribed:
+    request, channel, epoch, offset, recovered, replayed = json.loads(body)
+    return Subscribed(Answer(int(request), str(channel), str(epoch), int(offset),
+                             None if recovered is None else bool(recovered),
+                             tuple(str(frame) for frame in replayed)))
+
+
+def _split(body: bytes, fields: int) -> list[str]:
+    return body.decode().split("\n", fields - 1)
+
+
+def _presence(body: bytes) -> Presence:
+    channel, client_id, joined = body.decode().rsplit("\n", 2)
+    return Presence(PresenceChange(channel, client_id, joined == "1"))
+
+
+def _direct(body: bytes) -> Direct:
+    request, client_id, frame = _split(body, 3)
+    return Direct(int(request), client_id, frame)
+
+
 _PARSERS: dict[bytes, Callable[[bytes], Record]] = {
+    Subscribe.KIND: _subscribe,
+    Subscribed.KIND: _subscribed,
+    Unsubscribe.KIND: lambda body: Unsubscribe(*body.decode().split("\n", 1)),
+    ChannelPublish.KIND: lambda body: ChannelPublish(*_split(body, 2)),
+    ChannelMessage.KIND: lambda body: ChannelMessage(*_split(body, 2)),
+    Presence.KIND: _presence,
+    Direct.KIND: _direct,
+    Delivered.KIND: lambda body: Delivered(*map(int, body.split(b"\n"))),
     Inject.KIND: lambda body: Inject(Envelope.decode(body)),
     Sequence.KIND: lambda body: Sequence(Envelope.decode(body)),
     Ready.KIND: lambda body: Ready(body.decode(errors="replace")),

@@ -26,7 +26,8 @@ from tornado.ioloop import PeriodicCallback
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
 from ebbcast.backplane import records
-from ebbcast.backplane.base import Envelope, SequencedFeed
+from ebbcast.backplane.base import ChannelFeed, Envelope, SequencedFeed
+from ebbcast.backplane.channels import Ask
 from ebbcast.backplane.memory import MemoryBackplane
 from ebbcast.backplane.records import HEADER, Received, Record, pack, parse
 
@@ -186,12 +187,13 @@ class WorkerLink:
     the ``Sequencing`` of a worker whose main process sequences."""
 
     def __init__(self, sock: socket.socket, node: str, peer: LinkPeer,
-                 feed: SequencedFeed) -> None:
+                 feed: SequencedFeed, channels: ChannelFeed) -> None:
         # unique even for a serving process restarted inside the main process (same
         # pid), whose tokens start again at 1
         self._node = f"{node}/{secrets.token_hex(4)}"
         self._peer = peer
         self._feed = feed
+        self._channels = channels
         self._sock = sock
         self._link: Link | None = None  # made in start(), on the running loop
         self._heartbeat: PeriodicCallback | None = None
@@ -207,7 +209,7 @@ class WorkerLink:
         return self._link is not None and self._link.send(record)
 
     def ready(self, version: str) -> None:
-        self._send(records.Capabilities((records.OFFSETS,)))
+        self._send(records.Capabilities((records.OFFSETS, records.CHANNELS)))
         self._send(records.Ready(version))
 
     def _beat(self) -> None:
@@ -225,7 +227,36 @@ class WorkerLink:
         it comes back ``Ordered``."""
         return self._send(records.Sequence(Envelope(self._node, source, token, frame)))
 
+    # -- channels: the main process is this worker's ChannelRoute ----------------
+
+    def ask(self, ask: Ask) -> bool:
+        return self._send(records.Subscribe(ask))
+
+    def leave(self, channel: str, client_id: str) -> None:
+        self._send(records.Unsubscribe(channel, client_id))
+
+    def publish_channel(self, channel: str, frame: str) -> bool:
+        return self._send(records.ChannelPublish(channel, frame))
+
+    def _on_channel_record(self, record: Received) -> bool:
+        """A channel record to the channels' feed; False for any other record."""
+        channels = self._channels
+        match record:
+            case records.ChannelMessage(channel, frame):
+                channels.deliver_channel(channel, frame)
+            case records.Subscribed(answer):
+                channels.answered(answer)
+            case records.Presence(change):
+                channels.presence(change)
+            case records.Direct(request, client_id, frame):
+                self._send(records.Delivered(request, channels.direct(client_id, frame)))
+            case _:
+                return False
+        return True
+
     def _on_record(self, record: Received) -> None:
+        if self._on_channel_record(record):
+            return
         peer = self._peer
         match record:
             case records.Ordered(offset, envelope):
@@ -256,6 +287,22 @@ class WorkerLink:
             self._link.close()
         else:
             self._sock.close()
+
+
+class LinkRoute:
+    """The ``ChannelRoute`` of a worker: the main process, over its link."""
+
+    def __init__(self, link: WorkerLink) -> None:
+        self._link = link
+
+    def ask(self, ask: Ask) -> bool:
+        return self._link.ask(ask)
+
+    def leave(self, channel: str, client_id: str) -> None:
+        self._link.leave(channel, client_id)
+
+    def publish(self, channel: str, frame: str) -> bool:
+        return self._link.publish_channel(channel, frame)
 
 
 class RelayBackplane(MemoryBackplane):

@@ -21,10 +21,12 @@ def _frame(**fields: Any) -> str:
 
 
 def welcome(client_id: str, server: str, connections: int, epoch: str | None = None,
-            offset: int = 0, recovered: bool | None = None, missed: int = 0) -> str:
+            offset: int = 0, recovered: bool | None = None, missed: int = 0,
+            channels: dict[str, tuple[str, int]] | None = None) -> str:
     """The first frame. With offsets (``epoch`` given): the epoch and the latest
     offset; after a resume, whether it ``recovered`` and how many broadcasts it
-    ``missed`` (the replay that follows)."""
+    ``missed`` (the replay that follows); with ``channels`` (``?channels=``),
+    each channel's epoch and latest offset."""
     fields: dict[str, Any] = {"type": "welcome", "client_id": client_id, "server": server,
                               "connections": connections}
     if epoch is not None:
@@ -33,6 +35,9 @@ def welcome(client_id: str, server: str, connections: int, epoch: str | None = N
         fields["recovered"] = recovered
         if recovered:
             fields["missed"] = missed
+    if channels:
+        fields["channels"] = {name: {"epoch": at[0], "offset": at[1]}
+                              for name, at in channels.items()}
     return _frame(**fields)
 
 
@@ -61,5 +66,43 @@ def shutdown(deadline: float, reconnect_after_ms: int, nodes: list[str] | None =
     return _frame(**fields)
 
 
-def error(code: str) -> str:
-    return _frame(type="error", error=code)
+def error(code: str, channel: str | None = None) -> str:
+    """A command or frame refused; the connection stays open."""
+    if channel is None:
+        return _frame(type="error", error=code)
+    return _frame(type="error", error=code, channel=channel)
+
+
+# -- channels (SPEC 14) ----------------------------------------------------------
+
+def channel_message(channel: str, sender: str, text: str, ts: float) -> str:
+    """A message published to ``channel``; its sequencer adds the channel's offset."""
+    return _frame(type="message", channel=channel, **{"from": sender}, text=text,
+                  ts=round(ts, 3))
+
+
+def subscribed(channel: str, epoch: str, offset: int, recovered: bool | None = None,
+               missed: int = 0) -> str:
+    """A subscription made: the channel's epoch and latest offset; after a resume,
+    whether it ``recovered`` and how many messages it ``missed`` (which follow)."""
+    fields: dict[str, Any] = {"type": "subscribed", "channel": channel, "epoch": epoch,
+                              "offset": offset}
+    if recovered is not None:
+        fields["recovered"] = recovered
+        if recovered:
+            fields["missed"] = missed
+    return _frame(**fields)
+
+
+def unsubscribed(channel: str, reason: str) -> str:
+    return _frame(type="unsubscribed", channel=channel, reason=reason)
+
+
+def direct(text: str, ts: float, sender: str = ADMIN_SENDER) -> str:
+    """A message for one client id (``POST /clients/{id}/send``)."""
+    return _frame(type="direct", **{"from": sender}, text=text, ts=round(ts, 3))
+
+
+def presence(channel: str, client_id: str, joined: bool) -> str:
+    """A client joined or left a channel (to subscribers that asked for presence)."""
+    return _frame(type="join" if joined else "leave", channel=channel, client_id=client_id)

@@ -38,6 +38,7 @@ DISCONNECT_REASONS = ("client", "ping_timeout", "slow_consumer", "too_big", "pol
 BROADCAST_SOURCES = ("client", "periodic", "admin")
 UPGRADE_RESULTS = ("ok", "failed")
 RESUME_RESULTS = ("recovered", "not_recovered")
+SUBSCRIBE_REFUSALS = ("forbidden", "bad_channel", "too_many_channels")
 BUILD_INFO = ("ebbcast_build_info", "Build information; always 1.")
 
 
@@ -113,6 +114,20 @@ class Metrics:
                                "result.", ["result"], registry=r)
         self.resumed_messages = Counter("ebbcast_resumed_messages_total",
                                         "Broadcasts replayed to resuming clients.", registry=r)
+        self.channels = Gauge("ebbcast_channels", "Distinct channels with a subscriber on "
+                              "this instance.", registry=r, multiprocess_mode="livemax")
+        self.subscriptions = Gauge("ebbcast_subscriptions", "Channel subscriptions of this "
+                                   "instance's connections.", registry=r,
+                                   multiprocess_mode="livesum")
+        self.channel_messages = Counter("ebbcast_channel_messages_total",
+                                        "Messages published to channels (counted where "
+                                        "published).", registry=r)
+        self.direct_messages = Counter("ebbcast_direct_messages_total",
+                                       "Direct frames written to connections "
+                                       "(POST /clients/{id}/send).", registry=r)
+        self.subscribe_refused = Counter("ebbcast_subscribe_refused_total",
+                                         "Subscriptions refused, by reason.", ["reason"],
+                                         registry=r)
         ProcessCollector(registry=r)  # process_* (CPU, RSS, open fds) of this process
         if not multiprocess_mode():  # else the main process reports every live version
             build_info = Gauge(*BUILD_INFO, ["version"], registry=r)
@@ -128,6 +143,8 @@ class Metrics:
             self.disconnections.labels(reason)
         for source in BROADCAST_SOURCES:
             self.broadcasts.labels(source)
+        for reason in SUBSCRIBE_REFUSALS:
+            self.subscribe_refused.labels(reason)
 
     def drain_started_at(self, started_unix: float, deadline_unix: float) -> None:
         self.draining.set(1)

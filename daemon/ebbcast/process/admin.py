@@ -21,6 +21,7 @@ from tornado.httputil import (
 )
 from tornado.web import Application, RequestHandler
 
+from ebbcast.backplane.channels import valid_channel
 from ebbcast.config import Config
 from ebbcast.core import frames
 from ebbcast.core.lifecycle import Lifecycle, State
@@ -35,6 +36,23 @@ ADMIN_MAX_BODY_BYTES = 1024 * 1024
 #: gets its 413 rather than a reset; a longer one announced gets the 413 and the
 #: connection closed.
 ADMIN_DISCARD_BYTES = 64 * 1024 * 1024
+#: How many channels ``GET /channels`` lists without ``?limit=``, and at most.
+DEFAULT_CHANNEL_LIMIT, MAX_CHANNEL_LIMIT = 100, 10000
+
+
+class ChannelAdmin(Protocol):
+    """Channels, as the admin API reaches them (SPEC 14): the main process's
+    ``ChannelDesk``, or a process on its own's ``LocalChannelAdmin``."""
+
+    def publish(self, channel: str, frame: str) -> int:
+        """Publish ``frame`` to ``channel``: how many subscribers it has."""
+    def direct(self, client_id: str, frame: str) -> Awaitable[int]:
+        """``frame`` to every connection of ``client_id``: how many it reached."""
+    def listing(self, limit: int) -> tuple[list[tuple[str, int]], int]:
+        """The ``limit`` largest channels with their subscribers, and how many
+        channels have one."""
+    def presence(self, channel: str) -> tuple[int, list[str]]:
+        """A channel's subscribers, and its distinct client ids."""
 
 
 class AdminBackend(Protocol):
@@ -52,6 +70,8 @@ class AdminBackend(Protocol):
     def request_drain(self, source: str) -> None: ...
     def request_upgrade(self, source: str) -> str | None:
         """Queue an upgrade; or why it is refused now."""
+    @property
+    def channels(self) -> ChannelAdmin: ...
 
 
 class AdminHandler(RequestHandler):
@@ -62,6 +82,35 @@ class AdminHandler(RequestHandler):
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(body))
+
+    def text_body(self, what: str = "broadcast") -> str | None:
+        """The body as text to ``what``; None when it cannot be (answered already)."""
+        try:
+            text = self.request.body.decode("utf-8")
+        except UnicodeDecodeError:
+            self.write_json(400, {"error": "body must be UTF-8 text"})
+            return None
+        if not text:
+            self.write_json(400, {"error": f"empty body: nothing to {what}"})
+            return None
+        limit = self.backend.config.server.max_message_bytes
+        if len(self.request.body) > limit:
+            self.write_json(413, {"error": f"body over server.max_message_bytes ({limit})"})
+            return None
+        return text
+
+    def channels_usable(self, channel: str | None) -> bool:
+        """Whether channels work here (the JSON envelope) and ``channel`` is a
+        channel's name; if not, the answer is written."""
+        if self.backend.config.broadcast.envelope != "json":
+            self.write_json(400, {"error": "channels and direct messages need "
+                                           "broadcast.envelope = \"json\""})
+            return False
+        if channel is not None and not valid_channel(channel):
+            self.write_json(400, {"error": "invalid channel: 1 to 128 of "
+                                           "A-Z a-z 0-9 _ . : @ -"})
+            return False
+        return True
 
     def authorized(self) -> bool:
         """Check the bearer token; on failure the response is already written.
@@ -132,27 +181,65 @@ def build_status(lifecycle: Lifecycle, started_mono: float, now_mono: float,
 
 
 class BroadcastHandler(AdminHandler):
+    """``POST /broadcast``: to every client; ``?channel=c``: to a channel's."""
+
     def post(self) -> None:
         if not self.authorized():
             return
-        try:
-            text = self.request.body.decode("utf-8")
-        except UnicodeDecodeError:
-            self.write_json(400, {"error": "body must be UTF-8 text"})
+        text = self.text_body()
+        if text is None:
             return
-        if not text:
-            self.write_json(400, {"error": "empty body: nothing to broadcast"})
-            return
-        config = self.backend.config
-        limit = config.server.max_message_bytes
-        if len(self.request.body) > limit:
-            self.write_json(413, {"error": f"body over server.max_message_bytes ({limit})"})
+        channel = self.get_query_argument("channel", None)
+        if channel is not None:
+            if self.channels_usable(channel):
+                frame = frames.channel_message(channel, frames.ADMIN_SENDER, text, time.time())
+                self.write_json(202, {"recipients": self.backend.channels.publish(channel,
+                                                                                  frame)})
             return
         payload = text
-        if config.broadcast.envelope == "json":
+        if self.backend.config.broadcast.envelope == "json":
             payload = frames.message(frames.ADMIN_SENDER, text, time.time())
         recipients = self.backend.broadcast(payload)
         self.write_json(202, {"recipients": recipients})
+
+
+class DirectHandler(AdminHandler):
+    """``POST /clients/{client_id}/send``: a ``direct`` frame to one client id."""
+
+    async def post(self, client_id: str) -> None:
+        if not self.authorized():
+            return
+        if not 0 < len(client_id) <= 128 or not client_id.isprintable():
+            self.write_json(400, {"error": "invalid client id"})
+            return
+        text = self.text_body("send")
+        if text is None or not self.channels_usable(None):
+            return
+        delivered = await self.backend.channels.direct(client_id,
+                                                       frames.direct(text, time.time()))
+        self.write_json(202, {"delivered": delivered})
+
+
+class ChannelsHandler(AdminHandler):
+    """``GET /channels`` (largest first, ``?limit=``), ``GET /channels/{c}``."""
+
+    def get(self, channel: str | None = None) -> None:
+        if not self.authorized():
+            return
+        if channel is not None:
+            if self.channels_usable(channel):
+                subscribers, clients = self.backend.channels.presence(channel)
+                self.write_json(200, {"channel": channel, "subscribers": subscribers,
+                                      "clients": clients})
+            return
+        limit_text = self.get_query_argument("limit", str(DEFAULT_CHANNEL_LIMIT))
+        if not limit_text.isascii() or not limit_text.isdigit() or int(limit_text) < 1:
+            self.write_json(400, {"error": "limit must be a positive whole number"})
+            return
+        listed, total = self.backend.channels.listing(min(int(limit_text),
+                                                          MAX_CHANNEL_LIMIT))
+        self.write_json(200, {"channels": [{"channel": name, "subscribers": count}
+                                           for name, count in listed], "total": total})
 
 
 class DrainHandler(AdminHandler):
@@ -276,4 +363,7 @@ def admin_application(backend: AdminBackend) -> Application:
         (r"/broadcast", BroadcastHandler, args),
         (r"/drain", DrainHandler, args),
         (r"/upgrade", UpgradeHandler, args),
+        (r"/clients/([^/]+)/send", DirectHandler, args),
+        (r"/channels", ChannelsHandler, args),
+        (r"/channels/([^/]+)", ChannelsHandler, args),
     ], log_function=log_request)

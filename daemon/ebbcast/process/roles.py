@@ -17,16 +17,19 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tornado.httpserver import HTTPServer
 
 from ebbcast import __version__
-from ebbcast.backplane.base import Backplane, SequencedFeed
+from ebbcast.backplane.base import Backplane, ChannelFeed, ChannelRoute, SequencedFeed
+from ebbcast.backplane.centre import ChannelCentre, LocalRoute
+from ebbcast.backplane.channels import ChannelSequencers
 from ebbcast.backplane.memory import MemoryBackplane
 from ebbcast.backplane.names import new_instance_id
-from ebbcast.backplane.relay import LinkPeer, RelayBackplane, WorkerLink
+from ebbcast.backplane.relay import LinkPeer, LinkRoute, RelayBackplane, WorkerLink
 from ebbcast.config import Config
 from ebbcast.core.lifecycle import Lifecycle, State
 from ebbcast.core.metrics import Metrics, Readiness
@@ -84,6 +87,9 @@ class Served(LinkPeer, Protocol):
     @property
     def feed(self) -> SequencedFeed:
         """Where broadcasts sequenced elsewhere go."""
+    @property
+    def channel_feed(self) -> ChannelFeed:
+        """Where the answers of the channels' route go."""
     def sequence_here(self) -> None:
         """Give this process's broadcasts their offsets here (``memory://`` alone)."""
 
@@ -100,6 +106,7 @@ class Standalone:
         self._config = config
         self._admin_urls = ""
         self.instance = new_instance_id()
+        self.route: LocalRoute | None = None  # made in channel_route()
 
     def attach(self, served: Served) -> None:
         served.metrics.registry.register(
@@ -115,11 +122,20 @@ class Standalone:
     def memory_sequencing(self, served: Served) -> None:
         served.sequence_here()
 
+    def channel_route(self, served: Served) -> ChannelRoute:
+        """Channels are decided here: this process is its centre's one member."""
+        history = served.config.history
+        centre: ChannelCentre[str] = ChannelCentre(
+            ChannelSequencers(history.size, history.ttl, history.max_channels))
+        self.route = LocalRoute(centre, served.channel_feed, time.monotonic)
+        return self.route
+
     def start(self, served: Served) -> None:
         config = served.config
         admin = bind_listener("admin listener", config.admin.host, config.admin.port,
                               served.spare)
-        server = admin_server(ProcessAdmin(served))
+        assert self.route is not None
+        server = admin_server(ProcessAdmin(served, LocalChannelAdmin(self.route, served)))
         server.add_sockets(admin)
         served.servers["admin"] = server
         served.urls["admin"] = listener_url("http", admin[0])
@@ -149,11 +165,35 @@ class Standalone:
         self.notifier.close()
 
 
+class LocalChannelAdmin:
+    """The admin API's channels (``ebbcast.process.admin.ChannelAdmin``) of a
+    process on its own: its own centre, its own connections."""
+
+    def __init__(self, route: LocalRoute, served: Served) -> None:
+        self._route = route
+        self._served = served
+
+    def publish(self, channel: str, frame: str) -> int:
+        self._served.metrics.channel_messages.inc()
+        self._route.publish(channel, frame)
+        return self._route.centre.subscribers(channel)
+
+    async def direct(self, client_id: str, frame: str) -> int:
+        return self._served.channel_feed.direct(client_id, frame)
+
+    def listing(self, limit: int) -> tuple[list[tuple[str, int]], int]:
+        return self._route.centre.listing(limit), self._route.centre.channels
+
+    def presence(self, channel: str) -> tuple[int, list[str]]:
+        return self._route.centre.subscribers(channel), self._route.centre.clients(channel)
+
+
 class ProcessAdmin:
     """The admin backend (``ebbcast.process.admin.AdminBackend``) of a process on its own."""
 
-    def __init__(self, served: Served) -> None:
+    def __init__(self, served: Served, channels: LocalChannelAdmin) -> None:
         self._served = served
+        self.channels = channels
 
     @property
     def config(self) -> Config:
@@ -196,7 +236,8 @@ class Member:
         self.instance = setup.instance or new_instance_id()
 
     def attach(self, served: Served) -> None:
-        self.link = WorkerLink(self.setup.relay, served.node_id, served, served.feed)
+        self.link = WorkerLink(self.setup.relay, served.node_id, served, served.feed,
+                               served.channel_feed)
 
     def public_sockets(self, spare: Spare) -> list[socket.socket]:
         return [ShedOnExhaustion.adopt(sock, spare) for sock in self.setup.public]
@@ -207,6 +248,11 @@ class Member:
 
     def memory_sequencing(self, served: Served) -> None:
         pass  # the main process says so first, if it sequences (ebbcast.backplane.relay)
+
+    def channel_route(self, served: Served) -> ChannelRoute:
+        """The main process decides channels for every worker of every generation."""
+        assert self.link is not None
+        return LinkRoute(self.link)
 
     def start(self, served: Served) -> None:
         assert self.link is not None

@@ -78,6 +78,7 @@ from ebbcast.process.generations import (
 from ebbcast.process.listener import bind_listener, bind_public
 from ebbcast.process.notify import SystemdNotifier
 from ebbcast.process.switchboard import Switchboard
+from ebbcast.process.channeldesk import ChannelDesk
 from ebbcast.process.workers import (LocalRun, Stopping, Worker, WorkerExited, WorkerReady,
                                      describe_exit, first_workers, kill_silent, let_go,
                                      worker_count)
@@ -129,8 +130,10 @@ class Supervisor:
             if config.backplane.url == "memory://" else None
         self._generations = Generations(self, reload, EffectiveConfigs(rundir),
                                         sequenced=sequencer is not None)
+        self.channels = ChannelDesk(self._workers, self.metrics, config)  # the admin API's
         self._switchboard = Switchboard(self._workers, self.metrics, sequencer,
-                                        lambda worker: self._loop.put(WorkerReady(worker)))
+                                        lambda worker: self._loop.put(WorkerReady(worker)),
+                                        self.channels)
         self._spare = Spare()  # a descriptor in reserve, see ebbcast.core.sockets
         self._admin: HTTPServer | None = None
         self._housekeeping_timer: PeriodicCallback | None = None
@@ -239,10 +242,9 @@ class Supervisor:
         self._admin = admin_server(self)
         self._admin.add_sockets(admin)
         scheme = "https" if config.tls_enabled else "http"
-        self.urls = {
-            "ws": ",".join(listener_url(scheme, s, config.server.ws_path)
-                           for s in self._generations.sets[0]),
-            "admin": ",".join(listener_url("http", s) for s in admin)}
+        self.urls = {"ws": ",".join(listener_url(scheme, s, config.server.ws_path)
+                                    for s in self._generations.sets[0]),
+                     "admin": ",".join(listener_url("http", s) for s in admin)}
         self._generations.effective.write(1, config)
         log.info("ebbcast %s (pid %d) started%s", __version__, os.getpid(),
                  f": {count} workers" if count > 1 else "")
@@ -386,7 +388,7 @@ class Supervisor:
             self._merged.mark_process_dead(pid)
         if lost:  # its clients' connections ended with it, uncounted by the worker
             self.metrics.disconnections.labels("error").inc(lost)
-        self._switchboard.counts_changed()
+        self._switchboard.worker_gone(worker)
         what = f"{worker.name} (pid {pid}) {describe_exit(returncode)}"
         self._loop.put(WorkerExited(worker, what, returncode != 0))
 

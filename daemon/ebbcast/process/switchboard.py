@@ -22,6 +22,7 @@ from ebbcast.backplane.records import Received, pack
 from ebbcast.backplane.sequencer import Sequencer
 from ebbcast.config import Config
 from ebbcast.core.metrics import Metrics
+from ebbcast.process.channeldesk import ChannelDesk
 from ebbcast.process.workers import Worker
 
 
@@ -43,10 +44,12 @@ class Switchboard:
     worker said it is ready. ``sequencer``: None when Redis gives the offsets."""
 
     def __init__(self, workers: Callable[[], Iterator[Worker]], metrics: Metrics,
-                 sequencer: Sequencer | None, on_ready: Callable[[Worker], None]) -> None:
+                 sequencer: Sequencer | None, on_ready: Callable[[Worker], None],
+                 channels: ChannelDesk) -> None:
         self._workers = workers
         self._metrics = metrics
         self.sequencer = sequencer
+        self.channels = channels
         self._on_ready = on_ready
         self._counts_changed = False
 
@@ -68,6 +71,8 @@ class Switchboard:
 
     def on_record(self, worker: Worker, record: Received) -> None:
         worker.last_heard = time.monotonic()
+        if self.channels.on_record(worker, record):
+            return
         match record:
             case records.Sequence(envelope):
                 if self.sequencer is not None and isinstance(envelope.payload, str):
@@ -123,6 +128,12 @@ class Switchboard:
         keeps for every generation takes its history.* (``memory://``)."""
         if self.sequencer is not None:
             self.sequencer.keep(config.history.size, config.history.ttl)
+        self.channels.configured(config)
+
+    def worker_gone(self, worker: Worker) -> None:
+        """A worker exited: its count is gone, and its subscriptions."""
+        self.counts_changed()
+        self.channels.worker_gone(worker)
 
     def counts_changed(self) -> None:
         """A worker's count changed, or a worker came or went: tell the others."""

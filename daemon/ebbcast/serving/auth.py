@@ -18,8 +18,12 @@ every rule is tested by calling it. The rules:
 - ``aud`` must name ``auth.audience`` when that is set (and is ignored otherwise);
 - ``sub``, when present, becomes the client id: 1 to 128 characters, none of them
   control characters;
-- ``"publish": false`` makes a read-only client; ``publish`` is otherwise true,
-  and anything but a boolean is refused.
+- ``channels`` (names, or prefixes ending in ``*``) bounds the channels the
+  client may subscribe to (absent: any); ``"publish": false`` makes a read-only
+  client, ``true`` (the default) lets it publish to the global stream and to every
+  channel it may subscribe to, and a list of the same form lets it publish to
+  those channels only, not the global stream (``ebbcast.serving.channels``);
+  anything else is refused.
 
 The secret and the tokens are never logged.
 """
@@ -34,6 +38,7 @@ from typing import Any, TypeGuard
 
 import jwt
 
+from ebbcast.serving.channels import ChannelRights
 from ebbcast.values import VerificationKey, parse_verification_keys, read_text_file
 
 log = logging.getLogger(__name__)
@@ -55,10 +60,13 @@ class Grant:
 
     #: ``sub``, or None when the token names no subject.
     client_id: str | None
+    #: Whether its text frames are broadcast on the global stream.
     publish: bool
     #: When the connection is closed with 4001: ``exp`` plus the leeway, in unix
     #: seconds.
     expires_at: float
+    #: What it may do with channels (the ``channels`` and ``publish`` claims).
+    rights: ChannelRights = ChannelRights()
 
 
 @dataclass(frozen=True)
@@ -166,10 +174,10 @@ def grant_from(claims: dict[str, Any], now: float, leeway: float = 0.0) -> Grant
     if subject is not None and not valid_subject(subject):
         return Denial(f"sub must be 1 to {MAX_SUBJECT_CHARS} characters, no control "
                       "characters")
-    publish = claims.get("publish", True)
-    if not isinstance(publish, bool):
-        return Denial("publish must be true or false")
-    return Grant(subject, publish, float(expires) + leeway)
+    rights = ChannelRights.from_claims(claims.get("channels"), claims.get("publish"))
+    if isinstance(rights, str):
+        return Denial(rights)
+    return Grant(subject, rights.publish_global, float(expires) + leeway, rights)
 
 
 def valid_subject(subject: object) -> bool:

@@ -13,20 +13,16 @@ so that only processes with subscribers receive a channel's messages.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar, Union
 
-CHANNEL_NAME = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
+from ebbcast.backplane.channels import valid_channel as valid_channel
+
 #: Longest text frame looked at as a command (a publish's text included).
 MAX_COMMAND_CHARS = 1 << 20
 
 Conn = TypeVar("Conn")
-
-
-def valid_channel(name: object) -> bool:
-    return isinstance(name, str) and CHANNEL_NAME.fullmatch(name) is not None
 
 
 # -- the client's commands -----------------------------------------------------------
@@ -234,6 +230,9 @@ class Subscriptions(Generic[Conn]):
         for channel in channels:
             self.unsubscribe(conn, channel)
         return channels
+
+    def has(self, conn: Conn, channel: str) -> bool:
+        return channel in self._of.get(conn, ())
 
     def subscribers(self, channel: str) -> tuple[Conn, ...]:
         return tuple(self._members.get(channel, ()))

@@ -21,6 +21,7 @@ from ebbcast.backplane.history import Resume
 from ebbcast.core import frames
 from ebbcast.core.lifecycle import State
 from ebbcast.serving.auth import EXPIRED_CLOSE_CODE, EXPIRED_CLOSE_REASON, Grant
+from ebbcast.serving.channels import ChannelRights, read_command
 from ebbcast.serving.context import DaemonContext
 from ebbcast.serving.ratelimit import TokenBucket
 from ebbcast.serving.wire import (
@@ -45,7 +46,8 @@ def seconds_until(when: float, now: float) -> float:
 
 
 class Connection:
-    """One WebSocket client (RFC 6455): every frame it sends is broadcast."""
+    """One WebSocket client (RFC 6455): every frame it sends is broadcast, but a
+    channel command (``ebbcast.serving.channels``), which is carried out."""
 
     __slots__ = ("ctx", "client_id", "_protocol", "_bucket", "_strikes",
                  "_disconnect_reason", "close_code", "ping_sent_at", "last_pong",
@@ -70,16 +72,27 @@ class Connection:
         """The RFC 6455 protocol object; None once the connection has closed."""
         return self._protocol
 
-    def open(self, protocol: EbbcastProtocol, resume: Resume | None, response: bytes) -> None:
+    @property
+    def rights(self) -> ChannelRights:
+        """What this client may do with channels: its token's, else the defaults."""
+        if self.grant is not None:
+            return self.grant.rights
+        return self.ctx.channels.default_rights()
+
+    def open(self, protocol: EbbcastProtocol, resume: Resume | None, response: bytes,
+             channels: dict[str, tuple[str, int]] | None = None) -> None:
         """Write the 101 ``response`` with the welcome (and, for a resume, the
-        broadcasts missed) in one send, then join the fan-out, which owes this
-        client only what is queued from now on: live broadcasts follow seamlessly."""
+        broadcasts missed; with ``channels`` subscribed at the handshake, what they
+        sent since) in one send, then join the fan-out, which owes this client only
+        what is queued from now on: live broadcasts follow seamlessly."""
         ctx = self.ctx
         self._protocol = protocol
         configure_stream(protocol)
         first = [response]
         if ctx.config.broadcast.envelope == "json":
-            first.extend(encode_frame(text.encode()) for text in self._greeting(resume))
+            greeting = self._greeting(resume, channels)
+            greeting[1:1] = ctx.channels.opened(self)
+            first.extend(encode_frame(text.encode()) for text in greeting)
         if not write_frame(protocol, b"".join(first), ctx.config.limits.client_queue_bytes):
             return  # gone already: the protocol's reader reports the close
         ctx.registry.add(self)
@@ -97,20 +110,22 @@ class Connection:
         log.debug("client %s: token expired", self.client_id)
         self.end("token_expired", EXPIRED_CLOSE_CODE, EXPIRED_CLOSE_REASON)
 
-    def _greeting(self, resume: Resume | None) -> list[str]:
+    def _greeting(self, resume: Resume | None,
+                  channels: dict[str, tuple[str, int]] | None) -> list[str]:
         """The welcome, what a resuming client missed, and the shutdown notice if
         the daemon is already draining."""
         ctx = self.ctx
         broadcasts = ctx.broadcasts
         history = broadcasts.history
         epoch = history.epoch if broadcasts.sequenced else None
+        count = ctx.total_connections() + 1
         if resume is None:
-            texts = [frames.welcome(self.client_id, ctx.node_id, ctx.total_connections() + 1,
-                                    epoch, history.latest)]
+            texts = [frames.welcome(self.client_id, ctx.node_id, count, epoch, history.latest,
+                                    channels=channels)]
         else:
             replay = broadcasts.replay(resume, time.monotonic())
-            texts = [frames.welcome(self.client_id, ctx.node_id, ctx.total_connections() + 1,
-                                    epoch, history.latest, replay.recovered, replay.missed),
+            texts = [frames.welcome(self.client_id, ctx.node_id, count, epoch, history.latest,
+                                    replay.recovered, replay.missed, channels),
                      *replay.frames]
         if ctx.lifecycle.state is State.DRAINING:
             texts.append(ctx.shutdown_frame())
@@ -169,7 +184,9 @@ class Connection:
         self.on_close()
 
     def on_close(self) -> None:
-        """Leave the registry, count why (once), and let go of the protocol."""
+        """Leave the registry and the channels, count why (once), and let go of
+        the protocol."""
+        self.ctx.channels.closed(self)
         if self._expiry is not None:
             IOLoop.current().remove_timeout(self._expiry)
             self._expiry = None
@@ -219,6 +236,11 @@ class Connection:
             if not self._within_rate():
                 return
             raw = ctx.config.broadcast.envelope == "raw"
+            if not raw and isinstance(message, str):
+                command = read_command(message)
+                if command is not None:
+                    ctx.channels.command(self, command)
+                    return
             if self.grant is not None and not self.grant.publish:
                 if not raw:
                     self.send_text(frames.error("read_only"))

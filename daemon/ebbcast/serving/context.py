@@ -13,6 +13,7 @@ from ebbcast.core import frames
 from ebbcast.core.lifecycle import DrainCause, Lifecycle
 from ebbcast.core.metrics import Metrics
 from ebbcast.serving.broadcasts import Broadcasts
+from ebbcast.serving.channelhub import ChannelHub
 from ebbcast.serving.fanout import Fanout
 from ebbcast.serving.keepalive import Pingable
 from ebbcast.serving.registry import ConnectionRegistry
@@ -43,6 +44,8 @@ class DaemonContext:
     started_mono: float
     #: Submits, delivers and replays broadcasts.
     broadcasts: Broadcasts
+    #: Each connection's channels (SPEC 14).
+    channels: ChannelHub
     backplane: Backplane = field(default_factory=MemoryBackplane)
     rng: random.Random = field(default_factory=random.Random)
     #: Connections on the daemon's other worker processes, as last reported by

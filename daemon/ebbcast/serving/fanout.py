@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from ebbcast.core.metrics import Metrics
@@ -124,6 +124,17 @@ class Fanout:
         """Queue an encoded frame for one connection, in order with the broadcasts."""
         self._owed_list(conn).append(frame)
         self._schedule()
+
+    def send_to(self, conns: Iterable[Recipient], frame: bytes) -> None:
+        """Queue one encoded frame for each of ``conns`` (a channel's subscribers),
+        in order with the broadcasts: the cost is in proportion to ``conns``, not
+        to every connection."""
+        queued = False
+        for conn in conns:
+            self._owed_list(conn).append(frame)
+            queued = True
+        if queued:
+            self._schedule()
 
     def flush_one(self, conn: Recipient) -> None:
         """Write now what the pending batch owes ``conn``, which is being torn down.

@@ -35,6 +35,7 @@ from tornado.iostream import IOStream, StreamClosedError
 from tornado.web import Application, RequestHandler
 
 from ebbcast.backplane.history import Resume
+from ebbcast.core.waits import within
 from ebbcast.serving.auth import TokenVerifier
 from ebbcast.serving.connection import Connection
 from ebbcast.serving.context import DaemonContext
@@ -51,6 +52,9 @@ from ebbcast.serving.handshake import (
 from ebbcast.serving.wire import consume, detach_stream, peek, peer_address, start_protocol
 
 log = logging.getLogger(__name__)
+
+#: A connection made at its handshake for its channels, and their positions.
+Subscribed = tuple[Connection, dict[str, tuple[str, int]]]
 
 #: The placeholder in static/index.html that the page handler fills in.
 WS_PATH_TOKEN = "__EBBCAST_WS_PATH__"
@@ -135,7 +139,8 @@ class PublicRouter(HTTPServerConnectionDelegate):
         return answer(request, ctx.config.server.ws_path, Terms(
             accepting=ctx.lifecycle.accepting, full=bool(limit) and len(ctx.registry) >= limit,
             allowed_origins=ctx.config.server.allowed_origins, tokens=self.tokens,
-            now=time.time()))
+            now=time.time(), max_channels=ctx.config.channels.max_per_connection,
+            rights=ctx.channels.default_rights()))
 
     def wait_then(self, answering: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
         """Run a waiting handshake's answer, listed in ``waiting`` until it ends."""
@@ -149,15 +154,20 @@ class PublicRouter(HTTPServerConnectionDelegate):
         if self.waiting:
             await asyncio.wait(set(self.waiting), timeout=timeout)
 
-    def accept(self, stream: IOStream, answer: Acceptance, remote: str) -> None:
+    def accept(self, stream: IOStream, answer: Acceptance, remote: str,
+               subscribed: Subscribed | None = None) -> None:
         """Write the 101 (with the welcome) and start reading frames; ``remote`` is
-        the client's address (as a trusted proxy forwarded it)."""
+        the client's address (as a trusted proxy forwarded it); ``subscribed``: the
+        connection, made for its channels, and their positions."""
         ctx = self.ctx
-        connection = Connection(ctx, answer.client_id, answer.grant)
+        if subscribed is None:
+            connection, positions = Connection(ctx, answer.client_id, answer.grant), None
+        else:
+            connection, positions = subscribed
         # logged before the welcome leaves: whatever the client does next comes after
         log.debug("client %s connected from %s", connection.client_id, remote)
         protocol = start_protocol(connection, stream, ctx.config.server.max_message_bytes)
-        connection.open(protocol, answer.resume, answer.response)
+        connection.open(protocol, answer.resume, answer.response, positions)
 
     def upgrade_at_once(self, stream: IOStream, address: str) -> bool:
         """The fast path: a handshake already complete in the socket's receive
@@ -172,10 +182,11 @@ class PublicRouter(HTTPServerConnectionDelegate):
         if upgrade is None:
             return False
         decided = self.answer(upgrade.request)
-        if not isinstance(decided, Acceptance) or (
+        if not isinstance(decided, Acceptance) or decided.channels or (
                 decided.resume is not None
                 and not self.ctx.broadcasts.is_caught_up(decided.resume)):
-            return False  # refusals are HTTP answers; a resume may wait to catch up
+            return False  # refusals are HTTP answers; a resume may wait to catch up, and
+            # channels wait for their positions
         try:
             consume(stream, upgrade.length)  # exactly the request: it is all there
         except OSError:
@@ -225,26 +236,55 @@ class _PublicRequest(HTTPMessageDelegate):
         if isinstance(decided, Refusal):
             self._refuse(decided)
             return None
-        if decided.resume is not None:
+        if decided.resume is not None or decided.channels:
             return self.router.wait_then(self._accept_caught_up(decided.resume, read))
         self._accept(decided)
         return None
 
-    async def _accept_caught_up(self, resume: Resume, read: Request) -> None:
+    async def _accept_caught_up(self, resume: Resume | None, read: Request) -> None:
         """Wait for this process to catch up with a resuming client, then decide
         again: the connection is admitted now, so the connection limit and a drain
-        that began meanwhile hold for it too."""
-        await self.router.ctx.broadcasts.caught_up(resume, CATCH_UP_SECONDS)
+        that began meanwhile hold for it too. Then its channels, if any."""
+        if resume is not None:
+            await self.router.ctx.broadcasts.caught_up(resume, CATCH_UP_SECONDS)
         decided = self.router.answer(read)
         assert decided is not None  # the same request: a handshake still
         if isinstance(decided, Refusal):
             self._refuse(decided)
+        elif decided.channels:
+            await self._accept_subscribed(decided, read)
         else:
             self._accept(decided)
 
-    def _accept(self, answer: Acceptance) -> None:
+    async def _accept_subscribed(self, decided: Acceptance, read: Request) -> None:
+        """Subscribe the connection to its channels (``?channels=``), wait for
+        their positions, decide once more, and accept it with them."""
+        hub = self.router.ctx.channels
+        connection = Connection(self.router.ctx, decided.client_id, decided.grant)
+        opening = hub.subscribe_opening(connection, decided.channels)
+        if isinstance(opening, tuple):
+            refused, channel = opening
+            self._refuse(Refusal(403 if refused.error == "forbidden" else 400,
+                                 f"{refused.error}: {channel}\n"))
+            return
+        try:
+            await within(opening.done, CATCH_UP_SECONDS)
+        except asyncio.TimeoutError:
+            hub.closed(connection)
+            self._refuse(Refusal(503, "channels unavailable: try again\n",
+                                 headers=(("Retry-After", "1"),)))
+            return
+        again = self.router.answer(read)
+        if not isinstance(again, Acceptance):
+            hub.closed(connection)
+            assert again is not None
+            self._refuse(again)
+            return
+        self._accept(decided, (connection, opening.positions))
+
+    def _accept(self, answer: Acceptance, subscribed: Subscribed | None = None) -> None:
         stream = detach_stream(self.request_conn)
-        self.router.accept(stream, answer, self._remote_ip())
+        self.router.accept(stream, answer, self._remote_ip(), subscribed)
 
     def _refuse(self, refusal: Refusal) -> None:
         ctx = self.router.ctx

@@ -29,7 +29,10 @@ then ``decide()``, for a well-formed handshake:
 - no ``Host``, or a ``Sec-WebSocket-Key`` that is not 16 bytes in base64: 400;
 - with client tokens (auth.mode = "jwt"), a missing, invalid or expired token, or
   one whose ``sub`` is not the id in the path, or is ``admin``: 401 (``auth``; see
-  ``ebbcast.serving.auth``).
+  ``ebbcast.serving.auth``);
+- ``?channels=a,b``: a name that is not a channel's, or more than
+  channels.max_per_connection of them: 400; a channel the token does not allow:
+  403; each reason naming the channel.
 
 An origin is served when the browser says the request is same-origin
 (``Sec-Fetch-Site: same-origin`` or ``none``), when the request has neither
@@ -52,6 +55,7 @@ import httptools
 from ebbcast.backplane.history import Resume
 from ebbcast.core.frames import ADMIN_SENDER
 from ebbcast.serving.auth import Denial, Grant, TokenVerifier, bearer_token
+from ebbcast.serving.channels import ChannelRights, valid_channel
 
 #: Longest request line and header fields on the public listener (each field counted
 #: as ``name: value`` and its line end, the blanks around the value not counted): a
@@ -85,6 +89,8 @@ class Acceptance:
     response: bytes
     #: What the client's token allows (None without client tokens).
     grant: Grant | None = None
+    #: The channels it subscribes to at once (``?channels=``).
+    channels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,9 @@ class Terms:
     tokens: TokenVerifier | None = None
     #: Unix time, for the token's exp and nbf.
     now: float = 0.0
+    #: channels.max_per_connection, and what a client without a token may do.
+    max_channels: int = 100
+    rights: ChannelRights = ChannelRights()
 
 
 _RETRY = (("Retry-After", "1"),)
@@ -215,7 +224,29 @@ def decide(client_id: str | None, query: str, headers: Mapping[str, str],
                                "auth", _CHALLENGE)
             client_id = answer.client_id
         grant = answer
-    return Acceptance(client_id, resume, switching_protocols(key), grant)
+    channels = read_channels(arguments.get("channels", ""), terms.max_channels,
+                             grant.rights if grant is not None else terms.rights)
+    if isinstance(channels, Refusal):
+        return channels
+    return Acceptance(client_id, resume, switching_protocols(key), grant, channels)
+
+
+def read_channels(listed: str, limit: int, rights: ChannelRights
+                  ) -> tuple[str, ...] | Refusal:
+    """The channels of ``?channels=a,b`` (each once, in order), or the refusal
+    naming the first that cannot be subscribed to."""
+    channels = tuple(dict.fromkeys(name for name in listed.split(",") if name)) \
+        if listed else ()
+    for index, channel in enumerate(channels):
+        if not valid_channel(channel):
+            return Refusal(400, f"invalid channel: {channel[:128]!r} (1 to 128 of "
+                                "A-Z a-z 0-9 _ . : @ -)\n")
+        if index >= limit:
+            return Refusal(400, f"too many channels: {channel} is one more than "
+                                f"channels.max_per_connection ({limit})\n")
+        if not rights.subscribe.allow(channel):
+            return Refusal(403, f"forbidden channel: {channel}\n")
+    return channels
 
 
 def origin_allowed(headers: Mapping[str, str], allowed: Iterable[str]) -> bool:

@@ -24,12 +24,11 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol, Union
+from typing import Protocol
 
 from tornado.httpserver import HTTPServer
 
-from ebbcast.backplane.base import Backplane, SequencedFeed
+from ebbcast.backplane.base import Backplane, ChannelFeed, ChannelRoute, SequencedFeed
 from ebbcast.backplane.history import History
 from ebbcast.backplane.names import RedisNames
 from ebbcast.backplane.redis import RedisBackplane
@@ -50,7 +49,9 @@ from ebbcast.core.metrics import Metrics
 from ebbcast.core.sockets import LISTEN_BACKLOG, Spare, advertised_url, listener_url, tls_context
 from ebbcast.serving.auth import TokenVerifier
 from ebbcast.serving.broadcasts import Broadcasts
+from ebbcast.serving.channelhub import ChannelHub
 from ebbcast.serving.context import Client, DaemonContext
+from ebbcast.serving.events import FanoutBroken, HandOver, NoConnections, ServingEvent
 from ebbcast.serving.fanout import Fanout
 from ebbcast.serving.gcpolicy import CollectorPolicy
 from ebbcast.serving.handlers import (
@@ -82,30 +83,6 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_PUBLIC_BODY_BYTES = 64 * 1024
 
 
-@dataclass(frozen=True)
-class HandOver:
-    """The main process tells a serving process: a new generation serves, drain as
-    an upgrade (``ebbcast.backplane.records.HandOver``)."""
-
-
-@dataclass(frozen=True)
-class NoConnections:
-    """The last client of a draining process has gone."""
-
-
-@dataclass(frozen=True)
-class FanoutBroken:
-    """Broadcasts kept failing (``failures`` batches in a row): a bug, or a
-    dependency that changed under us. The process gives up rather than serve
-    broken."""
-
-    failures: int
-
-
-#: What a serving process's loop acts on, beside the common events.
-ServingEvent = Union[HandOver, NoConnections, FanoutBroken]
-
-
 class Role(Protocol):
     """What differs between a process on its own and one under a main process
     (``ebbcast.process.roles``: Standalone, Member)."""
@@ -125,6 +102,8 @@ class Role(Protocol):
     def memory_backplane(self, metrics: Metrics) -> Backplane: ...
     def memory_sequencing(self, daemon: Daemon) -> None:
         """Who gives ``memory://`` broadcasts their offsets (``daemon.broadcasts``)."""
+    def channel_route(self, daemon: Daemon) -> ChannelRoute:
+        """Where this process's channel traffic goes (after ``attach``)."""
     def start(self, daemon: Daemon) -> None: ...
     def serving(self, daemon: Daemon) -> None: ...
     def report_count(self, count: int) -> None: ...
@@ -167,16 +146,19 @@ class Daemon:
             History(config.history.size, config.history.ttl), fanout, registry, self.metrics,
             lambda: self.ctx.config,
             lambda payload, source: self.ctx.backplane.publish(payload, source))
+        self.channels = ChannelHub(fanout, self.metrics, lambda: self.ctx.config,
+                                   registry.snapshot)  # type: ignore[arg-type]
         self.ctx = DaemonContext(
             config=config, lifecycle=self.lifecycle, registry=registry, fanout=fanout,
             metrics=self.metrics, node_id=f"{socket.gethostname()}:{os.getpid()}",
             started_mono=time.monotonic(),
-            broadcasts=self.broadcasts)
+            broadcasts=self.broadcasts, channels=self.channels)
         self.servers: dict[str, HTTPServer] = {}
         self.spare = Spare()  # a descriptor in reserve, see ebbcast.core.sockets
         self.urls: dict[str, str] = {}
         self.bound_ws = ""
         role.attach(self)
+        self.channels.route = role.channel_route(self)
         self.ctx.backplane = self._make_backplane(config, role.counts_failovers)
         self._periodic = PeriodicBroadcaster(self.ctx)
         self._keepalive = Keepalive(registry, lambda: self.ctx.config)
@@ -234,6 +216,10 @@ class Daemon:
     def feed(self) -> SequencedFeed:
         """Where broadcasts sequenced elsewhere go: this process's Broadcasts."""
         return self.broadcasts
+
+    @property
+    def channel_feed(self) -> ChannelFeed:
+        return self.channels
 
     def deliver_remote(self, payload: str | bytes, source: str) -> None:
         """A frame another worker or instance sent: fan it out to this one's clients."""

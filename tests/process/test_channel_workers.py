@@ -1,0 +1,111 @@
+"""Channels through the main process (SPEC 14), with ``ebbcast serve --workers N``:
+one order per channel for every worker, presence and ``GET /channels`` for the
+whole daemon, a direct message to a client id on another worker, a resume per
+channel on another worker than the one the client left, and the metrics."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from websockets.sync.client import ClientConnection
+
+from helpers import (
+    DaemonProcess,
+    close_all,
+    dial,
+    http_json,
+    metric,
+    pid_of,
+    recv_frame,
+    start_workers,
+    wait_for,
+)
+
+pytestmark = pytest.mark.processes
+TOKEN = "secret-token"
+
+
+def one_per_worker(d: DaemonProcess, workers: int, opened: list[ClientConnection]
+                   ) -> list[tuple[str, ClientConnection]]:
+    """A client on each worker (``/c<n>``: its client id), in worker order."""
+    found: dict[int, tuple[str, ClientConnection]] = {}
+    for n in range(200):
+        if len(found) == workers:
+            return [found[pid] for pid in sorted(found)]
+        ws = dial(f"{d.ws_url}/c{n}")
+        opened.append(ws)
+        pid = pid_of(recv_frame(ws, "welcome"))
+        found.setdefault(pid, (f"c{n}", ws))
+    raise AssertionError(f"no client on each of {workers} workers")
+
+
+def command(ws: ClientConnection, **fields: Any) -> None:
+    ws.send(json.dumps(fields))
+
+
+def subscribe(ws: ClientConnection, channel: str, **options: Any) -> dict[str, Any]:
+    command(ws, type="subscribe", channel=channel, **options)
+    return recv_frame(ws, "subscribed")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_channels_are_one_conversation_across_workers(spawn: Any, workers: int) -> None:
+    d = start_workers(spawn, workers)
+    opened: list[ClientConnection] = []
+    try:
+        clients = one_per_worker(d, workers, opened)
+        (first_id, first), (last_id, last) = clients[0], clients[-1]
+        if workers == 1:  # a second client on the one worker
+            last_id, last = "other", dial(f"{d.ws_url}/other")
+            opened.append(last)
+            recv_frame(last, "welcome")
+        positions = {subscribe(first, "room", presence=True)["epoch"]}
+        assert recv_frame(first, "join")["client_id"] == first_id
+        positions.add(subscribe(last, "room")["epoch"])
+        assert len(positions) == 1  # one epoch for the channel, whichever worker
+        assert recv_frame(first, "join")["client_id"] == last_id
+        command(last, type="publish", channel="room", text="hello")
+        for ws in (first, last):
+            got = recv_frame(ws, "message")
+            assert (got["channel"], got["from"], got["offset"]) == ("room", last_id, 1)
+        code, room = http_json(f"{d.admin_url}/channels/room", token=TOKEN)
+        assert (code, room) == (200, {"channel": "room", "subscribers": 2,
+                                      "clients": sorted([first_id, last_id])})
+        code, sent = http_json(f"{d.admin_url}/clients/{first_id}/send", "POST", b"psst",
+                               token=TOKEN)
+        assert (code, sent) == (202, {"delivered": 1})
+        assert recv_frame(first, "direct")["text"] == "psst"
+        wait_for(lambda: metric(d, "ebbcast_subscriptions") == 2)
+        assert metric(d, "ebbcast_channels") == 1
+        last.close()
+        assert recv_frame(first, "leave")["client_id"] == last_id
+    finally:
+        close_all(opened)
+
+
+@pytest.mark.parametrize("workers", [2])
+def test_a_channel_resumes_on_another_worker_with_nothing_lost_or_repeated(
+        spawn: Any, workers: int) -> None:
+    d = start_workers(spawn, workers)
+    opened: list[ClientConnection] = []
+    try:
+        (_, here), (_, there) = one_per_worker(d, workers, opened)
+        epoch = subscribe(here, "c")["epoch"]
+        command(there, type="publish", channel="c", text="m1")
+        assert recv_frame(here, "message")["offset"] == 1
+        here.close()
+        for n in (2, 3):
+            command(there, type="publish", channel="c", text=f"m{n}")
+        code, _ = http_json(f"{d.admin_url}/broadcast?channel=c", "POST", b"m4", token=TOKEN)
+        assert code == 202
+        answer = subscribe(there, "c", since=1, epoch=epoch)
+        assert (answer["recovered"], answer["missed"], answer["offset"]) == (True, 3, 4)
+        replayed = [recv_frame(there, "message") for _ in range(3)]
+        assert [(m["offset"], m["text"]) for m in replayed] == \
+            [(2, "m2"), (3, "m3"), (4, "m4")]
+        command(there, type="publish", channel="c", text="m5")
+        assert recv_frame(there, "message")["offset"] == 5
+    finally:
+        close_all(opened)
