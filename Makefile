@@ -93,6 +93,7 @@ bench: $(VENV)/.lock-bench $(NODE_WS)
 	$(BIN)/python bench/run.py --out bench/results
 	$(BIN)/python bench/extras.py --out bench/results
 	$(BIN)/python bench/storm.py --out bench/results
+	$(BIN)/python bench/channels.py --out bench/results
 	bench/profile.sh
 
 # Root only: the system packages the tests use (fails, never skips, without them).

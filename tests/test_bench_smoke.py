@@ -102,3 +102,14 @@ def test_before_after_quick_run_alternates_two_trees(tmp_path):
     assert [(run["side"], run["returncode"]) for run in data["runs"]] == [("before", 0),
                                                                         ("after", 0)]
     assert all(run["figures"]["RSS KB/conn"] > 0 for run in data["runs"])
+
+
+def test_channel_benchmark_quick_run_compares_channels_with_the_global_broadcast(tmp_path):
+    stdout, data = quick_run("channels.py", tmp_path)
+    assert {(r["kind"], r["window"]) for r in data["fanout"]} == {
+        (kind, window) for kind in ("global", "channels") for window in (2, 16)}
+    for row in data["fanout"]:
+        assert row["errors"] == 0 and row["deliveries_per_cpu_s"] > 0, row
+    assert data["churn"]["operations"] == 10 * 50 * 2 and data["churn"]["server_cpu_s"] > 0
+    assert data["memory"]["subscriptions"] == 1000
+    assert "| channels | 16 |" in stdout

@@ -118,6 +118,7 @@ static double o_churn_every_ms = 250, o_linger_ms = 500, o_shutdown_wait = 10;
 static long o_churn = 10;
 static uint64_t o_seed = 0;
 static int o_follow_upgrade = 0;
+static long o_channels = 0;   /* ebbcast channels: subscribe, publish to channels */
 static struct sockaddr_in g_sources[64];
 static int g_nsources = 0, g_next_source = 0;
 /* follow-upgrade: moves started, completed and failed (each failure is retried) */
@@ -437,27 +438,34 @@ static void send_close(conn *c, uint16_t code)
 }
 
 /* Build the publish frame template: header, mask key, masked 'x' padding. */
-static void build_template(void)
+/* A masked text frame's header for n payload bytes, mask included: its length. */
+static size_t text_header(uint8_t hdr[14], size_t n)
 {
-    size_t b = (size_t)o_size, h;
-    uint8_t hdr[14];
+    size_t h;
     hdr[0] = 0x81;
-    if (b < 126) {
-        hdr[1] = (uint8_t)(0x80 | b);
+    if (n < 126) {
+        hdr[1] = (uint8_t)(0x80 | n);
         h = 2;
-    } else if (b < 65536) {
+    } else if (n < 65536) {
         hdr[1] = 0x80 | 126;
-        hdr[2] = (uint8_t)(b >> 8);
-        hdr[3] = (uint8_t)b;
+        hdr[2] = (uint8_t)(n >> 8);
+        hdr[3] = (uint8_t)n;
         h = 4;
     } else {
         hdr[1] = 0x80 | 127;
         for (int i = 0; i < 8; i++)
-            hdr[2 + i] = (uint8_t)((uint64_t)b >> (56 - 8 * i));
+            hdr[2 + i] = (uint8_t)((uint64_t)n >> (56 - 8 * i));
         h = 10;
     }
     memcpy(hdr + h, MASK, 4);
-    h += 4;
+    return h + 4;
+}
+
+static void build_template(void)
+{
+    size_t b = (size_t)o_size;
+    uint8_t hdr[14];
+    size_t h = text_header(hdr, b);
     g_tmpl_hdr = h;
     g_tmpl_len = h + b;
     g_tmpl = xrealloc(NULL, g_tmpl_len);
@@ -466,9 +474,70 @@ static void build_template(void)
         g_tmpl[h + i] = (uint8_t)('x' ^ MASK[i & 3]);
 }
 
+/* Queue one masked text frame of n bytes (not flushed). */
+static void send_text(conn *c, const char *text, size_t n)
+{
+    uint8_t hdr[14];
+    size_t h = text_header(hdr, n);
+    wreserve(c, h + n);
+    uint8_t *w = c->wbuf + c->wlen;
+    memcpy(w, hdr, h);
+    for (size_t i = 0; i < n; i++)
+        w[h + i] = (uint8_t)text[i] ^ MASK[i & 3];
+    c->wlen += (uint32_t)(h + n);
+}
+
+/* --channels: the channels a publisher publishes to (and subscribes to, for its
+ * echoes): pubid, pubid + P, pubid + 2P, ... below K. */
+static long pub_channels(const conn *c)
+{
+    return (o_channels - (long)c->pubid + o_pubs - 1) / o_pubs;
+}
+
+/* --channels: subscribe a new connection (a subscriber to channel slot mod K, a
+ * publisher to each of its channels). */
+static void subscribe_channels(conn *c)
+{
+    char cmd[96];
+    long first = c->is_pub ? (long)c->pubid : (long)(c - conns) % o_channels;
+    long count = c->is_pub ? pub_channels(c) : 1, step = c->is_pub ? o_pubs : 0;
+    for (long k = 0; k < count; k++) {
+        int n = snprintf(cmd, sizeof cmd, "{\"type\":\"subscribe\",\"channel\":\"c%ld\"}",
+                         first + k * step);
+        send_text(c, cmd, (size_t)n);
+    }
+}
+
+/* --channels: one publish command, to the publisher's next channel in turn; its
+ * text is the usual payload (header, padded with x to --size bytes). */
+static void send_channel_msg(conn *c, int64_t now)
+{
+    static char *cmd;
+    size_t cap = (size_t)o_size + 128;
+    if (!cmd)
+        cmd = xrealloc(NULL, cap);
+    long channel = (long)c->pubid + o_pubs * (long)(c->seq % (uint64_t)pub_channels(c));
+    int start = snprintf(cmd, cap, "{\"type\":\"publish\",\"channel\":\"c%ld\",\"text\":\"",
+                         channel);
+    int n = snprintf(cmd + start, cap - (size_t)start, "p%u s%llu t%llu ", c->pubid,
+                     (unsigned long long)++c->seq, (unsigned long long)now);
+    size_t len = (size_t)start + (size_t)n;
+    while (len - (size_t)start < (size_t)o_size)
+        cmd[len++] = 'x';
+    cmd[len++] = '"';
+    cmd[len++] = '}';
+    send_text(c, cmd, len);
+    c->inflight++;
+    c_sent++;
+}
+
 /* Queue one publish message (not flushed). */
 static void send_msg(conn *c, int64_t now)
 {
+    if (o_channels) {
+        send_channel_msg(c, now);
+        return;
+    }
     char txt[80], *p = txt;
     *p++ = 'p';
     p = u64toa(p, c->pubid);
@@ -707,6 +776,8 @@ static void on_handshake_data(conn *c, int64_t now)
         }
     }
     c->last_echo = now;
+    if (o_channels)
+        subscribe_channels(c);
     c->rlen = 0;
     if (rest)
         memcpy(g_shared, c->rbuf + hlen, rest);
@@ -1997,6 +2068,8 @@ static void usage(FILE *f)
           "                        (127.0.0.2, 127.0.0.3, ...: one ephemeral port range each)\n"
           "  --follow-upgrade      expect-close: on an \"upgrade\" shutdown frame, open a new connection\n"
           "                        after its reconnect_after_ms, then close the old one (make before break)\n"
+          "  --channels K          ebbcast channels: subscriber i subscribes to channel c<i mod K>,\n"
+          "                        publisher j to c<j>, c<j+P>, ... and publishes to them in turn\n"
           "  --server-pid PID[,..] also report these processes' CPU and RSS\n"
           "  --json                print one JSON object on stdout\n"
           "  --quiet               fewer messages on stderr\n",
@@ -2021,7 +2094,7 @@ static void parse_args(int argc, char **argv)
         OPT_HOST = 256, OPT_PORT, OPT_PATH, OPT_ORIGIN, OPT_SUBS, OPT_PUBS, OPT_WINDOW, OPT_SIZE, OPT_DURATION, OPT_WARMUP, OPT_RATE,
         OPT_PENDING, OPT_POLL, OPT_CTIMEOUT, OPT_STALL, OPT_CLOSE_TIMEOUT, OPT_IDLE, OPT_EXPECT, OPT_JSON, OPT_QUIET, OPT_SPID, OPT_HELP,
         OPT_SOAK, OPT_CHURN, OPT_CHURN_EVERY, OPT_LINGER, OPT_SD_WAIT, OPT_SEED,
-        OPT_SOURCE, OPT_FOLLOW
+        OPT_SOURCE, OPT_FOLLOW, OPT_CHANNELS
     };
     static const struct option opts[] = {
         {"host", required_argument, 0, OPT_HOST},
@@ -2050,6 +2123,7 @@ static void parse_args(int argc, char **argv)
         {"seed", required_argument, 0, OPT_SEED},
         {"source", required_argument, 0, OPT_SOURCE},
         {"follow-upgrade", no_argument, 0, OPT_FOLLOW},
+        {"channels", required_argument, 0, OPT_CHANNELS},
         {"json", no_argument, 0, OPT_JSON},
         {"quiet", no_argument, 0, OPT_QUIET},
         {"server-pid", required_argument, 0, OPT_SPID},
@@ -2091,6 +2165,7 @@ static void parse_args(int argc, char **argv)
             break;
         case OPT_JSON: o_json = 1; break;
         case OPT_FOLLOW: o_follow_upgrade = 1; break;
+        case OPT_CHANNELS: o_channels = (long)parse_num("channels", optarg, 1, 1000000); break;
         case OPT_SOURCE: {
             char *list = strdup(optarg), *save = NULL;
             for (char *a = strtok_r(list, ",", &save); a; a = strtok_r(NULL, ",", &save)) {
@@ -2114,6 +2189,10 @@ static void parse_args(int argc, char **argv)
     if (optind < argc) {
         fprintf(stderr, "wsbench: unexpected argument '%s'\n", argv[optind]);
         usage(stderr);
+        exit(2);
+    }
+    if (o_channels && (o_mode != MODE_PUBLISH || o_pubs > o_channels)) {
+        fprintf(stderr, "wsbench: --channels needs the publish mode and a channel per publisher\n");
         exit(2);
     }
     if (o_follow_upgrade && o_mode != MODE_EXPECT_CLOSE) {

@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("url", help="WebSocket URL, e.g. ws://127.0.0.1:8000/ws")
     client.add_argument("--send", action="append", default=[], metavar="TEXT",
                         help="a text frame to send after connecting (repeatable)")
+    client.add_argument("--subscribe", action="append", default=[], metavar="CHANNEL",
+                        help="subscribe to a channel after connecting, and again from its "
+                        "last offset after each move (repeatable)")
+    client.add_argument("--publish", action="append", default=[], nargs=2,
+                        metavar=("CHANNEL", "TEXT"), help="publish TEXT to CHANNEL after "
+                        "connecting (repeatable)")
     client.add_argument("--listen", metavar="DURATION", help="stop after this long "
                         "(default: when the server closes, or --count is reached)")
     client.add_argument("--count", type=int, metavar="N", help="stop after N frames")
@@ -99,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         return check_config(args.path)
     if args.command == "client":
-        from ebbcast.client import run_client
+        from ebbcast.clientcli import run_client
 
         return run_client(args)
     if args.command == "token":
@@ -265,7 +271,8 @@ def serve(args: argparse.Namespace) -> int:
                                                   instance=instance)))
 
         return _run_until_stopped(lambda: Supervisor(config, reload, rundir, worker_args,
-                                                     metrics_dir, serve_here=serve_here))
+                                                     metrics_dir, serve_here=serve_here,
+                                                     instance=instance))
     finally:
         shutil.rmtree(rundir, ignore_errors=True)
 

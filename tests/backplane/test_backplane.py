@@ -317,9 +317,12 @@ async def test_redis_restarted_under_load_loses_nothing_locally(start_daemon, re
 
 
 def subscriptions(redis_server: Any) -> set[str]:
-    """The ids of the Redis clients that hold a subscription (every instance's own)."""
+    """The ids of the Redis clients that hold the backplane's subscription (every
+    instance's own): the one to its two channels, ``ebbcast:broadcast`` and
+    ``ebbcast:sequenced`` (the channels' own, to ``ebbcast:direct`` and to channels
+    with a subscriber, is another)."""
     with redis_server.client() as redis:
-        return {str(c["id"]) for c in redis.client_list(_type="pubsub")}
+        return {str(c["id"]) for c in redis.client_list(_type="pubsub") if c["sub"] == "2"}
 
 
 async def second_instance_with_its_subscription(start_daemon: Any, redis_server: Any,

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
-from ebbcast.client import ReconnectingSession, follow_nodes
+from ebbcast.client import Session, follow_nodes
 from ebbcast.backplane.history import History, Kept, Replay, Resume, with_offset
 from ebbcast.backplane.sequencer import Sequencer
 
@@ -184,7 +184,7 @@ class FakeConnection:
 
 
 def test_reconnecting_client_prints_each_broadcast_once_across_a_move() -> None:
-    session = ReconnectingSession("ws://h/ws?x=1", quiet=True, deadline=None)
+    session = Session("ws://h/ws?x=1", reconnect=True)
     old, new = FakeConnection(), FakeConnection()
     session.current = old  # type: ignore[assignment]
     welcome = {"type": "welcome", "epoch": "e", "offset": 4}
@@ -200,11 +200,11 @@ def test_reconnecting_client_prints_each_broadcast_once_across_a_move() -> None:
     assert session.on_frame(new, json.dumps({**message, "offset": 6}))  # type: ignore
     assert session.resume_url() == "ws://h/ws?x=1&since=6&epoch=e"
     assert not session.on_frame(old, json.dumps({**message, "offset": 7}))  # type: ignore
-    assert session.offset == 6  # nothing from the connection it moved away from
+    assert session.position.offset == 6  # nothing from the connection it moved away from
 
 
 def test_reconnecting_client_never_goes_back_in_an_epoch() -> None:
-    session = ReconnectingSession("ws://h/ws", quiet=True, deadline=None)
+    session = Session("ws://h/ws", reconnect=True)
     conn, lagging = FakeConnection(), FakeConnection()
     session.current = conn  # type: ignore[assignment]
     welcome = {"type": "welcome", "epoch": "e", "offset": 9}
@@ -212,11 +212,11 @@ def test_reconnecting_client_never_goes_back_in_an_epoch() -> None:
     session.opening[lagging] = 9  # type: ignore[index]
     session.on_frame(lagging, json.dumps(  # type: ignore[arg-type]
         {"type": "welcome", "epoch": "e", "offset": 8, "recovered": False}))
-    assert (session.epoch, session.offset) == ("e", 9)  # 9 is not shown again
+    assert (session.position.epoch, session.position.offset) == ("e", 9)  # 9 is not shown again
     session.opening[conn] = 9  # type: ignore[index]
     session.on_frame(conn, json.dumps(  # type: ignore[arg-type]
         {"type": "welcome", "epoch": "f", "offset": 2, "recovered": False}))
-    assert (session.epoch, session.offset) == ("f", 2)  # a new epoch starts anew
+    assert (session.position.epoch, session.position.offset) == ("f", 2)  # a new epoch starts anew
 
 
 @pytest.mark.parametrize("frame, url", [

@@ -531,3 +531,42 @@ def test_page_sends_the_token_from_its_field_and_shows_a_read_only_refusal(
     wait_frame(page, "error", "read_only")
     assert not frames(page, "message")
     tabs.assert_no_console_errors()
+
+
+def test_pages_join_a_channel_see_presence_and_keep_it_through_an_upgrade(
+        spawn: Callable[..., Any], tabs: Tabs) -> None:
+    d = spawn(*FAST, "--drain-timeout", "5m",
+              env={**QUIET, "EBBCAST_SHUTDOWN_UPGRADE_SPREAD": "1s"})
+    ann = tabs.open(page_url(d.ws_url) + "?client_id=ann")
+    ben = tabs.open(page_url(d.ws_url) + "?client_id=ben")
+    outsider = tabs.open(page_url(d.ws_url) + "?client_id=cal")
+    for page in (ann, ben, outsider):
+        wait_welcomed(page)
+    for page in (ann, ben):
+        page.fill("#channel-input", "room")
+        page.click("#join")
+        wait_frame(page, "subscribed", "joined room at offset")
+    wait_js(ann, "presence lists both", "() => document.querySelector("
+            "'#joined [data-channel=room]').textContent === 'room \\u00b7 ann, ben'")
+    assert ben.input_value("#target") == "room"  # a message now goes to the channel
+    send(ben, "in the room")
+    wait_frame(ann, "message", "ben in room: in the room")
+    ben.select_option("#target", "")
+    send(ben, "to everyone")
+    wait_frame(outsider, "message", "ben: to everyone")
+    assert not frames(outsider, "subscribed") and \
+        not any("in the room" in row for row in frames(outsider, "message"))
+    d.signal(signal.SIGUSR2)  # the pages move and join the channel again, resumed
+    for page in (ann, ben):
+        wait_welcomed(page, 2, timeout=STEP_TIMEOUT * 2)
+        wait_frame(page, "subscribed", "resumed, 0 missed")
+    ben.select_option("#target", "room")
+    send(ben, "after the move")
+    wait_frame(ann, "message", "ben in room: after the move")
+    assert sum("in the room" in row for row in frames(ann, "message")) == 1  # not twice
+    ben.fill("#channel-input", "room")
+    ben.click("#leave")
+    wait_frame(ann, "leave", "ben left room")
+    wait_js(ann, "presence lists ann alone", "() => document.querySelector("
+            "'#joined [data-channel=room]').textContent === 'room \\u00b7 ann'")
+    tabs.assert_no_console_errors()

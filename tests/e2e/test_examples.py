@@ -33,3 +33,15 @@ def test_the_demo_runs_and_finds_nothing_refused_or_lost(demo: str, moved: str) 
     assert done.stdout.count(moved) == 3
     assert done.stdout.count("each once, in order") == 3
     assert done.stdout.rstrip().endswith("OK: nothing refused, nothing lost.")
+
+
+def test_the_python_client_example_subscribes_publishes_and_reads_its_message(spawn) -> None:
+    from helpers import QUICK, serve_on_a_port_of_its_own
+
+    d = serve_on_a_port_of_its_own(spawn, "--admin-port", "0", env=QUICK)
+    done = subprocess.run([sys.executable, str(REPO / "examples" / "channels.py"), d.ws_url],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines() == ["subscribed to scores at offset 0",
+                                        "example joins scores",
+                                        "example in scores: 1-0 (offset 1)"]

@@ -9,6 +9,7 @@ import asyncio
 from typing import Any
 
 from ebbcast.backplane import records
+from ebbcast.backplane.centre import MemoryChannels
 from ebbcast.backplane.channels import Ask
 from ebbcast.backplane.relay import Unpacker
 from ebbcast.config import Config
@@ -59,10 +60,11 @@ def test_a_channel_message_goes_only_to_workers_with_a_subscriber() -> None:
     desk.on_record(w0, records.Subscribe(Ask(1, "a", "alice")))
     desk.on_record(w1, records.Subscribe(Ask(1, "b", "bob")))
     desk.on_record(w2, records.ChannelPublish("a", '{"type":"message","channel":"a"}'))
+    assert desk.publish("b", '{"type":"message","channel":"b"}') == 1
     assert w0.sent.kinds() == ["Subscribed", "Presence", "ChannelMessage"]
-    assert w1.sent.kinds() == ["Subscribed", "Presence"]  # no traffic of a
+    assert w1.sent.kinds() == ["Subscribed", "Presence", "ChannelMessage"]  # b's, not a's
     assert w2.sent.kinds() == []  # the publisher has no subscriber: nothing comes back
-    message = w0.sent.sent[-1]
+    message = w0.sent.sent[2]
     assert isinstance(message, records.ChannelMessage) and '"offset":1' in message.frame
 
 
@@ -86,7 +88,9 @@ def test_a_worker_that_exits_leaves_its_channels_and_the_others_see_it_leave() -
     leave = w1.sent.sent[-1]
     assert isinstance(leave, records.Presence)
     assert (leave.change.client_id, leave.change.joined) == ("alice", False)
-    assert desk.presence("a") == (1, ["bob"])
+    plane = desk.plane
+    assert isinstance(plane, MemoryChannels)
+    assert (plane.centre.subscribers("a"), plane.centre.clients("a")) == (1, ["bob"])
 
 
 def test_a_direct_message_adds_up_what_each_worker_reached(io_loop: Any) -> None:
@@ -94,7 +98,7 @@ def test_a_direct_message_adds_up_what_each_worker_reached(io_loop: Any) -> None
     desk = desk_of(workers)
 
     async def send() -> int:
-        asking = asyncio.ensure_future(desk.direct("bob", '{"type":"direct"}'))
+        asking = asyncio.ensure_future(desk.send_direct("bob", '{"type":"direct"}'))
         await asyncio.sleep(0)
         for worker, reached in ((w0, 2), (w1, 1)):
             direct = worker.sent.sent[-1]

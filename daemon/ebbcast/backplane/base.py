@@ -75,6 +75,9 @@ class ChannelRoute(Protocol):
     process itself, or the main process over the relay link. Each answer comes
     back to the process's ``ChannelFeed``."""
 
+    def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
     def ask(self, ask: Ask) -> bool:
         """Subscribe; the ``Answer`` follows. False: it cannot be asked now."""
 

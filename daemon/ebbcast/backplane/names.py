@@ -43,6 +43,39 @@ class RedisNames:
         return [self._named("epoch"), self._named("offset"), self.stream,
                 self._named("epoch:replid")]
 
+    # -- channels (SPEC 14): a channel's names hold it after a "/", which no channel
+    # name has, so that no channel's names are another's
+
+    def channel_topic(self, channel: str) -> str:
+        """The pub/sub channel of a channel: its messages (``m``), joins and leaves (``p``)."""
+        return self._named(f"c/{channel}")
+
+    def channel_keys(self, channel: str) -> list[str]:
+        """A channel's sequencing keys, as ``keys`` are the global stream's; and the
+        sorted set of every channel with a history, by when last published."""
+        base = self._named(f"c/{channel}/")
+        return [f"{base}epoch", f"{base}offset", f"{base}history", f"{base}epoch:replid",
+                self._named("channels")]
+
+    @property
+    def channel_key_base(self) -> str:
+        """What a channel's keys begin with, before its name (for the scripts)."""
+        return self._named("c/")
+
+    def presence_key(self, channel: str, instance: str) -> str:
+        """One instance's subscribers to ``channel``: a JSON object, client id to count."""
+        return f"{self.presence_keys}{channel}/{instance}"
+
+    @property
+    def presence_keys(self) -> str:
+        """What every presence key begins with (``SCAN MATCH <this>*``)."""
+        return self._named("p:")
+
+    @property
+    def direct_topic(self) -> str:
+        """Direct messages, for every instance: ``<instance>\n<client id>\n<frame>``."""
+        return self._named("direct")
+
     def node_key(self, instance: str, member: str) -> str:
         """Where one serving process of ``instance`` keeps the URL it advertises."""
         return f"{self.instance_keys(instance)}{member}"

@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 #: promoted by a failover, or a master restarted from a snapshot, may lack offsets
 #: the master before it handed out, so offsets restart in a new epoch rather than
 #: be given twice. Sets ``epoch``.
-_ENSURE_EPOCH = """
+ENSURE_EPOCH = """
 local replication = redis.call('INFO', 'replication')
 local replid = string.match(replication, 'master_replid:(%w+)') or ''
 local epoch = redis.call('GET', KEYS[1])
@@ -75,7 +75,7 @@ if not epoch or redis.call('GET', KEYS[4]) ~= replid then
 end
 """
 #: KEYS: RedisNames.keys; ARGV: new epoch, history size, channel, header, frame.
-SEQUENCE_SCRIPT = _ENSURE_EPOCH + r"""
+SEQUENCE_SCRIPT = ENSURE_EPOCH + r"""
 local offset = redis.call('INCR', KEYS[2])
 local frame = string.sub(ARGV[5], 1, -2) .. ',"offset":' .. offset .. '}'
 local size = tonumber(ARGV[2])
@@ -88,7 +88,7 @@ redis.call('PUBLISH', ARGV[3], epoch .. '\n' .. offset .. '\n' .. ARGV[4] .. fra
 return offset
 """
 #: KEYS: RedisNames.keys; ARGV: new epoch. Returns {epoch, latest offset}.
-POSITION_SCRIPT = _ENSURE_EPOCH + """
+POSITION_SCRIPT = ENSURE_EPOCH + """
 return {epoch, tonumber(redis.call('GET', KEYS[2]) or '0')}
 """
 #: How often the sentinels are asked which master to use (redis+sentinel:// only), at

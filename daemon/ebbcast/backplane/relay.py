@@ -295,6 +295,12 @@ class LinkRoute:
     def __init__(self, link: WorkerLink) -> None:
         self._link = link
 
+    def start(self) -> None:
+        pass  # the main process's channels start with it
+
+    async def stop(self) -> None:
+        pass
+
     def ask(self, ask: Ask) -> bool:
         return self._link.ask(ask)
 

@@ -46,13 +46,14 @@ class ChannelAdmin(Protocol):
 
     def publish(self, channel: str, frame: str) -> int:
         """Publish ``frame`` to ``channel``: how many subscribers it has."""
-    def direct(self, client_id: str, frame: str) -> Awaitable[int]:
-        """``frame`` to every connection of ``client_id``: how many it reached."""
-    def listing(self, limit: int) -> tuple[list[tuple[str, int]], int]:
+    def send_direct(self, client_id: str, frame: str) -> Awaitable[int]:
+        """``frame`` to every connection of ``client_id`` (other instances too):
+        how many it reached on this one."""
+    def listing(self, limit: int) -> Awaitable[tuple[list[tuple[str, int]], int]]:
         """The ``limit`` largest channels with their subscribers, and how many
-        channels have one."""
-    def presence(self, channel: str) -> tuple[int, list[str]]:
-        """A channel's subscribers, and its distinct client ids."""
+        channels have one (every instance)."""
+    def presence(self, channel: str) -> Awaitable[tuple[int, list[str]]]:
+        """A channel's subscribers, and its distinct client ids (every instance)."""
 
 
 class AdminBackend(Protocol):
@@ -215,20 +216,20 @@ class DirectHandler(AdminHandler):
         text = self.text_body("send")
         if text is None or not self.channels_usable(None):
             return
-        delivered = await self.backend.channels.direct(client_id,
-                                                       frames.direct(text, time.time()))
+        delivered = await self.backend.channels.send_direct(client_id,
+                                                            frames.direct(text, time.time()))
         self.write_json(202, {"delivered": delivered})
 
 
 class ChannelsHandler(AdminHandler):
     """``GET /channels`` (largest first, ``?limit=``), ``GET /channels/{c}``."""
 
-    def get(self, channel: str | None = None) -> None:
+    async def get(self, channel: str | None = None) -> None:
         if not self.authorized():
             return
         if channel is not None:
             if self.channels_usable(channel):
-                subscribers, clients = self.backend.channels.presence(channel)
+                subscribers, clients = await self.backend.channels.presence(channel)
                 self.write_json(200, {"channel": channel, "subscribers": subscribers,
                                       "clients": clients})
             return
@@ -236,8 +237,8 @@ class ChannelsHandler(AdminHandler):
         if not limit_text.isascii() or not limit_text.isdigit() or int(limit_text) < 1:
             self.write_json(400, {"error": "limit must be a positive whole number"})
             return
-        listed, total = self.backend.channels.listing(min(int(limit_text),
-                                                          MAX_CHANNEL_LIMIT))
+        listed, total = await self.backend.channels.listing(min(int(limit_text),
+                                                                MAX_CHANNEL_LIMIT))
         self.write_json(200, {"channels": [{"channel": name, "subscribers": count}
                                            for name, count in listed], "total": total})
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Iterator
 
 from ebbcast.backplane import records
-from ebbcast.backplane.centre import ChannelCentre, Told
-from ebbcast.backplane.channels import Ask, ChannelSequencers
+from ebbcast.backplane.centre import Channels
+from ebbcast.backplane.channels import Answer, PresenceChange
+from ebbcast.backplane.redischannels import channels_for
 from ebbcast.config import Config
 from ebbcast.core.metrics import Metrics
 from ebbcast.core.waits import within
@@ -32,16 +32,14 @@ DIRECT_ANSWER_SECONDS = 2.0
 
 
 class ChannelDesk:
-    """The channel records of every worker; ``workers()``: every worker of every
-    generation."""
+    """The channel records of every worker (``workers()``: every worker of every
+    generation), and the ``ChannelSink`` of the instance's channels."""
 
     def __init__(self, workers: Callable[[], Iterator[Worker]], metrics: Metrics,
-                 config: Config) -> None:
+                 config: Config, instance: str = "") -> None:
         self._workers = workers
         self._metrics = metrics
-        history = config.history
-        self.centre: ChannelCentre[Worker] = ChannelCentre(
-            ChannelSequencers(history.size, history.ttl, history.max_channels))
+        self.plane: Channels[Worker] = channels_for(config, self, instance)
         self._last_request = 0
         self._directs: dict[int, tuple[asyncio.Future[None], list[int], set[Worker]]] = {}
 
@@ -49,52 +47,55 @@ class ChannelDesk:
         """A worker's channel record handled; False for any other record."""
         match record:
             case records.Subscribe(ask):
-                self.subscribe(worker, ask)
+                self.plane.subscribe(worker, ask)
             case records.Unsubscribe(channel, client_id):
-                told = self.centre.unsubscribe(worker, channel, client_id)
-                if told is not None:
-                    self._tell(told)
+                self.plane.unsubscribe(worker, channel, client_id)
             case records.ChannelPublish(channel, frame):
-                self.publish(channel, frame, counted=False)
+                self.plane.publish(channel, frame)
             case records.Delivered(request, connections):
                 self._delivered(worker, request, connections)
             case _:
                 return False
+        self._counted()
         return True
 
-    def subscribe(self, worker: Worker, ask: Ask) -> None:
-        answer, told = self.centre.subscribe(worker, ask, time.monotonic())
-        if worker.link is not None:
-            worker.link.send(records.Subscribed(answer))
-        self._tell(told)
-        self._counted()
+    def publish(self, channel: str, frame: str) -> int:
+        """The admin API's publish: sequenced, and sent to the workers with a
+        subscriber; how many subscribers the channel has on this instance."""
+        self._metrics.channel_messages.inc()
+        self.plane.publish(channel, frame)
+        return self.plane.subscribers(channel)
 
-    def publish(self, channel: str, frame: str, counted: bool = True) -> int:
-        """Sequence ``frame`` in ``channel`` and send it to the workers with a
-        subscriber; how many subscribers the channel has. ``counted``: it began
-        here (the admin API), not in a worker, which counted it."""
-        if counted:
-            self._metrics.channel_messages.inc()
-        sequenced, members = self.centre.publish(channel, frame, time.monotonic())
-        if members:
-            packed = records.pack(records.ChannelMessage(channel, sequenced.frame))
-            for worker in members:
-                if worker.link is None or not worker.link.send_packed(packed):
-                    self._metrics.backplane_dropped.inc()
-        return self.centre.subscribers(channel)
+    # -- ChannelSink ---------------------------------------------------------------------
 
-    def _tell(self, told: Told[Worker]) -> None:
-        packed = records.pack(records.Presence(told.change))
-        for worker in told.members:
-            if worker.link is not None:
-                worker.link.send_packed(packed)
-        self._counted()
+    def answer(self, member: Worker, answer: Answer) -> None:
+        if member.link is not None:
+            member.link.send(records.Subscribed(answer))
+
+    def message(self, members: list[Worker], channel: str, frame: str) -> None:
+        self._send(members, records.ChannelMessage(channel, frame))
+
+    def tell(self, change: PresenceChange, members: list[Worker]) -> None:
+        self._send(members, records.Presence(change))
+
+    def direct(self, client_id: str, frame: str) -> None:
+        """From another instance: to every worker (no answer is awaited)."""
+        self._send(list(self._workers()), records.Direct(0, client_id, frame))
+
+    def _send(self, members: list[Worker], record: records.Record) -> None:
+        if not members:
+            return
+        packed = records.pack(record)
+        for worker in members:
+            if worker.link is None or not worker.link.send_packed(packed):
+                self._metrics.backplane_dropped.inc()
+
+    # -- workers come and go ---------------------------------------------------------------
 
     def worker_gone(self, worker: Worker) -> None:
         """``worker`` exited: each of its subscriptions ends (the others are told)."""
-        for told in self.centre.forget(worker):
-            self._tell(told)
-        for request, (done, _, waiting) in list(self._directs.items()):
+        self.plane.forget(worker)
+        for done, _, waiting in list(self._directs.values()):
             waiting.discard(worker)
             if not waiting and not done.done():
                 done.set_result(None)
@@ -102,12 +103,15 @@ class ChannelDesk:
 
     def configured(self, config: Config) -> None:
         """A new generation's history.* (an upgrade)."""
-        history = config.history
-        self.centre.sequencers.keep(history.size, history.ttl, history.max_channels)
+        self.plane.configured(config)
 
-    async def direct(self, client_id: str, frame: str) -> int:
-        """``frame`` to every connection of ``client_id`` on every worker: how many
-        it reached (those that answered within DIRECT_ANSWER_SECONDS)."""
+    # -- the admin API (ebbcast.process.admin.ChannelAdmin) ------------------------------
+
+    async def send_direct(self, client_id: str, frame: str) -> int:
+        """``frame`` to every connection of ``client_id`` on every worker (and every
+        other instance): how many it reached here (the workers that answered within
+        DIRECT_ANSWER_SECONDS)."""
+        self.plane.direct(client_id, frame)
         self._last_request += 1
         request = self._last_request
         waiting = set()
@@ -138,11 +142,11 @@ class ChannelDesk:
         if not waiting and not done.done():
             done.set_result(None)
 
-    def listing(self, limit: int) -> tuple[list[tuple[str, int]], int]:
-        return self.centre.listing(limit), self.centre.channels
+    async def listing(self, limit: int) -> tuple[list[tuple[str, int]], int]:
+        return await self.plane.listing(limit)
 
-    def presence(self, channel: str) -> tuple[int, list[str]]:
-        return self.centre.subscribers(channel), self.centre.clients(channel)
+    async def presence(self, channel: str) -> tuple[int, list[str]]:
+        return await self.plane.presence(channel)
 
     def _counted(self) -> None:
-        self._metrics.channels.set(self.centre.channels)
+        self._metrics.channels.set(self.plane.channels)

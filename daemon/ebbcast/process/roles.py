@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,10 +24,10 @@ from tornado.httpserver import HTTPServer
 
 from ebbcast import __version__
 from ebbcast.backplane.base import Backplane, ChannelFeed, ChannelRoute, SequencedFeed
-from ebbcast.backplane.centre import ChannelCentre, LocalRoute
-from ebbcast.backplane.channels import ChannelSequencers
+from ebbcast.backplane.centre import Channels, LocalRoute
 from ebbcast.backplane.memory import MemoryBackplane
 from ebbcast.backplane.names import new_instance_id
+from ebbcast.backplane.redischannels import channels_for
 from ebbcast.backplane.relay import LinkPeer, LinkRoute, RelayBackplane, WorkerLink
 from ebbcast.config import Config
 from ebbcast.core.lifecycle import Lifecycle, State
@@ -123,19 +122,18 @@ class Standalone:
         served.sequence_here()
 
     def channel_route(self, served: Served) -> ChannelRoute:
-        """Channels are decided here: this process is its centre's one member."""
-        history = served.config.history
-        centre: ChannelCentre[str] = ChannelCentre(
-            ChannelSequencers(history.size, history.ttl, history.max_channels))
-        self.route = LocalRoute(centre, served.channel_feed, time.monotonic)
-        return self.route
+        """Channels are decided here: this process is their one member."""
+        route = self.route = LocalRoute(served.channel_feed)
+        route.channels = channels_for(served.config, route, self.instance)
+        return route
 
     def start(self, served: Served) -> None:
         config = served.config
         admin = bind_listener("admin listener", config.admin.host, config.admin.port,
                               served.spare)
-        assert self.route is not None
-        server = admin_server(ProcessAdmin(served, LocalChannelAdmin(self.route, served)))
+        assert self.route is not None and self.route.channels is not None
+        server = admin_server(ProcessAdmin(served, LocalChannelAdmin(self.route.channels,
+                                                                     served)))
         server.add_sockets(admin)
         served.servers["admin"] = server
         served.urls["admin"] = listener_url("http", admin[0])
@@ -167,25 +165,26 @@ class Standalone:
 
 class LocalChannelAdmin:
     """The admin API's channels (``ebbcast.process.admin.ChannelAdmin``) of a
-    process on its own: its own centre, its own connections."""
+    process on its own: its own channels, its own connections."""
 
-    def __init__(self, route: LocalRoute, served: Served) -> None:
-        self._route = route
+    def __init__(self, channels: Channels[str], served: Served) -> None:
+        self._channels = channels
         self._served = served
 
     def publish(self, channel: str, frame: str) -> int:
         self._served.metrics.channel_messages.inc()
-        self._route.publish(channel, frame)
-        return self._route.centre.subscribers(channel)
+        self._channels.publish(channel, frame)
+        return self._channels.subscribers(channel)
 
-    async def direct(self, client_id: str, frame: str) -> int:
+    async def send_direct(self, client_id: str, frame: str) -> int:
+        self._channels.direct(client_id, frame)  # to the other instances
         return self._served.channel_feed.direct(client_id, frame)
 
-    def listing(self, limit: int) -> tuple[list[tuple[str, int]], int]:
-        return self._route.centre.listing(limit), self._route.centre.channels
+    async def listing(self, limit: int) -> tuple[list[tuple[str, int]], int]:
+        return await self._channels.listing(limit)
 
-    def presence(self, channel: str) -> tuple[int, list[str]]:
-        return self._route.centre.subscribers(channel), self._route.centre.clients(channel)
+    async def presence(self, channel: str) -> tuple[int, list[str]]:
+        return await self._channels.presence(channel)
 
 
 class ProcessAdmin:

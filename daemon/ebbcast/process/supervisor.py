@@ -101,16 +101,14 @@ MainEvent = Union[UpgradeRequested, WorkerReady, WorkerExited]
 class Supervisor:
     """The main process; ``run()`` returns the StopReason. It is also the admin
     listener's backend (``AdminBackend``) and the ``Arbiter`` its generations ask.
-
-    ``worker_args`` are the arguments that make a worker load its configuration
-    the way this process does on SIGHUP; ``rundir`` is a fresh private directory
-    for this start (each generation's effective configuration).
-    """
+    ``worker_args`` make a worker load its configuration as this process does on
+    SIGHUP; ``rundir`` is a fresh private directory for this start (each
+    generation's effective configuration); ``instance``: the daemon's id."""
 
     def __init__(self, config: Config, reload: Callable[[], Config], rundir: str,
                  worker_args: Sequence[str], metrics_dir: str,
                  notifier: SystemdNotifier | None = None,
-                 serve_here: ServeHere | None = None) -> None:
+                 serve_here: ServeHere | None = None, instance: str = "") -> None:
         tls_context(config)  # refuse an unreadable certificate here, not in every worker
         self.config = config
         self._reload_config = reload
@@ -130,7 +128,7 @@ class Supervisor:
             if config.backplane.url == "memory://" else None
         self._generations = Generations(self, reload, EffectiveConfigs(rundir),
                                         sequenced=sequencer is not None)
-        self.channels = ChannelDesk(self._workers, self.metrics, config)  # the admin API's
+        self.channels = ChannelDesk(self._workers, self.metrics, config, instance)
         self._switchboard = Switchboard(self._workers, self.metrics, sequencer,
                                         lambda worker: self._loop.put(WorkerReady(worker)),
                                         self.channels)
@@ -257,6 +255,7 @@ class Supervisor:
         self._housekeeping_timer = PeriodicCallback(self._housekeeping,
                                                     HOUSEKEEPING_INTERVAL * 1000)
         self._housekeeping_timer.start()
+        self.channels.plane.start()
         self._notifier.start_watchdog()
 
     def wake_at(self) -> float:
@@ -329,6 +328,7 @@ class Supervisor:
         self._notifier.notify("STATUS=stopped")
         self._notifier.close()
         self._spare.close()
+        await self.channels.plane.stop()
 
     # -- the workers -------------------------------------------------------------
 

@@ -83,6 +83,14 @@ class ChannelHub:
         self._presence: dict[str, dict[Subscriber, None]] = {}
         self._opening: dict[Subscriber, Opening] = {}
 
+    def start(self) -> None:
+        if self.route is not None:
+            self.route.start()
+
+    async def stop(self) -> None:
+        if self.route is not None:
+            await self.route.stop()
+
     def default_rights(self) -> ChannelRights:
         """A client without a token: channels.client_publish decides."""
         rights = ChannelRights.from_claims(None, None, self._config().channels.client_publish)

@@ -275,6 +275,7 @@ class Daemon:
         self.ctx.backplane.advertise(advertised_url(
             config.server.public_url, self.urls["ws"].replace("http", "ws", 1)))
         self.ctx.backplane.start()
+        self.channels.start()
         self._keepalive.start()
         self._gc_policy.start()
         self._role.start(self)
@@ -375,6 +376,7 @@ class Daemon:
         self._role.close()
         self.spare.close()
         await self.ctx.backplane.stop()
+        await self.channels.stop()
 
     def _on_fanout_failing(self, in_a_row: int) -> None:
         if in_a_row == FANOUT_FAILURE_LIMIT:

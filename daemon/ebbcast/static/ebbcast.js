@@ -19,6 +19,10 @@
 //   message; "message" fires once per broadcast, in order, even when the old and
 //   the new connection of a move both deliver it. When the server cannot replay
 //   what was missed, "notrecovered" fires: reload the application's state.
+// - channels: subscribe(channel, {presence}) now and on every later connection,
+//   each from the last offset it delivered in that channel (one resume point per
+//   channel beside the global one); publish(channel, text); unsubscribe(channel).
+//   "message" fires once per channel message too ({channel, ...} in detail).
 // - sends a client token when the server asks for one: options.token is a
 //   string, or a function returning one (or a Promise of one), called before
 //   every connection so an application can hand out a fresh token; it goes in
@@ -29,10 +33,13 @@
 //   "state"        {state, retryInMs}: "connecting", "connected", "reconnecting",
 //                  "disconnected" (a move keeps "connected")
 //   "welcome"      the welcome frame (also after a move or a reconnect)
-//   "message"      a broadcast, once, in offset order
-//   "recovered"    {missed, since}: a resume replayed what was missed
-//   "notrecovered" {since, epoch}: broadcasts may have been missed
-//   "epoch"        the epoch frame: the server's history was lost
+//   "message"      a broadcast, or a channel's message (`channel` set), once, in
+//                  offset order
+//   "recovered"    {missed, since, channel}: a resume replayed what was missed
+//   "notrecovered" {since, epoch, channel}: messages may have been missed
+//                  (`channel` null for the global stream)
+//   "epoch"        the epoch frame: the server's history (or a channel's) was lost
+//   "subscribed", "unsubscribed", "join", "leave", "direct", "error": those frames
 //   "shutdown"     the shutdown frame, {frame, moveInMs} in detail
 //   "moving"       {inMs}: a move will start; "moved" {url}: it is done
 //   "frame"        every frame delivered, of any type (after the typed event)
@@ -47,6 +54,10 @@ const DEFAULTS = {
   resume: true,
   token: null,  // a string, or () => string | Promise<string>
 };
+
+// The frames that fire an event of their own type.
+const TYPED = ["welcome", "message", "epoch", "subscribed", "unsubscribed", "join", "leave",
+  "direct", "error"];
 
 function fullJitter(attempt, options) {
   const ceiling = Math.min(options.backoffCapMs, options.backoffBaseMs * Math.pow(2, attempt));
@@ -64,6 +75,7 @@ export class EbbcastClient extends EventTarget {
     this.clientId = null;
     this.server = null;
     this._ws = null;        // the connection in use
+    this._wsConn = null;    // its bookkeeping (welcomed, ...)
     this._pending = null;   // a connection opened to move to
     this._attempt = 0;      // reconnect backoff
     this._moveAttempt = 0;  // move backoff
@@ -71,6 +83,47 @@ export class EbbcastClient extends EventTarget {
     this._moveTimer = null;
     this._wanted = false;
     this._fetching = false; // waiting for options.token()
+    // channel -> {epoch, offset, presence, since}: since is the offset a resume
+    // asked from, until the answer
+    this.channels = new Map();
+  }
+
+  // Subscribe to a channel now (if connected) and on every later connection,
+  // from the last offset delivered in it; {presence: true} for joins and leaves.
+  subscribe(channel, options = {}) {
+    const known = this.channels.get(channel);
+    const state = known || { epoch: null, offset: 0, presence: false, since: null };
+    state.presence = !!options.presence;
+    this.channels.set(channel, state);
+    if (this._welcomed()) this._sendSubscribe(this._ws, channel, state);
+  }
+
+  unsubscribe(channel) {
+    this.channels.delete(channel);
+    return this._command({ type: "unsubscribe", channel: channel });
+  }
+
+  publish(channel, text) {
+    return this._command({ type: "publish", channel: channel, text: String(text) });
+  }
+
+  _command(command) {
+    return this._welcomed() && this.send(JSON.stringify(command));
+  }
+
+  _welcomed() {
+    return this.connected && !!this._wsConn && this._wsConn.welcomed;
+  }
+
+  _sendSubscribe(sock, channel, state) {
+    const command = { type: "subscribe", channel: channel };
+    if (this.options.resume && state.epoch !== null) {
+      command.since = state.offset;
+      command.epoch = state.epoch;
+      state.since = state.offset;
+    }
+    if (state.presence) command.presence = true;
+    sock.send(JSON.stringify(command));
   }
 
   // Start (again); idempotent while connected.
@@ -167,6 +220,7 @@ export class EbbcastClient extends EventTarget {
       this._pending = sock;
     } else {
       this._ws = sock;
+      this._wsConn = conn;
       this._setState("connecting");
     }
     const timer = setTimeout(() => {
@@ -188,6 +242,7 @@ export class EbbcastClient extends EventTarget {
     if (this._pending === sock) {  // its first frame, the welcome: it takes over
       const old = this._ws;
       this._ws = sock;
+      this._wsConn = conn;
       this._pending = null;
       this._moveAttempt = 0;
       if (old) this._drop(old, 1000, "moved");
@@ -205,16 +260,51 @@ export class EbbcastClient extends EventTarget {
       this._emit("frame", { type: "raw", text: data });
       return;
     }
-    if (!this._accept(conn, frame)) return;  // a broadcast delivered already
+    const accepted = typeof frame.channel === "string" ? this._acceptChannel(frame)
+      : this._accept(conn, frame);
+    if (!accepted) return;  // a message delivered already
     if (frame.type === "shutdown") {
       conn.shutdown = frame;
       this._followNodes(frame);
       const inMs = this._scheduleMove(frame);
       this._emit("shutdown", { frame: frame, moveInMs: inMs });
-    } else if (["welcome", "message", "epoch"].includes(frame.type)) {
+    } else if (TYPED.includes(frame.type)) {
       this._emit(frame.type, frame);
     }
     this._emit("frame", frame);
+    if (frame.type === "welcome") {  // a new connection: every channel again
+      for (const [channel, state] of this.channels) this._sendSubscribe(sock, channel, state);
+    }
+  }
+
+  // A channel's frame: its own offsets; false for one delivered already, or from
+  // a channel left.
+  _acceptChannel(frame) {
+    const state = this.channels.get(frame.channel);
+    if (!state) return frame.type !== "message";
+    if (frame.type === "subscribed") {
+      const asked = state.since;
+      state.since = null;
+      const recovered = asked !== null && frame.recovered === true;
+      if (recovered) {
+        this._emit("recovered", { missed: Number(frame.missed) || 0, since: asked,
+                                  channel: frame.channel });
+      } else {
+        if (asked !== null) {
+          this._emit("notrecovered", { since: asked, epoch: state.epoch, channel: frame.channel });
+        }
+        const offset = Number(frame.offset) || 0;
+        state.offset = String(frame.epoch) === state.epoch ? Math.max(state.offset, offset) : offset;
+      }
+      state.epoch = String(frame.epoch);
+    } else if (frame.type === "epoch") {
+      state.epoch = String(frame.epoch);
+      state.offset = Number(frame.offset) || 0;
+    } else if (frame.type === "message" && Number.isInteger(frame.offset)) {
+      if (frame.offset <= state.offset) return false;
+      state.offset = frame.offset;
+    }
+    return true;
   }
 
   // Bookkeeping of offsets; false for a broadcast delivered already.
@@ -227,10 +317,13 @@ export class EbbcastClient extends EventTarget {
       if (frame.epoch === undefined) return true;  // a server without offsets
       const resumed = conn.since !== null;
       if (resumed && frame.recovered === true && frame.epoch === this.epoch) {
-        this._emit("recovered", { missed: Number(frame.missed) || 0, since: conn.since });
+        this._emit("recovered", { missed: Number(frame.missed) || 0, since: conn.since,
+                                  channel: null });
         return true;  // the replay follows
       }
-      if (resumed) this._emit("notrecovered", { since: conn.since, epoch: this.epoch });
+      if (resumed) {
+        this._emit("notrecovered", { since: conn.since, epoch: this.epoch, channel: null });
+      }
       const offset = Number(frame.offset) || 0;
       // in the same epoch never go back: a server that lags would repeat broadcasts
       this.offset = String(frame.epoch) === this.epoch ? Math.max(this.offset, offset) : offset;

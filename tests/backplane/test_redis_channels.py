@@ -1,0 +1,191 @@
+"""Channels across instances on a real redis-server (SPEC 14 with ``redis://``): one
+order per channel for the cluster, presence and joins across instances, direct
+messages to another instance, resume on another instance, interest visible in
+``PUBSUB``, ``history.max_channels`` for the cluster, and a Redis restart."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from helpers import recv_json, recv_until, wait_until
+
+TOKEN = "secret-token"
+
+
+async def pair(start_daemon: Any, redis_server: Any, **overrides: str) -> tuple[Any, Any]:
+    one = await start_daemon(backplane__url=redis_server.url, **overrides)
+    two = await start_daemon(backplane__url=redis_server.url, **overrides)
+    return one, two
+
+
+async def recv_next(conn: Any) -> dict[str, Any]:
+    """The next frame but the global stream's epoch frames (an instance that
+    connected to Redis after its first client tells it of the epoch)."""
+    while True:
+        frame = await recv_json(conn)
+        if frame["type"] != "epoch" or "channel" in frame:
+            return frame
+
+
+async def client(d: Any, path: str) -> Any:
+    conn = await d.connect(path)
+    assert (await recv_json(conn))["type"] == "welcome"
+    return conn
+
+
+async def subscribed(conn: Any, channel: str, **options: Any) -> dict[str, Any]:
+    await conn.write_message(json.dumps({"type": "subscribe", "channel": channel,
+                                         **options}))
+    answer = await recv_until(conn, "subscribed")
+    assert answer["channel"] == channel
+    return answer
+
+
+async def publish(conn: Any, channel: str, text: str) -> None:
+    await conn.write_message(json.dumps({"type": "publish", "channel": channel,
+                                         "text": text}))
+
+
+async def admin_json(d: Any, path: str, method: str = "GET",
+                     body: str | None = None) -> tuple[int, Any]:
+    response = await d.admin(path, method, body, TOKEN)
+    return response.code, json.loads(response.body)
+
+
+def subscribers_in_redis(redis_server: Any, channel: str) -> int:
+    """How many Redis connections are subscribed to ``channel`` (one per instance
+    with a subscriber)."""
+    [(_, count)] = redis_server.client().pubsub_numsub(f"ebbcast:c/{channel}")
+    return int(count)
+
+
+async def test_a_channel_is_one_conversation_across_instances(start_daemon: Any,
+                                                             redis_server: Any) -> None:
+    one, two = await pair(start_daemon, redis_server)
+    alice = await client(one, "/alice")
+    bob = await client(two, "/bob")
+    first = await subscribed(alice, "room", presence=True)
+    assert await recv_next(alice) == {"type": "join", "channel": "room", "client_id": "alice"}
+    second = await subscribed(bob, "room")
+    assert (second["epoch"], second["offset"]) == (first["epoch"], 0)
+    assert await recv_next(alice) == {"type": "join", "channel": "room", "client_id": "bob"}
+    await publish(bob, "room", "from two")
+    await publish(alice, "room", "from one")
+    seen = [[await recv_until(conn, "message") for _ in range(2)] for conn in (alice, bob)]
+    assert seen[0] == seen[1]  # the same messages, in the same order, on both instances
+    assert [m["offset"] for m in seen[0]] == [1, 2]
+    assert sorted(m["text"] for m in seen[0]) == ["from one", "from two"]
+    await wait_until(lambda: subscribers_in_redis(redis_server, "room") == 2)
+    await wait_for_presence(one, "room", {"channel": "room", "subscribers": 2,
+                                          "clients": ["alice", "bob"]})
+    code, listing = await admin_json(two, "/channels")
+    assert (code, listing) == (200, {"channels": [{"channel": "room", "subscribers": 2}],
+                                     "total": 1})
+    bob.close()
+    assert await recv_next(alice) == {"type": "leave", "channel": "room", "client_id": "bob"}
+    await wait_for_presence(one, "room", {"channel": "room", "subscribers": 1,
+                                          "clients": ["alice"]})
+
+
+async def wait_for_presence(d: Any, channel: str, expected: dict[str, Any]) -> None:
+    for _ in range(200):
+        code, body = await admin_json(d, f"/channels/{channel}")
+        if (code, body) == (200, expected):
+            return
+        await wait_until(lambda: True)
+    raise AssertionError(f"presence of {channel} is {body}, not {expected}")
+
+
+async def test_an_instance_subscribes_in_redis_only_while_it_has_a_subscriber(
+        start_daemon: Any, redis_server: Any) -> None:
+    one, two = await pair(start_daemon, redis_server)
+    alice = await client(one, "/alice")
+    bob = await client(two, "/bob")
+    await subscribed(alice, "quiet")
+    await wait_until(lambda: subscribers_in_redis(redis_server, "quiet") == 1)
+    # two has no subscriber to it: Redis does not send it the channel's traffic
+    await publish(bob, "quiet", "one")
+    assert (await recv_until(alice, "message"))["text"] == "one"
+    assert subscribers_in_redis(redis_server, "quiet") == 1
+    await alice.write_message(json.dumps({"type": "unsubscribe", "channel": "quiet"}))
+    await recv_until(alice, "unsubscribed")
+    await wait_until(lambda: subscribers_in_redis(redis_server, "quiet") == 0)
+    assert "ebbcast:c/quiet" not in redis_server.client().pubsub_channels("ebbcast:c/*")
+
+
+async def test_a_direct_message_reaches_a_client_on_another_instance(
+        start_daemon: Any, redis_server: Any) -> None:
+    one, two = await pair(start_daemon, redis_server)
+    bob = await client(two, "/bob")
+    alice = await client(one, "/alice")
+    await wait_until(lambda: len(redis_server.client().pubsub_numsub("ebbcast:direct")) == 1
+                     and redis_server.client().pubsub_numsub("ebbcast:direct")[0][1] == 2)
+    assert await admin_json(one, "/clients/bob/send", "POST", "psst") == \
+        (202, {"delivered": 0})  # none of bob's connections is on this instance
+    got = await recv_next(bob)
+    assert (got["type"], got["text"]) == ("direct", "psst")
+    await admin_json(one, "/broadcast", "POST", "to all")
+    assert (await recv_next(alice))["text"] == "to all"  # the direct never reached her
+
+
+async def test_a_channel_resumes_on_another_instance(start_daemon: Any,
+                                                     redis_server: Any) -> None:
+    one, two = await pair(start_daemon, redis_server)
+    alice = await client(one, "/alice")
+    publisher = await client(two, "/pub")
+    epoch = (await subscribed(alice, "c"))["epoch"]
+    await subscribed(publisher, "c")  # to see its messages sequenced
+    await publish(publisher, "c", "m1")
+    assert (await recv_until(alice, "message"))["offset"] == 1
+    alice.close()
+    for text in ("m2", "m3"):
+        await publish(publisher, "c", text)
+    assert [(await recv_until(publisher, "message"))["text"] for _ in range(3)] == \
+        ["m1", "m2", "m3"]
+    again = await client(two, "/alice")
+    answer = await subscribed(again, "c", since=1, epoch=epoch)
+    assert (answer["recovered"], answer["missed"], answer["offset"]) == (True, 2, 3)
+    assert [(await recv_next(again))["text"] for _ in range(2)] == ["m2", "m3"]
+    await publish(publisher, "c", "m4")
+    assert (await recv_until(again, "message"))["offset"] == 4
+    wrong = await subscribed(await client(one, "/late"), "c", since=0, epoch="another")
+    assert wrong["recovered"] is False
+
+
+async def test_only_history_max_channels_keep_a_history_in_the_cluster(
+        start_daemon: Any, redis_server: Any) -> None:
+    one, two = await pair(start_daemon, redis_server, history__max_channels="1")
+    alice = await client(one, "/alice")
+    bob = await client(two, "/bob")
+    epoch = (await subscribed(alice, "x"))["epoch"]
+    await publish(bob, "x", "kept for now")
+    assert (await recv_until(alice, "message"))["offset"] == 1
+    await publish(bob, "y", "pushes x out")  # from the other instance
+    await wait_until(lambda: not redis_server.client().exists("ebbcast:c/x/history"))
+    lost = await subscribed(bob, "x", since=0, epoch=epoch)
+    assert lost["recovered"] is False and lost["epoch"] != epoch
+
+
+async def test_after_a_redis_restart_subscribers_are_told_and_served_again(
+        start_daemon: Any, redis_server: Any) -> None:
+    one, two = await pair(start_daemon, redis_server)
+    alice = await client(one, "/alice")
+    bob = await client(two, "/bob")
+    epoch = (await subscribed(alice, "room"))["epoch"]
+    await subscribed(bob, "room")
+    await publish(bob, "room", "before")
+    for conn in (alice, bob):
+        assert (await recv_until(conn, "message"))["offset"] == 1
+    redis_server.stop()
+    redis_server.start()  # empty: every channel's history is gone
+    told = {}
+    for name, conn in (("alice", alice), ("bob", bob)):  # each instance, once back
+        told[name] = await recv_next(conn)  # (the global stream's epoch frame is not this)
+        assert (told[name]["type"], told[name]["channel"]) == ("epoch", "room")
+    assert told["alice"] == told["bob"] and told["alice"]["epoch"] != epoch
+    await wait_until(lambda: subscribers_in_redis(redis_server, "room") == 2)
+    await publish(bob, "room", "after")
+    for conn in (alice, bob):
+        got = await recv_until(conn, "message")
+        assert (got["text"], got["offset"]) == ("after", told["alice"]["offset"] + 1)
