@@ -72,7 +72,9 @@ async def test_a_channel_is_one_conversation_across_instances(start_daemon: Any,
     assert await recv_next(alice) == {"type": "join", "channel": "room", "client_id": "bob"}
     await publish(bob, "room", "from two")
     await publish(alice, "room", "from one")
-    seen = [[await recv_until(conn, "message") for _ in range(2)] for conn in (alice, bob)]
+    seen = []
+    for conn in (alice, bob):
+        seen.append([await recv_until(conn, "message") for _ in range(2)])
     assert seen[0] == seen[1]  # the same messages, in the same order, on both instances
     assert [m["offset"] for m in seen[0]] == [1, 2]
     assert sorted(m["text"] for m in seen[0]) == ["from one", "from two"]
