@@ -228,10 +228,12 @@ class RedisBackplane:
                     await pubsub.subscribe(self._names.channel,
                                            self._names.sequenced_channel)
                     self._note_master(self._target.server_of(pubsub.connection))
-                    if self._history is not None:
-                        await self._catch_up(client)
                     if self._publisher is not None:  # its connections may predate an outage
                         await self._publisher.connection_pool.disconnect()
+                    if self._history is not None:
+                        await self._catch_up(client)
+                    # up in the same step as a new epoch is told: a client's next frame
+                    # is sequenced in it
                     self._set_up(True)
                     delays = backoff_delays(self._rng, self._target.backoff_max)
                     await self._receive(pubsub, client)

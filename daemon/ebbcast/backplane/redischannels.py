@@ -47,6 +47,7 @@ from ebbcast.backplane.channelscripts import (
     answer_from,
     channel_epoch,
 )
+from ebbcast.backplane.channelstreams import Streams
 from ebbcast.backplane.history import Resume, new_epoch
 from ebbcast.backplane.names import RedisNames, new_instance_id
 from ebbcast.backplane.presence import PresenceDirectory
@@ -112,14 +113,6 @@ class _Announce:
 _Job = Union[_Position[Any], _CatchUp, _Publish, _Announce]
 
 
-@dataclass
-class _Held:
-    """A channel's messages held while positions for it are read."""
-
-    readers: int = 0
-    messages: list[tuple[int, str]] | None = None
-
-
 def channels_for(config: Config, sink: ChannelSink[M], instance: str = "") -> Channels[M]:
     """The channels of an instance: on its own (``memory://``), or on Redis."""
     if config.backplane.url == "memory://":
@@ -141,11 +134,9 @@ class RedisChannels(Generic[M]):
         self.configured(config)
         self._jobs: deque[_Job] = deque()
         self._wakeup = asyncio.Event()
-        self._held: dict[str, _Held] = {}
         self._confirmed: dict[str, asyncio.Event] = {}
         self._dirty: set[str] = set()  # channels whose presence key is to be written
-        #: Each channel with interest: the epoch and offset last delivered here.
-        self._last: dict[str, tuple[str, int]] = {}
+        self._streams = Streams(self._send_message)
         self._pubsub: Any = None
         self._up = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -189,7 +180,7 @@ class RedisChannels(Generic[M]):
         if not self.interest.interested(channel):
             self._listen(channel, True)
         self.interest.add(member, channel, ask.client_id)
-        self._held.setdefault(channel, _Held()).readers += 1
+        self._streams.hold(channel)
         self._queue(_Position(member, ask))
 
     def unsubscribe(self, member: M, channel: str, client_id: str) -> None:
@@ -206,7 +197,7 @@ class RedisChannels(Generic[M]):
         self._announce(change)
         if not members:
             self._listen(change.channel, False)
-            self._last.pop(change.channel, None)
+            self._streams.last.pop(change.channel, None)
 
     def publish(self, channel: str, frame: str) -> bool:
         if not self._up or len(self._jobs) >= JOB_LIMIT:
@@ -258,11 +249,9 @@ class RedisChannels(Generic[M]):
             client = self._client()
             try:
                 async with client.pubsub() as pubsub:
-                    topics = [self._names.channel_topic(c) for c in self.interest.names()]
                     for event in self._confirmed.values():
                         event.clear()
-                    await pubsub.subscribe(self._names.direct_topic, *topics)
-                    self._pubsub = pubsub
+                    await self._subscribe_all(pubsub)
                     self._set_up(True)
                     delays = backoff_delays(self._rng, self._target.backoff_max)
                     await self._receive(pubsub)
@@ -275,12 +264,25 @@ class RedisChannels(Generic[M]):
             self._set_up(False)
             await asyncio.sleep(next(delays))
 
+    async def _subscribe_all(self, pubsub: Any) -> None:
+        """Subscribe a new connection to the direct messages and to every channel
+        with interest, those that came or went while it connected included."""
+        topic = self._names.channel_topic
+        first = {topic(channel) for channel in self.interest.names()}
+        await pubsub.subscribe(self._names.direct_topic, *first)
+        self._pubsub = pubsub  # from now on each change is made as it comes
+        now = {topic(channel) for channel in self.interest.names()}
+        if now - first:
+            await pubsub.subscribe(*(now - first))
+        if first - now:
+            await pubsub.unsubscribe(*(first - now))
+
     def _set_up(self, up: bool) -> None:
         if up != self._up:
             self._up = up
             if up:
                 self._dirty.update(self.interest.names())
-                for channel, (epoch, offset) in self._last.items():
+                for channel, (epoch, offset) in self._streams.last.items():
                     self._catch_up(channel, epoch, offset)
                 self._wakeup.set()
                 log.info("channels: connected to %s", self._target.where)
@@ -313,32 +315,17 @@ class RedisChannels(Generic[M]):
             return
         if kind != "m":
             return
-        epoch, offset_text, frame = rest.split("\n", 2)
-        offset = int(offset_text)
-        held = self._held.get(channel)
-        if held is not None:
-            if held.messages is None:
-                held.messages = []
-            held.messages.append((offset, frame))
-            return
-        last = self._last.get(channel)
-        if last is not None and (last[0] != epoch or offset > last[1] + 1):
-            self._catch_up(channel, *last)  # this one comes again, in its place
-            self._held[channel].messages = [(offset, frame)]
-            return
-        self._deliver(channel, epoch, offset, frame)
+        epoch, offset, frame = rest.split("\n", 2)
+        if not self._streams.arrived(channel, epoch, int(offset), frame):
+            self._catch_up(channel, *self._streams.last[channel])  # it comes again after
 
-    def _deliver(self, channel: str, epoch: str, offset: int, frame: str) -> None:
-        last = self._last.get(channel)
-        if last is not None and last[0] == epoch and offset <= last[1]:
-            return  # delivered already (a catch-up overlapping live messages)
-        self._last[channel] = (epoch, offset)
+    def _send_message(self, channel: str, frame: str) -> None:
         members = self.interest.interested(channel)
         if members:
             self._sink.message(members, channel, frame)
 
     def _catch_up(self, channel: str, epoch: str, since: int) -> None:
-        self._held.setdefault(channel, _Held()).readers += 1
+        self._streams.hold(channel)
         self._queue(_CatchUp(channel, epoch, since))
 
     # -- positions, publishes, announcements: one connection, in order --------------
@@ -408,10 +395,10 @@ class RedisChannels(Generic[M]):
         epoch_bytes, latest, entries = result
         ask, epoch = job.ask, epoch_bytes.decode()
         channel = ask.channel
-        self._release(channel, epoch, int(latest), before=True)
+        self._streams.release(channel, epoch, int(latest), before=True)
         self._sink.answer(job.member, answer_from(ask, epoch, int(latest), entries,
                                                   self._size, self._ttl, time.time()))
-        self._release(channel, epoch, int(latest), before=False)
+        self._streams.release(channel, epoch, int(latest), before=False)
         members = self.interest.interested(channel)
         if job.member in members:
             change = PresenceChange(channel, ask.client_id, True)
@@ -428,35 +415,14 @@ class RedisChannels(Generic[M]):
                              latest, entries, self._size, self._ttl, time.time())
         if missed.recovered:
             for offset, frame in zip(range(job.since + 1, latest + 1), missed.frames):
-                self._deliver(channel, epoch, offset, frame)
+                self._streams.deliver(channel, epoch, offset, frame)
         else:
             log.warning("channels: messages of %s were missed and are no longer kept: "
                         "its subscribers are told (epoch %s)", channel, epoch)
-            self._last[channel] = (epoch, latest)
-            members = self.interest.interested(channel)
-            if members:
-                self._sink.message(members, channel, channel_epoch(channel, epoch, latest))
-        self._release(channel, epoch, latest, before=True)
-        self._release(channel, epoch, latest, before=False)
-
-    def _release(self, channel: str, epoch: str, latest: int, before: bool) -> None:
-        """Held messages of ``channel``: those up to ``latest`` (``before`` an
-        answer), or, the last reader done, the rest."""
-        held = self._held.get(channel)
-        if held is None:
-            return
-        messages = held.messages or []
-        if before:
-            held.messages = [(o, f) for o, f in messages if o > latest]
-            going = [(o, f) for o, f in messages if o <= latest]
-        else:
-            held.readers -= 1
-            if held.readers > 0:
-                return
-            del self._held[channel]
-            going = messages
-        for offset, frame in going:
-            self._deliver(channel, epoch, offset, frame)
+            self._streams.last[channel] = (epoch, latest)
+            self._send_message(channel, channel_epoch(channel, epoch, latest))
+        self._streams.release(channel, epoch, latest, before=True)
+        self._streams.release(channel, epoch, latest, before=False)
 
     # -- presence ---------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 from ebbcast.backplane import records
 from ebbcast.backplane.centre import Channels
-from ebbcast.backplane.channels import Answer, PresenceChange
+from ebbcast.backplane.channels import Answer, Ask, PresenceChange
 from ebbcast.backplane.redischannels import channels_for
 from ebbcast.config import Config
 from ebbcast.core.metrics import Metrics
@@ -69,8 +69,7 @@ class ChannelDesk:
     # -- ChannelSink ---------------------------------------------------------------------
 
     def answer(self, member: Worker, answer: Answer) -> None:
-        if member.link is not None:
-            member.link.send(records.Subscribed(answer))
+        self._send([member], records.Subscribed(answer))
 
     def message(self, members: list[Worker], channel: str, frame: str) -> None:
         self._send(members, records.ChannelMessage(channel, frame))
@@ -83,12 +82,20 @@ class ChannelDesk:
         self._send(list(self._workers()), records.Direct(0, client_id, frame))
 
     def _send(self, members: list[Worker], record: records.Record) -> None:
-        if not members:
-            return
-        packed = records.pack(record)
+        packed: list[bytes] = []
+
+        def pack_once() -> bytes:
+            if not packed:
+                packed.append(records.pack(record))
+            return packed[0]
+
         for worker in members:
-            if worker.link is None or not worker.link.send_packed(packed):
+            if not worker.take_channel(record, pack_once):
                 self._metrics.backplane_dropped.inc()
+
+    def direct_route(self, worker: Worker) -> DirectRoute:
+        """The ``ChannelRoute`` of the worker inside the main process: calls."""
+        return DirectRoute(self, worker)
 
     # -- workers come and go ---------------------------------------------------------------
 
@@ -150,3 +157,30 @@ class ChannelDesk:
 
     def _counted(self) -> None:
         self._metrics.channels.set(self.plane.channels)
+
+
+class DirectRoute:
+    """How the serving process inside the main process reaches its channels
+    (``ebbcast.backplane.base.ChannelRoute``): by calls, where a worker of its own
+    sends records; the answers come back by calls too (``LocalWorker.take_channel``)."""
+
+    def __init__(self, desk: ChannelDesk, worker: Worker) -> None:
+        self._desk = desk
+        self._worker = worker
+
+    def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def ask(self, ask: Ask) -> bool:
+        self._desk.on_record(self._worker, records.Subscribe(ask))
+        return True
+
+    def leave(self, channel: str, client_id: str) -> None:
+        self._desk.on_record(self._worker, records.Unsubscribe(channel, client_id))
+
+    def publish(self, channel: str, frame: str) -> bool:
+        self._desk.on_record(self._worker, records.ChannelPublish(channel, frame))
+        return True

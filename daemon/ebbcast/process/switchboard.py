@@ -66,6 +66,7 @@ class Switchboard:
             base = kept[0].offset - 1 if kept else history.latest
             worker.take_sequencer(history.epoch, base, kept,
                                   lambda: DirectSequencing(self, worker))
+        worker.take_channels(lambda: self.channels.direct_route(worker))
         if not hold:
             link.send(records.Accept())
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ebbcast.backplane import records
-from ebbcast.backplane.base import Envelope, SequencedFeed, Sequencing
+from ebbcast.backplane.base import ChannelFeed, ChannelRoute, Envelope, SequencedFeed, Sequencing
 from ebbcast.backplane.history import Kept
 from ebbcast.backplane.records import Received
 from ebbcast.backplane.relay import Link
@@ -163,6 +163,15 @@ class Worker:
         every worker); False if it was dropped."""
         return self.link is None or self.link.send_packed(packed())
 
+    def take_channels(self, direct: Callable[[], ChannelRoute]) -> None:
+        """The main process decides this worker's channels: over the link (its
+        records), or, inside the main process, by calls (``direct()``)."""
+
+    def take_channel(self, record: records.Record, packed: Callable[[], bytes]) -> bool:
+        """A channel record for this worker (``packed()``: packed once for every
+        worker); False if it was dropped."""
+        return self.link is not None and self.link.send_packed(packed())
+
     def _started(self, link: Link, now: float) -> None:
         self.ready, self.connections, self.version = False, 0, ""
         self.sequenced = False
@@ -282,6 +291,10 @@ class LocalRun(Protocol):
     def run(self) -> Coroutine[Any, Any, object]: ...
     @property
     def feed(self) -> SequencedFeed: ...
+    @property
+    def channel_feed(self) -> ChannelFeed: ...
+    def route_channels(self, route: ChannelRoute) -> None:
+        """Channels go to ``route`` from now on (calls, not the link)."""
 
 
 class LocalWorker(Worker):
@@ -339,6 +352,26 @@ class LocalWorker(Worker):
         if self._daemon is not None:
             self._daemon.feed.deliver_sequenced(epoch, offset, envelope.text,
                                                 envelope.source, envelope.seq, own)
+        return True
+
+    def take_channels(self, direct: Callable[[], ChannelRoute]) -> None:
+        if self._daemon is not None:
+            self._daemon.route_channels(direct())
+
+    def take_channel(self, record: records.Record, packed: Callable[[], bytes]) -> bool:
+        """By calls, but a direct message, which is answered over the link."""
+        feed = self._daemon.channel_feed if self._daemon is not None else None
+        match record:
+            case _ if feed is None:
+                return False
+            case records.ChannelMessage(channel, frame):
+                feed.deliver_channel(channel, frame)
+            case records.Subscribed(answer):
+                feed.answered(answer)
+            case records.Presence(change):
+                feed.presence(change)
+            case _:
+                return super().take_channel(record, packed)
         return True
 
     def signal(self, signum: int) -> None:

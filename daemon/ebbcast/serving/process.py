@@ -127,8 +127,7 @@ def client_tokens(config: Config) -> TokenVerifier | None:
 
 class Daemon:
     """Runs one serving process until it has stopped; ``run()`` returns the
-    StopReason. ``role`` says whether it stands alone or is a member of the daemon
-    whose main process started it."""
+    StopReason. ``role``: on its own, or a member of a main process's daemon."""
 
     def __init__(self, config: Config, reload: Callable[[], Config], role: Role,
                  handle_signals: bool = True, metrics: Metrics | None = None) -> None:
@@ -148,6 +147,7 @@ class Daemon:
             lambda payload, source: self.ctx.backplane.publish(payload, source))
         self.channels = ChannelHub(fanout, self.metrics, lambda: self.ctx.config,
                                    registry.snapshot)  # type: ignore[arg-type]
+        self.channel_feed: ChannelFeed = self.channels  # where the channels' route answers
         self.ctx = DaemonContext(
             config=config, lifecycle=self.lifecycle, registry=registry, fanout=fanout,
             metrics=self.metrics, node_id=f"{socket.gethostname()}:{os.getpid()}",
@@ -199,8 +199,7 @@ class Daemon:
         metrics = self.metrics
         redis = RedisBackplane(config.backplane.url, self.ctx.node_id,
                                names=RedisNames(config.backplane.prefix),
-                               instance=self._role.instance,
-                               deliver=self.deliver_remote,
+                               instance=self._role.instance, deliver=self.deliver_remote,
                                on_state=lambda up: metrics.backplane_up.set(1 if up else 0),
                                on_dropped=metrics.backplane_dropped.inc,
                                on_missed=metrics.backplane_missed.inc,
@@ -217,12 +216,11 @@ class Daemon:
         """Where broadcasts sequenced elsewhere go: this process's Broadcasts."""
         return self.broadcasts
 
-    @property
-    def channel_feed(self) -> ChannelFeed:
-        return self.channels
+    def route_channels(self, route: ChannelRoute) -> None:
+        self.channels.route = route  # by calls, inside the main process (before any client)
 
     def deliver_remote(self, payload: str | bytes, source: str) -> None:
-        """A frame another worker or instance sent: fan it out to this one's clients."""
+        """A frame another worker or instance sent: to this one's clients."""
         self.ctx.fanout.broadcast(payload, source, relayed=True)
 
     def inject(self, payload: str | bytes, source: str) -> None:
