@@ -6,7 +6,10 @@ messages to another instance, resume on another instance, interest visible in
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
+
+import jwt
 
 from helpers import recv_json, recv_until, wait_until
 
@@ -191,3 +194,25 @@ async def test_after_a_redis_restart_subscribers_are_told_and_served_again(
     for conn in (alice, bob):
         got = await recv_until(conn, "message")
         assert (got["text"], got["offset"]) == ("after", told["alice"]["offset"] + 1)
+
+
+async def test_a_tokens_claims_hold_across_instances(start_daemon: Any,
+                                                    redis_server: Any) -> None:
+    key = "k" * 40
+    one, two = await pair(start_daemon, redis_server, auth__mode="jwt", auth__jwt_key=key)
+
+    def token(sub: str, **claims: Any) -> str:
+        return jwt.encode({"sub": sub, "exp": time.time() + 60, **claims}, key.encode(),
+                          algorithm="HS256")
+
+    fan = await client(one, f"?token={token('fan', channels=['scores.*'])}")
+    reporter = await client(two, f"?token={token('reporter', publish=['scores.a'])}")
+    await fan.write_message(json.dumps({"type": "subscribe", "channel": "news"}))
+    assert await recv_next(fan) == {"type": "error", "error": "forbidden", "channel": "news"}
+    await subscribed(fan, "scores.a")
+    await publish(reporter, "scores.b", "no")
+    assert await recv_next(reporter) == {"type": "error", "error": "forbidden",
+                                         "channel": "scores.b"}
+    await publish(reporter, "scores.a", "goal")  # from the other instance
+    got = await recv_until(fan, "message")
+    assert (got["from"], got["text"], got["offset"]) == ("reporter", "goal", 1)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from typing import Any
 
+import jwt
 import pytest
 from websockets.sync.client import ClientConnection
 
@@ -127,3 +129,40 @@ def test_the_command_line_client_subscribes_and_publishes(spawn: Any) -> None:
     assert [f["type"] for f in frames] == ["welcome", "subscribed", "subscribed", "message"]
     assert [f["channel"] for f in frames[1:]] == ["a", "b", "b"]
     assert (frames[3]["from"], frames[3]["text"], frames[3]["offset"]) == ("cli", "to b", 1)
+
+
+def test_the_tokens_claims_and_the_limits_hold_on_every_worker(spawn: Any) -> None:
+    key = "k" * 40
+    d = start_workers(spawn, 2, EBBCAST_AUTH_MODE="jwt", EBBCAST_AUTH_JWT_KEY=key,
+                      EBBCAST_CHANNELS_MAX_PER_CONNECTION="1")
+    opened: list[ClientConnection] = []
+    try:
+        found: dict[int, ClientConnection] = {}
+        for n in range(200):
+            if len(found) == 2:
+                break
+            token = jwt.encode({"sub": f"c{n}", "exp": time.time() + 60,
+                                "channels": ["scores.*"], "publish": ["scores.a"]},
+                               key.encode(), algorithm="HS256")
+            ws = dial(f"{d.ws_url}?token={token}")
+            opened.append(ws)
+            found.setdefault(pid_of(recv_frame(ws, "welcome")), ws)
+        assert len(found) == 2
+        for ws in found.values():  # the same answers on either worker
+            command(ws, type="subscribe", channel="news")
+            assert recv_frame(ws, "error") == {"type": "error", "error": "forbidden",
+                                               "channel": "news"}
+            assert subscribe(ws, "scores.a")["channel"] == "scores.a"
+            command(ws, type="subscribe", channel="scores.b")
+            assert recv_frame(ws, "error") == {"type": "error", "error": "too_many_channels",
+                                               "channel": "scores.b"}
+            command(ws, type="publish", channel="scores.b", text="no")
+            assert recv_frame(ws, "error")["error"] == "forbidden"
+            ws.send("global text")
+            assert recv_frame(ws, "error")["error"] == "read_only"
+        first, second = found.values()
+        command(first, type="publish", channel="scores.a", text="goal")
+        for ws in (first, second):
+            assert recv_frame(ws, "message")["text"] == "goal"
+    finally:
+        close_all(opened)
