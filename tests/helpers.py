@@ -580,6 +580,20 @@ def recv_kinds(ws: ClientConnection, count: int) -> dict[str, dict[str, Any]]:
     return got
 
 
+def one_client_per_worker(d: DaemonProcess, workers: int, opened: list[ClientConnection],
+                          name: str = "c") -> list[tuple[str, ClientConnection]]:
+    """A client on each worker of ``d``, each ``/<name><n>`` (its client id), in the
+    order of the workers' pids; every connection made is added to ``opened``."""
+    found: dict[int, tuple[str, ClientConnection]] = {}
+    for n in range(200):
+        if len(found) == workers:
+            return [found[pid] for pid in sorted(found)]
+        ws = dial(f"{d.ws_url}/{name}{n}")
+        opened.append(ws)
+        found.setdefault(pid_of(recv_frame(ws, "welcome")), (f"{name}{n}", ws))
+    raise AssertionError(f"no client on each of {workers} workers")
+
+
 def pid_of(welcome: dict[str, Any]) -> int:
     """The pid of the process that sent a welcome frame (its ``server`` field)."""
     return int(welcome["server"].rsplit(":", 1)[1])

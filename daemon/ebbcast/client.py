@@ -80,9 +80,10 @@ def frame_as_json_line(frame: str | bytes) -> str:
     A text frame holding a JSON object is printed as that object (compact); other
     text as ``{"text": …}``; binary frames as ``{"binary_base64": …}``.
     """
-    return json.dumps(parse_frame(frame), separators=(",", ":"), ensure_ascii=False) \
-        if isinstance(frame, str) and isinstance(_json_object(frame), dict) \
-        else json.dumps(parse_frame(frame), ensure_ascii=False)
+    parsed = _json_object(frame) if isinstance(frame, str) else None
+    if isinstance(parsed, dict):
+        return json.dumps(parsed, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(parse_frame(frame), ensure_ascii=False)
 
 
 def parse_frame(frame: str | bytes) -> dict[str, Any]:

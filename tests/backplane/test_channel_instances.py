@@ -21,7 +21,7 @@ from helpers import (
     dial,
     http_json,
     metric,
-    pid_of,
+    one_client_per_worker,
     recv_frame,
     wait_for,
 )
@@ -29,19 +29,6 @@ from sentinels import Cluster
 
 pytestmark = pytest.mark.processes
 TOKEN = "secret-token"
-
-
-def on_every_worker(d: DaemonProcess, workers: int, name: str,
-                    opened: list[ClientConnection]) -> list[tuple[str, ClientConnection]]:
-    """One client per worker of ``d``, each ``/<name><n>`` (its client id)."""
-    found: dict[int, tuple[str, ClientConnection]] = {}
-    for n in range(200):
-        if len(found) == workers:
-            return list(found.values())
-        ws = dial(f"{d.ws_url}/{name}{n}")
-        opened.append(ws)
-        found.setdefault(pid_of(recv_frame(ws, "welcome")), (f"{name}{n}", ws))
-    raise AssertionError(f"no client on each of {workers} workers")
 
 
 def subscribe(ws: ClientConnection, channel: str) -> dict[str, Any]:
@@ -65,7 +52,8 @@ def test_channels_cross_instances_with_workers_and_presence_counts_all(
     one, two = start(spawn, redis_server.url, 2), start(spawn, redis_server.url, 2)
     opened: list[ClientConnection] = []
     try:
-        clients = on_every_worker(one, 2, "a", opened) + on_every_worker(two, 2, "b", opened)
+        clients = [*one_client_per_worker(one, 2, opened, "a"),
+                   *one_client_per_worker(two, 2, opened, "b")]
         for _, ws in clients:
             subscribe(ws, "room")
         publish(clients[0][1], "room", "hello")

@@ -17,11 +17,11 @@ from websockets.sync.client import ClientConnection
 
 from helpers import (
     STEP_TIMEOUT,
-    DaemonProcess,
     close_all,
     dial,
     http_json,
     metric,
+    one_client_per_worker,
     pid_of,
     recv_frame,
     start_workers,
@@ -30,20 +30,6 @@ from helpers import (
 
 pytestmark = pytest.mark.processes
 TOKEN = "secret-token"
-
-
-def one_per_worker(d: DaemonProcess, workers: int, opened: list[ClientConnection]
-                   ) -> list[tuple[str, ClientConnection]]:
-    """A client on each worker (``/c<n>``: its client id), in worker order."""
-    found: dict[int, tuple[str, ClientConnection]] = {}
-    for n in range(200):
-        if len(found) == workers:
-            return [found[pid] for pid in sorted(found)]
-        ws = dial(f"{d.ws_url}/c{n}")
-        opened.append(ws)
-        pid = pid_of(recv_frame(ws, "welcome"))
-        found.setdefault(pid, (f"c{n}", ws))
-    raise AssertionError(f"no client on each of {workers} workers")
 
 
 def command(ws: ClientConnection, **fields: Any) -> None:
@@ -60,7 +46,7 @@ def test_channels_are_one_conversation_across_workers(spawn: Any, workers: int) 
     d = start_workers(spawn, workers)
     opened: list[ClientConnection] = []
     try:
-        clients = one_per_worker(d, workers, opened)
+        clients = one_client_per_worker(d, workers, opened)
         (first_id, first), (last_id, last) = clients[0], clients[-1]
         if workers == 1:  # a second client on the one worker
             last_id, last = "other", dial(f"{d.ws_url}/other")
@@ -96,7 +82,7 @@ def test_a_channel_resumes_on_another_worker_with_nothing_lost_or_repeated(
     d = start_workers(spawn, workers)
     opened: list[ClientConnection] = []
     try:
-        (_, here), (_, there) = one_per_worker(d, workers, opened)
+        (_, here), (_, there) = one_client_per_worker(d, workers, opened)
         epoch = subscribe(here, "c")["epoch"]
         command(there, type="publish", channel="c", text="m1")
         assert recv_frame(here, "message")["offset"] == 1

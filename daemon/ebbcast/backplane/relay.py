@@ -238,25 +238,7 @@ class WorkerLink:
     def publish_channel(self, channel: str, frame: str) -> bool:
         return self._send(records.ChannelPublish(channel, frame))
 
-    def _on_channel_record(self, record: Received) -> bool:
-        """A channel record to the channels' feed; False for any other record."""
-        channels = self._channels
-        match record:
-            case records.ChannelMessage(channel, frame):
-                channels.deliver_channel(channel, frame)
-            case records.Subscribed(answer):
-                channels.answered(answer)
-            case records.Presence(change):
-                channels.presence(change)
-            case records.Direct(request, client_id, frame):
-                self._send(records.Delivered(request, channels.direct(client_id, frame)))
-            case _:
-                return False
-        return True
-
     def _on_record(self, record: Received) -> None:
-        if self._on_channel_record(record):
-            return
         peer = self._peer
         match record:
             case records.Ordered(offset, envelope):
@@ -279,6 +261,10 @@ class WorkerLink:
                 peer.start_accepting()
             case records.HandOver():
                 peer.hand_over()
+            case records.Direct(request, client_id, frame):
+                self._send(records.Delivered(request, self._channels.direct(client_id, frame)))
+            case _:  # after the global stream's records, which are the many
+                feed_channel_record(self._channels, record)
 
     def close(self) -> None:
         if self._heartbeat is not None:
@@ -287,6 +273,21 @@ class WorkerLink:
             self._link.close()
         else:
             self._sock.close()
+
+
+def feed_channel_record(feed: ChannelFeed, record: Received) -> bool:
+    """A channel's message, answer or presence change to ``feed``; False for any
+    other record."""
+    match record:
+        case records.ChannelMessage(channel, frame):
+            feed.deliver_channel(channel, frame)
+        case records.Subscribed(answer):
+            feed.answered(answer)
+        case records.Presence(change):
+            feed.presence(change)
+        case _:
+            return False
+    return True
 
 
 class LinkRoute:

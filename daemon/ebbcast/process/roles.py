@@ -87,7 +87,7 @@ class Served(LinkPeer, Protocol):
     def feed(self) -> SequencedFeed:
         """Where broadcasts sequenced elsewhere go."""
     @property
-    def channel_feed(self) -> ChannelFeed:
+    def channels(self) -> ChannelFeed:
         """Where the answers of the channels' route go."""
     def sequence_here(self) -> None:
         """Give this process's broadcasts their offsets here (``memory://`` alone)."""
@@ -123,7 +123,7 @@ class Standalone:
 
     def channel_route(self, served: Served) -> ChannelRoute:
         """Channels are decided here: this process is their one member."""
-        route = self.route = LocalRoute(served.channel_feed)
+        route = self.route = LocalRoute(served.channels)
         route.channels = channels_for(served.config, route, self.instance)
         return route
 
@@ -178,7 +178,7 @@ class LocalChannelAdmin:
 
     async def send_direct(self, client_id: str, frame: str) -> int:
         self._channels.direct(client_id, frame)  # to the other instances
-        return self._served.channel_feed.direct(client_id, frame)
+        return self._served.channels.direct(client_id, frame)
 
     async def listing(self, limit: int) -> tuple[list[tuple[str, int]], int]:
         return await self._channels.listing(limit)
@@ -236,7 +236,7 @@ class Member:
 
     def attach(self, served: Served) -> None:
         self.link = WorkerLink(self.setup.relay, served.node_id, served, served.feed,
-                               served.channel_feed)
+                               served.channels)
 
     def public_sockets(self, spare: Spare) -> list[socket.socket]:
         return [ShedOnExhaustion.adopt(sock, spare) for sock in self.setup.public]

@@ -72,8 +72,6 @@ class Switchboard:
 
     def on_record(self, worker: Worker, record: Received) -> None:
         worker.last_heard = time.monotonic()
-        if self.channels.on_record(worker, record):
-            return
         match record:
             case records.Sequence(envelope):
                 if self.sequencer is not None and isinstance(envelope.payload, str):
@@ -95,6 +93,8 @@ class Switchboard:
                 worker.version = version
                 self.counts_changed()
                 self._on_ready(worker)
+            case _:  # after the global stream's records, which are the many
+                self.channels.on_record(worker, record)
 
     def sequence(self, origin: Worker | None, node: str, source: str, frame: str,
                  token: int) -> None:

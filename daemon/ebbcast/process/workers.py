@@ -28,7 +28,7 @@ from ebbcast.backplane import records
 from ebbcast.backplane.base import ChannelFeed, ChannelRoute, Envelope, SequencedFeed, Sequencing
 from ebbcast.backplane.history import Kept
 from ebbcast.backplane.records import Received
-from ebbcast.backplane.relay import Link
+from ebbcast.backplane.relay import Link, feed_channel_record
 from ebbcast.core.lifecycle import HANDLED_SIGNALS, StopReason
 
 log = logging.getLogger(__name__)
@@ -292,7 +292,7 @@ class LocalRun(Protocol):
     @property
     def feed(self) -> SequencedFeed: ...
     @property
-    def channel_feed(self) -> ChannelFeed: ...
+    def channels(self) -> ChannelFeed: ...
     def route_channels(self, route: ChannelRoute) -> None:
         """Channels go to ``route`` from now on (calls, not the link)."""
 
@@ -360,19 +360,10 @@ class LocalWorker(Worker):
 
     def take_channel(self, record: records.Record, packed: Callable[[], bytes]) -> bool:
         """By calls, but a direct message, which is answered over the link."""
-        feed = self._daemon.channel_feed if self._daemon is not None else None
-        match record:
-            case _ if feed is None:
-                return False
-            case records.ChannelMessage(channel, frame):
-                feed.deliver_channel(channel, frame)
-            case records.Subscribed(answer):
-                feed.answered(answer)
-            case records.Presence(change):
-                feed.presence(change)
-            case _:
-                return super().take_channel(record, packed)
-        return True
+        if self._daemon is None:
+            return False
+        return feed_channel_record(self._daemon.channels, record) or \
+            super().take_channel(record, packed)
 
     def signal(self, signum: int) -> None:
         if self._daemon is not None and signum != signal.SIGKILL:

@@ -149,16 +149,16 @@ class ChannelHub:
         return None
 
     def unsubscribe(self, conn: Subscriber, channel: str) -> bool:
-        if not self.subscriptions.unsubscribe(conn, channel):
+        if not self._forget(conn, channel):
             return False
-        self._forget(conn, channel)
         if self.route is not None:
             self.route.leave(channel, conn.client_id)
-        self._counted()
         return True
 
-    def _forget(self, conn: Subscriber, channel: str) -> None:
-        self.subscriptions.unsubscribe(conn, channel)
+    def _forget(self, conn: Subscriber, channel: str) -> bool:
+        """Drop one subscription here (not at the route); whether there was one."""
+        if not self.subscriptions.unsubscribe(conn, channel):
+            return False
         self._pending.discard((conn, channel))
         watching = self._presence.get(channel)
         if watching is not None:
@@ -166,6 +166,7 @@ class ChannelHub:
             if not watching:
                 del self._presence[channel]
         self._counted()
+        return True
 
     def publish(self, channel: str, sender: str, text: str) -> bool:
         """Publish ``text`` to ``channel`` from ``sender`` (a client id, or admin)."""

@@ -28,7 +28,7 @@ from typing import Protocol
 
 from tornado.httpserver import HTTPServer
 
-from ebbcast.backplane.base import Backplane, ChannelFeed, ChannelRoute, SequencedFeed
+from ebbcast.backplane.base import Backplane, ChannelRoute, SequencedFeed
 from ebbcast.backplane.history import History
 from ebbcast.backplane.names import RedisNames
 from ebbcast.backplane.redis import RedisBackplane
@@ -147,7 +147,6 @@ class Daemon:
             lambda payload, source: self.ctx.backplane.publish(payload, source))
         self.channels = ChannelHub(fanout, self.metrics, lambda: self.ctx.config,
                                    registry.snapshot)  # type: ignore[arg-type]
-        self.channel_feed: ChannelFeed = self.channels  # where the channels' route answers
         self.ctx = DaemonContext(
             config=config, lifecycle=self.lifecycle, registry=registry, fanout=fanout,
             metrics=self.metrics, node_id=f"{socket.gethostname()}:{os.getpid()}",
