@@ -14,7 +14,15 @@ Usage (from the repository root):
    pipelined (a raw client, sending every command before reading the answers):
    operations per server CPU-second.
 3. Memory per subscription: the server's RSS with clients connected, then with each
-   subscribed to SUBSCRIPTIONS_PER_CLIENT channels, divided by the subscriptions.
+   subscribed to SUBSCRIPTIONS_PER_CLIENT channels, divided by the subscriptions. Twice,
+   on fresh servers: the clients subscribing in waves of WAVE_CLIENTS (each wave's
+   answers read before the next: what the subscriptions hold), and all at once (every
+   answer queued in one burst: RSS keeps the burst's high-water mark too).
+4. The kernel's floor: a C loop's CPU per send() of one channel frame over as many
+   loopback connections (bench/loadgen/sendfloor). Each channel delivery is a send of
+   its own (a subscriber of one channel in a thousand is rarely owed two frames in one
+   loop pass), so the floor divided by 11 bounds any server's channel publishes per
+   CPU-second on this machine; the global broadcast gathers several frames per send.
 
 The load generator and the raw client run beside the server on the same machine;
 the server's CPU is read from /proc (its worker processes included).
@@ -35,13 +43,19 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (Server, build_loadgen, cpu_seconds, machine_line, publisher_cell,
-                     raise_nofile, rss_bytes, run_loadgen, save_results)
+                     raise_nofile, rss_bytes, run_loadgen, save_results, send_floor)
 
 HANDSHAKE = ("GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
              "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
              "Sec-WebSocket-Version: 13\r\n\r\n").encode()
 SUBSCRIPTIONS_PER_CLIENT = 10
 PUBLISHERS = 10
+WAVE_CLIENTS = 500
+#: A channel frame as the fan-out sends it: 100-byte text, a 36-character client id,
+#: the offset; 4 bytes of WebSocket header.
+CHANNEL_FRAME_BYTES = 4 + len(
+    f'{{"type":"message","channel":"c999","from":"{"x" * 36}","text":"{"x" * 100}",'
+    '"ts":1765000000.123,"offset":1234}')
 
 
 def masked(text: str) -> bytes:
@@ -137,27 +151,30 @@ def churn(server: Server, connections: int, pairs: int) -> dict[str, Any]:
             "server_cpu_s": cpu, "operations_per_cpu_s": operations / cpu if cpu else 0.0}
 
 
-def memory(server: Server, clients: int) -> dict[str, Any]:
+def memory(server: Server, clients: int, wave: int) -> dict[str, Any]:
+    """RSS per subscription, the clients subscribing ``wave`` at a time."""
     socks = [open_ws(server.port) for _ in range(clients)]
     time.sleep(1)  # let the collector settle; RSS is what it is after
     connected = server_rss(server)
-    for n, sock in enumerate(socks):
-        sock.sendall(b"".join(masked(json.dumps(
-            {"type": "subscribe", "channel": f"mem{(n * 7 + k) % 1000}"}))
-            for k in range(SUBSCRIPTIONS_PER_CLIENT)))
-    for sock in socks:
-        read_until(sock, b'"subscribed"', SUBSCRIPTIONS_PER_CLIENT)
+    for start in range(0, clients, wave):
+        group = socks[start:start + wave]
+        for n, sock in enumerate(group, start):
+            sock.sendall(b"".join(masked(json.dumps(
+                {"type": "subscribe", "channel": f"mem{(n * 7 + k) % 1000}"}))
+                for k in range(SUBSCRIPTIONS_PER_CLIENT)))
+        for sock in group:
+            read_until(sock, b'"subscribed"', SUBSCRIPTIONS_PER_CLIENT)
     time.sleep(1)
     subscribed = server_rss(server)
     for sock in socks:
         sock.close()
     count = clients * SUBSCRIPTIONS_PER_CLIENT
-    return {"clients": clients, "subscriptions": count, "rss_connected": connected,
+    return {"clients": clients, "wave": wave, "subscriptions": count, "rss_connected": connected,
             "rss_subscribed": subscribed, "bytes_per_subscription": (subscribed - connected) / count}
 
 
 def report(started: Any, subscribers: int, rows: list[dict[str, Any]], churned: dict[str, Any],
-           mem: dict[str, Any]) -> str:
+           mems: list[dict[str, Any]], floor: dict[str, Any]) -> str:
     lines = [f"# Channels against the global broadcast ({started:%Y-%m-%d %H:%M})", "",
              machine_line(), "",
              f"{subscribers} subscribers; channels of 10 subscribers, "
@@ -168,12 +185,27 @@ def report(started: Any, subscribers: int, rows: list[dict[str, Any]], churned: 
         lines.append(f"| {row['kind']} | {row['window']} | {row['delivered_per_s']:,.0f} | "
                      f"{row['deliveries_per_cpu_s']:,.0f} | {row['publishes_per_cpu_s']:,.0f} | "
                      f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['errors']} |")
-    lines += ["", f"Churn: {churned['operations']:,} subscribe and unsubscribe operations on "
+    sends = floor["sends_per_cpu_s"]
+    best = max((row for row in rows if row["kind"] == "channels"),
+               key=lambda row: row["publishes_per_cpu_s"])
+    lines += ["", f"Kernel floor (sendfloor): one send() of a {floor['bytes']}-byte frame over "
+              f"{floor['connections']:,} loopback connections costs {floor['us_per_send']:.1f} "
+              f"µs of CPU: {sends:,.0f} sends per CPU-second, whatever the server. A channel "
+              f"publish is 11 deliveries; while each is a send of its own (a subscriber rarely "
+              f"owed two frames at once: many channels), no server exceeds {sends / 11:,.0f} "
+              f"publishes per CPU-second on this machine. ebbcast's best here: "
+              f"{best['publishes_per_cpu_s']:,.0f} "
+              f"({100 * best['publishes_per_cpu_s'] * 11 / sends:.0f}% of that).", "",
+              f"Churn: {churned['operations']:,} subscribe and unsubscribe operations on "
               f"{churned['connections']} connections: {churned['operations_per_cpu_s']:,.0f} "
-              f"per server CPU-second ({churned['server_cpu_s']:.2f} s of CPU).", "",
-              f"Memory: {mem['subscriptions']:,} subscriptions ({mem['clients']} clients, "
-              f"{SUBSCRIPTIONS_PER_CLIENT} each, over 1,000 channels): "
-              f"{mem['bytes_per_subscription']:,.0f} bytes of server RSS per subscription."]
+              f"per server CPU-second ({churned['server_cpu_s']:.2f} s of CPU).", ""]
+    for mem in mems:
+        how = "all at once" if mem["wave"] >= mem["clients"] else \
+            f"in waves of {mem['wave']} clients"
+        lines.append(f"Memory, subscribing {how}: {mem['subscriptions']:,} subscriptions "
+                     f"({mem['clients']} clients, {SUBSCRIPTIONS_PER_CLIENT} each, over 1,000 "
+                     f"channels): {mem['bytes_per_subscription']:,.0f} bytes of server RSS per "
+                     "subscription.")
     return "\n".join(lines) + "\n"
 
 
@@ -198,15 +230,24 @@ def main() -> int:
     server = Server("ebbcast-json", env=env).start()
     try:
         churned = churn(server, 10 if args.quick else 100, 50 if args.quick else 1000)
-        mem = memory(server, 100 if args.quick else 5000)
     finally:
         server.stop()
-    text = report(started, subscribers, rows, churned, mem)
+    clients = 100 if args.quick else 5000
+    mems = []
+    for wave in (10 if args.quick else WAVE_CLIENTS, clients):
+        server = Server("ebbcast-json", env=env).start()
+        try:
+            mems.append(memory(server, clients, wave))
+        finally:
+            server.stop()
+    floor = send_floor(min(subscribers, 9000), 20000 if args.quick else 1000000,
+                       CHANNEL_FRAME_BYTES)
+    text = report(started, subscribers, rows, churned, mems, floor)
     print(text)
     if args.out:
         save_results(args.out, "channels", started, text, {
-            "subscribers": subscribers, "fanout": rows, "churn": churned, "memory": mem,
-            "quick": args.quick, "pid": os.getpid()})
+            "subscribers": subscribers, "fanout": rows, "churn": churned, "memory": mems,
+            "send_floor": floor, "quick": args.quick, "pid": os.getpid()})
     return 0 if all(row["errors"] == 0 for row in rows) else 1
 
 

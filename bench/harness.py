@@ -29,6 +29,8 @@ REPO = BENCH.parent
 #: The load generator, built by build_loadgen(); $EBBCAST_WSBENCH puts it elsewhere (the
 #: tests' smoke runs build it outside the checkout).
 LOADGEN = Path(os.environ.get("EBBCAST_WSBENCH") or BENCH / "loadgen" / "wsbench")
+#: The kernel's floor for a send() (bench/loadgen/sendfloor.c), built beside the load generator.
+SENDFLOOR = LOADGEN.parent / "sendfloor"
 NODE_SERVER = BENCH / "servers" / "node_ws" / "server.js"
 NAIVE_SERVER = BENCH / "servers" / "naive_tornado.py"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -223,9 +225,19 @@ def before_after_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def build_loadgen() -> Path:
-    subprocess.run(["make", "-s", "-C", str(BENCH / "loadgen"), f"WSBENCH={LOADGEN}"],
-                   check=True)
+    subprocess.run(["make", "-s", "-C", str(BENCH / "loadgen"), f"WSBENCH={LOADGEN}",
+                    f"SENDFLOOR={SENDFLOOR}"], check=True)
     return LOADGEN
+
+
+def send_floor(connections: int, sends: int, size: int) -> dict[str, Any]:
+    """What the kernel alone charges per send() of ``size`` bytes over ``connections``
+    loopback connections (bench/loadgen/sendfloor.c; built by build_loadgen())."""
+    done = subprocess.run([str(SENDFLOOR), "--connections", str(connections), "--sends",
+                           str(sends), "--bytes", str(size)], capture_output=True, text=True,
+                          timeout=300, check=True, preexec_fn=raise_nofile)
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
 
 
 def run_loadgen(port: int, *args: str, timeout: float = 300) -> dict[str, Any]:

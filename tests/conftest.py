@@ -189,7 +189,7 @@ def wsbench(tmp_path_factory: pytest.TempPathFactory) -> Path:
                          "apt-get install gcc make libc6-dev, or `make test-deps`)")
     path = tmp_path_factory.mktemp("loadgen") / "wsbench"
     done = subprocess.run(["make", "-s", "-C", str(REPO / "bench" / "loadgen"),
-                           f"WSBENCH={path}"], capture_output=True, text=True, timeout=120,
+                           f"WSBENCH={path}", str(path)], capture_output=True, text=True, timeout=120,
                           stdin=subprocess.DEVNULL)
     assert done.returncode == 0, "building wsbench failed:\n" + done.stdout + done.stderr
     return path

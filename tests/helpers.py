@@ -581,14 +581,16 @@ def recv_kinds(ws: ClientConnection, count: int) -> dict[str, dict[str, Any]]:
 
 
 def one_client_per_worker(d: DaemonProcess, workers: int, opened: list[ClientConnection],
-                          name: str = "c") -> list[tuple[str, ClientConnection]]:
-    """A client on each worker of ``d``, each ``/<name><n>`` (its client id), in the
-    order of the workers' pids; every connection made is added to ``opened``."""
+                          name: str = "c", path: Callable[[int], str] | None = None
+                          ) -> list[tuple[str, ClientConnection]]:
+    """A client on each worker of ``d``, each ``/<name><n>`` (its client id) or
+    ``path(n)`` (a path and query of its own), in the order of the workers' pids;
+    every connection made is added to ``opened``."""
     found: dict[int, tuple[str, ClientConnection]] = {}
     for n in range(200):
         if len(found) == workers:
             return [found[pid] for pid in sorted(found)]
-        ws = dial(f"{d.ws_url}/{name}{n}")
+        ws = dial(d.ws_url + (path(n) if path is not None else f"/{name}{n}"))
         opened.append(ws)
         found.setdefault(pid_of(recv_frame(ws, "welcome")), (f"{name}{n}", ws))
     raise AssertionError(f"no client on each of {workers} workers")

@@ -111,5 +111,7 @@ def test_channel_benchmark_quick_run_compares_channels_with_the_global_broadcast
     for row in data["fanout"]:
         assert row["errors"] == 0 and row["deliveries_per_cpu_s"] > 0, row
     assert data["churn"]["operations"] == 10 * 50 * 2 and data["churn"]["server_cpu_s"] > 0
-    assert data["memory"]["subscriptions"] == 1000
-    assert "| channels | 16 |" in stdout
+    assert [(m["wave"], m["subscriptions"]) for m in data["memory"]] == [(10, 1000), (100, 1000)]
+    floor = data["send_floor"]
+    assert floor["sends"] == 20000 and floor["sends_per_cpu_s"] > 0
+    assert "| channels | 16 |" in stdout and "Kernel floor (sendfloor)" in stdout

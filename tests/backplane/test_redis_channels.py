@@ -1,7 +1,8 @@
 """Channels across instances on a real redis-server (SPEC 14 with ``redis://``): one
 order per channel for the cluster, presence and joins across instances, direct
 messages to another instance, resume on another instance, interest visible in
-``PUBSUB``, ``history.max_channels`` for the cluster, and a Redis restart."""
+``PUBSUB``, ``history.max_channels`` for the cluster, a Redis restart, the token's
+claims, and the limits and ``?channels=`` on each instance."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ import time
 from typing import Any
 
 import jwt
+import pytest
+from tornado.httpclient import HTTPClientError, HTTPRequest
+from tornado.websocket import websocket_connect
 
-from helpers import recv_json, recv_until, wait_until
+from ebbcast.core.waits import within
+from helpers import STEP_TIMEOUT, recv_json, recv_until, wait_until
 
 TOKEN = "secret-token"
 
@@ -216,3 +221,33 @@ async def test_a_tokens_claims_hold_across_instances(start_daemon: Any,
     await publish(reporter, "scores.a", "goal")  # from the other instance
     got = await recv_until(fan, "message")
     assert (got["from"], got["text"], got["offset"]) == ("reporter", "goal", 1)
+
+
+async def test_the_limits_and_the_handshakes_refusals_hold_on_each_instance(
+        start_daemon: Any, redis_server: Any) -> None:
+    """``channels.max`` counts each instance's own channels (one each here);
+    ``?channels=`` is refused for the channel it cannot have, or subscribed."""
+    one, two = await pair(start_daemon, redis_server, channels__max="1",
+                          channels__max_per_connection="2")
+    alice = await client(one, "/alice")
+    bob = await client(two, "/bob")
+    epoch = (await subscribed(alice, "a"))["epoch"]
+    await subscribed(bob, "b")  # the other instance's one channel
+    for conn, other in ((alice, "b"), (bob, "a")):  # 1 of 2 on the connection
+        await conn.write_message(json.dumps({"type": "subscribe", "channel": other}))
+        assert await recv_next(conn) == {"type": "error", "error": "too_many_channels",
+                                         "channel": other}
+    for path, status, reason in [("?channels=a,bad%20name", 400, "invalid channel: 'bad name'"),
+                                 ("?channels=a,b,c", 400, "too many channels: c"),
+                                 ("?channels=b", 400, "too_many_channels: b")]:
+        with pytest.raises(HTTPClientError) as error:
+            await within(websocket_connect(HTTPRequest(one.ws_url + path)), STEP_TIMEOUT)
+        assert error.value.code == status
+        assert error.value.response is not None
+        assert reason in error.value.response.body.decode()
+    early = await one.connect("/early?channels=a")  # the instance's own channel: room left
+    welcome = await recv_json(early)
+    assert welcome["channels"] == {"a": {"epoch": epoch, "offset": 0}}
+    await publish(bob, "a", "from the other instance")
+    got = await recv_until(early, "message")
+    assert (got["channel"], got["offset"]) == ("a", 1)

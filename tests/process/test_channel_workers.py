@@ -1,7 +1,9 @@
 """Channels through the main process (SPEC 14), with ``ebbcast serve --workers N``:
 one order per channel for every worker, presence and ``GET /channels`` for the
-whole daemon, a direct message to a client id on another worker, a resume per
-channel on another worker than the one the client left, and the metrics."""
+whole daemon, a direct message to a client id on another worker, unsubscribe, a
+resume per channel on another worker than the one the client left (and one into an
+epoch no worker knows), the token's claims and the limits on each worker, the
+handshake's refusals, and the metrics."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any
 
 import jwt
 import pytest
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection
 
 from helpers import (
@@ -22,7 +25,6 @@ from helpers import (
     http_json,
     metric,
     one_client_per_worker,
-    pid_of,
     recv_frame,
     start_workers,
     wait_for,
@@ -70,8 +72,16 @@ def test_channels_are_one_conversation_across_workers(spawn: Any, workers: int) 
         assert recv_frame(first, "direct")["text"] == "psst"
         wait_for(lambda: metric(d, "ebbcast_subscriptions") == 2)
         assert metric(d, "ebbcast_channels") == 1
-        last.close()
+        command(last, type="unsubscribe", channel="room")
+        assert recv_frame(last, "unsubscribed") == {"type": "unsubscribed", "channel": "room",
+                                                    "reason": "client"}
         assert recv_frame(first, "leave")["client_id"] == last_id
+        command(first, type="publish", channel="room", text="after")
+        assert recv_frame(first, "message")["offset"] == 2
+        command(last, type="unsubscribe", channel="room")
+        while (frame := json.loads(last.recv(timeout=STEP_TIMEOUT)))["type"] != "error":
+            assert frame.get("channel") != "room", frame  # "after" never reached it
+        assert frame == {"type": "error", "error": "not_subscribed", "channel": "room"}
     finally:
         close_all(opened)
 
@@ -100,6 +110,14 @@ def test_a_channel_resumes_on_another_worker_with_nothing_lost_or_repeated(
         assert sorted(texts) == ["m2", "m3", "m4"] and texts.index("m2") < texts.index("m3")
         command(there, type="publish", channel="c", text="m5")
         assert recv_frame(there, "message")["offset"] == 5
+        late = dial(f"{d.ws_url}/late")  # on either worker: an epoch no worker knows
+        opened.append(late)
+        recv_frame(late, "welcome")
+        wrong = subscribe(late, "c", since=0, epoch="another")
+        assert (wrong["recovered"], wrong["epoch"], wrong["offset"]) == (False, epoch, 5)
+        assert "missed" not in wrong
+        command(there, type="publish", channel="c", text="m6")
+        assert recv_frame(late, "message")["offset"] == 6  # nothing replayed before it
     finally:
         close_all(opened)
 
@@ -123,18 +141,13 @@ def test_the_tokens_claims_and_the_limits_hold_on_every_worker(spawn: Any) -> No
                       EBBCAST_CHANNELS_MAX_PER_CONNECTION="1")
     opened: list[ClientConnection] = []
     try:
-        found: dict[int, ClientConnection] = {}
-        for n in range(200):
-            if len(found) == 2:
-                break
-            token = jwt.encode({"sub": f"c{n}", "exp": time.time() + 60,
-                                "channels": ["scores.*"], "publish": ["scores.a"]},
-                               key.encode(), algorithm="HS256")
-            ws = dial(f"{d.ws_url}?token={token}")
-            opened.append(ws)
-            found.setdefault(pid_of(recv_frame(ws, "welcome")), ws)
-        assert len(found) == 2
-        for ws in found.values():  # the same answers on either worker
+        def token(n: int) -> str:
+            return "?token=" + jwt.encode(
+                {"sub": f"c{n}", "exp": time.time() + 60, "channels": ["scores.*"],
+                 "publish": ["scores.a"]}, key.encode(), algorithm="HS256")
+
+        found = [ws for _, ws in one_client_per_worker(d, 2, opened, path=token)]
+        for ws in found:  # the same answers on either worker
             command(ws, type="subscribe", channel="news")
             assert recv_frame(ws, "error") == {"type": "error", "error": "forbidden",
                                                "channel": "news"}
@@ -146,9 +159,41 @@ def test_the_tokens_claims_and_the_limits_hold_on_every_worker(spawn: Any) -> No
             assert recv_frame(ws, "error")["error"] == "forbidden"
             ws.send("global text")
             assert recv_frame(ws, "error")["error"] == "read_only"
-        first, second = found.values()
+        first, second = found
         command(first, type="publish", channel="scores.a", text="goal")
         for ws in (first, second):
             assert recv_frame(ws, "message")["text"] == "goal"
+    finally:
+        close_all(opened)
+
+
+def test_channels_max_and_the_handshakes_refusals_hold_on_every_worker(spawn: Any) -> None:
+    """``channels.max`` counts each worker's own channels; a handshake naming a
+    channel it cannot have is refused for that channel's reason, on whichever
+    worker takes it (each case tried often enough to reach both)."""
+    key = "k" * 40
+    d = start_workers(spawn, 2, EBBCAST_AUTH_MODE="jwt", EBBCAST_AUTH_JWT_KEY=key,
+                      EBBCAST_CHANNELS_MAX="1", EBBCAST_CHANNELS_MAX_PER_CONNECTION="2")
+    fan = jwt.encode({"sub": "fan", "exp": time.time() + 60, "channels": ["scores.*"]},
+                     key.encode(), algorithm="HS256")
+    opened: list[ClientConnection] = []
+    try:
+        found = one_client_per_worker(d, 2, opened, path=lambda n: f"?token={fan}")
+        for n, (_, ws) in enumerate(found):  # one channel each: the limit is a worker's
+            assert subscribe(ws, f"scores.w{n}")["channel"] == f"scores.w{n}"
+            command(ws, type="subscribe", channel="scores.more")  # 1 of 2 on the connection
+            assert recv_frame(ws, "error") == {"type": "error", "error": "too_many_channels",
+                                               "channel": "scores.more"}
+        cases = [("scores.w0,bad%20name", 400, "invalid channel: 'bad name'"),
+                 ("scores.a,scores.b,scores.c", 400, "too many channels: scores.c"),
+                 ("news", 403, "forbidden channel: news"),
+                 ("scores.new", 400, "too_many_channels: scores.new")]  # channels.max
+        for _ in range(8):
+            for channels, status, reason in cases:
+                with pytest.raises(InvalidStatus) as refused:
+                    opened.append(dial(f"{d.ws_url}?channels={channels}&token={fan}"))
+                response = refused.value.response
+                assert response.status_code == status, response.body
+                assert reason in response.body.decode()
     finally:
         close_all(opened)

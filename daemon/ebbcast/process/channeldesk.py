@@ -46,17 +46,18 @@ class ChannelDesk:
     def on_record(self, worker: Worker, record: records.Received) -> bool:
         """A worker's channel record handled; False for any other record."""
         match record:
+            case records.ChannelPublish(channel, frame):  # the many: first
+                self.plane.publish(channel, frame)
             case records.Subscribe(ask):
                 self.plane.subscribe(worker, ask)
+                self._counted()
             case records.Unsubscribe(channel, client_id):
                 self.plane.unsubscribe(worker, channel, client_id)
-            case records.ChannelPublish(channel, frame):
-                self.plane.publish(channel, frame)
+                self._counted()
             case records.Delivered(request, connections):
                 self._delivered(worker, request, connections)
             case _:
                 return False
-        self._counted()
         return True
 
     def publish(self, channel: str, frame: str) -> int:
@@ -182,5 +183,5 @@ class DirectRoute:
         self._desk.on_record(self._worker, records.Unsubscribe(channel, client_id))
 
     def publish(self, channel: str, frame: str) -> bool:
-        self._desk.on_record(self._worker, records.ChannelPublish(channel, frame))
+        self._desk.plane.publish(channel, frame)  # as on_record does, without the record
         return True

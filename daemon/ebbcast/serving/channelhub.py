@@ -93,9 +93,7 @@ class ChannelHub:
 
     def default_rights(self) -> ChannelRights:
         """A client without a token: channels.client_publish decides."""
-        rights = ChannelRights.from_claims(None, None, self._config().channels.client_publish)
-        assert isinstance(rights, ChannelRights)
-        return rights
+        return ChannelRights.without_token(self._config().channels.client_publish)
 
     # -- the clients' commands -----------------------------------------------------
 

@@ -136,6 +136,12 @@ class ChannelRights:
         return self.subscribe.allow(channel) and self.publish.allow(channel)
 
     @classmethod
+    def without_token(cls, client_publish: bool) -> ChannelRights:
+        """A client without a token's: any channel, publishing as
+        ``channels.client_publish`` says."""
+        return _WITH_PUBLISH if client_publish else _WITHOUT_PUBLISH
+
+    @classmethod
     def from_claims(cls, channels: object, publish: object,
                     client_publish: bool = True) -> ChannelRights | str:
         """The rights of a token's ``channels`` and ``publish`` claims (None:
@@ -147,12 +153,18 @@ class ChannelRights:
                 return "channels must be a list of channel names or prefixes ending in *"
             subscribe = ChannelPatterns.of(channels)  # type: ignore[arg-type]
         if publish is None:
+            if channels is None:
+                return cls.without_token(client_publish)
             return cls(subscribe, ANY_CHANNEL if client_publish else NO_CHANNEL)
         if isinstance(publish, bool):
             return cls(subscribe, ANY_CHANNEL if publish else NO_CHANNEL, publish)
         if not _names_list(publish):
             return "publish must be true, false or a list of channel names or prefixes"
         return cls(subscribe, ChannelPatterns.of(publish), False)  # type: ignore[arg-type]
+
+
+_WITH_PUBLISH = ChannelRights()
+_WITHOUT_PUBLISH = ChannelRights(ANY_CHANNEL, NO_CHANNEL)
 
 
 def _names_list(claim: object) -> bool:
