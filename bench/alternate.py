@@ -12,8 +12,9 @@ VM the noise drifts over minutes, so every "before" run followed by every "after
 run would read drift as a change: here each round runs bench/NAME.py once from the
 --before tree, then once from this tree (`PYTHON TREE/bench/NAME.py --out TMP`, in
 TREE, with PYTHONPATH=TREE/daemon: that tree's benchmark and daemon code; both
-use one load generator, $EBBCAST_WSBENCH, by default this tree's), and reads the
-JSON it wrote. The headline figures kept:
+use one load generator, this tree's ($EBBCAST_WSBENCH if set), copied aside so that
+the other tree's build cannot replace it with one from its own source), and reads
+the JSON it wrote. The headline figures kept:
 
 - run: deliveries per server CPU-second, p50 and p99 ms, per variant x subscribers x
   window (ebbcast and ebbcast-json unless --args names other --variants);
@@ -33,6 +34,7 @@ import datetime
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,7 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import LOADGEN, REPO, machine_line, save_results
+from harness import LOADGEN, REPO, build_loadgen, machine_line, save_results
 from sequencer import git_head
 
 #: Options passed before --args (a later one of the same name wins).
@@ -69,6 +71,18 @@ def figures(name: str, data: dict[str, Any]) -> dict[str, float]:
         for key, label in (("deliveries_per_cpu_s", "deliveries/CPU-s"), *LATENCY):
             out[f"{cell} {label}"] = r[key]
     return out
+
+
+def one_generator(folder: Path) -> Path:
+    """This tree's load generator, built and copied into ``folder`` with a modification
+    time far ahead, so that neither tree's bench rebuilds it from its own (perhaps
+    older) source: both sides run this one."""
+    built = build_loadgen()
+    shared = folder / "wsbench"
+    shutil.copy2(built, shared)
+    ahead = time.time() + 10 * 365 * 86400
+    os.utime(shared, (ahead, ahead))
+    return shared
 
 
 def tree_env(tree: Path) -> dict[str, str]:
@@ -168,6 +182,8 @@ def main() -> int:
     command = shlex.join(["bench/alternate.py", *sys.argv[1:]])
     started = datetime.datetime.now(datetime.timezone.utc)
     runs = []
+    shared = tempfile.TemporaryDirectory(prefix="ebbcast-alternate-loadgen-")
+    os.environ["EBBCAST_WSBENCH"] = str(one_generator(Path(shared.name)))
     for round_ in range(1, args.rounds + 1):
         for side, tree in trees.items():
             print(f"round {round_}, {side}: bench/{args.name}.py {shlex.join(options)}",
