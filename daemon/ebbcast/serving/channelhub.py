@@ -77,9 +77,12 @@ class ChannelHub:
         self.route: ChannelRoute | None = None
         # its limits are channels.* as each subscribe reads them (they reload)
         self.subscriptions: Subscriptions[Subscriber] = Subscriptions(0, 0)
+        #: asked of the route and not answered yet: by request, and the request of each
+        #: pending subscription (dropped together when it ends first: no answer is kept
+        #: for a connection gone, even one the route never answers)
         self._asked: dict[int, tuple[Subscriber, Subscribe]] = {}
         self._last_request = 0
-        self._pending: set[tuple[Subscriber, str]] = set()
+        self._pending: dict[tuple[Subscriber, str], int] = {}
         self._presence: dict[str, dict[Subscriber, None]] = {}
         self._opening: dict[Subscriber, Opening] = {}
 
@@ -135,7 +138,7 @@ class ChannelHub:
             return Refused("unavailable")
         self._last_request += 1
         self._asked[self._last_request] = (conn, command)
-        self._pending.add((conn, channel))
+        self._pending[conn, channel] = self._last_request
         if command.presence:
             self._presence.setdefault(channel, {})[conn] = None
         self._counted()
@@ -157,7 +160,9 @@ class ChannelHub:
         """Drop one subscription here (not at the route); whether there was one."""
         if not self.subscriptions.unsubscribe(conn, channel):
             return False
-        self._pending.discard((conn, channel))
+        request = self._pending.pop((conn, channel), None)
+        if request is not None:
+            del self._asked[request]
         watching = self._presence.get(channel)
         if watching is not None:
             watching.pop(conn, None)
@@ -207,11 +212,9 @@ class ChannelHub:
     def answered(self, answer: Answer) -> None:
         asked = self._asked.pop(answer.request, None)
         if asked is None:
-            return
-        conn, command = asked
-        if (conn, command.channel) not in self._pending:
             return  # unsubscribed, or closed, meanwhile
-        self._pending.discard((conn, command.channel))
+        conn, command = asked
+        del self._pending[conn, command.channel]
         opening = self._opening.get(conn)
         if opening is not None:
             opening.positions[answer.channel] = (answer.epoch, answer.offset)
@@ -257,6 +260,11 @@ class ChannelHub:
         self._fanout.send_to(reached, encode_frame(frame.encode()))
         self._metrics.direct_messages.inc(len(reached))
         return len(reached)
+
+    @property
+    def unanswered(self) -> int:
+        """Subscriptions asked of the route and not answered yet."""
+        return len(self._asked)
 
     def _counted(self) -> None:
         self._metrics.channels.set(self.subscriptions.channels)
