@@ -13,6 +13,8 @@ Usage (from the repository root):
    daemon's RSS, sampled every 250 ms, against limits.client_queue_bytes.
 3. The drain with many clients: from SIGTERM until every client has the shutdown
    frame, and from the deadline until every client has its close frame.
+4. A mass disconnect: every client but a monitor leaves at once; the periodic
+   timer's lateness before and after, and how long until the daemon sees them gone.
 """
 
 from __future__ import annotations
@@ -181,6 +183,58 @@ def flood_lateness(subscribers: int, seconds: float) -> dict[str, Any]:
             "handshake_ms": percentiles([h * 1000 for h in handshakes])}
 
 
+def mass_disconnect(subscribers: int, after: float = 3.0) -> dict[str, Any]:
+    """Every client but a monitor leaves at once (their load generator is killed: the
+    kernel closes its sockets together): the periodic timer's lateness (every 100 ms)
+    before and after, and how long until the daemon counts them all gone."""
+    interval = 0.1
+    server = Server("ebbcast", env={"EBBCAST_BROADCAST_ENVELOPE": "json",
+                                    "EBBCAST_BROADCAST_PERIODIC_INTERVAL": "100ms"}).start()
+    crowd = subprocess.Popen(
+        [str(LOADGEN), "--port", str(server.port), "--subscribers", str(subscribers),
+         "--publishers", "0", "--idle", "--duration", "600"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=raise_nofile)
+    stamps: list[float] = []  # the periodic frames' ts (when the daemon fired them)
+    try:
+        assert crowd.stderr is not None
+        for line in crowd.stderr:
+            if line.startswith("wsbench: ready"):
+                break
+        monitor = open_ws(server.port)
+        reader = FrameReader(monitor)
+        done = threading.Event()
+
+        def read() -> None:
+            while not done.is_set():
+                opcode, payload = reader.next()
+                if opcode == 0x1 and payload.startswith(b'{"type":"periodic"'):
+                    stamps.append(json.loads(payload)["ts"])
+
+        thread = threading.Thread(target=read, daemon=True)
+        thread.start()
+        time.sleep(2.0)  # the timer's lateness with every client connected
+        left = time.time()
+        crowd.kill()
+        crowd.wait(30)
+        if not wait_until(lambda: json.loads(server.admin_get("/status"))["connections"] <= 1,
+                          60, 0.05):
+            raise RuntimeError("the daemon did not see the clients go")
+        gone = time.time() - left
+        time.sleep(after)
+        done.set()
+        thread.join(5)
+        monitor.close()
+    finally:
+        if crowd.poll() is None:
+            crowd.kill()
+        server.stop()
+    late = [lateness * 1000 for lateness in tick_lateness(stamps, interval)]
+    before = [ms for ms, ts in zip(late, stamps) if ts < left]
+    around = [ms for ms, ts in zip(late, stamps) if ts >= left]
+    return {"subscribers": subscribers, "all_gone_s": gone,
+            "lateness_before_ms": percentiles(before), "lateness_after_ms": percentiles(around)}
+
+
 def server_cpu(server: Server) -> float:
     return cpu_seconds(server.pid)
 
@@ -284,6 +338,14 @@ def report(results: dict[str, Any]) -> str:
               f"all {dr['closes']:,} closed within {dr['deadline_to_all_closed_ms']:.0f} ms "
               f"(codes {dr['close_codes']}); exit {dr['server_exit_code']} "
               f"{dr['deadline_to_exit_ms']:.0f} ms after the deadline."]
+    gone = results["disconnect"]
+    before, after = gone["lateness_before_ms"], gone["lateness_after_ms"]
+    lines += ["", f"Mass disconnect: {gone['subscribers']:,} clients leave at once (their "
+              f"load generator killed); the daemon counted them gone within "
+              f"{gone['all_gone_s'] * 1000:.0f} ms. Periodic timer (100 ms) lateness, "
+              f"max: {before.get('max', 0):.1f} ms before, {after.get('max', 0):.1f} ms "
+              f"from the moment they left (p99 {after.get('p99', 0):.1f}, "
+              f"{after['n']} ticks)."]
     return "\n".join(lines)
 
 
@@ -298,7 +360,8 @@ def main() -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     results = {"flood": flood_lateness(n, seconds),
                "slow_reader": slow_reader_memory(3.0 if args.quick else 15.0),
-               "drain": drain_timing(n, 1.0 if args.quick else 5.0)}
+               "drain": drain_timing(n, 1.0 if args.quick else 5.0),
+               "disconnect": mass_disconnect(n, 1.0 if args.quick else 3.0)}
     info = machine()
     text = (f"# ebbcast timers, slow reader and drain, {started:%Y-%m-%d %H:%M} UTC\n\n"
             f"Machine: {info['cores']} cores, {info['cpu']}, Linux {info['kernel']}, "

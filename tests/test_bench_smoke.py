@@ -115,3 +115,13 @@ def test_channel_benchmark_quick_run_compares_channels_with_the_global_broadcast
     floor = data["send_floor"]
     assert floor["sends"] == 20000 and floor["sends_per_cpu_s"] > 0
     assert "| channels | 16 |" in stdout and "Kernel floor (sendfloor)" in stdout
+
+
+def test_extras_quick_run_times_the_flood_the_drain_and_a_mass_disconnect(tmp_path):
+    stdout, data = quick_run("extras.py", tmp_path)
+    results = data["results"]
+    assert results["drain"]["shutdown_frames"] == results["drain"]["subscribers"] == 50
+    gone = results["disconnect"]
+    assert gone["subscribers"] == 50 and gone["all_gone_s"] > 0
+    assert gone["lateness_before_ms"]["n"] > 0 and gone["lateness_after_ms"]["n"] > 0
+    assert "Mass disconnect: 50 clients leave at once" in stdout

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import resource
@@ -17,6 +16,7 @@ from typing import Any
 
 from ebbcast import __version__
 from ebbcast.config import Config, ConfigError, load_config, render_toml
+from ebbcast.core import eventloop
 from ebbcast.core.lifecycle import HANDLED_SIGNALS, StopReason
 from ebbcast.exits import ExitCode
 
@@ -284,7 +284,7 @@ def _run_until_stopped(make: Callable[[], Any]) -> int:
 
     try:
         runner = make()
-        reason = asyncio.run(runner.run())
+        reason = eventloop.run(runner.run())
     except BindError as exc:
         log.error("%s", exc)
         return ExitCode.BIND

@@ -4,6 +4,7 @@ upgrade."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import pytest
@@ -12,7 +13,7 @@ from ebbcast.backplane import records
 from ebbcast.backplane.base import Envelope
 from ebbcast.backplane.channels import Answer, Ask, PresenceChange
 from ebbcast.backplane.history import Kept, Resume
-from ebbcast.backplane.relay import Link, Unpacker
+from ebbcast.backplane.relay import RECORDS_PER_STEP, Link, Unpacker
 from helpers import wait_until
 
 
@@ -113,3 +114,28 @@ async def test_the_link_hands_on_what_it_cannot_read_so_its_sender_counts_as_hea
         theirs.close()
     assert got == [records.Unknown(b"Z", b"new"), records.Unknown(b"C", b"twelve"),
                    records.Count(3)]
+
+
+async def test_a_burst_of_records_lets_the_loop_run_between_its_batches(io_loop):
+    """Thousands of records in one read (10,000 clients leaving at once) are handled
+    RECORDS_PER_STEP at a time, in order, with the loop's other callbacks between."""
+    mine, theirs = socket.socketpair()
+    order: list[str] = []
+
+    def on_record(record: records.Received) -> None:
+        assert isinstance(record, records.Count)
+        if record.connections == 1:  # the first: something else asks for the loop now
+            asyncio.get_running_loop().call_soon(order.append, "other")
+        order.append(str(record.connections))
+
+    link = Link(mine, on_record, lambda: None)
+    total = 4 * RECORDS_PER_STEP
+    try:
+        theirs.sendall(b"".join(wire(b"C", str(n).encode()) for n in range(1, total + 1)))
+        link.start()
+        await wait_until(lambda: len(order) == total + 1)
+    finally:
+        link.close()
+        theirs.close()
+    assert [entry for entry in order if entry != "other"] == [str(n) for n in range(1, total + 1)]
+    assert order.index("other") == RECORDS_PER_STEP  # after the first batch, not the last

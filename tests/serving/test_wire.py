@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import re
+import socket
 import struct
 import subprocess
 import sys
 
 import pytest
 import websockets
+from tornado.iostream import IOStream
 
+from ebbcast.serving.wire import write_frame
 from helpers import STEP_TIMEOUT, never_reading_client, read_server_frames, wait_until
 from ebbcast.serving.wire import (INTERNALS, check_tornado, encode_frame,
                                   tornado_problem_report, valid_close_code)
@@ -301,3 +305,33 @@ def test_valid_close_codes_follow_rfc6455_7_4():
         assert valid_close_code(code)
     for code in (0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000):
         assert not valid_close_code(code)
+
+
+class _Protocol:
+    """Stands in for the RFC 6455 protocol: its stream, open."""
+
+    def __init__(self, stream: IOStream) -> None:
+        self.stream = stream
+
+    def is_closing(self) -> bool:
+        return self.stream.closed()
+
+
+async def test_a_send_to_a_client_gone_closes_its_stream_leaving_no_cycle(io_loop):
+    """The fan-out's send to a socket whose peer is gone fails, and the stream is
+    closed there: no second try through IOStream.write, whose failure keeps the error
+    and its traceback in a reference cycle with the stream (10,000 clients leaving at
+    once made 15,000 such objects per collection, and kept the connections too)."""
+    mine, theirs = socket.socketpair()
+    theirs.close()
+    stream = IOStream(mine)
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        assert write_frame(_Protocol(stream), b"\x81\x01x", 1 << 20) is False
+        assert stream.closed()
+        assert gc.collect() == 0  # nothing that only the cyclic collector could free
+    finally:
+        if was_enabled:
+            gc.enable()

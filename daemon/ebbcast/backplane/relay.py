@@ -38,6 +38,9 @@ HEARTBEAT_SECONDS = 1.0
 #: (a worker whose loop is stuck): beyond it, frames are dropped and counted.
 MAX_BACKLOG_BYTES = 64 * 1024 * 1024
 READ_CHUNK = 256 * 1024
+#: Records handled before the reader lets the loop run (timers, clients): a chunk
+#: can hold thousands (10,000 clients leaving at once), some 50 ms of work in one go.
+RECORDS_PER_STEP = 256
 
 
 class Unpacker:
@@ -129,8 +132,10 @@ class Link:
         try:
             while True:
                 data = await self._stream.read_bytes(READ_CHUNK, partial=True)
-                for kind, body in unpacker.feed(data):
+                for count, (kind, body) in enumerate(unpacker.feed(data), 1):
                     self._dispatch(kind, body)
+                    if count % RECORDS_PER_STEP == 0:
+                        await asyncio.sleep(0)  # in order still: the rest come next
         except StreamClosedError:
             pass
         self._on_closed()

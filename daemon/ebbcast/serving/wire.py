@@ -212,7 +212,10 @@ def write_frame(protocol: Any, frame: bytes, queue_limit: int) -> bool:
     kernel with one send(); only what the kernel does not take goes through
     ``IOStream.write`` (which buffers it and waits for the socket to drain). This
     skips the Future and bookkeeping IOStream.write makes per call, which is most of
-    the Python cost of a fan-out. TLS streams always take the IOStream path.
+    the Python cost of a fan-out. TLS streams always take the IOStream path. A send
+    that fails (the client is gone) closes the stream here: IOStream.write would
+    fail again and keep the error, whose traceback holds the stream and the write's
+    Future in a cycle, freed only by a full garbage collection.
 
     Raises SlowConsumer when bytes are already waiting for this client and the new
     ones would take the backlog over ``queue_limit`` (limits.client_queue_bytes). A
@@ -232,8 +235,9 @@ def write_frame(protocol: Any, frame: bytes, queue_limit: int) -> bool:
             sent = stream.socket.send(frame)
         except BlockingIOError:
             sent = 0
-        except OSError:
-            sent = 0  # a broken connection: IOStream.write below notices and closes it
+        except OSError:  # a broken connection (the client is gone): closed here
+            stream.close()
+            return False
         if sent == len(frame):
             return True
         data = memoryview(frame)[sent:]
