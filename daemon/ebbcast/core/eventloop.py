@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 #: Events taken per loop pass. 10,000 clients leaving at once (bench/extras.py) held
-#: the periodic timer 562 to 649 ms with no cap; capped at 64, 33 to 40 ms; at 16,
+#: the periodic timer 464 to 649 ms with no cap; capped at 64, 33 to 40 ms; at 16,
 #: 24 to 26 ms. But a pass under a flood also writes a 5 ms slice of the fan-out, and
 #: at 16 events a pass 10,000 clients' pongs were read too slowly: thousands were
 #: closed for a ping timeout (3 s). At 64 all of them stayed.
