@@ -424,6 +424,9 @@ class BackplaneConfig:
                     "/master[/db]\" (Redis Sentinel)", _check_backplane)
     prefix: str = _key("str", "ebbcast", "every Redis key and channel is <prefix>:<name>; "
                        "deployments sharing one Redis each take their own", _check_prefix)
+    outage_buffer: int = _key("int", 8388608, "bytes of frames each serving process keeps "
+                              "while Redis is away, published once it is back; beyond "
+                              "it: dropped, counted", _at_least(0))
 
 
 @dataclass(frozen=True)

@@ -251,3 +251,27 @@ async def test_the_limits_and_the_handshakes_refusals_hold_on_each_instance(
     await publish(bob, "a", "from the other instance")
     got = await recv_until(early, "message")
     assert (got["channel"], got["offset"]) == ("a", 1)
+
+
+async def test_while_redis_is_away_a_channel_publish_is_refused_not_lost(
+        start_daemon: Any, redis_server: Any) -> None:
+    """Channels keep no outbox: a publish that cannot be sequenced is refused where
+    it was made (the client's ``unavailable`` error, the admin API's 503), never
+    answered as if it had gone out; once Redis is back, publishes go out again."""
+    one, _ = await pair(start_daemon, redis_server)
+    alice = await client(one, "/alice")
+    await subscribed(alice, "room")
+    redis_server.stop()
+    channels = one.daemon.channels.route.channels  # the process's RedisChannels
+    await wait_until(lambda: not channels.up)
+    await publish(alice, "room", "during")
+    assert await recv_until(alice, "error") == {"type": "error", "error": "unavailable",
+                                                "channel": "room"}
+    code, body = await admin_json(one, "/broadcast?channel=room", "POST", "during")
+    assert code == 503 and "not published" in body["error"]
+    redis_server.start()
+    await wait_until(lambda: channels.up)
+    code, body = await admin_json(one, "/broadcast?channel=room", "POST", "after")
+    assert (code, body) == (202, {"recipients": 1})
+    got = await recv_until(alice, "message")
+    assert got["text"] == "after"  # the first message since the outage: "during" never went

@@ -38,7 +38,10 @@ class HistoryFeed(Protocol):
         """Broadcasts submitted here may never come back: deliver them here."""
 
     def deliver_sequenced(self, epoch: str, offset: int, frame: str, source: str,
-                          token: int, own: bool) -> None: ...
+                          token: int, own: bool, repeat: bool = False) -> None:
+        """The broadcast with ``offset``, in order; ``own``: submitted here (by
+        ``token``); ``repeat``: its publisher sent it again, after a publish that
+        failed half-way (it takes its offset; its clients had it)."""
 
 
 class SequencedFeed(HistoryFeed, Protocol):
@@ -67,7 +70,9 @@ class Sequencing(Protocol):
 
     def submit(self, frame: str, source: str, token: int) -> bool:
         """Have ``frame`` sequenced; it is delivered (``Broadcasts.deliver``) with
-        ``token`` when it comes back. False: it cannot be sequenced now."""
+        ``token`` when it comes back. False: it cannot be sequenced now, so the
+        caller delivers it at once (if it is sequenced later after all, it comes
+        back as one delivered already)."""
 
 
 class ChannelRoute(Protocol):

@@ -16,6 +16,16 @@ was down while others published are found as gaps in each publisher's sequence
 numbers and counted in its ``ebbcast_backplane_missed_total``. (Redis pub/sub is
 at most once: a subscriber that is away gets nothing from that time.)
 
+What an instance could not publish while Redis was away is kept in its outbox
+(``ebbcast.backplane.outbox``, ``backplane.outage_buffer`` bytes), in order, and
+published once Redis, or the new master, is back: a raw frame with the sequence
+number it was given when it was sent, a broadcast to be sequenced in the epoch
+Redis has then. Its own clients had it at once (without an offset); when it comes
+back it is recorded, not delivered again. A batch whose publish failed is tried
+again; receivers drop a frame whose number they have seen from that publisher,
+so a batch that had half crossed is not seen twice. Only what does not fit in the
+outbox is lost, counted dropped.
+
 Offsets (docs/scaling.md "Nothing lost on reconnect"). With the JSON envelope a
 broadcast is *submitted* instead: one Lua script gives it the next offset (INCR),
 appends it to a capped stream (XADD, history.size entries, id ``0-<offset>``) and
@@ -31,18 +41,18 @@ sender's included, delivers sequenced broadcasts as they arrive, in offset
 order. After (re)subscribing, and on a gap in the offsets, it reads what it
 missed from the stream before it delivers anything newer; a changed epoch is
 told to the clients (``HistoryFeed.new_epoch``). A broadcast submitted while
-Redis is down cannot be sequenced: it is delivered locally without an offset
-and counted as dropped, never given a made-up offset.
+Redis is down is delivered locally at once without an offset (never a made-up
+one), and kept for Redis, as above.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import secrets
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +61,8 @@ from ebbcast.backplane.base import Deliver, Envelope, HistoryFeed, backoff_delay
 from ebbcast.backplane.history import Kept, new_epoch
 from ebbcast.backplane.names import RedisNames
 from ebbcast.backplane.nodes import NodeDirectory
+from ebbcast.backplane.outbox import Outbox, Outgoing
+from ebbcast.backplane.seen import Seen
 from ebbcast.backplane.sentinel import redis_target
 from ebbcast.core.waits import cancel_for_good, within
 
@@ -94,9 +106,10 @@ return {epoch, tonumber(redis.call('GET', KEYS[2]) or '0')}
 #: How often the sentinels are asked which master to use (redis+sentinel:// only), at
 #: the latest: a sentinel's +switch-master announcement has them asked at once.
 MASTER_CHECK_SECONDS = 0.5
-#: Frames waiting to be published; beyond this (Redis far slower than the
-#: clients), new ones are not published (delivered locally only) and counted.
-PUBLISH_QUEUE_LIMIT = 10_000
+#: Frames published to Redis in one pipeline, at most.
+BATCH = 256
+#: ``backplane.outage_buffer``'s default: bytes kept for Redis while it is away.
+OUTAGE_BUFFER = 8 * 1024 * 1024
 
 class RedisBackplane:
     """Redis pub/sub through redis-py's asyncio client (hiredis parser)."""
@@ -106,7 +119,9 @@ class RedisBackplane:
                  on_missed: Callable[[int], None] | None = None,
                  rng: random.Random | None = None, history: HistoryFeed | None = None,
                  history_size: int = 0, on_failover: Callable[[], None] = lambda: None,
-                 names: RedisNames = RedisNames(), instance: str = "") -> None:
+                 names: RedisNames = RedisNames(), instance: str = "",
+                 outage_buffer: int = OUTAGE_BUFFER,
+                 on_buffered: Callable[[int], None] = lambda size: None) -> None:
         self._target = redis_target(url)
         self._names = names
         self._on_failover = on_failover
@@ -127,10 +142,10 @@ class RedisBackplane:
         self._history = history  # None: nothing is sequenced
         self._history_size = history_size
         self._scripts: dict[str, Any] = {}
-        #: (source, payload, token): token None for a frame published as it is
-        self._queue: deque[tuple[str, str | bytes, int | None]] = deque()
-        self._seq = 0  # of the last frame handed to Redis
-        self._last_seen: dict[str, int] = {}  # other publishers' last sequence numbers
+        self._outbox = Outbox(outage_buffer)
+        self._on_buffered = on_buffered  # the outbox's bytes, as they change
+        self._seq = 0  # of the last raw frame accepted for Redis
+        self._seen = Seen()  # every publisher's numbers, as received here
         self._wakeup = asyncio.Event()
         self._up = False
         self._tried = False
@@ -158,28 +173,41 @@ class RedisBackplane:
 
     async def stop(self) -> None:
         await cancel_for_good(self._tasks)
+        unpublished = len(self._outbox.clear())
+        if unpublished:
+            log.warning("backplane: stopping with %d frames never published (Redis away)",
+                        unpublished)
+            self._on_dropped(unpublished)
+            self._on_buffered(0)
         for client in list(self._clients):
             await self._close(client)
         await self._target.close()
 
     def publish(self, payload: str | bytes, source: str) -> None:
-        """Queue a frame for the other instances (delivered locally by the caller)."""
-        self._enqueue(source, payload, None)
+        """Publish a frame for the other instances (delivered locally by the caller):
+        now, or once Redis is back. A frame that does not fit takes no number, so
+        the receivers count no gap for what this instance counts dropped."""
+        if self._keep(Outgoing(payload, source, self._seq + 1, False)):
+            self._seq += 1
 
     def submit(self, frame: str, source: str, token: int) -> bool:
-        """Have ``frame`` sequenced by Redis (``ebbcast.backplane.base.Sequencing``); it is
-        delivered here too when it comes back. False while Redis is down."""
-        return self._enqueue(source, frame, token)
+        """Have ``frame`` sequenced by Redis (``ebbcast.backplane.base.Sequencing``).
+        True: it is delivered here when it comes back. False (Redis is away): the
+        caller delivers it here now; kept for Redis, it is sequenced once Redis is
+        back and comes back as one already delivered (``Broadcasts.deliver``)."""
+        return self._keep(Outgoing(frame, source, token, True)) and self._up
 
-    def _enqueue(self, source: str, payload: str | bytes, token: int | None) -> bool:
-        if not self._up:
+    def _keep(self, frame: Outgoing) -> bool:
+        """Into the outbox, if it fits; else counted dropped."""
+        outbox = self._outbox
+        if not outbox.fits(frame.cost, self._up):  # away too long, or far slower
             self._on_dropped(1)
             return False
-        if len(self._queue) >= PUBLISH_QUEUE_LIMIT:  # Redis far slower than the clients
-            self._on_dropped(1)
-            return False
-        self._queue.append((source, payload, token))
-        self._wakeup.set()
+        outbox.put(frame)
+        if self._up:
+            self._wakeup.set()
+        else:
+            self._on_buffered(outbox.bytes)
         return True
 
     async def _close(self, client: Any) -> None:
@@ -212,6 +240,7 @@ class RedisBackplane:
         self._on_state(up)
         where = self._target.where
         if up:
+            self._wakeup.set()  # what the outbox kept goes first
             log.info("backplane connected: %s%s", where,
                      f" at {self._master}" if self._master else "")
         else:
@@ -245,10 +274,6 @@ class RedisBackplane:
                 self._pubsub = None
                 await self._close(client)
             self._set_up(False)
-            dropped = len(self._queue)
-            if dropped:
-                self._queue.clear()
-                self._on_dropped(dropped)
             if self._history is not None:
                 self._history.sequencing_lost()
             self._master_moved.clear()
@@ -314,8 +339,7 @@ class RedisBackplane:
                 await self._on_sequenced(message["data"], client)
                 continue
             envelope = Envelope.decode(message["data"])
-            if envelope.node != self._node:
-                self._check_sequence(envelope.node, envelope.seq)
+            if envelope.node != self._node and self._first_time(envelope.node, envelope.seq):
                 self._deliver(envelope.payload, envelope.source)
 
     async def _on_sequenced(self, data: bytes, client: Any) -> None:
@@ -329,8 +353,7 @@ class RedisBackplane:
         known_epoch, latest = history.position()
         if epoch != known_epoch or offset > latest + 1:
             await self._catch_up(client)
-        history.deliver_sequenced(epoch, offset, envelope.text, envelope.source, envelope.seq,
-                                  envelope.node == self._node)
+        self._deliver_sequenced(epoch, offset, envelope.text, envelope)
 
     async def _catch_up(self, client: Any) -> None:
         """Bring this process's history up to Redis's: at start, load it; after a
@@ -360,53 +383,91 @@ class RedisBackplane:
                         "history; clients resuming across them will not recover", lost)
             self._on_missed(lost)
         for stored in missed:
-            sender = stored.sender
-            history.deliver_sequenced(epoch, stored.entry.offset, stored.entry.frame,
-                                      sender.source, sender.seq, sender.node == self._node)
+            self._deliver_sequenced(epoch, stored.entry.offset, stored.entry.frame,
+                                    stored.sender)
 
-    def _check_sequence(self, node: str, seq: int) -> None:
-        """Count the frames of ``node`` that never arrived (a gap before ``seq``)."""
-        last = self._last_seen.get(node)
-        self._last_seen[node] = seq
-        if last is not None and seq > last + 1:
+    def _deliver_sequenced(self, epoch: str, offset: int, frame: str,
+                           sender: Envelope) -> None:
+        """To the history feed, a publisher's retry of a token already seen marked
+        a repeat (an offset taken, nothing delivered)."""
+        assert self._history is not None
+        repeat = self._seen.repeated(sender.node, sender.seq)
+        self._history.deliver_sequenced(epoch, offset, frame, sender.source, sender.seq,
+                                        sender.node == self._node, repeat)
+
+    def _first_time(self, node: str, seq: int) -> bool:
+        """Whether raw frame ``seq`` of ``node`` is new (not a retry of one that
+        crossed already); the frames of ``node`` that never arrived (a gap before
+        ``seq``) are counted missed."""
+        missed = self._seen.raw(node, seq)
+        if missed:
             log.info("backplane: %d frames from %s were missed while this instance's "
-                     "subscription was down", seq - last - 1, node)
-            self._on_missed(seq - last - 1)
+                     "subscription was down", missed, node)
+            self._on_missed(missed)
+        return missed is not None
 
     async def _publish_forever(self) -> None:
+        """Publish the outbox, a batch at a time, while Redis is up; a batch that
+        failed is tried again after a backoff pause, or when Redis is back."""
         client = self._publisher = self._client()
+        delays = backoff_delays(self._rng, self._target.backoff_max)
+        outbox = self._outbox
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while self._queue and self._up:
-                batch = [self._queue.popleft() for _ in range(min(len(self._queue), 256))]
+            while outbox and self._up:
+                batch = outbox.take(BATCH)
                 try:
                     async with client.pipeline(transaction=False) as pipe:
-                        for source, payload, token in batch:
-                            await self._queue_publish(pipe, source, payload, token)
+                        for frame in batch:
+                            await self._queue_publish(pipe, frame)
                         await pipe.execute()
                 except asyncio.CancelledError:
+                    outbox.put_back(batch)  # counted at the stop
                     raise
-                except Exception as exc:  # numbered, so the others count the gap
-                    unsequenced = sum(1 for _, _, token in batch if token is not None)
-                    if unsequenced and self._history is not None:
-                        log.warning("backplane: %d broadcasts may not have been sequenced "
-                                    "(%s)", unsequenced, exc)
-                        self._on_dropped(unsequenced)
-                        self._history.sequencing_lost()
-                    log.debug("backplane publish of %d frames failed: %s", len(batch), exc)
+                except Exception as exc:
+                    self._failed(batch, exc)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await within(self._wakeup.wait(), next(delays))
+                    self._wakeup.clear()
+                    continue
+                delays = backoff_delays(self._rng, self._target.backoff_max)
+                self._on_buffered(outbox.bytes)
 
-    async def _queue_publish(self, pipe: Any, source: str, payload: str | bytes,
-                             token: int | None) -> None:
-        if token is None:
-            self._seq += 1
-            envelope = Envelope(self._node, source, self._seq, payload)
+    def _failed(self, batch: list[Outgoing], exc: Exception) -> None:
+        """A publish failed: Redis went away under it (kept, to be tried again) or
+        refused it (dropped, counted). Either way what was submitted here is
+        delivered here now (``HistoryFeed.sequencing_lost``)."""
+        sequenced = sum(1 for frame in batch if frame.sequenced)
+        if _worth_retrying(exc):
+            log.debug("backplane: publishing %d frames failed, kept for later: %s",
+                      len(batch), exc)
+            self._outbox.put_back(batch)
+        else:
+            log.warning("backplane: Redis refused %d frames (%d to be sequenced): %s",
+                        len(batch), sequenced, exc)
+            self._on_dropped(len(batch))
+        if sequenced and self._history is not None:
+            self._history.sequencing_lost()
+
+    async def _queue_publish(self, pipe: Any, frame: Outgoing) -> None:
+        if not frame.sequenced:
+            envelope = Envelope(self._node, frame.source, frame.number, frame.payload)
             pipe.publish(self._names.channel, envelope.encode())
             return
         await self._scripts["sequence"](
             keys=self._names.keys,
             args=[new_epoch(), self._history_size, self._names.sequenced_channel,
-                  Envelope(self._node, source, token, "").encode(), payload], client=pipe)
+                  Envelope(self._node, frame.source, frame.number, "").encode(),
+                  frame.payload], client=pipe)
+
+
+def _worth_retrying(exc: Exception) -> bool:
+    """A failure of the connection (or a master demoted under it) is worth another
+    try, once Redis is back; an answer of Redis's refusing the commands is not."""
+    from redis.exceptions import ReadOnlyError, ResponseError
+
+    return isinstance(exc, ReadOnlyError) or not isinstance(exc, ResponseError)
 
 
 @dataclass(frozen=True)

@@ -199,6 +199,11 @@ class RedisChannels(Generic[M]):
             self._listen(change.channel, False)
             self._streams.last.pop(change.channel, None)
 
+    @property
+    def up(self) -> bool:
+        """Whether the channels' Redis subscription is up (publishes go out)."""
+        return self._up
+
     def publish(self, channel: str, frame: str) -> bool:
         if not self._up or len(self._jobs) >= JOB_LIMIT:
             return False

@@ -101,6 +101,11 @@ class Metrics:
             "ebbcast_backplane_missed_total",
             "Frames other instances published that this one never received (gaps in "
             "their sequence numbers, e.g. while its subscription was down).", registry=r)
+        self.backplane_buffered = Gauge(
+            "ebbcast_backplane_buffered_bytes",
+            "Bytes of frames waiting to be published to other instances (kept while "
+            "Redis is away, up to backplane.outage_buffer per process).", registry=r,
+            multiprocess_mode="livesum")
         self.backplane_failovers = Counter(
             "ebbcast_backplane_failovers_total",
             "Times the Redis backplane found a new master (Sentinel failover).",

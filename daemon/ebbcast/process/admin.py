@@ -44,8 +44,9 @@ class ChannelAdmin(Protocol):
     """Channels, as the admin API reaches them (SPEC 14): the main process's
     ``ChannelDesk``, or a process on its own's ``LocalChannelAdmin``."""
 
-    def publish(self, channel: str, frame: str) -> int:
-        """Publish ``frame`` to ``channel``: how many subscribers it has."""
+    def publish(self, channel: str, frame: str) -> int | None:
+        """Publish ``frame`` to ``channel``: how many subscribers it has; None when
+        it cannot be published now (Redis is away)."""
     def send_direct(self, client_id: str, frame: str) -> Awaitable[int]:
         """``frame`` to every connection of ``client_id`` (other instances too):
         how many it reached on this one."""
@@ -194,8 +195,12 @@ class BroadcastHandler(AdminHandler):
         if channel is not None:
             if self.channels_usable(channel):
                 frame = frames.channel_message(channel, frames.ADMIN_SENDER, text, time.time())
-                self.write_json(202, {"recipients": self.backend.channels.publish(channel,
-                                                                                  frame)})
+                recipients = self.backend.channels.publish(channel, frame)
+                if recipients is None:
+                    self.write_json(503, {"error": "channels unavailable (the backplane "
+                                                   "is away): not published, try again"})
+                else:
+                    self.write_json(202, {"recipients": recipients})
             return
         payload = text
         if self.backend.config.broadcast.envelope == "json":

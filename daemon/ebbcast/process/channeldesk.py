@@ -60,11 +60,13 @@ class ChannelDesk:
                 return False
         return True
 
-    def publish(self, channel: str, frame: str) -> int:
+    def publish(self, channel: str, frame: str) -> int | None:
         """The admin API's publish: sequenced, and sent to the workers with a
-        subscriber; how many subscribers the channel has on this instance."""
+        subscriber; how many subscribers the channel has on this instance (None:
+        it cannot be published now)."""
+        if not self.plane.publish(channel, frame):
+            return None
         self._metrics.channel_messages.inc()
-        self.plane.publish(channel, frame)
         return self.plane.subscribers(channel)
 
     # -- ChannelSink ---------------------------------------------------------------------

@@ -171,9 +171,10 @@ class LocalChannelAdmin:
         self._channels = channels
         self._served = served
 
-    def publish(self, channel: str, frame: str) -> int:
+    def publish(self, channel: str, frame: str) -> int | None:
+        if not self._channels.publish(channel, frame):
+            return None
         self._served.metrics.channel_messages.inc()
-        self._channels.publish(channel, frame)
         return self._channels.subscribers(channel)
 
     async def send_direct(self, client_id: str, frame: str) -> int:

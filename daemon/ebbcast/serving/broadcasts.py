@@ -36,8 +36,8 @@ from ebbcast.serving.fanout import Fanout, Recipient
 log = logging.getLogger(__name__)
 
 #: Broadcasts submitted here and not yet back from the sequencer that are
-#: remembered; beyond this (the sequencer would have to be stuck) the oldest are
-#: forgotten, with a warning.
+#: waited for; beyond this (the sequencer would have to be stuck) the oldest is
+#: delivered here without an offset, with a warning.
 IN_FLIGHT_LIMIT = 10_000
 
 
@@ -60,40 +60,37 @@ class Submitted:
 
 
 class InFlight:
-    """Broadcasts submitted here, by token, until they come back sequenced; and the
-    tokens of those delivered here without an offset when the sequencer was lost
-    (if one comes back after all, it is recorded, not delivered twice)."""
+    """Broadcasts submitted here, by token, until they come back sequenced. One
+    that is no longer waited for when it comes back was delivered here already,
+    without an offset (the sequencer was lost, or too slow): it is only recorded."""
 
     def __init__(self) -> None:
         self._last = 0
         self._waiting: OrderedDict[int, Submitted] = OrderedDict()
-        self._delivered_here: OrderedDict[int, None] = OrderedDict()
-        self.forgotten = 0
+        self.overdue = 0
 
     def add(self, submitted: Submitted) -> int:
         self._last += 1
         self._waiting[self._last] = submitted
-        if len(self._waiting) > IN_FLIGHT_LIMIT:
-            self._waiting.popitem(last=False)
-            self.forgotten += 1
-            if self.forgotten in (1, 10, 100) or self.forgotten % 1000 == 0:
-                log.warning("%d broadcasts never came back from the sequencer: forgotten",
-                            self.forgotten)
         return self._last
 
     def take(self, token: int) -> Submitted | None:
         return self._waiting.pop(token, None)
 
-    def delivered_here(self, token: int) -> bool:
-        return token in self._delivered_here
+    def too_many(self) -> Submitted | None:
+        """The oldest broadcast waited for, out, if more than IN_FLIGHT_LIMIT wait."""
+        if len(self._waiting) <= IN_FLIGHT_LIMIT:
+            return None
+        _, oldest = self._waiting.popitem(last=False)
+        self.overdue += 1
+        if self.overdue in (1, 10, 100) or self.overdue % 1000 == 0:
+            log.warning("%d broadcasts not back from the sequencer in time: delivered "
+                        "here without an offset", self.overdue)
+        return oldest
 
     def give_up(self) -> list[Submitted]:
         """Every broadcast still waiting, oldest first; they will be delivered here."""
         waiting = list(self._waiting.values())
-        for token in self._waiting:
-            self._delivered_here[token] = None
-        while len(self._delivered_here) > IN_FLIGHT_LIMIT:
-            self._delivered_here.popitem(last=False)
         self._waiting.clear()
         return waiting
 
@@ -178,10 +175,12 @@ class Broadcasts:
         if self.sequencing is not None and isinstance(payload, str) and self.sequenced:
             self._metrics.broadcasts.labels(source).inc()
             token = self._in_flight.add(Submitted(payload, source, exclude))
+            if (late := self._in_flight.too_many()) is not None:
+                self._here_without_offset(late)
             if self.sequencing.submit(payload, source, token):
                 members = self._members
                 return len(members) - (exclude is not None and exclude in members)
-            self._in_flight.take(token)  # the backplane is down: here only, with no offset
+            self._in_flight.take(token)  # the sequencer is away: here now, with no offset
             self.history.hole()
             return self._fanout.broadcast(payload, source, exclude=exclude, relayed=True)
         recipients = self._fanout.broadcast(payload, source, exclude=exclude)
@@ -189,35 +188,37 @@ class Broadcasts:
         return recipients
 
     def deliver(self, epoch: str, offset: int, frame: str, source: str, token: int,
-                own: bool, now: float) -> None:
-        """A sequenced broadcast, in offset order (``own``: submitted here)."""
+                own: bool, now: float, repeat: bool = False) -> None:
+        """A sequenced broadcast, in offset order (``own``: submitted here;
+        ``repeat``: sent again by its publisher, so its clients had it)."""
         history = self.history
         if epoch != history.epoch:
             self.new_epoch(epoch, offset - 1)
         elif offset <= history.latest:
             return  # delivered already (a catch-up overlapping live frames)
         exclude = None
-        if own:
+        if own and not repeat:
             submitted = self._in_flight.take(token)
-            if submitted is None and self._in_flight.delivered_here(token):
-                history.append(offset, frame, now)  # its clients have it, without offset
-                return
+            repeat = submitted is None  # delivered here already, without an offset
             exclude = submitted.exclude if submitted is not None else None
         history.append(offset, frame, now)
-        self._fanout.broadcast(frame, source, exclude=exclude, relayed=True)
+        if not repeat:
+            self._fanout.broadcast(frame, source, exclude=exclude, relayed=True)
         if self._waiters:
             self._wake()
+
+    def _here_without_offset(self, submitted: Submitted) -> None:
+        self.history.hole()
+        self._fanout.broadcast(submitted.frame, submitted.source,
+                               exclude=submitted.exclude, relayed=True)
 
     def sequencing_lost(self) -> None:
         """The sequencer is gone (Redis down, a publish failed): what was submitted
         here and has not come back is delivered here now, without an offset, so
         local delivery never stops; one that comes back after all is not repeated."""
         waiting = self._in_flight.give_up()
-        if waiting:
-            self.history.hole()
         for submitted in waiting:
-            self._fanout.broadcast(submitted.frame, submitted.source,
-                                       exclude=submitted.exclude, relayed=True)
+            self._here_without_offset(submitted)
         if waiting:
             log.info("%d broadcasts delivered here without an offset: the sequencer "
                      "is unreachable", len(waiting))
@@ -225,8 +226,8 @@ class Broadcasts:
     # -- from a sequencer elsewhere (ebbcast.backplane.base.SequencedFeed) ---------
 
     def deliver_sequenced(self, epoch: str, offset: int, frame: str, source: str,
-                          token: int, own: bool) -> None:
-        self.deliver(epoch, offset, frame, source, token, own, self._clock())
+                          token: int, own: bool, repeat: bool = False) -> None:
+        self.deliver(epoch, offset, frame, source, token, own, self._clock(), repeat)
 
     def recorded(self, entry: Kept) -> None:
         """A broadcast from before this process: history only, delivered to nobody."""

@@ -203,6 +203,8 @@ class Daemon:
                                on_dropped=metrics.backplane_dropped.inc,
                                on_missed=metrics.backplane_missed.inc,
                                history=self.broadcasts, history_size=config.history.size,
+                               outage_buffer=config.backplane.outage_buffer,
+                               on_buffered=metrics.backplane_buffered.set,
                                on_failover=metrics.backplane_failovers.inc
                                if counts_failovers else lambda: None)
         self.broadcasts.sequencing = redis
