@@ -57,6 +57,8 @@ CHANNEL_RECORDS = [
     (records.Presence(PresenceChange("c", "bob", False)), wire(b"J", b"c\nbob\n0")),
     (records.Direct(8, "bob", '{"type":"direct"}'), wire(b"M", b'8\nbob\n{"type":"direct"}')),
     (records.Delivered(8, 2), wire(b"N", b"8\n2")),
+    (records.ChannelsUp(False), wire(b"V", b"0")),
+    (records.ChannelsUp(True), wire(b"V", b"1")),
 ]
 
 

@@ -197,3 +197,30 @@ def test_channels_max_and_the_handshakes_refusals_hold_on_every_worker(spawn: An
                 assert reason in response.body.decode()
     finally:
         close_all(opened)
+
+
+def test_while_redis_is_away_a_workers_client_is_told_its_publish_did_not_go(
+        spawn: Any, redis_server: Any) -> None:
+    """The main process tells its workers when its channels cannot publish (Redis
+    away): a worker's client then gets the ``unavailable`` error, as a client of a
+    process on its own does, instead of a publish lost on the way without a word."""
+    d = start_workers(spawn, 2, EBBCAST_BACKPLANE_URL=redis_server.url)
+    d.wait_for_log(r"channels: connected to")
+    opened: list[ClientConnection] = []
+    try:
+        clients = one_client_per_worker(d, 2, opened)
+        for _, ws in clients:
+            subscribe(ws, "room")
+        redis_server.stop()
+        lost = d.wait_for_log_index(r"channels: lost 127\.0\.0\.1:\d+")
+        for _, ws in clients:
+            command(ws, type="publish", channel="room", text="during")
+            assert recv_frame(ws, "error") == {"type": "error", "error": "unavailable",
+                                               "channel": "room"}
+        redis_server.start()
+        d.wait_for_log(r"channels: connected to", start=lost)
+        command(clients[0][1], type="publish", channel="room", text="after")
+        for _, ws in clients:  # "during" never went: "after" is the first message
+            assert recv_frame(ws, "message")["text"] == "after"
+    finally:
+        close_all(opened)

@@ -151,6 +151,9 @@ class ChannelSink(Protocol[M]):
     def direct(self, client_id: str, frame: str) -> None:
         """A direct message another instance was asked to send: for every member."""
 
+    def available(self, up: bool) -> None:
+        """Whether publishes can go out now (Redis reached); said when it changes."""
+
 
 class Channels(Protocol[M_contra]):
     """An instance's channels: ``MemoryChannels`` on its own, ``RedisChannels``
@@ -165,6 +168,9 @@ class Channels(Protocol[M_contra]):
         """``member`` is gone: each of its subscriptions ends."""
     def publish(self, channel: str, frame: str) -> bool:
         """Have ``frame`` sequenced in ``channel``; False: it cannot be now."""
+    @property
+    def up(self) -> bool:
+        """Whether a publish can go out now (always, in one instance)."""
     def direct(self, client_id: str, frame: str) -> None:
         """Tell the other instances (none in memory) to send a direct message."""
     def configured(self, config: Config) -> None:
@@ -215,6 +221,10 @@ class MemoryChannels(Generic[M]):
         sequenced, members = self.centre.publish(channel, frame, self._clock())
         if members:
             self._sink.message(members, channel, sequenced.frame)
+        return True
+
+    @property
+    def up(self) -> bool:
         return True
 
     def direct(self, client_id: str, frame: str) -> None:
@@ -284,3 +294,6 @@ class LocalRoute:
 
     def direct(self, client_id: str, frame: str) -> None:
         self._feed.direct(client_id, frame)
+
+    def available(self, up: bool) -> None:
+        pass  # a publish refused here is refused to its client at once

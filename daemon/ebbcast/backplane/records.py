@@ -303,9 +303,22 @@ class Delivered(_Record):
         return _lines(str(self.request), str(self.connections))
 
 
+@dataclass(frozen=True)
+class ChannelsUp(_Record):
+    """Whether the instance's channels can publish (Redis reached): sent to every
+    worker when it changes, and to a new worker when they cannot."""
+
+    KIND: ClassVar[bytes] = b"V"
+    URGENT: ClassVar[bool] = True  # before any client's publish that follows
+    up: bool
+
+    def body(self) -> bytes:
+        return b"1" if self.up else b"0"
+
+
 Record = Union[Frame, Inject, Sequence, Ready, Capabilities, Count, Others, Heartbeat, Accept,
                HandOver, Sequencer, History, Ordered, Subscribe, Subscribed, Unsubscribe,
-               ChannelPublish, ChannelMessage, Presence, Direct, Delivered]
+               ChannelPublish, ChannelMessage, Presence, Direct, Delivered, ChannelsUp]
 
 
 @dataclass(frozen=True)
@@ -384,6 +397,7 @@ _PARSERS: dict[bytes, Callable[[bytes], Record]] = {
     Presence.KIND: _presence,
     Direct.KIND: _direct,
     Delivered.KIND: lambda body: Delivered(*map(int, body.split(b"\n"))),
+    ChannelsUp.KIND: lambda body: ChannelsUp(body == b"1"),
     Inject.KIND: lambda body: Inject(Envelope.decode(body)),
     Sequence.KIND: lambda body: Sequence(Envelope.decode(body)),
     Ready.KIND: lambda body: Ready(body.decode(errors="replace")),

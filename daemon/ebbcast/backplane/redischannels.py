@@ -285,6 +285,7 @@ class RedisChannels(Generic[M]):
     def _set_up(self, up: bool) -> None:
         if up != self._up:
             self._up = up
+            self._sink.available(up)
             if up:
                 self._dirty.update(self.interest.names())
                 for channel, (epoch, offset) in self._streams.last.items():
@@ -355,6 +356,9 @@ class RedisChannels(Generic[M]):
                     raise
                 except Exception as exc:  # positions asked again once Redis is back
                     log.debug("channels: a batch of %d failed: %s", len(batch), exc)
+                    if lost := sum(1 for job in batch if isinstance(job, _Publish)):
+                        log.warning("channels: %d publishes may not have gone out (%s)",
+                                    lost, exc)
                     self._jobs.extendleft(reversed([j for j in batch if isinstance(
                         j, (_Position, _CatchUp))]))
                     await asyncio.sleep(0.1)

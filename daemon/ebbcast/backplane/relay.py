@@ -203,6 +203,7 @@ class WorkerLink:
         self._link: Link | None = None  # made in start(), on the running loop
         self._heartbeat: PeriodicCallback | None = None
         self._epoch = ""  # the main process's, once it says it sequences
+        self._channels_up = True  # until the main process says its channels cannot publish
 
     def start(self) -> None:
         self._link = Link(self._sock, self._on_record, self._peer.main_lost)
@@ -241,7 +242,9 @@ class WorkerLink:
         self._send(records.Unsubscribe(channel, client_id))
 
     def publish_channel(self, channel: str, frame: str) -> bool:
-        return self._send(records.ChannelPublish(channel, frame))
+        """False, for the client to be told, while the main process's channels
+        cannot publish (``ChannelsUp``: Redis away) or the link is gone."""
+        return self._channels_up and self._send(records.ChannelPublish(channel, frame))
 
     def _on_record(self, record: Received) -> None:
         peer = self._peer
@@ -268,6 +271,8 @@ class WorkerLink:
                 peer.hand_over()
             case records.Direct(request, client_id, frame):
                 self._send(records.Delivered(request, self._channels.direct(client_id, frame)))
+            case records.ChannelsUp(up):
+                self._channels_up = up
             case _:  # after the global stream's records, which are the many
                 feed_channel_record(self._channels, record)
 

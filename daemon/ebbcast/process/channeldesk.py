@@ -84,6 +84,11 @@ class ChannelDesk:
         """From another instance: to every worker (no answer is awaited)."""
         self._send(list(self._workers()), records.Direct(0, client_id, frame))
 
+    def available(self, up: bool) -> None:
+        """Every worker told whether a publish can go out now, so that its client
+        gets the ``unavailable`` error rather than a publish lost on the way."""
+        self._send(list(self._workers()), records.ChannelsUp(up))
+
     def _send(self, members: list[Worker], record: records.Record) -> None:
         packed: list[bytes] = []
 
@@ -185,5 +190,4 @@ class DirectRoute:
         self._desk.on_record(self._worker, records.Unsubscribe(channel, client_id))
 
     def publish(self, channel: str, frame: str) -> bool:
-        self._desk.plane.publish(channel, frame)  # as on_record does, without the record
-        return True
+        return self._desk.plane.publish(channel, frame)  # on_record's, without the record
