@@ -41,6 +41,10 @@ setup(
             "kubernetes-validate>=1.30",
             # builds deploy/grafana/ebbcast-dashboard.json (make dashboard)
             "grafanalib>=0.7",
+            # the benchmark's peer that most users start from, FastAPI on uvicorn with
+            # its standard extras (bench/servers/fastapi_manager.py), smoke-tested
+            "fastapi>=0.110",
+            "uvicorn[standard]>=0.29",
         ],
     },
     entry_points={"console_scripts": ["ebbcast = ebbcast.cli:main"]},

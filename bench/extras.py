@@ -13,8 +13,9 @@ Usage (from the repository root):
    daemon's RSS, sampled every 250 ms, against limits.client_queue_bytes.
 3. The drain with many clients: from SIGTERM until every client has the shutdown
    frame, and from the deadline until every client has its close frame.
-4. A mass disconnect: every client but a monitor leaves at once; the periodic
-   timer's lateness before and after, and how long until the daemon sees them gone.
+4. A connect storm, then a mass disconnect: every client but a monitor connects as
+   fast as it can, then leaves at once; the periodic timer's lateness while they
+   connect, before they leave and after, and how long until the daemon sees them gone.
 """
 
 from __future__ import annotations
@@ -184,22 +185,18 @@ def flood_lateness(subscribers: int, seconds: float) -> dict[str, Any]:
 
 
 def mass_disconnect(subscribers: int, after: float = 3.0) -> dict[str, Any]:
-    """Every client but a monitor leaves at once (their load generator is killed: the
-    kernel closes its sockets together): the periodic timer's lateness (every 100 ms)
-    before and after, and how long until the daemon counts them all gone."""
+    """A connect storm, then a mass disconnect. A monitor client connects first and
+    reads the periodic frames (every 100 ms); then every other client connects as
+    fast as the load generator can (up to 200 handshakes outstanding), and later
+    leaves at once (the load generator is killed: the kernel closes its sockets
+    together). The periodic timer's lateness while they connect, once connected,
+    and after they left, and how long until the daemon counts them all gone."""
     interval = 0.1
     server = Server("ebbcast", env={"EBBCAST_BROADCAST_ENVELOPE": "json",
                                     "EBBCAST_BROADCAST_PERIODIC_INTERVAL": "100ms"}).start()
-    crowd = subprocess.Popen(
-        [str(LOADGEN), "--port", str(server.port), "--subscribers", str(subscribers),
-         "--publishers", "0", "--idle", "--duration", "600"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=raise_nofile)
     stamps: list[float] = []  # the periodic frames' ts (when the daemon fired them)
+    crowd = None
     try:
-        assert crowd.stderr is not None
-        for line in crowd.stderr:
-            if line.startswith("wsbench: ready"):
-                break
         monitor = open_ws(server.port)
         reader = FrameReader(monitor)
         done = threading.Event()
@@ -212,6 +209,18 @@ def mass_disconnect(subscribers: int, after: float = 3.0) -> dict[str, Any]:
 
         thread = threading.Thread(target=read, daemon=True)
         thread.start()
+        time.sleep(1.0)  # the timer's lateness with one client
+        storm = time.time()
+        crowd = subprocess.Popen(
+            [str(LOADGEN), "--port", str(server.port), "--subscribers", str(subscribers),
+             "--publishers", "0", "--idle", "--duration", "600"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            preexec_fn=raise_nofile)
+        assert crowd.stderr is not None
+        for line in crowd.stderr:
+            if line.startswith("wsbench: ready"):
+                break
+        connected = time.time()
         time.sleep(2.0)  # the timer's lateness with every client connected
         left = time.time()
         crowd.kill()
@@ -225,14 +234,17 @@ def mass_disconnect(subscribers: int, after: float = 3.0) -> dict[str, Any]:
         thread.join(5)
         monitor.close()
     finally:
-        if crowd.poll() is None:
+        if crowd is not None and crowd.poll() is None:
             crowd.kill()
         server.stop()
-    late = [lateness * 1000 for lateness in tick_lateness(stamps, interval)]
-    before = [ms for ms, ts in zip(late, stamps) if ts < left]
-    around = [ms for ms, ts in zip(late, stamps) if ts >= left]
-    return {"subscribers": subscribers, "all_gone_s": gone,
-            "lateness_before_ms": percentiles(before), "lateness_after_ms": percentiles(around)}
+    late = list(zip((lateness * 1000 for lateness in tick_lateness(stamps, interval)),
+                    stamps))
+    return {"subscribers": subscribers, "connect_s": connected - storm, "all_gone_s": gone,
+            "lateness_connecting_ms": percentiles(
+                [ms for ms, ts in late if storm <= ts < connected + interval]),
+            "lateness_before_ms": percentiles(
+                [ms for ms, ts in late if connected + interval <= ts < left]),
+            "lateness_after_ms": percentiles([ms for ms, ts in late if ts >= left])}
 
 
 def server_cpu(server: Server) -> float:
@@ -340,6 +352,11 @@ def report(results: dict[str, Any]) -> str:
               f"{dr['deadline_to_exit_ms']:.0f} ms after the deadline."]
     gone = results["disconnect"]
     before, after = gone["lateness_before_ms"], gone["lateness_after_ms"]
+    storm = gone["lateness_connecting_ms"]
+    lines += ["", f"Connect storm: {gone['subscribers']:,} clients connect as fast as the "
+              f"load generator can, in {gone['connect_s']:.1f} s. Periodic timer (100 ms) "
+              f"lateness meanwhile: max {storm.get('max', 0):.1f} ms, p99 "
+              f"{storm.get('p99', 0):.1f} ms ({storm['n']} ticks)."]
     lines += ["", f"Mass disconnect: {gone['subscribers']:,} clients leave at once (their "
               f"load generator killed); the daemon counted them gone within "
               f"{gone['all_gone_s'] * 1000:.0f} ms. Periodic timer (100 ms) lateness, "

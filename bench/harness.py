@@ -33,6 +33,7 @@ LOADGEN = Path(os.environ.get("EBBCAST_WSBENCH") or BENCH / "loadgen" / "wsbench
 SENDFLOOR = LOADGEN.parent / "sendfloor"
 NODE_SERVER = BENCH / "servers" / "node_ws" / "server.js"
 NAIVE_SERVER = BENCH / "servers" / "naive_tornado.py"
+FASTAPI_SERVER = BENCH / "servers" / "fastapi_manager.py"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -113,6 +114,8 @@ class Server:
             return [sys.executable, str(NAIVE_SERVER), str(self.port)]
         if self.variant == "node-ws":
             return ["node", str(NODE_SERVER), str(self.port)]
+        if self.variant == "fastapi":
+            return [sys.executable, str(FASTAPI_SERVER), str(self.port)]
         raise ValueError(self.variant)
 
     def start(self) -> Server:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (NODE_SERVER, Server, build_loadgen, machine, pyplot, rss_bytes,
                      run_loadgen, save_results)
 
-VARIANTS = ("ebbcast", "ebbcast-json", "tornado-naive", "node-ws")
+VARIANTS = ("ebbcast", "ebbcast-json", "tornado-naive", "node-ws", "fastapi")
 
 
 def ensure_node_ws() -> None:
@@ -105,7 +105,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(9, 4.8))
     windows = sorted({r["window"] for r in rows}, reverse=True)
     colors = {"ebbcast": "tab:blue", "ebbcast-json": "tab:purple",
-              "tornado-naive": "tab:orange", "node-ws": "tab:green"}
+              "tornado-naive": "tab:orange", "node-ws": "tab:green", "fastapi": "tab:red"}
     for variant in VARIANTS:
         for window, style in zip(windows, ("-", "--", ":", "-.")):
             points = sorted((r["subscribers"], r["deliveries_per_cpu_s"]) for r in rows

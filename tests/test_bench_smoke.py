@@ -40,7 +40,7 @@ def test_benchmark_quick_run_produces_a_table_for_every_variant(tmp_path):
     assert "| ebbcast | 20 | 2 |" in stdout
     rows = data["rows"]
     assert {r["variant"] for r in rows} == {"ebbcast", "ebbcast-json", "tornado-naive",
-                                            "node-ws"}
+                                            "node-ws", "fastapi"}
     for row in rows:
         assert row["errors"] == 0 and row["delivered_per_s"] > 0, row
         assert row["deliveries_per_cpu_s"] > 0 and row["rss_per_conn_kb"] > 0, row
@@ -69,7 +69,8 @@ def test_waiters_benchmark_quick_run_measures_both_codes_before_and_after_resume
 def test_connect_storm_quick_run_measures_every_server(tmp_path):
     _, data = quick_run("storm.py", tmp_path)
     rows = data["rows"]
-    assert {r["variant"] for r in rows} == {"ebbcast", "ebbcast-json", "tornado-naive", "node-ws"}
+    assert {r["variant"] for r in rows} == {"ebbcast", "ebbcast-json", "tornado-naive",
+                                            "node-ws", "fastapi"}
     for row in rows:
         assert row["errors"] == 0 and row["connected"] == row["connections"] == 50, row
         assert row["handshakes_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"], row
@@ -122,6 +123,8 @@ def test_extras_quick_run_times_the_flood_the_drain_and_a_mass_disconnect(tmp_pa
     results = data["results"]
     assert results["drain"]["shutdown_frames"] == results["drain"]["subscribers"] == 50
     gone = results["disconnect"]
-    assert gone["subscribers"] == 50 and gone["all_gone_s"] > 0
+    assert gone["subscribers"] == 50 and gone["all_gone_s"] > 0 and gone["connect_s"] > 0
     assert gone["lateness_before_ms"]["n"] > 0 and gone["lateness_after_ms"]["n"] > 0
+    assert "lateness_connecting_ms" in gone  # 50 clients connect within a tick or two
+    assert "Connect storm: 50 clients connect" in stdout
     assert "Mass disconnect: 50 clients leave at once" in stdout
