@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ class Daemon:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True, env=full_env, preexec_fn=raise_nofile)
         self.lines: list[str] = []
-        self.port = 0
+        self.port, self.admin = 0, ""
         self._serving = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
         if not self._serving.wait(60):
@@ -74,10 +75,17 @@ class Daemon:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.lines.append(line.rstrip())
-            match = re.search(r"serving ws=\S+?:(\d+)/", line)
+            match = re.search(r"serving ws=\S+?:(\d+)/\S* admin=(\S+)", line)
             if match and not self.port:
-                self.port = int(match.group(1))
+                self.port, self.admin = int(match.group(1)), match.group(2)
                 self._serving.set()
+
+    def disconnections(self) -> dict[str, int]:
+        """``ebbcast_disconnections_total`` by reason, over every process so far."""
+        with urllib.request.urlopen(f"{self.admin}/metrics", timeout=30) as response:
+            text = response.read().decode()
+        return {m.group(1): int(float(m.group(2))) for m in re.finditer(
+            r'^ebbcast_disconnections_total\{reason="([a-z_]+)"\} (\S+)$', text, re.M)}
 
     def pids(self) -> list[int]:
         """The main process and its children (every generation's workers)."""
@@ -267,6 +275,7 @@ def upgrade_run(args: argparse.Namespace) -> dict[str, Any]:
         daemon.proc.send_signal(signal.SIGUSR2)
         daemon.wait_log(r"generation \d+ has finished", args.spread + 120)
         progress("upgrade run: the old generation has finished")
+        closed = daemon.disconnections()  # every old connection, by who closed it and why
         daemon.proc.send_signal(signal.SIGTERM)
         daemon.wait_log(r"drain started by SIGTERM", 30)
         daemon.proc.send_signal(signal.SIGTERM)  # the second forces: close everyone now
@@ -292,6 +301,9 @@ def upgrade_run(args: argparse.Namespace) -> dict[str, Any]:
         "error_detail": {kind: sum(r["error_detail"][kind] for r in results)
                          for kind in results[0]["error_detail"]},
         "periodic_broadcast": not args.quiet_upgrade,
+        # "client": the load generator closed its old connection once its new one was
+        # open (a move), or gave up on it; any other reason: the daemon closed it
+        "disconnections_by_reason": {k: v for k, v in closed.items() if v},
         "sigusr2_to_all_moved_s": (opens[-1] / 1000 - sigusr2) if opens else None,
         "accepts_per_s_peak": max(per_second.values(), default=0),
         "accepts_per_s_by_second": [per_second.get(s, 0)
@@ -361,6 +373,8 @@ def report(drain: dict[str, Any], upgrade: dict[str, Any], args: argparse.Namesp
         f"(other errors {upgrade['errors']}: {upgrade['error_detail']}; "
         "moves the load generators put off for want of "
         f"a descriptor: {upgrade['moves_delayed_no_descriptor']}) |",
+        f"| upgrade: old connections closed, by reason | "
+        f"{upgrade.get('disconnections_by_reason', {})} |",
         f"| upgrade: SIGUSR2 until every client moved | "
         f"{upgrade['sigusr2_to_all_moved_s']:.1f} s (shutdown.upgrade_spread "
         f"{upgrade['spread_s']:.0f} s) |",
