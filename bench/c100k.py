@@ -189,8 +189,11 @@ class Loadgens:
         return out
 
 
-def daemon_env(spread: float, drain: float, periodic: bool = True) -> dict[str, str]:
-    return {"EBBCAST_BROADCAST_ENVELOPE": "json",
+def daemon_env(spread: float, drain: float, periodic: bool = True,
+               ping_timeout: float | None = None) -> dict[str, str]:
+    timeout = {} if ping_timeout is None else {
+        "EBBCAST_KEEPALIVE_PING_TIMEOUT": f"{ping_timeout}s"}
+    return {**timeout, "EBBCAST_BROADCAST_ENVELOPE": "json",
             "EBBCAST_BROADCAST_PERIODIC_INTERVAL": f"{PERIODIC_INTERVAL if periodic else 0}s",
             "EBBCAST_SHUTDOWN_DRAIN_TIMEOUT": f"{drain}s",
             "EBBCAST_SHUTDOWN_UPGRADE_SPREAD": f"{spread}s"}
@@ -265,7 +268,8 @@ def drain_run(args: argparse.Namespace) -> dict[str, Any]:
 
 def upgrade_run(args: argparse.Namespace) -> dict[str, Any]:
     daemon = Daemon(args.workers, daemon_env(args.spread, drain=args.spread + 60,
-                                             periodic=not args.quiet_upgrade))
+                                             periodic=not args.quiet_upgrade,
+                                             ping_timeout=args.ping_timeout))
     try:
         gens = Loadgens(daemon.port, args.clients, args.loadgens, True, hold=3600)
         gens.wait_ready(args.clients / 500 + 60)
@@ -346,7 +350,9 @@ def report(drain: dict[str, Any], upgrade: dict[str, Any], args: argparse.Namesp
         "20,000 descriptors per process.",
         f"Command: `bench/c100k.py --clients {args.clients} --workers {args.workers} "
         f"--loadgens {args.loadgens} --hold {args.hold} --spread {args.spread}"
-        f"{' --quiet-upgrade' if args.quiet_upgrade else ''}`. One ebbcast "
+        f"{' --quiet-upgrade' if args.quiet_upgrade else ''}"
+        f"{'' if args.ping_timeout is None else f' --ping-timeout {args.ping_timeout:g}'}`. "
+        f"One ebbcast "
         f"with {args.workers} workers (JSON envelope, a periodic broadcast every second), "
         f"{args.loadgens} wsbench processes on two loopback source addresses each, all on "
         "the same 2 cores.", "",
@@ -397,6 +403,9 @@ def main() -> int:
                         help="shutdown.drain_timeout for the drain run")
     parser.add_argument("--quiet-upgrade", action="store_true",
                         help="no periodic broadcast in the upgrade run")
+    parser.add_argument("--ping-timeout", type=float, default=None,
+                        help="keepalive.ping_timeout in the upgrade run (0: none; default: "
+                             "the daemon's, 20 s)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.quick:
