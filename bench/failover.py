@@ -30,13 +30,15 @@ what overflows ``backplane.outage_buffer``) or missed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "bench"), str(REPO / "tests")]
@@ -47,6 +49,7 @@ from sentinels import (DOWN_AFTER_MS, Cluster, Publisher, Recorder,  # noqa: E40
                        assert_honest, fail_over)
 
 PER_SECOND = 50  # the publisher's rate
+S = TypeVar("S")
 
 
 def serve(url: str, *args: str) -> DaemonProcess:
@@ -54,35 +57,51 @@ def serve(url: str, *args: str) -> DaemonProcess:
                          env={**QUICK, "EBBCAST_BACKPLANE_URL": url}).wait_serving()
 
 
+@contextlib.contextmanager
+def stopped_after(server: S) -> Iterator[S]:
+    """``server`` (a Redis set-up with a ``stop()``), stopped on the way out."""
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def instances(url: str) -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
+    """A (one process) and B (two workers) on ``url``, killed on the way out."""
+    one, two = serve(url), serve(url, "--workers", "2")
+    try:
+        yield one, two
+    finally:
+        for d in (one, two):
+            d.kill()
+
+
 def failovers(rounds: int) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="ebbcast-failover-") as tmp:
-        cluster = Cluster(Path(tmp))
-        one, two = serve(cluster.url), serve(cluster.url, "--workers", "2")
-        try:
-            publisher, far = connected(one, two)
-            results = []
-            for _ in range(rounds):
-                at_kill = publisher.sent
-                killed_at = time.monotonic()
-                pause = fail_over(cluster, publisher, far)
-                results.append(timings(far, at_kill, killed_at, pause, "the SIGKILL"))
-                killed = next(s for s in cluster.servers.values() if s.proc is None)
-                killed.args = ["--replicaof", "127.0.0.1", str(cluster.current_master().port)]
-                killed.start()
-                wait_for(lambda: cluster.sentinel.replicas_in_sync() == 1, timeout=30)
-            return outcome(results, publisher, far, one, two)
-        finally:
-            for d in (one, two):
-                d.kill()
-            cluster.stop()
+    with tempfile.TemporaryDirectory(prefix="ebbcast-failover-") as tmp, \
+            stopped_after(Cluster(Path(tmp))) as cluster, \
+            instances(cluster.url) as (one, two):
+        publisher, far = connected(one, two)
+        results = []
+        for _ in range(rounds):
+            at_kill = publisher.sent
+            killed_at = time.monotonic()
+            pause = fail_over(cluster, publisher, far)
+            first = far.first_after(at_kill)
+            assert first is not None
+            results.append(timings(first - killed_at, pause, "the SIGKILL"))
+            killed = next(s for s in cluster.servers.values() if s.proc is None)
+            killed.args = ["--replicaof", "127.0.0.1", str(cluster.current_master().port)]
+            killed.start()
+            wait_for(lambda: cluster.sentinel.replicas_in_sync() == 1, timeout=30)
+        return outcome(results, publisher, far, one, two)
 
 
 def restarts(rounds: int, outage: float) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="ebbcast-restart-") as tmp:
-        redis = RedisServer(Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="ebbcast-restart-") as tmp, \
+            stopped_after(RedisServer(Path(tmp))) as redis:
         redis.start()
-        one, two = serve(redis.url), serve(redis.url, "--workers", "2")
-        try:
+        with instances(redis.url) as (one, two):
             publisher, far = connected(one, two)
             results = []
             for _ in range(rounds):
@@ -95,16 +114,10 @@ def restarts(rounds: int, outage: float) -> dict[str, Any]:
                 arrivals = [at for at, f in list(far.frames) if f["type"] == "message"]
                 pause = max(b - a for a, b in zip(arrivals, arrivals[1:]) if b > stopped_at)
                 first = min(at for at in arrivals if at > started_at)
-                print(f"first cross-instance delivery {first - started_at:.2f} s after Redis "
-                      f"was back, longest pause {pause:.2f} s", flush=True)
-                results.append({"first_delivery_s": first - started_at, "pause_s": pause})
+                results.append(timings(first - started_at, pause, "Redis was back"))
                 for d in (one, two):
                     wait_for(lambda: metric(d, "ebbcast_backplane_up") == 1, timeout=60)
             return outcome(results, publisher, far, one, two)
-        finally:
-            for d in (one, two):
-                d.kill()
-            redis.stop()
 
 
 def connected(one: DaemonProcess, two: DaemonProcess) -> tuple[Publisher, Recorder]:
@@ -115,13 +128,10 @@ def connected(one: DaemonProcess, two: DaemonProcess) -> tuple[Publisher, Record
     return publisher, far
 
 
-def timings(far: Recorder, number: int, at: float, pause: float,
-            what: str) -> dict[str, float]:
-    first = far.first_after(number)
-    assert first is not None
-    print(f"first cross-instance delivery {first - at:.2f} s after {what}, longest pause "
+def timings(first_s: float, pause: float, since: str) -> dict[str, float]:
+    print(f"first cross-instance delivery {first_s:.2f} s after {since}, longest pause "
           f"{pause:.2f} s", flush=True)
-    return {"first_delivery_s": first - at, "pause_s": pause}
+    return {"first_delivery_s": first_s, "pause_s": pause}
 
 
 def outcome(results: list[dict[str, float]], publisher: Publisher, far: Recorder,

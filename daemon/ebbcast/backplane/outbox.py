@@ -5,8 +5,9 @@ a Sentinel failover) it keeps what this instance's clients sent, in order, up to
 ``backplane.outage_buffer`` bytes, and the backplane publishes it once Redis, or
 the new master, is back. Only what does not fit is refused, for the caller to
 count as dropped. While Redis is up the bound is at least ``BACKLOG`` bytes
-(Redis slower than the clients for a moment), whatever the outage buffer. A batch whose publish failed is put back in front, in order, to
-be tried again: the receivers drop what had crossed already by its number.
+(Redis slower than the clients for a moment), whatever the outage buffer. A batch
+whose publish failed is put back in front, in order, to be tried again: the
+receivers drop what had crossed already by its number.
 
 Each frame is counted at its length plus ``ENTRY_COST``, about what Python keeps
 beside it (the entry, its string's header), so a bound in bytes bounds memory.

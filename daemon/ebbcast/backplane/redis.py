@@ -64,6 +64,7 @@ from ebbcast.backplane.nodes import NodeDirectory
 from ebbcast.backplane.outbox import Outbox, Outgoing
 from ebbcast.backplane.seen import Seen
 from ebbcast.backplane.sentinel import redis_target
+from ebbcast.config import BackplaneConfig
 from ebbcast.core.waits import cancel_for_good, within
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,6 @@ return {epoch, tonumber(redis.call('GET', KEYS[2]) or '0')}
 MASTER_CHECK_SECONDS = 0.5
 #: Frames published to Redis in one pipeline, at most.
 BATCH = 256
-#: ``backplane.outage_buffer``'s default: bytes kept for Redis while it is away.
-OUTAGE_BUFFER = 8 * 1024 * 1024
 
 class RedisBackplane:
     """Redis pub/sub through redis-py's asyncio client (hiredis parser)."""
@@ -120,7 +119,7 @@ class RedisBackplane:
                  rng: random.Random | None = None, history: HistoryFeed | None = None,
                  history_size: int = 0, on_failover: Callable[[], None] = lambda: None,
                  names: RedisNames = RedisNames(), instance: str = "",
-                 outage_buffer: int = OUTAGE_BUFFER,
+                 outage_buffer: int = BackplaneConfig.outage_buffer,
                  on_buffered: Callable[[int], None] = lambda size: None) -> None:
         self._target = redis_target(url)
         self._names = names

@@ -89,6 +89,11 @@ class ChannelDesk:
         gets the ``unavailable`` error rather than a publish lost on the way."""
         self._send(list(self._workers()), records.ChannelsUp(up))
 
+    def introduce(self, worker: Worker) -> None:
+        """A new worker told, if publishes cannot go out now (it assumes they can)."""
+        if not self.plane.up:
+            self._send([worker], records.ChannelsUp(False))
+
     def _send(self, members: list[Worker], record: records.Record) -> None:
         packed: list[bytes] = []
 

@@ -67,9 +67,7 @@ class Switchboard:
             worker.take_sequencer(history.epoch, base, kept,
                                   lambda: DirectSequencing(self, worker))
         worker.take_channels(lambda: self.channels.direct_route(worker))
-        if not self.channels.plane.up:  # its clients' publishes refused until it is
-            worker.take_channel(records.ChannelsUp(False),
-                                lambda: records.pack(records.ChannelsUp(False)))
+        self.channels.introduce(worker)
         if not hold:
             link.send(records.Accept())
 

@@ -180,9 +180,9 @@ class Broadcasts:
             if self.sequencing.submit(payload, source, token):
                 members = self._members
                 return len(members) - (exclude is not None and exclude in members)
-            self._in_flight.take(token)  # the sequencer is away: here now, with no offset
-            self.history.hole()
-            return self._fanout.broadcast(payload, source, exclude=exclude, relayed=True)
+            submitted = self._in_flight.take(token)
+            assert submitted is not None  # added above: the sequencer is away
+            return self._here_without_offset(submitted)
         recipients = self._fanout.broadcast(payload, source, exclude=exclude)
         self._publish(payload, source)
         return recipients
@@ -199,18 +199,22 @@ class Broadcasts:
         exclude = None
         if own and not repeat:
             submitted = self._in_flight.take(token)
-            repeat = submitted is None  # delivered here already, without an offset
-            exclude = submitted.exclude if submitted is not None else None
+            if submitted is None:  # no longer waited for: delivered here, with no offset
+                repeat = True
+            else:
+                exclude = submitted.exclude
         history.append(offset, frame, now)
         if not repeat:
             self._fanout.broadcast(frame, source, exclude=exclude, relayed=True)
         if self._waiters:
             self._wake()
 
-    def _here_without_offset(self, submitted: Submitted) -> None:
+    def _here_without_offset(self, submitted: Submitted) -> int:
+        """Delivered here now, with no offset (the history can no longer vouch for
+        a resume across it); how many connections it is for."""
         self.history.hole()
-        self._fanout.broadcast(submitted.frame, submitted.source,
-                               exclude=submitted.exclude, relayed=True)
+        return self._fanout.broadcast(submitted.frame, submitted.source,
+                                      exclude=submitted.exclude, relayed=True)
 
     def sequencing_lost(self) -> None:
         """The sequencer is gone (Redis down, a publish failed): what was submitted
