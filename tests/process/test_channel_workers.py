@@ -224,3 +224,22 @@ def test_while_redis_is_away_a_workers_client_is_told_its_publish_did_not_go(
             assert recv_frame(ws, "message")["text"] == "after"
     finally:
         close_all(opened)
+
+
+def test_a_worker_started_while_redis_is_away_refuses_channel_publishes(spawn: Any) -> None:
+    """A worker starts out assuming its main process's channels can publish; one that
+    starts while they cannot is told so at once, and its clients get ``unavailable``."""
+    import socket
+
+    with socket.socket() as held:  # a port where no Redis will ever answer
+        held.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{held.getsockname()[1]}/0"
+        d = start_workers(spawn, 2, EBBCAST_BACKPLANE_URL=url)
+        opened: list[ClientConnection] = []
+        try:
+            for _, ws in one_client_per_worker(d, 2, opened):
+                command(ws, type="publish", channel="room", text="never")
+                assert recv_frame(ws, "error") == {"type": "error", "error": "unavailable",
+                                                   "channel": "room"}
+        finally:
+            close_all(opened)
