@@ -13,6 +13,11 @@ class FakeConn:
         self.writable = writable
         self.written: list[bytes] = []
         self.ping_sent_at = self.last_pong = 0.0
+        self.unread = False
+        self.ended: list[str] = []
+
+    def input_unread(self) -> bool:
+        return self.unread
 
     def send_frame(self, frame: bytes) -> bool:
         if self.writable:
@@ -20,7 +25,7 @@ class FakeConn:
         return self.writable
 
     def end(self, reason: str, code: int, text: str | None = None) -> None:
-        pass
+        self.ended.append(reason)
 
 
 def keepalive_over(conns: list[FakeConn], interval: str = "3s") -> Keepalive[FakeConn]:
@@ -92,3 +97,25 @@ def test_keepalive_overdue_picks_connections_with_an_old_unanswered_ping():
     conns = (answered, silent, written_late, never_pinged)
     assert overdue(conns, now=30.0, timeout=20.0) == [silent]
     assert overdue(conns, now=49.5, timeout=20.0) == [silent, written_late]
+
+
+async def test_a_connection_whose_bytes_wait_unread_is_not_closed_for_a_ping_timeout(
+        io_loop):
+    """A saturated process reads late: the pong may be among the bytes waiting for
+    it. Overdue and silent: closed as ping_timeout. Overdue with bytes unread: left
+    for the next check, which closes it if it has still said nothing by then."""
+    silent, behind = FakeConn(), FakeConn()
+    behind.unread = True
+    now = [100.0]
+    registry: ConnectionRegistry[FakeConn] = ConnectionRegistry()
+    for conn in (silent, behind):
+        registry.add(conn)
+        conn.ping_sent_at = 90.0
+    config = test_config(keepalive__ping_timeout="5s")
+    keepalive = Keepalive(registry, lambda: config, clock=lambda: now[0])
+    keepalive._check_round()
+    assert (silent.ended, behind.ended) == (["ping_timeout"], [])
+    behind.unread = False  # read now, and it held no pong
+    keepalive._check_round()
+    assert behind.ended == ["ping_timeout"]
+    keepalive.stop()

@@ -15,7 +15,7 @@ import pytest
 import websockets
 from tornado.iostream import IOStream
 
-from ebbcast.serving.wire import write_frame
+from ebbcast.serving.wire import input_unread, write_frame
 from helpers import STEP_TIMEOUT, never_reading_client, read_server_frames, wait_until
 from ebbcast.serving.wire import (INTERNALS, check_tornado, encode_frame,
                                   tornado_problem_report, valid_close_code)
@@ -335,3 +335,25 @@ async def test_a_send_to_a_client_gone_closes_its_stream_leaving_no_cycle(io_loo
     finally:
         if was_enabled:
             gc.enable()
+
+
+async def test_input_unread_sees_bytes_in_the_kernel_and_in_the_streams_buffer(io_loop):
+    """What the keepalive asks before closing for a ping timeout: bytes the client
+    sent that this process has not handled, whether still in the kernel's receive
+    queue or already read into the stream's buffer; none once they are handled."""
+    mine, theirs = socket.socketpair()
+    stream = IOStream(mine)
+    try:
+        protocol = _Protocol(stream)
+        assert input_unread(protocol) is False
+        theirs.sendall(b"\x8a\x80\x00\x00\x00\x00")  # a masked, empty pong
+        assert input_unread(protocol) is True  # in the kernel
+        await stream.read_bytes(1)  # Tornado reads all there is; one byte handled
+        assert stream._read_buffer_size == 5 and input_unread(protocol) is True
+        await stream.read_bytes(5)
+        assert input_unread(protocol) is False
+        stream.close()
+        assert input_unread(protocol) is False  # a closed stream has nothing to read
+    finally:
+        stream.close()
+        theirs.close()

@@ -31,6 +31,7 @@ from ebbcast.serving.wire import (
     configure_stream,
     encode_frame,
     forget_stream_error,
+    input_unread,
     write_frame,
 )
 
@@ -148,6 +149,10 @@ class Connection:
             self._disconnect_reason = "slow_consumer"  # and it is owed nothing more
             self.abort()
             return False
+
+    def input_unread(self) -> bool:
+        """Bytes from the client this process has not handled yet (see keepalive)."""
+        return input_unread(self._protocol)
 
     def send_text(self, text: str) -> None:
         """Queue a text frame for this client alone, in order with the broadcasts."""

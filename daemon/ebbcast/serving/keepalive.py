@@ -11,7 +11,9 @@ loop pass, they held up timers and broadcasts by 100 ms and more under load.)
 Each connection remembers when its oldest unanswered ping was written
 (``ping_sent_at``) and when its last pong arrived (``last_pong``). A check every
 quarter of ``ping_timeout`` closes, as ``ping_timeout``, the connections whose
-oldest unanswered ping is older than ``ping_timeout``. A ping_timeout of 0 never
+oldest unanswered ping is older than ``ping_timeout``, unless bytes from the client
+wait unread: then this process is late, not the client silent (its pong may be among
+them), and the next check decides. A ping_timeout of 0 never
 closes anyone; a ping_interval of 0 sends no pings. Settings are read at every
 step, so a SIGHUP reload applies from the next one.
 """
@@ -44,6 +46,9 @@ class Pingable(Recipient, Protocol):
     last_pong: float
 
     def end(self, reason: str, code: int, text: str | None = None) -> None: ...
+
+    def input_unread(self) -> bool:
+        """Whether bytes from the client wait that this process has not handled."""
 
 
 P = TypeVar("P", bound=Pingable)
@@ -143,6 +148,8 @@ class Keepalive(Generic[P]):
         if timeout <= 0:
             return
         for conn in overdue(self._registry.snapshot(), self._clock(), timeout):
+            if conn.input_unread():  # its pong may be there: this process is behind
+                continue
             log.debug("closing a connection that did not answer a ping")
             conn.end("ping_timeout", 1000, "ping timed out")
         self._check_timer = asyncio.get_running_loop().call_later(self._check_every(),

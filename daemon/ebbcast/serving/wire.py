@@ -21,7 +21,8 @@ range in setup.py:
   ``_receive_frame_loop()`` (:func:`start_protocol`), which is what Tornado's
   ``WebSocketHandler`` does after its RequestHandler has written the 101.
 - ``IOStream``: the private ``_write_buffer`` (send directly only when nothing is
-  queued), ``socket``, ``write``, ``closed()`` and, in
+  queued), the private ``_read_buffer_size`` (bytes read but not yet handled:
+  :func:`input_unread`), ``socket``, ``write``, ``closed()`` and, in
   :func:`forget_stream_error`, the ``error`` attribute.
 - ``HTTPServer._connections``, the HTTP connections not yet upgraded or closed
   (:func:`open_http_connections`), so that a generation handing over does not exit
@@ -52,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import select
 import socket
 import struct
 from dataclasses import dataclass
@@ -248,6 +250,21 @@ def write_frame(protocol: Any, frame: bytes, queue_limit: int) -> bool:
     return True
 
 
+def input_unread(protocol: Any) -> bool:
+    """Whether bytes from the client wait that this process has not handled yet: in
+    the stream's read buffer, or still in the kernel's receive queue (an end of
+    stream counts: it is the client's too). A loop that is behind (a saturated
+    machine) has not read them; the client is not silent."""
+    if protocol is None or protocol.stream is None or protocol.stream.closed():
+        return False
+    stream = protocol.stream
+    if stream._read_buffer_size:
+        return True
+    poller = select.poll()  # not select(): descriptors go far beyond FD_SETSIZE here
+    poller.register(stream.socket.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def open_http_connections(server: HTTPServer) -> int:
     """HTTP connections of ``server`` still open and not upgraded to WebSocket: a
     page load, a keep-alive connection, or a handshake not yet complete."""
@@ -361,7 +378,8 @@ INTERNALS = (
         "_receive_frame_loop")),
     Internal(_STREAM, "_write_buffer", "sized"),
     *(Internal(_STREAM, name, "attribute") for name in ("error", "socket",
-                                                        "max_write_buffer_size")),
+                                                        "max_write_buffer_size",
+                                                        "_read_buffer_size")),
     *(Internal(_STREAM, name, "method") for name in ("write", "closed")),
     Internal("tornado.httpserver.HTTPServer", "_connections", "sized"),
     Internal(_HTTP1, "detach", "method"),
