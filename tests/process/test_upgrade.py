@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 from websockets.sync.client import ClientConnection
 
-from helpers import (QUICK, REPO, STEP_TIMEOUT, DaemonProcess, clients_on_every_worker,
+from helpers import (QUICK, REPO, STEP_TIMEOUT, DaemonProcess, _never_reading_client,
+                     clients_on_every_worker,
                      close_all, closed_code, dial, install_package, metric, notifications,
                      package_copy, pid_of, promtool_accepts, recv_frame, server_frames, status,
                      wait_for)
@@ -370,6 +371,28 @@ def test_an_old_generation_worker_killed_while_it_drains_is_not_restarted(spawn)
     assert victim not in d.children()
     assert status(d)["generation"] == 2
     close_all([*olds, new])
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+
+
+def test_clients_the_old_generations_deadline_closes_are_counted_once_as_drain_deadline(
+        spawn):
+    """Its workers close and count their own clients, then exit 0: the main process
+    does not count them again as lost with a dead worker (``error``), from a count
+    the worker reported before it closed them. Clients that never read, so the
+    close handshake times out and they are dropped just before the worker exits."""
+    d = start(spawn, 2, "--drain-timeout", "1s")
+    silent = [_never_reading_client(d.ws_url) for _ in range(4)]
+    try:
+        wait_for(lambda: status(d)["connections"] == 4)  # every worker has reported
+        mark = len(d.lines)
+        upgrade(d, 2)
+        d.wait_for_log("generation 1 has finished", start=mark)
+        assert metric(d, 'ebbcast_disconnections_total{reason="drain_deadline"}') == 4
+        assert metric(d, 'ebbcast_disconnections_total{reason="error"}') == 0
+    finally:
+        for sock in silent:
+            sock.close()
     d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0
 

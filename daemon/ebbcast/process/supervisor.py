@@ -379,14 +379,14 @@ class Supervisor:
         self._switchboard.tell_counts()
 
     def _reap(self, worker: Worker) -> None:
-        """The worker has exited (its pidfd became readable, or its task ended)."""
-        pid, lost = worker.pid, worker.connections
-        returncode = worker.reap()
+        """The worker has exited (its pidfd became readable, or its task ended). Its
+        last count is counted lost unless it exited 0 (it counted its own closes)."""
+        pid, lost, returncode = worker.pid, worker.connections, worker.reap()
         if returncode is None:
             return
         if pid != os.getpid():
             self._merged.mark_process_dead(pid)
-        if lost:  # its clients' connections ended with it, uncounted by the worker
+        if lost and returncode != 0:
             self.metrics.disconnections.labels("error").inc(lost)
         self._switchboard.worker_gone(worker)
         what = f"{worker.name} (pid {pid}) {describe_exit(returncode)}"
