@@ -1,24 +1,27 @@
 """100,000 WebSocket clients on one host: connect, broadcast, drain, upgrade.
 
-    .venv/bin/python bench/c100k.py --out bench/results     # about 5 minutes
+    .venv/bin/python bench/c100k.py --out bench/results     # about 12 minutes
     .venv/bin/python bench/c100k.py --quick                 # a smoke run: seconds
 
-One ebbcast instance (``--workers``, JSON envelope, a periodic broadcast every
-second) and ``--loadgens`` wsbench processes, each binding its connections to its
-own loopback source addresses (127.0.0.2, 127.0.0.3, ...), because one process may
-hold at most 20,000 descriptors here and one source address has some 28,000
-ephemeral ports. Two runs:
+One ebbcast instance (``--workers``, JSON envelope) and ``--loadgens`` wsbench
+processes, each binding its connections to its own loopback source addresses
+(127.0.0.2, 127.0.0.3, ...), because one process may hold at most 20,000
+descriptors here and one source address has some 28,000 ephemeral ports. Runs:
 
 - **drain**: connect every client (time to connect all; RSS of the main process
   and its workers, in total and per connection), hold them for ``--hold`` seconds
-  of periodic broadcasts (delivery latency to every client, and how late the
-  timer fired), then SIGTERM: how long until every client has the shutdown frame.
-- **upgrade**: connect every client again, then SIGUSR2. Every client opens a new
-  connection after the ``reconnect_after_ms`` its shutdown frame gives it and
-  closes the old one once the new one is open (make before break, as ebbcast's
-  own clients do). Measured: handshakes that failed (the goal is 0), the time
-  from SIGUSR2 until every client has moved, and the new generation's accept rate
-  (moves completed per second, in 1-second buckets).
+  of periodic broadcasts, one a second (delivery latency to every client, and how
+  late the timer fired), then SIGTERM: how long until every client has the
+  shutdown frame.
+- **upgrade**, once for each of ``--upgrade-intervals`` (the periodic broadcast's
+  interval: by default the daemon's own 10 s, then every second): connect every
+  client again, then SIGUSR2. Every client opens a new connection after the
+  ``reconnect_after_ms`` its shutdown frame gives it and closes the old one once
+  the new one is open (make before break, as ebbcast's own clients do). Measured:
+  handshakes that failed and old connections the daemon closed rather than the
+  client (the goal is 0 of each), the daemon's closes by reason over time, the
+  time from SIGUSR2 until every client has moved, and the new generation's accept
+  rate (moves completed per second, in 1-second buckets).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -189,12 +193,37 @@ class Loadgens:
         return out
 
 
-def daemon_env(spread: float, drain: float, periodic: bool = True,
+class ClosesOverTime:
+    """Samples ``ebbcast_disconnections_total`` by reason every ``every`` seconds
+    from ``since`` (a wall-clock time), on a thread, until stopped."""
+
+    def __init__(self, daemon: Daemon, since: float, every: float = 2.0) -> None:
+        self.samples: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(daemon, since, every),
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, daemon: Daemon, since: float, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                closed = daemon.disconnections()
+            except OSError:
+                continue
+            self.samples.append({"s": round(time.time() - since, 1),
+                                 **{k: v for k, v in closed.items() if v}})
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def daemon_env(spread: float, drain: float, interval: float = PERIODIC_INTERVAL,
                ping_timeout: float | None = None) -> dict[str, str]:
     timeout = {} if ping_timeout is None else {
         "EBBCAST_KEEPALIVE_PING_TIMEOUT": f"{ping_timeout}s"}
     return {**timeout, "EBBCAST_BROADCAST_ENVELOPE": "json",
-            "EBBCAST_BROADCAST_PERIODIC_INTERVAL": f"{PERIODIC_INTERVAL if periodic else 0}s",
+            "EBBCAST_BROADCAST_PERIODIC_INTERVAL": f"{interval:g}s",
             "EBBCAST_SHUTDOWN_DRAIN_TIMEOUT": f"{drain}s",
             "EBBCAST_SHUTDOWN_UPGRADE_SPREAD": f"{spread}s"}
 
@@ -266,9 +295,10 @@ def drain_run(args: argparse.Namespace) -> dict[str, Any]:
         "errors": sum(r["errors"] for r in results), "exit_code": code}
 
 
-def upgrade_run(args: argparse.Namespace) -> dict[str, Any]:
+def upgrade_run(args: argparse.Namespace, interval: float) -> dict[str, Any]:
+    """One upgrade with the periodic broadcast every ``interval`` seconds (0: none)."""
     daemon = Daemon(args.workers, daemon_env(args.spread, drain=args.spread + 60,
-                                             periodic=not args.quiet_upgrade,
+                                             interval=interval,
                                              ping_timeout=args.ping_timeout))
     try:
         gens = Loadgens(daemon.port, args.clients, args.loadgens, True, hold=3600)
@@ -277,8 +307,10 @@ def upgrade_run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(2)
         sigusr2 = time.time()
         daemon.proc.send_signal(signal.SIGUSR2)
+        timeline = ClosesOverTime(daemon, sigusr2)
         daemon.wait_log(r"generation \d+ has finished", args.spread + 120)
         progress("upgrade run: the old generation has finished")
+        timeline.stop()
         closed = daemon.disconnections()  # every old connection, by who closed it and why
         daemon.proc.send_signal(signal.SIGTERM)
         daemon.wait_log(r"drain started by SIGTERM", 30)
@@ -304,10 +336,12 @@ def upgrade_run(args: argparse.Namespace) -> dict[str, Any]:
         "errors": sum(r["errors"] for r in results),
         "error_detail": {kind: sum(r["error_detail"][kind] for r in results)
                          for kind in results[0]["error_detail"]},
-        "periodic_broadcast": not args.quiet_upgrade,
+        "periodic_interval_s": interval,
         # "client": the load generator closed its old connection once its new one was
         # open (a move), or gave up on it; any other reason: the daemon closed it
         "disconnections_by_reason": {k: v for k, v in closed.items() if v},
+        "closed_by_the_daemon": sum(v for k, v in closed.items() if k != "client"),
+        "disconnections_over_time": timeline.samples,
         "sigusr2_to_all_moved_s": (opens[-1] / 1000 - sigusr2) if opens else None,
         "accepts_per_s_peak": max(per_second.values(), default=0),
         "accepts_per_s_by_second": [per_second.get(s, 0)
@@ -315,21 +349,21 @@ def upgrade_run(args: argparse.Namespace) -> dict[str, Any]:
         "exit_code": code}
 
 
-def plot(drain: dict[str, Any], upgrade: dict[str, Any], path: Path) -> bool:
+def plot(drain: dict[str, Any], upgrades: list[dict[str, Any]], path: Path) -> bool:
     plt = pyplot()
     if plt is None:
         return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    rates = upgrade["accepts_per_s_by_second"]
-    left.bar(range(len(rates)), rates, width=1.0, color="tab:blue", label="moves per second")
-    cumulative = [sum(rates[:i + 1]) for i in range(len(rates))]
-    twin = left.twinx()
-    twin.plot(range(len(rates)), cumulative, color="tab:orange", label="clients moved")
+    for upgrade in upgrades:
+        rates = upgrade["accepts_per_s_by_second"]
+        cumulative = [sum(rates[:i + 1]) for i in range(len(rates))]
+        left.plot(range(len(rates)), cumulative,
+                  label=f"broadcast {interval_text(upgrade['periodic_interval_s'])}: "
+                        f"{upgrade['moved']:,} moved")
     left.set_xlabel("seconds after SIGUSR2")
-    left.set_ylabel("handshakes on the new generation per second")
-    twin.set_ylabel("clients moved")
-    left.set_title(f"Upgrade with {upgrade['clients']:,} clients "
-                   f"({upgrade['handshakes_failed']} failed)")
+    left.set_ylabel("clients moved to the new generation")
+    left.set_title(f"Upgrade with {upgrades[0]['clients']:,} clients")
+    left.legend()
     latency = drain["periodic_latency_ms"]
     names = ["p50", "p90", "p99", "max"]
     right.bar(names, [latency.get(n, 0) for n in names], color="tab:green")
@@ -340,8 +374,13 @@ def plot(drain: dict[str, Any], upgrade: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def report(drain: dict[str, Any], upgrade: dict[str, Any], args: argparse.Namespace,
-           started: datetime.datetime) -> str:
+def interval_text(seconds: float) -> str:
+    return "off" if seconds == 0 else "every second" if seconds == 1 else \
+        f"every {seconds:g} s"
+
+
+def report(drain: dict[str, Any], upgrades: list[dict[str, Any]],
+           args: argparse.Namespace, started: datetime.datetime) -> str:
     m = machine()
     lat, late = drain["periodic_latency_ms"], drain["periodic_lateness_ms"]
     return "\n".join([
@@ -349,13 +388,12 @@ def report(drain: dict[str, Any], upgrade: dict[str, Any], args: argparse.Namesp
         f"Machine: {m['cores']} cores, {m['cpu']}, Linux {m['kernel']}, Python {m['python']}; "
         "20,000 descriptors per process.",
         f"Command: `bench/c100k.py --clients {args.clients} --workers {args.workers} "
-        f"--loadgens {args.loadgens} --hold {args.hold} --spread {args.spread}"
-        f"{' --quiet-upgrade' if args.quiet_upgrade else ''}"
+        f"--loadgens {args.loadgens} --hold {args.hold} --spread {args.spread} "
+        f"--upgrade-intervals {args.upgrade_intervals}"
         f"{'' if args.ping_timeout is None else f' --ping-timeout {args.ping_timeout:g}'}`. "
-        f"One ebbcast "
-        f"with {args.workers} workers (JSON envelope, a periodic broadcast every second), "
-        f"{args.loadgens} wsbench processes on two loopback source addresses each, all on "
-        "the same 2 cores.", "",
+        f"One ebbcast with {args.workers} workers (JSON envelope), {args.loadgens} wsbench "
+        "processes on two loopback source addresses each, all on the same 2 cores.", "",
+        "## Connect, broadcast once a second, drain", "",
         "| measure | value |", "|---|---|",
         f"| clients connected | {drain['connected']:,} of {drain['clients']:,} "
         f"({drain['errors']} errors) |",
@@ -373,20 +411,32 @@ def report(drain: dict[str, Any], upgrade: dict[str, Any], args: argparse.Namesp
         f"| SIGTERM until every client has the shutdown frame | "
         f"{drain['sigterm_to_all_shutdown_ms']:,.0f} ms (first after "
         f"{drain['sigterm_to_first_shutdown_ms']:.0f} ms; {drain['shutdown_frames']:,} frames) |",
-        f"| upgrade (SIGUSR2){'' if upgrade['periodic_broadcast'] else ', no periodic broadcast'}"
-        f": clients moved | {upgrade['moved']:,} of {upgrade['clients']:,} |",
-        f"| upgrade: handshakes failed | {upgrade['handshakes_failed']} "
-        f"(other errors {upgrade['errors']}: {upgrade['error_detail']}; "
-        "moves the load generators put off for want of "
-        f"a descriptor: {upgrade['moves_delayed_no_descriptor']}) |",
-        f"| upgrade: old connections closed, by reason | "
-        f"{upgrade.get('disconnections_by_reason', {})} |",
-        f"| upgrade: SIGUSR2 until every client moved | "
-        f"{upgrade['sigusr2_to_all_moved_s']:.1f} s (shutdown.upgrade_spread "
-        f"{upgrade['spread_s']:.0f} s) |",
-        f"| upgrade: new generation's accept rate | peak {upgrade['accepts_per_s_peak']:,}/s, "
-        f"mean {upgrade['moved'] / max(upgrade['sigusr2_to_all_moved_s'] or 1, 1):,.0f}/s |",
+        "", "## Upgrade (SIGUSR2), with the periodic broadcast", "",
+        *upgrade_table(upgrades),
         "", f"![upgrade and broadcast latency](c100k-{started:%Y%m%d-%H%M}.png)", ""])
+
+
+def upgrade_table(upgrades: list[dict[str, Any]]) -> list[str]:
+    """One column per upgrade run."""
+    rows: dict[str, Callable[[dict[str, Any]], str]] = {
+        "periodic broadcast": lambda u: interval_text(u["periodic_interval_s"]),
+        "clients moved": lambda u: f"{u['moved']:,} of {u['clients']:,}",
+        "handshakes failed": lambda u: f"{u['handshakes_failed']}",
+        "load generator errors": lambda u: f"{u['errors']:,} "
+        f"({', '.join(f'{k} {v:,}' for k, v in u['error_detail'].items() if v) or 'none'})",
+        "old connections closed by the daemon, not the client": lambda u:
+            f"{u['closed_by_the_daemon']:,}",
+        "old connections closed, by reason": lambda u: ", ".join(
+            f"{k} {v:,}" for k, v in u["disconnections_by_reason"].items()),
+        "SIGUSR2 until every client moved": lambda u:
+            f"{u['sigusr2_to_all_moved_s']:.1f} s (spread {u['spread_s']:.0f} s)",
+        "new generation's accept rate": lambda u: f"peak {u['accepts_per_s_peak']:,}/s",
+    }
+    lines = ["| measure | " + " | ".join(f"run {i + 1}" for i in range(len(upgrades))) + " |",
+             "|---|" + "---|" * len(upgrades)]
+    for name, cell in rows.items():
+        lines.append(f"| {name} | " + " | ".join(cell(u) for u in upgrades) + " |")
+    return lines
 
 
 def main() -> int:
@@ -401,29 +451,38 @@ def main() -> int:
                         help="shutdown.upgrade_spread for the upgrade run")
     parser.add_argument("--drain", type=float, default=10.0,
                         help="shutdown.drain_timeout for the drain run")
-    parser.add_argument("--quiet-upgrade", action="store_true",
-                        help="no periodic broadcast in the upgrade run")
+    parser.add_argument("--upgrade-intervals", default="10,1",
+                        help="one upgrade run per broadcast.periodic_interval, in seconds "
+                             "(0: no periodic broadcast; default: the daemon's 10, then 1)")
     parser.add_argument("--ping-timeout", type=float, default=None,
                         help="keepalive.ping_timeout in the upgrade run (0: none; default: "
                              "the daemon's, 20 s)")
+    parser.add_argument("--upgrade-only", action="store_true",
+                        help="run only the upgrade part and print its figures (no report)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.quick:
         args.clients, args.workers, args.loadgens, args.hold, args.spread = 200, 2, 2, 3, 2
-        args.drain = 1
+        args.drain, args.upgrade_intervals = 1, "1"
     build_loadgen()
     started = datetime.datetime.now(datetime.timezone.utc)
+    intervals = [float(x) for x in args.upgrade_intervals.split(",")]
+    if args.upgrade_only:
+        print(json.dumps([upgrade_run(args, interval) for interval in intervals], indent=1))
+        return 0
     drain = drain_run(args)
     print(json.dumps(drain), file=sys.stderr)
-    upgrade = upgrade_run(args)
-    print(json.dumps(upgrade), file=sys.stderr)
-    text = report(drain, upgrade, args, started)
+    upgrades = []
+    for interval in intervals:
+        upgrades.append(upgrade_run(args, interval))
+        print(json.dumps(upgrades[-1]), file=sys.stderr)
+    text = report(drain, upgrades, args, started)
     print(text)
     if args.out:
         stem = save_results(args.out, "c100k", started, text,
-                            {"drain": drain, "upgrade": upgrade,
+                            {"drain": drain, "upgrades": upgrades,
                              "args": {k: str(v) for k, v in vars(args).items()}})
-        plot(drain, upgrade, stem.with_suffix(".png"))
+        plot(drain, upgrades, stem.with_suffix(".png"))
     return 0
 
 

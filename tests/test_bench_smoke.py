@@ -85,13 +85,15 @@ def test_memory_breakdown_quick_run_reports_every_view(tmp_path):
 
 def test_c100k_quick_run_connects_broadcasts_drains_and_upgrades(tmp_path):
     stdout, data = quick_run("c100k.py", tmp_path)
-    drain, upgrade = data["drain"], data["upgrade"]
+    drain, (upgrade,) = data["drain"], data["upgrades"]
     assert drain["connected"] == drain["clients"] == 200 and drain["errors"] == 0, drain
     assert drain["shutdown_frames"] == 200 and drain["exit_code"] == 0, drain
     assert drain["periodic_latency_ms"]["count"] >= 200 and drain["rss_per_conn_bytes"] > 0
     assert upgrade["moved"] == upgrade["moves_started"] == 200, upgrade
     assert upgrade["handshakes_failed"] == 0 and upgrade["errors"] == 0, upgrade
-    assert "| upgrade: handshakes failed | 0 " in stdout
+    assert upgrade["closed_by_the_daemon"] == 0, upgrade  # each old one closed by its client
+    assert upgrade["disconnections_by_reason"] == {"client": 200}, upgrade
+    assert "| handshakes failed | 0 |" in stdout
 
 
 def test_before_after_quick_run_alternates_two_trees(tmp_path):
