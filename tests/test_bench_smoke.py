@@ -130,3 +130,13 @@ def test_extras_quick_run_times_the_flood_the_drain_and_a_mass_disconnect(tmp_pa
     assert "lateness_connecting_ms" in gone  # 50 clients connect within a tick or two
     assert "Connect storm: 50 clients connect" in stdout
     assert "Mass disconnect: 50 clients leave at once" in stdout
+
+
+def test_fanoutcost_quick_run_splits_a_delivery_against_the_kernels_floor(tmp_path):
+    stdout, data = quick_run("fanoutcost.py", tmp_path)
+    kernel, python, ebbcast = data["kernel"], data["python"], data["ebbcast"]
+    assert kernel["sends"] == python["sends"] == 20_000 and kernel["bytes"] == 102
+    assert 0 < kernel["us_per_send"] and 0 < python["us_per_send"]
+    assert ebbcast["errors"] == 0 and ebbcast["us_per_delivery"] > 0, ebbcast
+    assert "| the kernel alone (sendfloor, C) |" in stdout and "**ebbcast, per delivery**" \
+        in stdout
