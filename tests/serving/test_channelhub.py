@@ -59,7 +59,7 @@ def hub_with(route: SlowRoute) -> ChannelHub:
     metrics = Metrics(CollectorRegistry())
     registry: ConnectionRegistry[Client] = ConnectionRegistry()
     hub = ChannelHub(Fanout(registry, metrics), metrics,  # type: ignore[arg-type]
-                     Config, lambda: iter(()))
+                     Config, lambda client_id: ())
     hub.route = route
     return hub
 

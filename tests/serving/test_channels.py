@@ -96,18 +96,15 @@ def test_claims_that_cannot_be_read_say_why(channels: object, publish: object) -
     assert isinstance(ChannelRights.from_claims(channels, publish), str)
 
 
-def test_subscriptions_report_the_first_and_last_local_subscriber() -> None:
-    interest: list[tuple[str, bool]] = []
-    table: Subscriptions[str] = Subscriptions(10, 100, lambda c, w: interest.append((c, w)))
+def test_subscriptions_keep_each_channels_subscribers_and_forget_an_empty_channel() -> None:
+    table: Subscriptions[str] = Subscriptions(10, 100)
     assert table.subscribe("a", "c") is None and table.subscribe("b", "c") is None
     assert table.subscribe("a", "c") is None  # again: nothing changes
-    assert (interest, table.subscribers("c"), table.subscriptions) == \
-        ([("c", True)], ("a", "b"), 2)
+    assert (table.subscribers("c"), table.subscriptions, table.channels) == (("a", "b"), 2, 1)
     assert table.unsubscribe("a", "c") and not table.unsubscribe("a", "c")
-    assert interest == [("c", True)]
     table.subscribe("b", "d")
+    assert (table.subscribers("c"), table.channels) == (("b",), 2)
     assert sorted(table.drop("b")) == ["c", "d"]
-    assert interest == [("c", True), ("d", True), ("c", False), ("d", False)]
     assert (table.channels, table.subscriptions, table.counts()) == (0, 0, {})
 
 

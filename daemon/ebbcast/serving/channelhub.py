@@ -69,11 +69,11 @@ class ChannelHub:
     """Each connection's channels; the route's answers, messages and presence."""
 
     def __init__(self, fanout: Fanout, metrics: Metrics, config: Callable[[], Config],
-                 local: Callable[[], Iterable[Subscriber]]) -> None:
+                 local: Callable[[str], Iterable[Subscriber]]) -> None:
         self._fanout = fanout
         self._metrics = metrics
         self._config = config  # read when needed: a reload replaces it
-        self._local = local  # every open connection (for direct messages)
+        self._local = local  # the open connections of a client id (direct messages)
         self.route: ChannelRoute | None = None
         # its limits are channels.* as each subscribe reads them (they reload)
         self.subscriptions: Subscriptions[Subscriber] = Subscriptions(0, 0)
@@ -256,7 +256,7 @@ class ChannelHub:
         self._fanout.send_to(ready, encode_frame(text.encode()))
 
     def direct(self, client_id: str, frame: str) -> int:
-        reached = [conn for conn in self._local() if conn.client_id == client_id]
+        reached = list(self._local(client_id))
         self._fanout.send_to(reached, encode_frame(frame.encode()))
         self._metrics.direct_messages.inc(len(reached))
         return len(reached)

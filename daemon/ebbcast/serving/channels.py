@@ -13,7 +13,7 @@ so that only processes with subscribers receive a channel's messages.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar, Union
 
@@ -184,19 +184,14 @@ class Refused:
 
 class Subscriptions(Generic[Conn]):
     """Each connection's channels and each channel's connections in one process.
+    (Which processes want a channel's messages is the main process's interest
+    table, ``ebbcast.backplane.centre``, told by each subscribe and unsubscribe.)"""
 
-    ``on_interest(channel, True)`` is called when a channel gets its first local
-    subscriber, ``(channel, False)`` when it loses its last: the process asks for a
-    channel's messages only while it has subscribers."""
-
-    def __init__(self, max_per_connection: int, max_channels: int,
-                 on_interest: Callable[[str, bool], None] = lambda channel, wanted: None
-                 ) -> None:
+    def __init__(self, max_per_connection: int, max_channels: int) -> None:
         self.max_per_connection = max_per_connection
         self.max_channels = max_channels
         self._members: dict[str, dict[Conn, None]] = {}
         self._of: dict[Conn, dict[str, None]] = {}
-        self._on_interest = on_interest
         self._subscriptions = 0
 
     def subscribe(self, conn: Conn, channel: str, rights: ChannelRights = ChannelRights()
@@ -214,10 +209,7 @@ class Subscriptions(Generic[Conn]):
             return Refused("too_many_channels")
         self._of.setdefault(conn, {})[channel] = None
         self._subscriptions += 1
-        members = self._members.setdefault(channel, {})
-        members[conn] = None
-        if len(members) == 1:
-            self._on_interest(channel, True)
+        self._members.setdefault(channel, {})[conn] = None
         return None
 
     def unsubscribe(self, conn: Conn, channel: str) -> bool:
@@ -233,7 +225,6 @@ class Subscriptions(Generic[Conn]):
         del members[conn]
         if not members:
             del self._members[channel]
-            self._on_interest(channel, False)
         return True
 
     def drop(self, conn: Conn) -> list[str]:

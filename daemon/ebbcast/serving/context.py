@@ -23,6 +23,8 @@ class Client(Pingable, Protocol):
     """A client's connection as the serving process handles it
     (``ebbcast.serving.connection.Connection``)."""
 
+    client_id: str
+
     def send_shutdown(self) -> None: ...
     def abort(self) -> None: ...
 

@@ -138,7 +138,8 @@ class Daemon:
         self._reload_config = reload
         self.lifecycle = Lifecycle()
         self.metrics = metrics or Metrics()
-        registry: ConnectionRegistry[Client] = ConnectionRegistry(self._on_count)
+        registry: ConnectionRegistry[Client] = ConnectionRegistry(
+            self._on_count, key=lambda conn: conn.client_id)
         fanout = Fanout(registry, self.metrics,  # type: ignore[arg-type]
                         on_failing=self._on_fanout_failing)
         self.broadcasts = Broadcasts(
@@ -146,7 +147,7 @@ class Daemon:
             lambda: self.ctx.config,
             lambda payload, source: self.ctx.backplane.publish(payload, source))
         self.channels = ChannelHub(fanout, self.metrics, lambda: self.ctx.config,
-                                   registry.snapshot)  # type: ignore[arg-type]
+                                   registry.keyed)  # type: ignore[arg-type]
         self.ctx = DaemonContext(
             config=config, lifecycle=self.lifecycle, registry=registry, fanout=fanout,
             metrics=self.metrics, node_id=f"{socket.gethostname()}:{os.getpid()}",

@@ -16,12 +16,20 @@ class ConnectionRegistry(Generic[Conn]):
     during a fan-out; it is rebuilt only after membership changes, so broadcasting
     to an unchanged set costs no copy. ``on_change`` is called with the new count
     after every add and remove (metrics, the drain's "last client left" check).
+
+    With ``key`` (a connection's client id), ``keyed(k)`` finds the connections of one
+    key without a scan: a direct message to one client among 100,000 costs the same
+    as among ten. An id is usually one connection's, kept as itself; a list only when
+    several share it.
     """
 
-    def __init__(self, on_change: Callable[[int], None] | None = None) -> None:
+    def __init__(self, on_change: Callable[[int], None] | None = None,
+                 key: Callable[[Conn], str] | None = None) -> None:
         self._members: dict[Conn, None] = {}
         self._snapshot: tuple[Conn, ...] | None = ()
         self._on_change = on_change
+        self._key = key
+        self._by_key: dict[str, Conn | list[Conn]] = {}
         self._empty = asyncio.Event()
         self._empty.set()
 
@@ -29,6 +37,8 @@ class ConnectionRegistry(Generic[Conn]):
         if conn in self._members:
             return
         self._members[conn] = None
+        if self._key is not None:
+            self._index(self._key(conn), conn)
         self._changed()
 
     def discard(self, conn: Conn) -> bool:
@@ -36,8 +46,35 @@ class ConnectionRegistry(Generic[Conn]):
         if conn not in self._members:
             return False
         del self._members[conn]
+        if self._key is not None:
+            self._unindex(self._key(conn), conn)
         self._changed()
         return True
+
+    def keyed(self, key: str) -> tuple[Conn, ...]:
+        """The members whose key is ``key``, in the order they joined."""
+        found = self._by_key.get(key)
+        if found is None:
+            return ()
+        return tuple(found) if isinstance(found, list) else (found,)
+
+    def _index(self, key: str, conn: Conn) -> None:
+        found = self._by_key.get(key)
+        if found is None:
+            self._by_key[key] = conn
+        elif isinstance(found, list):
+            found.append(conn)
+        else:
+            self._by_key[key] = [found, conn]
+
+    def _unindex(self, key: str, conn: Conn) -> None:
+        found = self._by_key[key]
+        if not isinstance(found, list):
+            del self._by_key[key]
+            return
+        found.remove(conn)
+        if len(found) == 1:
+            self._by_key[key] = found[0]
 
     def _changed(self) -> None:
         self._snapshot = None
