@@ -62,6 +62,7 @@ from ebbcast.backplane.history import Kept, new_epoch
 from ebbcast.backplane.names import RedisNames
 from ebbcast.backplane.nodes import NodeDirectory
 from ebbcast.backplane.outbox import Outbox, Outgoing
+from ebbcast.backplane.redisclients import RedisClients
 from ebbcast.backplane.seen import Seen
 from ebbcast.backplane.sentinel import redis_target
 from ebbcast.config import BackplaneConfig
@@ -132,7 +133,10 @@ class RedisBackplane:
         # unique per instance even when two share a process (tests) or a pid (containers)
         self._node = f"{node}/{secrets.token_hex(4)}"
         # the node keys; an instance's serving processes share its id
-        self._nodes = NodeDirectory(names, instance or self._node, self._node, self._client)
+        self._clients = RedisClients(self._target, {"sequence": SEQUENCE_SCRIPT,
+                                                    "position": POSITION_SCRIPT}, "backplane")
+        self._nodes = NodeDirectory(names, instance or self._node, self._node,
+                                    self._clients.new)
         self._deliver = deliver
         self._on_state = on_state
         self._on_dropped = on_dropped
@@ -140,7 +144,6 @@ class RedisBackplane:
         self._rng = rng or random.Random()
         self._history = history  # None: nothing is sequenced
         self._history_size = history_size
-        self._scripts: dict[str, Any] = {}
         self._outbox = Outbox(outage_buffer)
         self._on_buffered = on_buffered  # the outbox's bytes, as they change
         self._seq = 0  # of the last raw frame accepted for Redis
@@ -149,7 +152,6 @@ class RedisBackplane:
         self._up = False
         self._tried = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._clients: list[Any] = []
         self._publisher: Any = None  # the client that publishes
 
     @property
@@ -178,9 +180,7 @@ class RedisBackplane:
                         unpublished)
             self._on_dropped(unpublished)
             self._on_buffered(0)
-        for client in list(self._clients):
-            await self._close(client)
-        await self._target.close()
+        await self._clients.close_all()
 
     def publish(self, payload: str | bytes, source: str) -> None:
         """Publish a frame for the other instances (delivered locally by the caller):
@@ -209,26 +209,6 @@ class RedisBackplane:
             self._on_buffered(outbox.bytes)
         return True
 
-    async def _close(self, client: Any) -> None:
-        """Close ``client``'s connections, then forget it. A close that fails, or
-        is cut short (a stop cancels the subscriber as it closes the client of a
-        lost subscription), leaves it listed: stop() closes it again, so that no
-        connection outlives the backplane."""
-        try:
-            await client.aclose()
-        except Exception as exc:  # Redis gone mid-close: still listed
-            log.debug("backplane: closing a Redis client failed: %s", exc)
-            return
-        self._clients.remove(client)
-
-    def _client(self) -> Any:
-        client = self._target.client()
-        self._clients.append(client)
-        if not self._scripts:
-            self._scripts = {"sequence": client.register_script(SEQUENCE_SCRIPT),
-                             "position": client.register_script(POSITION_SCRIPT)}
-        return client
-
     def _set_up(self, up: bool) -> None:
         """Record a change of state; log each change once (and a first failure)."""
         first_failure = not up and not self._tried
@@ -249,7 +229,7 @@ class RedisBackplane:
     async def _subscribe_forever(self) -> None:
         delays = backoff_delays(self._rng, self._target.backoff_max)
         while True:
-            client = self._client()
+            client = self._clients.new()
             try:
                 async with client.pubsub() as pubsub:
                     self._pubsub = pubsub
@@ -271,7 +251,7 @@ class RedisBackplane:
                 log.debug("backplane subscription failed: %s", exc)
             finally:
                 self._pubsub = None
-                await self._close(client)
+                await self._clients.close(client)
             self._set_up(False)
             if self._history is not None:
                 self._history.sequencing_lost()
@@ -360,7 +340,7 @@ class RedisBackplane:
         deliver the new epoch's broadcasts so far."""
         history = self._history
         assert history is not None
-        epoch_bytes, latest = await self._scripts["position"](
+        epoch_bytes, latest = await self._clients.scripts["position"](
             keys=self._names.keys, args=[new_epoch()], client=client)
         epoch, latest = epoch_bytes.decode(), int(latest)
         known_epoch, known = history.position()
@@ -408,7 +388,7 @@ class RedisBackplane:
     async def _publish_forever(self) -> None:
         """Publish the outbox, a batch at a time, while Redis is up; a batch that
         failed is tried again after a backoff pause, or when Redis is back."""
-        client = self._publisher = self._client()
+        client = self._publisher = self._clients.new()
         delays = backoff_delays(self._rng, self._target.backoff_max)
         outbox = self._outbox
         while True:
@@ -454,7 +434,7 @@ class RedisBackplane:
             envelope = Envelope(self._node, frame.source, frame.number, frame.payload)
             pipe.publish(self._names.channel, envelope.encode())
             return
-        await self._scripts["sequence"](
+        await self._clients.scripts["sequence"](
             keys=self._names.keys,
             args=[new_epoch(), self._history_size, self._names.sequenced_channel,
                   Envelope(self._node, frame.source, frame.number, "").encode(),

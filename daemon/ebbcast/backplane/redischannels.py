@@ -51,6 +51,7 @@ from ebbcast.backplane.channelstreams import Streams
 from ebbcast.backplane.history import Resume, new_epoch
 from ebbcast.backplane.names import RedisNames, new_instance_id
 from ebbcast.backplane.presence import PresenceDirectory
+from ebbcast.backplane.redisclients import RedisClients
 from ebbcast.backplane.sentinel import redis_target
 from ebbcast.config import Config
 from ebbcast.core.waits import cancel_for_good, within
@@ -140,8 +141,8 @@ class RedisChannels(Generic[M]):
         self._pubsub: Any = None
         self._up = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._clients: list[Any] = []
-        self._scripts: dict[str, Any] = {}
+        self._clients = RedisClients(self._target, {"sequence": SEQUENCE_SCRIPT,
+                                                    "position": POSITION_SCRIPT}, "channels")
         self._presence = PresenceDirectory(self._names, instance, self._target.client)
 
     def configured(self, config: Config) -> None:
@@ -157,21 +158,7 @@ class RedisChannels(Generic[M]):
 
     async def stop(self) -> None:
         await cancel_for_good(self._tasks)
-        for client in self._clients:
-            try:
-                await client.aclose()
-            except Exception as exc:  # Redis gone mid-close
-                log.debug("channels: closing a Redis client failed: %s", exc)
-        self._clients.clear()
-        await self._target.close()
-
-    def _client(self) -> Any:
-        client = self._target.client()
-        self._clients.append(client)
-        if not self._scripts:
-            self._scripts = {"sequence": client.register_script(SEQUENCE_SCRIPT),
-                             "position": client.register_script(POSITION_SCRIPT)}
-        return client
+        await self._clients.close_all()
 
     # -- what the members ask (ebbcast.backplane.centre.Channels) ------------------------
 
@@ -251,7 +238,7 @@ class RedisChannels(Generic[M]):
     async def _subscribe_forever(self) -> None:
         delays = backoff_delays(self._rng, self._target.backoff_max)
         while True:
-            client = self._client()
+            client = self._clients.new()
             try:
                 async with client.pubsub() as pubsub:
                     for event in self._confirmed.values():
@@ -337,7 +324,7 @@ class RedisChannels(Generic[M]):
     # -- positions, publishes, announcements: one connection, in order --------------
 
     async def _work_forever(self) -> None:
-        client = self._client()
+        client = self._clients.new()
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
@@ -389,13 +376,13 @@ class RedisChannels(Generic[M]):
         if isinstance(job, _Announce):
             pipe.publish(job.topic, job.payload)
         elif isinstance(job, _Publish):
-            await self._scripts["sequence"](
+            await self._clients.scripts["sequence"](
                 keys=names.channel_keys(job.channel),
                 args=[new_epoch(), self._keep_ms, self._size, job.frame, self._max,
                       job.channel, names.channel_key_base, names.channel_topic(job.channel)],
                 client=pipe)
         else:  # a position, with what was missed after ``since``
-            await self._scripts["position"](
+            await self._clients.scripts["position"](
                 keys=names.channel_keys(job.channel),
                 args=[new_epoch(), self._keep_ms, job.since], client=pipe)
 
