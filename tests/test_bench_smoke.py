@@ -89,6 +89,7 @@ def test_c100k_quick_run_connects_broadcasts_drains_and_upgrades(tmp_path):
     assert drain["connected"] == drain["clients"] == 200 and drain["errors"] == 0, drain
     assert drain["shutdown_frames"] == 200 and drain["exit_code"] == 0, drain
     assert drain["periodic_latency_ms"]["count"] >= 200 and drain["rss_per_conn_bytes"] > 0
+    assert drain["periodic_lateness_ms_holding"]["count"] > 0 and drain["periodic_interval_s"] == 1
     assert upgrade["moved"] == upgrade["moves_started"] == 200, upgrade
     assert upgrade["handshakes_failed"] == 0 and upgrade["errors"] == 0, upgrade
     assert upgrade["closed_by_the_daemon"] == 0, upgrade  # each old one closed by its client
