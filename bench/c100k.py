@@ -14,6 +14,10 @@ descriptors here and one source address has some 28,000 ephemeral ports. Runs:
   delivery latency to every client, and how late the timer fired, while the clients
   connect and once they all have), then SIGTERM: how long until every client has
   the shutdown frame.
+- **disconnect**: connect every client, and ``MONITORS`` more in load generators of
+  their own; then kill the load generators of all the others at once, so the daemon
+  reads every close together: how late the periodic timer fired, as the monitors
+  saw it, before and from the kill on.
 - **upgrade**, once for each of ``--upgrade-intervals`` (the periodic broadcast's
   interval: by default the daemon's own 10 s, then every second): connect every
   client again, then SIGUSR2. Every client opens a new connection after the
@@ -50,6 +54,9 @@ from harness import (LOADGEN, build_loadgen, cpu_seconds, machine, pyplot, raise
                      rss_bytes, save_results)
 
 PERIODIC_INTERVAL = 1.0
+#: Clients of the disconnect run that stay, each in a load generator of its own (so
+#: that each process's first connection, whose periodic frames it stamps, is one).
+MONITORS = 8
 STARTED = time.monotonic()
 
 
@@ -84,6 +91,13 @@ class Daemon:
             if match and not self.port:
                 self.port, self.admin = int(match.group(1)), match.group(2)
                 self._serving.set()
+
+    def connections(self) -> int:
+        """``ebbcast_connections``: clients connected now, over every process."""
+        with urllib.request.urlopen(f"{self.admin}/metrics", timeout=30) as response:
+            text = response.read().decode()
+        found = re.search(r"^ebbcast_connections (\S+)$", text, re.M)
+        return int(float(found.group(1))) if found else -1
 
     def disconnections(self) -> dict[str, int]:
         """``ebbcast_disconnections_total`` by reason, over every process so far."""
@@ -301,6 +315,48 @@ def drain_run(args: argparse.Namespace) -> dict[str, Any]:
         "errors": sum(r["errors"] for r in results), "exit_code": code}
 
 
+def disconnect_run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every client connected, then all their load generators killed at once (the
+    kernel closes their sockets together: the daemon reads every close at once),
+    while ``MONITORS`` clients of their own read the periodic broadcast: how late
+    the timer fired before, during and after."""
+    interval = args.drain_interval
+    daemon = Daemon(args.workers, daemon_env(args.spread, drain=args.drain, interval=interval))
+    try:
+        gens = Loadgens(daemon.port, args.clients, args.loadgens, False, hold=3600)
+        gens.wait_ready(args.clients / 500 + 60)
+        monitors = Loadgens(daemon.port, MONITORS, MONITORS, False, hold=3600)
+        monitors.wait_ready(60)
+        time.sleep(3 * interval)  # a few ticks with everyone connected
+        killed_at = time.time()
+        for proc in gens.procs:
+            proc.kill()
+        progress(f"disconnect run: {args.clients} clients' load generators killed")
+        deadline = time.monotonic() + 120
+        while daemon.connections() > MONITORS and time.monotonic() < deadline:
+            time.sleep(0.1)
+        all_gone_s = time.time() - killed_at
+        time.sleep(3 * interval)  # and a few ticks after
+        daemon.proc.send_signal(signal.SIGTERM)
+        results = monitors.results(timeout=120)
+        daemon.proc.wait(60)
+    finally:
+        for proc in gens.procs:
+            proc.kill()
+        daemon.stop()
+    before: list[float] = []
+    after: list[float] = []  # from the kill on
+    for r in results:
+        stamps = r["periodic_stamps"]
+        if len(stamps) > 2:
+            for ts, late in zip(stamps, tick_lateness(stamps, interval)):
+                (before if ts < killed_at else after).append(late * 1000)
+    return {"clients": args.clients, "periodic_interval_s": interval,
+            "kill_until_all_gone_s": all_gone_s,
+            "periodic_lateness_ms_before": summary(before),
+            "periodic_lateness_ms_disconnecting": summary(after)}
+
+
 def summary(values: list[float]) -> dict[str, float]:
     return {"count": len(values), "p50": statistics.median(values) if values else 0,
             "max": max(values, default=0)}
@@ -391,7 +447,7 @@ def interval_text(seconds: float) -> str:
         f"every {seconds:g} s"
 
 
-def report(drain: dict[str, Any], upgrades: list[dict[str, Any]],
+def report(drain: dict[str, Any], disconnect: dict[str, Any], upgrades: list[dict[str, Any]],
            args: argparse.Namespace, started: datetime.datetime) -> str:
     m = machine()
     lat = drain["periodic_latency_ms"]
@@ -425,6 +481,14 @@ def report(drain: dict[str, Any], upgrades: list[dict[str, Any]],
         f"| SIGTERM until every client has the shutdown frame | "
         f"{drain['sigterm_to_all_shutdown_ms']:,.0f} ms (first after "
         f"{drain['sigterm_to_first_shutdown_ms']:.0f} ms; {drain['shutdown_frames']:,} frames) |",
+        "", f"## Every client gone at once ({MONITORS} stay and read the broadcast)", "",
+        "| measure | value |", "|---|---|",
+        f"| the load generators of all {disconnect['clients']:,} clients killed: until the "
+        f"daemon counts only the {MONITORS} | {disconnect['kill_until_all_gone_s']:.1f} s |",
+        *(f"| periodic timer lateness {when} (n={late['count']}) | p50 {late['p50']:.0f} ms, "
+          f"max {late['max']:.0f} ms |" for when, late in (
+              ("before", disconnect["periodic_lateness_ms_before"]),
+              ("from the kill on", disconnect["periodic_lateness_ms_disconnecting"]))),
         "", "## Upgrade (SIGUSR2), with the periodic broadcast", "",
         *upgrade_table(upgrades),
         "", f"![upgrade and broadcast latency](c100k-{started:%Y%m%d-%H%M}.png)", ""])
@@ -488,15 +552,17 @@ def main() -> int:
         return 0
     drain = drain_run(args)
     print(json.dumps(drain), file=sys.stderr)
+    disconnect = disconnect_run(args)
+    print(json.dumps(disconnect), file=sys.stderr)
     upgrades = []
     for interval in intervals:
         upgrades.append(upgrade_run(args, interval))
         print(json.dumps(upgrades[-1]), file=sys.stderr)
-    text = report(drain, upgrades, args, started)
+    text = report(drain, disconnect, upgrades, args, started)
     print(text)
     if args.out:
         stem = save_results(args.out, "c100k", started, text,
-                            {"drain": drain, "upgrades": upgrades,
+                            {"drain": drain, "disconnect": disconnect, "upgrades": upgrades,
                              "args": {k: str(v) for k, v in vars(args).items()}})
         plot(drain, upgrades, stem.with_suffix(".png"))
     return 0

@@ -85,7 +85,8 @@ def test_memory_breakdown_quick_run_reports_every_view(tmp_path):
 
 def test_c100k_quick_run_connects_broadcasts_drains_and_upgrades(tmp_path):
     stdout, data = quick_run("c100k.py", tmp_path)
-    drain, (upgrade,) = data["drain"], data["upgrades"]
+    drain, (upgrade,), gone = data["drain"], data["upgrades"], data["disconnect"]
+    assert gone["periodic_lateness_ms_disconnecting"]["count"] > 0, gone
     assert drain["connected"] == drain["clients"] == 200 and drain["errors"] == 0, drain
     assert drain["shutdown_frames"] == 200 and drain["exit_code"] == 0, drain
     assert drain["periodic_latency_ms"]["count"] >= 200 and drain["rss_per_conn_bytes"] > 0
