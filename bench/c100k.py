@@ -92,17 +92,18 @@ class Daemon:
                 self.port, self.admin = int(match.group(1)), match.group(2)
                 self._serving.set()
 
+    def _metrics(self) -> str:
+        with urllib.request.urlopen(f"{self.admin}/metrics", timeout=30) as response:
+            return response.read().decode()  # type: ignore[no-any-return]
+
     def connections(self) -> int:
         """``ebbcast_connections``: clients connected now, over every process."""
-        with urllib.request.urlopen(f"{self.admin}/metrics", timeout=30) as response:
-            text = response.read().decode()
-        found = re.search(r"^ebbcast_connections (\S+)$", text, re.M)
+        found = re.search(r"^ebbcast_connections (\S+)$", self._metrics(), re.M)
         return int(float(found.group(1))) if found else -1
 
     def disconnections(self) -> dict[str, int]:
         """``ebbcast_disconnections_total`` by reason, over every process so far."""
-        with urllib.request.urlopen(f"{self.admin}/metrics", timeout=30) as response:
-            text = response.read().decode()
+        text = self._metrics()
         return {m.group(1): int(float(m.group(2))) for m in re.finditer(
             r'^ebbcast_disconnections_total\{reason="([a-z_]+)"\} (\S+)$', text, re.M)}
 
@@ -291,13 +292,7 @@ def drain_run(args: argparse.Namespace) -> dict[str, Any]:
                         if r["shutdown"]["count"])
     shutdown_first = min(r["shutdown"]["min_realtime_ns"] for r in results
                          if r["shutdown"]["count"])
-    connecting: list[float] = []  # the timer's lateness while the clients connect
-    holding: list[float] = []  # ... and once they all have
-    for r in results:
-        stamps = r["periodic_stamps"]
-        if len(stamps) > 2:
-            for ts, late in zip(stamps, tick_lateness(stamps, interval)):
-                (connecting if ts < connected_at else holding).append(late * 1000)
+    connecting, holding = lateness_split(results, interval, connected_at)
     return {
         "periodic_interval_s": interval,
         "clients": args.clients, "connected": sum(r["connected"] for r in results),
@@ -344,17 +339,25 @@ def disconnect_run(args: argparse.Namespace) -> dict[str, Any]:
         for proc in gens.procs:
             proc.kill()
         daemon.stop()
-    before: list[float] = []
-    after: list[float] = []  # from the kill on
-    for r in results:
-        stamps = r["periodic_stamps"]
-        if len(stamps) > 2:
-            for ts, late in zip(stamps, tick_lateness(stamps, interval)):
-                (before if ts < killed_at else after).append(late * 1000)
+    before, after = lateness_split(results, interval, killed_at)
     return {"clients": args.clients, "periodic_interval_s": interval,
             "kill_until_all_gone_s": all_gone_s,
             "periodic_lateness_ms_before": summary(before),
             "periodic_lateness_ms_disconnecting": summary(after)}
+
+
+def lateness_split(results: list[dict[str, Any]], interval: float,
+                   at: float) -> tuple[list[float], list[float]]:
+    """How late the periodic timer fired (ms), from each load generator's stamps:
+    the ticks before wall-clock time ``at``, and those from ``at`` on."""
+    before: list[float] = []
+    after: list[float] = []
+    for r in results:
+        stamps = r["periodic_stamps"]
+        if len(stamps) > 2:
+            for ts, late in zip(stamps, tick_lateness(stamps, interval)):
+                (before if ts < at else after).append(late * 1000)
+    return before, after
 
 
 def summary(values: list[float]) -> dict[str, float]:

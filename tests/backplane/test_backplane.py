@@ -109,9 +109,7 @@ async def test_redis_outage_keeps_local_delivery_and_publishes_what_it_kept_afte
     a, _ = await one.connect_welcomed("/a")
     a2, _ = await one.connect_welcomed("/a2")
     b, _ = await two.connect_welcomed("/b")
-    redis_server.stop()
-    metrics = one.daemon.metrics
-    await wait_until(lambda: metrics.backplane_up._value.get() == 0)
+    metrics = await redis_gone(redis_server, one)
     await a.write_message("during the outage")
     assert (await recv_json(a2))["text"] == "during the outage"  # local delivery goes on
     during = await recv_json(a)  # its own frame, delivered here without an offset
@@ -141,6 +139,14 @@ async def test_redis_outage_keeps_local_delivery_and_publishes_what_it_kept_afte
                                      "two dropped": 0, "two missed": 0}
 
 
+async def redis_gone(redis_server: Any, daemon: Any) -> Any:
+    """Stop Redis and wait until ``daemon`` has seen it go; its metrics."""
+    redis_server.stop()
+    metrics = daemon.daemon.metrics
+    await wait_until(lambda: metrics.backplane_up._value.get() == 0)
+    return metrics
+
+
 def during_frame(frame: dict[str, Any]) -> str:
     """A frame as the daemon wrote it: compact JSON, in its own key order."""
     return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
@@ -151,9 +157,7 @@ async def test_beyond_the_outage_buffer_a_frame_is_dropped_and_counted(start_dae
     one, two = await pair(start_daemon, redis_server, backplane__outage_buffer="0")
     a, _ = await one.connect_welcomed("/a")
     b, _ = await two.connect_welcomed("/b")
-    redis_server.stop()
-    metrics = one.daemon.metrics
-    await wait_until(lambda: metrics.backplane_up._value.get() == 0)
+    metrics = await redis_gone(redis_server, one)
     await a.write_message("during the outage")
     assert (await recv_json(a))["text"] == "during the outage"  # here, at once
     assert metrics.backplane_dropped._value.get() == 1
