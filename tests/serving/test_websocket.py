@@ -84,6 +84,18 @@ async def test_raw_envelope_relays_text_and_binary_verbatim(start_daemon):
         assert await recv(conn) == b"\xff\x00binary"
 
 
+async def test_raw_envelope_clients_are_never_sent_an_epoch_frame(start_daemon):
+    """The raw envelope relays frames verbatim and nothing else: a new history epoch
+    (as when a Redis backplane's first catch-up comes after a client is in) is not
+    told to its clients; the next frame they get is the next relay."""
+    d = await start_daemon(broadcast__envelope="raw")
+    conn = await d.connect()
+    await wait_until(lambda: len(d.daemon.ctx.registry) == 1)
+    d.daemon.broadcasts.new_epoch("another-epoch", 0)
+    await conn.write_message("after the new epoch")
+    assert await recv(conn) == "after the new epoch"
+
+
 async def test_oversized_frame_is_closed_with_1009_and_counted(start_daemon):
     d = await start_daemon(server__max_message_bytes="100")
     conn, _ = await d.connect_welcomed()

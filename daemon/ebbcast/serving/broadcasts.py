@@ -259,8 +259,9 @@ class Broadcasts:
 
     def new_epoch(self, epoch: str, base: int) -> None:
         """The history was lost (``base``: the offset the new epoch goes on from);
-        every client is told first, so it knows its offsets no longer count."""
-        if len(self._members):
+        every client is told first, so it knows its offsets no longer count (with
+        the JSON envelope: a raw one's clients get the relayed frames and nothing else)."""
+        if len(self._members) and self._config().broadcast.envelope == "json":
             log.warning("history epoch %s -> %s: connected clients told",
                         self.history.epoch or "(none yet)", epoch)
             self._fanout.broadcast(frames.epoch(epoch, base), "epoch", relayed=True)
