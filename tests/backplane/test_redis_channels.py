@@ -177,8 +177,10 @@ async def test_only_history_max_channels_keep_a_history_in_the_cluster(
     assert lost["recovered"] is False and lost["epoch"] != epoch
 
 
-async def test_after_a_redis_restart_subscribers_are_told_and_served_again(
-        start_daemon: Any, redis_server: Any) -> None:
+async def room_with_one_message(start_daemon: Any,
+                                redis_server: Any) -> tuple[Any, Any, str]:
+    """Alice on one instance and Bob on another, both in "room", which has had one
+    message (offset 1) in the epoch returned."""
     one, two = await pair(start_daemon, redis_server)
     alice = await client(one, "/alice")
     bob = await client(two, "/bob")
@@ -187,6 +189,12 @@ async def test_after_a_redis_restart_subscribers_are_told_and_served_again(
     await publish(bob, "room", "before")
     for conn in (alice, bob):
         assert (await recv_until(conn, "message"))["offset"] == 1
+    return alice, bob, epoch
+
+
+async def test_after_a_redis_restart_subscribers_are_told_and_served_again(
+        start_daemon: Any, redis_server: Any) -> None:
+    alice, bob, epoch = await room_with_one_message(start_daemon, redis_server)
     redis_server.stop()
     redis_server.start()  # empty: every channel's history is gone
     told = {}
@@ -199,6 +207,23 @@ async def test_after_a_redis_restart_subscribers_are_told_and_served_again(
     for conn in (alice, bob):
         got = await recv_until(conn, "message")
         assert (got["text"], got["offset"]) == ("after", told["alice"]["offset"] + 1)
+
+
+async def test_a_channels_first_messages_in_a_new_epoch_follow_the_epoch_frame(
+        start_daemon: Any, redis_server: Any) -> None:
+    """Redis loses the channel (here FLUSHALL, with the subscriptions kept): the next
+    publish starts a new epoch. Each instance sees it arrive after a gap, reads what
+    the new epoch kept, and tells its subscribers of the epoch at offset 0, then
+    gives them that message, instead of skipping to the latest offset."""
+    alice, bob, epoch = await room_with_one_message(start_daemon, redis_server)
+    redis_server.client().flushall()
+    await publish(bob, "room", "after")
+    for conn in (alice, bob):
+        told = await recv_next(conn)
+        assert (told["type"], told["channel"], told["offset"]) == ("epoch", "room", 0)
+        assert told["epoch"] != epoch
+        got = await recv_next(conn)
+        assert (got["type"], got["text"], got["offset"]) == ("message", "after", 1)
 
 
 async def test_a_tokens_claims_hold_across_instances(start_daemon: Any,

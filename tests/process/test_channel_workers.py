@@ -199,6 +199,13 @@ def test_channels_max_and_the_handshakes_refusals_hold_on_every_worker(spawn: An
         close_all(opened)
 
 
+def every_worker_told(d: Any, pattern: str, start: int, workers: int = 2) -> None:
+    """Each worker has logged ``pattern`` (a record from the main process reached it)
+    from log line ``start`` on."""
+    for _ in range(workers):
+        start = d.wait_for_log_index(pattern, start=start) + 1
+
+
 def test_while_redis_is_away_a_workers_client_is_told_its_publish_did_not_go(
         spawn: Any, redis_server: Any) -> None:
     """The main process tells its workers when its channels cannot publish (Redis
@@ -213,12 +220,14 @@ def test_while_redis_is_away_a_workers_client_is_told_its_publish_did_not_go(
             subscribe(ws, "room")
         redis_server.stop()
         lost = d.wait_for_log_index(r"channels: lost 127\.0\.0\.1:\d+")
+        every_worker_told(d, r"channels: publishes are refused", start=lost)
         for _, ws in clients:
             command(ws, type="publish", channel="room", text="during")
             assert recv_frame(ws, "error") == {"type": "error", "error": "unavailable",
                                                "channel": "room"}
         redis_server.start()
-        d.wait_for_log(r"channels: connected to", start=lost)
+        back = d.wait_for_log_index(r"channels: connected to", start=lost)
+        every_worker_told(d, r"channels: publishes go out again", start=back)
         command(clients[0][1], type="publish", channel="room", text="after")
         for _, ws in clients:  # "during" never went: "after" is the first message
             assert recv_frame(ws, "message")["text"] == "after"

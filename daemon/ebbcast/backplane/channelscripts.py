@@ -44,12 +44,15 @@ end
 redis.call('PUBLISH', ARGV[8], 'm\n' .. epoch .. '\n' .. offset .. '\n' .. frame)
 return offset
 """
-#: ARGV: new epoch, keep ms, since (-1: no resume). Returns {epoch, latest, entries}.
+#: ARGV: new epoch, keep ms, since (-1: no resume), and optionally the epoch of
+#: ``since``: when that is not the channel's epoch, entries are read from its first
+#: offset (what the new epoch kept). Returns {epoch, latest, entries}.
 POSITION_SCRIPT = _ENSURE_EPOCH + """
 redis.call('PEXPIRE', KEYS[1], keep)
 redis.call('PEXPIRE', KEYS[4], keep)
 local latest = tonumber(redis.call('GET', KEYS[2]) or '0')
 local since = tonumber(ARGV[3])
+if since > 0 and ARGV[4] and ARGV[4] ~= '' and ARGV[4] ~= epoch then since = 0 end
 local entries = {}
 if since >= 0 and since < latest then
   entries = redis.call('XRANGE', KEYS[3], '0-' .. (since + 1), '+')
@@ -66,18 +69,35 @@ def answer_from(ask: Ask, epoch: str, latest: int, entries: Any, size: int, ttl:
     resume = ask.resume
     if resume is None:
         return Answer(ask.request, ask.channel, epoch, latest)
-    frames = []
-    for entry_id, flat in entries:  # a script answers XRANGE's fields as a flat list
-        fields = dict(zip(flat[::2], flat[1::2]))
-        frames.append((int(entry_id.split(b"-")[1]), fields[b"f"].decode(),
-                       float(fields[b"t"])))
-    fresh = [(offset, frame) for offset, frame, at in frames
-             if ttl <= 0 or now - at <= ttl]
+    fresh = _fresh(entries, ttl, now)
     recovered = resume.epoch == epoch and resume.since <= latest and size > 0 and (
         resume.since == latest or (bool(fresh) and fresh[0][0] == resume.since + 1
                                    and fresh[-1][0] == latest))
     return Answer(ask.request, ask.channel, epoch, latest, recovered,
                   tuple(frame for _, frame in fresh) if recovered else ())
+
+
+def _fresh(entries: Any, ttl: float, now: float) -> list[tuple[int, str]]:
+    """The entries of the position script's result younger than ``ttl``, as
+    (offset, frame), in order."""
+    fresh = []
+    for entry_id, flat in entries:  # a script answers XRANGE's fields as a flat list
+        fields = dict(zip(flat[::2], flat[1::2]))
+        if ttl <= 0 or now - float(fields[b"t"]) <= ttl:
+            fresh.append((int(entry_id.split(b"-")[1]), fields[b"f"].decode()))
+    return fresh
+
+
+def kept_run(entries: Any, latest: int, ttl: float, now: float) -> list[tuple[int, str]]:
+    """The messages still kept without a gap up to ``latest``, as (offset, frame):
+    what subscribers can still be given once they are told that the ones before
+    were lost."""
+    run: list[tuple[int, str]] = []
+    for offset, frame in reversed(_fresh(entries, ttl, now)):
+        if offset != latest - len(run):
+            break
+        run.append((offset, frame))
+    return run[::-1]
 
 
 def channel_epoch(channel: str, epoch: str, offset: int) -> str:

@@ -46,6 +46,7 @@ from ebbcast.backplane.channelscripts import (
     SEQUENCE_SCRIPT,
     answer_from,
     channel_epoch,
+    kept_run,
 )
 from ebbcast.backplane.channelstreams import Streams
 from ebbcast.backplane.history import Resume, new_epoch
@@ -382,9 +383,10 @@ class RedisChannels(Generic[M]):
                       job.channel, names.channel_key_base, names.channel_topic(job.channel)],
                 client=pipe)
         else:  # a position, with what was missed after ``since``
+            since_epoch = job.epoch if isinstance(job, _CatchUp) else ""
             await self._clients.scripts["position"](
                 keys=names.channel_keys(job.channel),
-                args=[new_epoch(), self._keep_ms, job.since], client=pipe)
+                args=[new_epoch(), self._keep_ms, job.since, since_epoch], client=pipe)
 
     def _answered(self, job: _Position[M], result: Any) -> None:
         """Deliver what was held up to the position, answer, then the rest."""
@@ -402,21 +404,27 @@ class RedisChannels(Generic[M]):
             self._announce(change)
 
     def _caught_up(self, job: _CatchUp, result: Any) -> None:
-        """What was missed, delivered in order; or, the history lost (a new epoch,
-        or too much missed), the subscribers told with an ``epoch`` frame."""
+        """What was missed, delivered in order; or, some of it lost (a new epoch,
+        or too much missed), the subscribers told with an ``epoch`` frame at the
+        first message still kept, then given those."""
         epoch_bytes, latest, entries = result
         epoch, latest = epoch_bytes.decode(), int(latest)
-        channel = job.channel
+        channel, now = job.channel, time.time()
         missed = answer_from(Ask(0, channel, "", Resume(job.since, job.epoch)), epoch,
-                             latest, entries, self._size, self._ttl, time.time())
+                             latest, entries, self._size, self._ttl, now)
         if missed.recovered:
             for offset, frame in zip(range(job.since + 1, latest + 1), missed.frames):
                 self._streams.deliver(channel, epoch, offset, frame)
         else:
+            kept = kept_run(entries, latest, self._ttl, now) if self._size > 0 else []
+            start = kept[0][0] - 1 if kept else latest
             log.warning("channels: messages of %s were missed and are no longer kept: "
-                        "its subscribers are told (epoch %s)", channel, epoch)
-            self._streams.last[channel] = (epoch, latest)
-            self._send_message(channel, channel_epoch(channel, epoch, latest))
+                        "its subscribers are told (epoch %s, from offset %d)",
+                        channel, epoch, start)
+            self._streams.last[channel] = (epoch, start)
+            self._send_message(channel, channel_epoch(channel, epoch, start))
+            for offset, frame in kept:
+                self._streams.deliver(channel, epoch, offset, frame)
         self._streams.release(channel, epoch, latest, before=True)
         self._streams.release(channel, epoch, latest, before=False)
 

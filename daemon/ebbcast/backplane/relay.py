@@ -272,9 +272,19 @@ class WorkerLink:
             case records.Direct(request, client_id, frame):
                 self._send(records.Delivered(request, self._channels.direct(client_id, frame)))
             case records.ChannelsUp(up):
-                self._channels_up = up
+                self._channels_told(up)
             case _:  # after the global stream's records, which are the many
                 feed_channel_record(self._channels, record)
+
+    def _channels_told(self, up: bool) -> None:
+        if up != self._channels_up:
+            self._channels_up = up
+            if up:
+                log.info("channels: publishes go out again (the main process reached "
+                         "the backplane)")
+            else:
+                log.warning("channels: publishes are refused with 'unavailable' while "
+                            "the main process cannot reach the backplane")
 
     def close(self) -> None:
         if self._heartbeat is not None:
