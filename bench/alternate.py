@@ -20,7 +20,9 @@ the JSON it wrote. The headline figures kept:
   window (ebbcast and ebbcast-json unless --args names other --variants);
 - storm: handshakes per server CPU-second, p50 and p99 ms (the median of the run's
   own rounds; ebbcast only unless --args names other --variants);
-- memory: RSS and tracemalloc's bytes per idle connection.
+- memory: RSS and tracemalloc's bytes per idle connection;
+- channels (its fan-out alone): deliveries and publishes per server CPU-second,
+  p50 and p99 ms, for the global broadcast and for channels, per window.
 
 Writes NAME-before-after-DATE.md (each round's figures side by side, the median of
 each side, after/before, and the spread between one side's rounds) and .json (all
@@ -50,7 +52,7 @@ from sequencer import git_head
 
 #: Options passed before --args (a later one of the same name wins).
 DEFAULTS = {"run": ["--variants", "ebbcast,ebbcast-json"], "storm": ["--variants", "ebbcast"],
-            "memory": []}
+            "memory": [], "channels": ["--fanout-only"]}
 LATENCY = (("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"))
 
 
@@ -60,6 +62,12 @@ def figures(name: str, data: dict[str, Any]) -> dict[str, float]:
         return {"RSS KB/conn": data["rss_per_conn_bytes"] / 1024,
                 "traced KB/conn": data["traced_per_conn_bytes"] / 1024}
     out: dict[str, float] = {}
+    if name == "channels":
+        for r in data["fanout"]:
+            for key, label in (("deliveries_per_cpu_s", "deliveries/CPU-s"),
+                               ("publishes_per_cpu_s", "publishes/CPU-s"), *LATENCY):
+                out[f"{r['kind']} W={r['window']} {label}"] = r[key]
+        return out
     if name == "storm":
         for variant in dict.fromkeys(r["variant"] for r in data["rows"]):
             rows = [r for r in data["rows"] if r["variant"] == variant]

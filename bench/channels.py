@@ -173,8 +173,7 @@ def memory(server: Server, clients: int, wave: int) -> dict[str, Any]:
             "rss_subscribed": subscribed, "bytes_per_subscription": (subscribed - connected) / count}
 
 
-def report(started: Any, subscribers: int, rows: list[dict[str, Any]], churned: dict[str, Any],
-           mems: list[dict[str, Any]], floor: dict[str, Any]) -> str:
+def fanout_table(started: Any, subscribers: int, rows: list[dict[str, Any]]) -> list[str]:
     lines = [f"# Channels against the global broadcast ({started:%Y-%m-%d %H:%M})", "",
              machine_line(), "",
              f"{subscribers} subscribers; channels of 10 subscribers, "
@@ -185,6 +184,12 @@ def report(started: Any, subscribers: int, rows: list[dict[str, Any]], churned: 
         lines.append(f"| {row['kind']} | {row['window']} | {row['delivered_per_s']:,.0f} | "
                      f"{row['deliveries_per_cpu_s']:,.0f} | {row['publishes_per_cpu_s']:,.0f} | "
                      f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['errors']} |")
+    return lines
+
+
+def report(started: Any, subscribers: int, rows: list[dict[str, Any]], churned: dict[str, Any],
+           mems: list[dict[str, Any]], floor: dict[str, Any]) -> str:
+    lines = fanout_table(started, subscribers, rows)
     sends = floor["sends_per_cpu_s"]
     best = max((row for row in rows if row["kind"] == "channels"),
                key=lambda row: row["publishes_per_cpu_s"])
@@ -214,6 +219,8 @@ def main() -> int:
     parser.add_argument("--subscribers", type=int, default=10000)
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--fanout-only", action="store_true",
+                        help="the fan-out alone (1.): for before/after comparisons")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     raise_nofile()
@@ -227,6 +234,13 @@ def main() -> int:
         rows = fanout(server, subscribers, [2, 16], duration)
     finally:
         server.stop()
+    if args.fanout_only:
+        text = "\n".join(fanout_table(started, subscribers, rows)) + "\n"
+        print(text)
+        if args.out:
+            save_results(args.out, "channels-fanout", started, text, {
+                "subscribers": subscribers, "fanout": rows, "quick": args.quick})
+        return 0 if all(row["errors"] == 0 for row in rows) else 1
     server = Server("ebbcast-json", env=env).start()
     try:
         churned = churn(server, 10 if args.quick else 100, 50 if args.quick else 1000)
