@@ -21,8 +21,9 @@ the JSON it wrote. The headline figures kept:
 - storm: handshakes per server CPU-second, p50 and p99 ms (the median of the run's
   own rounds; ebbcast only unless --args names other --variants);
 - memory: RSS and tracemalloc's bytes per idle connection;
-- channels (its fan-out alone): deliveries and publishes per server CPU-second,
-  p50 and p99 ms, for the global broadcast and for channels, per window.
+- channels (its fan-out and churn): deliveries and publishes per server CPU-second,
+  p50 and p99 ms, for the global broadcast and for channels, per window; subscribe
+  and unsubscribe operations per server CPU-second.
 
 Writes NAME-before-after-DATE.md (each round's figures side by side, the median of
 each side, after/before, and the spread between one side's rounds) and .json (all
@@ -52,7 +53,7 @@ from sequencer import git_head
 
 #: Options passed before --args (a later one of the same name wins).
 DEFAULTS = {"run": ["--variants", "ebbcast,ebbcast-json"], "storm": ["--variants", "ebbcast"],
-            "memory": [], "channels": ["--fanout-only"]}
+            "memory": [], "channels": ["--skip-memory"]}
 LATENCY = (("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"))
 
 
@@ -67,6 +68,7 @@ def figures(name: str, data: dict[str, Any]) -> dict[str, float]:
             for key, label in (("deliveries_per_cpu_s", "deliveries/CPU-s"),
                                ("publishes_per_cpu_s", "publishes/CPU-s"), *LATENCY):
                 out[f"{r['kind']} W={r['window']} {label}"] = r[key]
+        out["churn operations/CPU-s"] = data["churn"]["operations_per_cpu_s"]
         return out
     if name == "storm":
         for variant in dict.fromkeys(r["variant"] for r in data["rows"]):

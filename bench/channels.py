@@ -214,13 +214,29 @@ def report(started: Any, subscribers: int, rows: list[dict[str, Any]], churned: 
     return "\n".join(lines) + "\n"
 
 
+def without_memory(args: Any, started: Any, subscribers: int, rows: list[dict[str, Any]],
+               churned: dict[str, Any]) -> int:
+    """The fan-out and the churn alone (``--skip-memory``): results channels-parts-*."""
+    text = "\n".join(fanout_table(started, subscribers, rows)) + (
+        f"\n\nChurn: {churned['operations']:,} subscribe and unsubscribe operations on "
+        f"{churned['connections']} connections: {churned['operations_per_cpu_s']:,.0f} "
+        f"per server CPU-second ({churned['server_cpu_s']:.2f} s of CPU).\n")
+    print(text)
+    if args.out:
+        save_results(args.out, "channels-parts", started, text, {
+            "subscribers": subscribers, "fanout": rows, "churn": churned,
+            "quick": args.quick})
+    return 0 if all(row["errors"] == 0 for row in rows) else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--subscribers", type=int, default=10000)
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
-    parser.add_argument("--fanout-only", action="store_true",
-                        help="the fan-out alone (1.): for before/after comparisons")
+    parser.add_argument("--skip-memory", action="store_true",
+                        help="the fan-out and the churn alone (no memory, no floor): for "
+                             "before/after comparisons")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     raise_nofile()
@@ -234,18 +250,13 @@ def main() -> int:
         rows = fanout(server, subscribers, [2, 16], duration)
     finally:
         server.stop()
-    if args.fanout_only:
-        text = "\n".join(fanout_table(started, subscribers, rows)) + "\n"
-        print(text)
-        if args.out:
-            save_results(args.out, "channels-fanout", started, text, {
-                "subscribers": subscribers, "fanout": rows, "quick": args.quick})
-        return 0 if all(row["errors"] == 0 for row in rows) else 1
     server = Server("ebbcast-json", env=env).start()
     try:
         churned = churn(server, 10 if args.quick else 100, 50 if args.quick else 1000)
     finally:
         server.stop()
+    if args.skip_memory:
+        return without_memory(args, started, subscribers, rows, churned)
     clients = 100 if args.quick else 5000
     mems = []
     for wave in (10 if args.quick else WAVE_CLIENTS, clients):
