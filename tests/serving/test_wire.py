@@ -16,7 +16,8 @@ import websockets
 from tornado.iostream import IOStream
 
 from ebbcast.serving.wire import input_unread, write_frame
-from helpers import STEP_TIMEOUT, never_reading_client, read_server_frames, wait_until
+from helpers import (STEP_TIMEOUT, exact_reader, never_reading_client, read_server_frames,
+                     server_frames, wait_until)
 from ebbcast.serving.wire import (INTERNALS, check_tornado, encode_frame,
                                   tornado_problem_report, valid_close_code)
 
@@ -195,6 +196,38 @@ async def test_a_valid_frame_is_echoed_even_when_a_bad_one_follows_in_the_same_r
     finally:
         sock.close()
     await wait_until(lambda: len(d.daemon.ctx.registry) == 0)
+
+
+def client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """A client frame with the length in the form its size needs, masked with a key
+    that changes the bytes (the server must unmask each frame with its own key)."""
+    key = bytes([0x37, 0xfa, 0x21, 0x3d])
+    n = len(payload)
+    length = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack("!H", n) \
+        if n < 65536 else bytes([0x80 | 127]) + struct.pack("!Q", n)
+    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return bytes([(0x80 if fin else 0) | opcode]) + length + key + masked
+
+
+async def test_frames_that_arrive_together_are_each_read_whole_and_in_order(start_daemon):
+    """A client's frames in one write are read from the stream's buffer
+    (``EbbcastProtocol._read_bytes``), each whole, unmasked and in order: lengths of
+    7, 16 and 64 bits, and a message in fragments with a ping between them."""
+    d = await start_daemon(broadcast__envelope="raw")
+    sock = await never_reading_client(d.ws_url)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    messages = [b"a", b"m" * 300, b"frag-ment", bytes(range(256)) * 256]
+    try:
+        await wait_until(lambda: len(d.daemon.ctx.registry) == 1)
+        sock.sendall(client_frame(0x1, messages[0]) + client_frame(0x1, messages[1])
+                     + client_frame(0x1, b"frag-", fin=False) + client_frame(0x9, b"p")
+                     + client_frame(0x0, b"ment") + client_frame(0x2, messages[3]))
+        frames = server_frames(exact_reader(sock))
+        got = [await asyncio.to_thread(next, frames) for _ in range(5)]
+    finally:
+        sock.close()
+    assert [payload for opcode, payload in got if opcode in (0x1, 0x2)] == messages
+    assert (0xA, b"p") in got  # the pong: written at once, before the echoes of a pass
 
 
 async def test_client_sockets_send_at_once_with_a_modest_kernel_buffer(start_daemon):
