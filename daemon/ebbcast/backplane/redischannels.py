@@ -49,7 +49,7 @@ from ebbcast.backplane.channelscripts import (
     kept_run,
 )
 from ebbcast.backplane.channelstreams import Streams
-from ebbcast.backplane.history import Resume, new_epoch
+from ebbcast.backplane.history import new_epoch
 from ebbcast.backplane.names import RedisNames, new_instance_id
 from ebbcast.backplane.presence import PresenceDirectory
 from ebbcast.backplane.redisclients import RedisClients
@@ -409,22 +409,17 @@ class RedisChannels(Generic[M]):
         first message still kept, then given those."""
         epoch_bytes, latest, entries = result
         epoch, latest = epoch_bytes.decode(), int(latest)
-        channel, now = job.channel, time.time()
-        missed = answer_from(Ask(0, channel, "", Resume(job.since, job.epoch)), epoch,
-                             latest, entries, self._size, self._ttl, now)
-        if missed.recovered:
-            for offset, frame in zip(range(job.since + 1, latest + 1), missed.frames):
-                self._streams.deliver(channel, epoch, offset, frame)
-        else:
-            kept = kept_run(entries, latest, self._ttl, now) if self._size > 0 else []
-            start = kept[0][0] - 1 if kept else latest
+        channel = job.channel
+        kept = kept_run(entries, latest, self._ttl, time.time()) if self._size > 0 else []
+        start = kept[0][0] - 1 if kept else latest  # what follows ``since`` is kept
+        if epoch != job.epoch or start != job.since or self._size <= 0:
             log.warning("channels: messages of %s were missed and are no longer kept: "
                         "its subscribers are told (epoch %s, from offset %d)",
                         channel, epoch, start)
             self._streams.last[channel] = (epoch, start)
             self._send_message(channel, channel_epoch(channel, epoch, start))
-            for offset, frame in kept:
-                self._streams.deliver(channel, epoch, offset, frame)
+        for offset, frame in kept:
+            self._streams.deliver(channel, epoch, offset, frame)
         self._streams.release(channel, epoch, latest, before=True)
         self._streams.release(channel, epoch, latest, before=False)
 
